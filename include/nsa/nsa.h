@@ -1,0 +1,24 @@
+// nsa: Native Sparse Attention. Public C++ entry points; include this header only.
+//
+// Every entry point validates its params first and returns a Status; on error nothing has
+// been written. The CPU backend is the exact reference (float64 accumulation).
+#pragma once
+
+#include "nsa/config.h"
+#include "nsa/params.h"
+#include "nsa/semantics.h"
+#include "nsa/status.h"
+
+namespace nsa {
+
+// Checks params against the contract without running anything. The backends call these.
+Status validate(const ForwardParams& params);
+Status validate(const BackwardParams& params);
+
+namespace cpu {
+// num_threads <= 0: std::thread::hardware_concurrency(), or NSA_NUM_THREADS when set.
+Status forward(const ForwardParams& params, int num_threads = 0);
+Status backward(const BackwardParams& params, int num_threads = 0);
+}  // namespace cpu
+
+}  // namespace nsa

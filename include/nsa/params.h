@@ -1,0 +1,107 @@
+// Plain parameter structs for the NSA forward and backward. No framework types: pointers,
+// sizes and int64 strides (in elements). Every tensor's last dimension is contiguous.
+//
+// Layouts. Padded: [B, T, H, D] with B = shape.batch, T = shape.seqlen; every sequence has
+// T tokens and Tc = num_cmp_tokens(T) compressed tokens. Packed varlen (varlen.cu_seqlens set):
+// [total_tokens, H, D]; sequence b holds rows cu_seqlens[b] .. cu_seqlens[b+1]-1 and its
+// compressed tokens rows cu_seqlens_cmp[b] .. cu_seqlens_cmp[b+1]-1, which must equal
+// num_cmp_tokens(length of b). In varlen layout batch strides are ignored.
+//
+// Branch order everywhere is (cmp, slc, win), the order of the gates.
+#pragma once
+
+#include <cstdint>
+
+#include "nsa/config.h"
+
+namespace nsa {
+
+inline constexpr int kNumBranches = 3;
+enum Branch : int { kBranchCmp = 0, kBranchSlc = 1, kBranchWin = 2 };
+
+// A read-only [B, T, H, D] (or [total, H, D]) tensor.
+struct InputTensor {
+  const void* data = nullptr;
+  int64_t batch_stride = 0;  // ignored in varlen layout
+  int64_t seq_stride = 0;
+  int64_t head_stride = 0;
+};
+
+// A written [B, T, H, D] (or [total, H, D]) tensor; its strides must not make elements overlap.
+struct OutputTensor {
+  void* data = nullptr;
+  int64_t batch_stride = 0;
+  int64_t seq_stride = 0;
+  int64_t head_stride = 0;
+};
+
+struct Shape {
+  int64_t batch = 0;         // B: sequences (varlen: N, the number of sequences)
+  int64_t seqlen = 0;        // T (varlen: the longest sequence, an upper bound used for sizing)
+  int64_t num_q_heads = 0;   // Hq
+  int64_t num_kv_heads = 0;  // Hkv; G = Hq / Hkv query heads share one kv head
+  int64_t head_dim_qk = 0;   // Dk
+  int64_t head_dim_v = 0;    // Dv
+};
+
+struct Varlen {
+  const int32_t* cu_seqlens = nullptr;      // [N+1] raw-token row offsets; null: padded layout
+  const int32_t* cu_seqlens_cmp = nullptr;  // [N+1] compressed-token row offsets
+  int64_t total_tokens = 0;                 // cu_seqlens[N]
+  int64_t total_cmp_tokens = 0;             // cu_seqlens_cmp[N]
+};
+
+// Statistics (lse) are float for 16-bit and float32 inputs, double for float64 inputs.
+struct ForwardParams {
+  Config config;
+  DType dtype = DType::kFloat32;
+  Shape shape;
+  Varlen varlen;
+
+  InputTensor q;      // [B, T, Hq, Dk]
+  InputTensor k;      // [B, T, Hkv, Dk]   selection branch keys
+  InputTensor v;      // [B, T, Hkv, Dv]
+  InputTensor k_win;  // [B, T, Hkv, Dk]   window branch keys; data == nullptr: use k
+  InputTensor v_win;  // [B, T, Hkv, Dv]   data == nullptr: use v
+  InputTensor k_cmp;  // [B, Tc, Hkv, Dk]  compressed keys (may be null when Tc == 0)
+  InputTensor v_cmp;  // [B, Tc, Hkv, Dv]
+  InputTensor gates;  // [B, T, Hq, 3]     (cmp, slc, win) multipliers
+
+  // [B, T, Hkv, n] contiguous int32, ascending, -1 padded. Written by the forward unless
+  // block_indices_given, in which case it is read (any order, -1 entries ignored, no repeats,
+  // each in [0, t / l']) and replaces the scoring.
+  int32_t* block_indices = nullptr;
+  bool block_indices_given = false;
+
+  OutputTensor out;            // [B, T, Hq, Dv] gated sum of the branches
+  void* out_branch = nullptr;  // [B, T, Hq, 3, Dv] contiguous, each branch's output; may be null
+                               // (inference); the backward needs it
+  void* lse = nullptr;         // [B, T, Hq, 3] contiguous, per-branch log-sum-exp of the scaled
+                               // scores; -inf where the branch sees no key (cmp for t < l-1)
+};
+
+struct BackwardParams {
+  Config config;
+  DType dtype = DType::kFloat32;
+  Shape shape;
+  Varlen varlen;
+
+  InputTensor q, k, v, k_win, v_win, k_cmp, v_cmp, gates;  // as in ForwardParams
+  const int32_t* block_indices = nullptr;  // [B, T, Hkv, n] as written by the forward
+  const void* out_branch = nullptr;        // [B, T, Hq, 3, Dv] from the forward
+  const void* lse = nullptr;               // [B, T, Hq, 3] from the forward
+  InputTensor grad_out;                    // [B, T, Hq, Dv]
+
+  OutputTensor grad_q;      // [B, T, Hq, Dk]
+  OutputTensor grad_k;      // [B, T, Hkv, Dk]  also receives the window branch's when k_win is null
+  OutputTensor grad_v;      // [B, T, Hkv, Dv]
+  OutputTensor grad_k_win;  // [B, T, Hkv, Dk]  required iff k_win is given
+  OutputTensor grad_v_win;  // [B, T, Hkv, Dv]  required iff v_win is given
+  OutputTensor grad_k_cmp;  // [B, Tc, Hkv, Dk]
+  OutputTensor grad_v_cmp;  // [B, Tc, Hkv, Dv]
+  OutputTensor grad_gates;  // [B, T, Hq, 3]
+
+  bool deterministic = false;  // bitwise reproducible results (the CPU backend always is)
+};
+
+}  // namespace nsa
