@@ -16,6 +16,10 @@ Status validate(const ForwardParams& params);
 Status validate(const BackwardParams& params);
 
 namespace cpu {
+// The thread count the CPU backend uses for a requested count: requested if > 0, else
+// NSA_NUM_THREADS when set, else std::thread::hardware_concurrency().
+int resolve_num_threads(int requested);
+
 // num_threads <= 0: std::thread::hardware_concurrency(), or NSA_NUM_THREADS when set.
 Status forward(const ForwardParams& params, int num_threads = 0);
 Status backward(const BackwardParams& params, int num_threads = 0);
