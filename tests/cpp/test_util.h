@@ -210,6 +210,13 @@ using RowFilter = std::function<bool(int64_t seq, int64_t t)>;  // rows to compa
 // exactly. Reports the first mismatches by (seq, t, head, branch, element).
 ::testing::AssertionResult outputs_near(const Problem& problem, const Outputs& got, const Outputs& want,
                                         Tolerance tol, const RowFilter& filter = nullptr);
+// Top-n with a tie allowance (DESIGN.md section 2): each (row, kv head) selection in `indices`
+// ([rows, Hkv, n], any order) is one the contract allows up to score rounding, judged by the
+// oracle's scores P: forced blocks present, min(n, eligible) distinct eligible blocks, and every
+// chosen free block scores >= every unchosen eligible block minus eps. Then feed `indices` to the
+// oracle (oracle_forward(problem, &indices)) to check the outputs.
+::testing::AssertionResult indices_within_ties(const Problem& problem, const std::vector<int32_t>& indices,
+                                               const Outputs& oracle, double eps = 1e-12);
 // Bit for bit.
 ::testing::AssertionResult outputs_identical(const Problem& problem, const Outputs& got, const Outputs& want,
                                              const RowFilter& filter = nullptr);

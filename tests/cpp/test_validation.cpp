@@ -126,8 +126,9 @@ void expect_forward_error(const std::function<void(ValidProblem&)>& mutate, cons
   EXPECT_TRUE(all_nan(problem.out));
   EXPECT_TRUE(all_nan(problem.out_branch));
   EXPECT_TRUE(all_nan(problem.lse));
-  if (!problem.fwd.block_indices_given)
+  if (!problem.fwd.block_indices_given) {
     for (int32_t index : problem.block_indices) ASSERT_EQ(index, -7);
+  }
 }
 
 void expect_backward_error(const std::function<void(ValidProblem&)>& mutate, const std::string& expected) {
@@ -266,10 +267,10 @@ TEST(Validation, BadCuSeqlens) {
   expect_forward_error(with([](VarlenProblem& v, ValidProblem&) { v.cu_seqlens[2] = 10; }),
                        "varlen.cu_seqlens must be non-decreasing");
   expect_forward_error(with([](VarlenProblem& v, ValidProblem& p) {
-                         v.cu_seqlens[3] = 69;
+                         v.cu_seqlens[3] = 65;
                          p.fwd.varlen.cu_seqlens = v.cu_seqlens.data();
                        }),
-                       "varlen.cu_seqlens_cmp: sequence 2 of length 49 must have 5");
+                       "varlen.cu_seqlens_cmp: sequence 2 of length 45 must have 4");
   expect_forward_error(with([](VarlenProblem&, ValidProblem& p) { p.fwd.varlen.total_tokens = 71; }),
                        "varlen.cu_seqlens[3] must equal varlen.total_tokens=71, got 70");
   expect_forward_error(with([](VarlenProblem&, ValidProblem& p) { p.fwd.varlen.total_cmp_tokens = 5; }),

@@ -1,0 +1,805 @@
+// Test helpers; see test_util.h.
+#include "test_util.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+
+namespace nsa_test {
+
+namespace {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr int32_t kIndexPoison = -12345;
+
+uint16_t to_bf16(double value) {
+  const float f = static_cast<float>(value);
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if (std::isnan(f)) return 0x7FC0;
+  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+double from_bf16(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+double round_value(double value, nsa::DType dtype) {
+  switch (dtype) {
+    case nsa::DType::kFloat64: return value;
+    case nsa::DType::kFloat32: return static_cast<double>(static_cast<float>(value));
+    case nsa::DType::kBFloat16: return from_bf16(to_bf16(value));
+    case nsa::DType::kFloat16: break;
+  }
+  throw std::invalid_argument("nsa_test: float16 buffers are not supported by the test helpers");
+}
+
+nsa::DType stats_dtype(nsa::DType dtype) {
+  return dtype == nsa::DType::kFloat64 ? nsa::DType::kFloat64 : nsa::DType::kFloat32;
+}
+
+// One random value for tensor `arg`; never exactly zero.
+double draw(int arg, std::mt19937_64& rng) {
+  if (arg == kGates) return std::uniform_real_distribution<double>(0.05, 0.95)(rng);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  double x = 0.0;
+  while (x == 0.0) x = normal(rng);
+  return x;
+}
+
+uint64_t bits_of(double x) {
+  uint64_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
+
+// Offsets of packed logical rows for a tensor with `rows_per_seq[b]` rows per sequence.
+StridedTensor make_tensor(const ProblemSpec& spec, const std::vector<int64_t>& begin, int64_t heads, int64_t dim,
+                          const Layout& layout, nsa::DType dtype) {
+  StridedTensor t;
+  t.heads = heads;
+  t.dim = dim;
+  const int64_t num_seqs = static_cast<int64_t>(begin.size()) - 1;
+  const int64_t total = begin.back();
+  const int64_t row_len = dim + layout.dim_pad;
+  // Rows one sequence (padded) or the whole packed tensor (varlen) is allocated with; never 0 so
+  // that strides stay positive.
+  const int64_t alloc_rows =
+      std::max<int64_t>(1, (spec.varlen ? total : (num_seqs ? begin[1] - begin[0] : 0)) + layout.row_pad);
+  if (layout.heads_outer) {
+    t.seq_stride = row_len;
+    t.head_stride = alloc_rows * row_len;
+    t.batch_stride = heads * t.head_stride;
+  } else {
+    t.head_stride = row_len;
+    t.seq_stride = heads * row_len;
+    t.batch_stride = alloc_rows * t.seq_stride;
+  }
+  const int64_t numel = spec.varlen ? t.batch_stride : num_seqs * t.batch_stride;
+  if (spec.varlen) t.batch_stride = 0;
+  t.row_offset.resize(static_cast<size_t>(total));
+  for (int64_t b = 0; b < num_seqs; ++b)
+    for (int64_t r = begin[b]; r < begin[b + 1]; ++r)
+      t.row_offset[r] = spec.varlen ? r * t.seq_stride : b * t.batch_stride + (r - begin[b]) * t.seq_stride;
+  t.buf = TypedBuffer(dtype, total ? numel : 0);
+  return t;
+}
+
+std::string where(const Problem& p, const char* name, int64_t row, int64_t head, int64_t branch, int64_t x) {
+  const auto [b, t] = p.locate(row);
+  std::ostringstream os;
+  os << name << "[seq " << b << ", t " << t;
+  if (head >= 0) os << ", head " << head;
+  if (branch >= 0) os << ", branch " << branch;
+  if (x >= 0) os << ", elem " << x;
+  os << "]";
+  return os.str();
+}
+
+// Shared comparison loop. bitwise: exact bits; else |got - want| <= tol (equal infinities pass).
+::testing::AssertionResult compare(const Problem& p, const Outputs& got, const Outputs& want, Tolerance tol,
+                                   bool bitwise, const RowFilter& filter) {
+  std::ostringstream msg;
+  int64_t failures = 0;
+  double worst = 0.0;
+  const int64_t rows = p.rows();
+  auto report = [&](const std::string& what, double g, double w) {
+    if (failures < 8) msg << "\n  " << what << ": got " << g << " want " << w << " (diff " << g - w << ")";
+    ++failures;
+  };
+  auto check_array = [&](const char* name, const std::vector<double>& g, const std::vector<double>& w,
+                         int64_t heads, int64_t branches, int64_t dim) {
+    const int64_t per_row = heads * branches * dim;
+    if (static_cast<int64_t>(g.size()) != rows * per_row || static_cast<int64_t>(w.size()) != rows * per_row) {
+      msg << "\n  " << name << ": size " << g.size() << " vs " << w.size() << ", expected " << rows * per_row;
+      ++failures;
+      return;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const auto [b, t] = p.locate(r);
+      if (filter && !filter(b, t)) continue;
+      for (int64_t e = 0; e < per_row; ++e) {
+        const double gv = g[r * per_row + e], wv = w[r * per_row + e];
+        bool ok;
+        if (bitwise) {
+          ok = bits_of(gv) == bits_of(wv);
+        } else if (std::isinf(wv) || std::isinf(gv)) {
+          ok = gv == wv;
+        } else {
+          const double diff = std::fabs(gv - wv);
+          ok = diff <= tol.abs + tol.rel * std::fabs(wv);  // false for NaN
+          if (ok) worst = std::max(worst, diff);
+        }
+        if (!ok) {
+          const int64_t x = e % dim, br = (e / dim) % branches, h = e / dim / branches;
+          report(where(p, name, r, h, branches > 1 ? br : -1, dim > 1 ? x : -1), gv, wv);
+        }
+      }
+    }
+  };
+  const int64_t hq = p.spec.hq, dv = p.spec.dv;
+  check_array("out", got.out, want.out, hq, 1, dv);
+  if (!got.out_branch.empty() && !want.out_branch.empty())
+    check_array("out_branch", got.out_branch, want.out_branch, hq, 3, dv);
+  check_array("lse", got.lse, want.lse, hq, 3, 1);
+  // Indices: always exact.
+  const int64_t hkv = p.spec.hkv, n = p.spec.config.num_selected;
+  if (static_cast<int64_t>(got.indices.size()) != rows * hkv * n ||
+      static_cast<int64_t>(want.indices.size()) != rows * hkv * n) {
+    msg << "\n  indices: size " << got.indices.size() << " vs " << want.indices.size() << ", expected "
+        << rows * hkv * n;
+    ++failures;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      const auto [b, t] = p.locate(r);
+      if (filter && !filter(b, t)) continue;
+      for (int64_t h = 0; h < hkv; ++h) {
+        const int32_t* g = &got.indices[(r * hkv + h) * n];
+        const int32_t* w = &want.indices[(r * hkv + h) * n];
+        if (std::equal(g, g + n, w)) continue;
+        if (failures < 8) {
+          msg << "\n  " << where(p, "indices", r, h, -1, -1) << ": got";
+          for (int64_t x = 0; x < n; ++x) msg << " " << g[x];
+          msg << " want";
+          for (int64_t x = 0; x < n; ++x) msg << " " << w[x];
+        }
+        ++failures;
+      }
+    }
+  }
+  if (failures) {
+    return ::testing::AssertionFailure() << failures << " mismatch(es)" << (bitwise ? " (bitwise)" : "")
+                                         << msg.str();
+  }
+  return ::testing::AssertionSuccess() << "max |diff| " << worst;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+
+const char* arg_name(int arg) {
+  static const char* names[kNumArgs] = {"q", "k", "v", "k_win", "v_win", "k_cmp", "v_cmp", "gates", "grad_out"};
+  return arg >= 0 && arg < kNumArgs ? names[arg] : "?";
+}
+
+ProblemSpec padded_spec(int64_t batch, int64_t seqlen, int64_t hq, int64_t hkv, int64_t dk, int64_t dv) {
+  ProblemSpec s;
+  s.seqlens.assign(static_cast<size_t>(batch), seqlen);
+  s.varlen = false;
+  s.hq = hq;
+  s.hkv = hkv;
+  s.dk = dk;
+  s.dv = dv;
+  return s;
+}
+
+ProblemSpec varlen_spec(std::vector<int64_t> seqlens, int64_t hq, int64_t hkv, int64_t dk, int64_t dv) {
+  ProblemSpec s = padded_spec(1, 1, hq, hkv, dk, dv);
+  s.seqlens = std::move(seqlens);
+  s.varlen = true;
+  return s;
+}
+
+int64_t Problem::max_seqlen() const {
+  int64_t m = 0;
+  for (int64_t len : spec.seqlens) m = std::max(m, len);
+  return m;
+}
+
+int64_t Problem::num_blocks() const {
+  return (max_seqlen() + spec.config.sel_block - 1) / spec.config.sel_block;
+}
+
+int64_t Problem::heads(int arg) const {
+  return (arg == kQ || arg == kGates || arg == kGradOut) ? spec.hq : spec.hkv;
+}
+
+int64_t Problem::dim(int arg) const {
+  switch (arg) {
+    case kQ: case kK: case kKWin: case kKCmp: return spec.dk;
+    case kGates: return 3;
+    default: return spec.dv;
+  }
+}
+
+std::pair<int64_t, int64_t> Problem::locate(int64_t row) const {
+  const auto it = std::upper_bound(row_begin.begin(), row_begin.end(), row);
+  const int64_t b = static_cast<int64_t>(it - row_begin.begin()) - 1;
+  return {b, row - row_begin[b]};
+}
+
+Problem make_problem(const ProblemSpec& spec) {
+  if (spec.seqlens.empty()) throw std::invalid_argument("nsa_test: no sequences");
+  for (int64_t len : spec.seqlens) {
+    if (len < 0 || (!spec.varlen && len != spec.seqlens[0]))
+      throw std::invalid_argument("nsa_test: padded problems need equal, non-negative lengths");
+  }
+  Problem p;
+  p.spec = spec;
+  p.row_begin = {0};
+  p.cmp_begin = {0};
+  for (int64_t len : spec.seqlens) {
+    p.row_begin.push_back(p.row_begin.back() + len);
+    p.cmp_begin.push_back(p.cmp_begin.back() +
+                          nsa::num_cmp_tokens(len, spec.config.cmp_block, spec.config.cmp_stride));
+  }
+  std::mt19937_64 rng(spec.seed);
+  for (int arg = 0; arg < kNumArgs; ++arg) {
+    if (!p.has(arg)) continue;
+    p.data[arg].resize(static_cast<size_t>(p.rows(arg) * p.heads(arg) * p.dim(arg)));
+    for (double& x : p.data[arg]) x = draw(arg, rng);
+  }
+  round_to_dtype(p);
+  return p;
+}
+
+void round_to_dtype(Problem& problem) {
+  for (auto& values : problem.data)
+    for (double& x : values) x = round_value(x, problem.spec.dtype);
+}
+
+Problem extract_sequence(const Problem& problem, int64_t b) {
+  Problem p;
+  p.spec = problem.spec;
+  p.spec.seqlens = {problem.seqlen(b)};
+  p.spec.varlen = false;
+  p.row_begin = {0, problem.seqlen(b)};
+  p.cmp_begin = {0, problem.cmp_begin[b + 1] - problem.cmp_begin[b]};
+  for (int arg = 0; arg < kNumArgs; ++arg) {
+    if (!problem.has(arg)) continue;
+    const int64_t per_row = problem.heads(arg) * problem.dim(arg);
+    const auto& begin = problem.is_cmp(arg) ? problem.cmp_begin : problem.row_begin;
+    p.data[arg].assign(problem.data[arg].begin() + begin[b] * per_row,
+                       problem.data[arg].begin() + begin[b + 1] * per_row);
+  }
+  return p;
+}
+
+void perturb_after(Problem& problem, int64_t t0, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const auto& c = problem.spec.config;
+  for (int arg = 0; arg < kNumForwardInputs; ++arg) {
+    if (!problem.has(arg)) continue;
+    const int64_t per_row = problem.heads(arg) * problem.dim(arg);
+    const auto& begin = problem.is_cmp(arg) ? problem.cmp_begin : problem.row_begin;
+    for (int64_t b = 0; b < problem.num_seqs(); ++b) {
+      for (int64_t r = begin[b]; r < begin[b + 1]; ++r) {
+        const int64_t pos = r - begin[b];
+        const bool hidden = problem.is_cmp(arg) ? pos * c.cmp_stride + c.cmp_block - 1 > t0 : pos > t0;
+        if (!hidden) continue;
+        for (int64_t e = 0; e < per_row; ++e) problem.data[arg][r * per_row + e] = draw(arg, rng);
+      }
+    }
+  }
+  round_to_dtype(problem);
+}
+
+nsa_oracle::Config oracle_config(const nsa::Config& config) {
+  nsa_oracle::Config c;
+  c.l = config.cmp_block;
+  c.d = config.cmp_stride;
+  c.l_sel = config.sel_block;
+  c.n = config.num_selected;
+  c.n_init = config.num_init;
+  c.n_local = config.num_local;
+  c.w = config.window;
+  c.scale = config.scale;
+  return c;
+}
+
+std::vector<int32_t> random_block_indices(const Problem& problem, uint64_t seed, int64_t min_count) {
+  std::mt19937_64 rng(seed);
+  const int64_t hkv = problem.spec.hkv, n = problem.spec.config.num_selected;
+  std::vector<int32_t> idx(static_cast<size_t>(problem.rows() * hkv * n), -1);
+  for (int64_t r = 0; r < problem.rows(); ++r) {
+    const int64_t t = problem.locate(r).second;
+    const int64_t eligible = t / problem.spec.config.sel_block + 1;
+    for (int64_t h = 0; h < hkv; ++h) {
+      std::vector<int32_t> blocks(static_cast<size_t>(eligible));
+      for (int64_t j = 0; j < eligible; ++j) blocks[j] = static_cast<int32_t>(j);
+      std::shuffle(blocks.begin(), blocks.end(), rng);
+      const int64_t hi = std::min(n, eligible), lo = std::min(min_count, hi);
+      const int64_t count = std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+      std::vector<int32_t> row(static_cast<size_t>(n), -1);
+      std::copy(blocks.begin(), blocks.begin() + count, row.begin());
+      std::shuffle(row.begin(), row.end(), rng);
+      std::copy(row.begin(), row.end(), idx.begin() + (r * hkv + h) * n);
+    }
+  }
+  return idx;
+}
+
+// ------------------------------------------------------------------------------------------------
+
+std::string Layout::describe() const {
+  std::ostringstream os;
+  os << (heads_outer ? "heads_outer" : "rows_outer") << "_dimpad" << dim_pad << "_rowpad" << row_pad;
+  return os.str();
+}
+
+TypedBuffer::TypedBuffer(nsa::DType dtype, int64_t numel)
+    : dtype_(dtype), numel_(numel),
+      storage_(static_cast<size_t>((numel * nsa::dtype_size(dtype) + 7) / 8 + 1), 0) {
+  if (dtype == nsa::DType::kFloat16) throw std::invalid_argument("nsa_test: float16 buffers are not supported");
+}
+
+double TypedBuffer::get(int64_t i) const {
+  const unsigned char* base = reinterpret_cast<const unsigned char*>(storage_.data());
+  switch (dtype_) {
+    case nsa::DType::kFloat64: { double x; std::memcpy(&x, base + 8 * i, 8); return x; }
+    case nsa::DType::kFloat32: { float x; std::memcpy(&x, base + 4 * i, 4); return x; }
+    case nsa::DType::kBFloat16: { uint16_t x; std::memcpy(&x, base + 2 * i, 2); return from_bf16(x); }
+    case nsa::DType::kFloat16: break;
+  }
+  return kNaN;
+}
+
+void TypedBuffer::set(int64_t i, double value) {
+  unsigned char* base = reinterpret_cast<unsigned char*>(storage_.data());
+  switch (dtype_) {
+    case nsa::DType::kFloat64: std::memcpy(base + 8 * i, &value, 8); break;
+    case nsa::DType::kFloat32: { const float x = static_cast<float>(value); std::memcpy(base + 4 * i, &x, 4); break; }
+    case nsa::DType::kBFloat16: { const uint16_t x = to_bf16(value); std::memcpy(base + 2 * i, &x, 2); break; }
+    case nsa::DType::kFloat16: break;
+  }
+}
+
+void TypedBuffer::fill(double value) {
+  for (int64_t i = 0; i < numel_; ++i) set(i, value);
+}
+
+nsa::InputTensor StridedTensor::input() const {
+  nsa::InputTensor t;
+  t.data = rows() ? buf.data() : nullptr;
+  t.batch_stride = batch_stride;
+  t.seq_stride = seq_stride;
+  t.head_stride = head_stride;
+  return t;
+}
+
+nsa::OutputTensor StridedTensor::output() {
+  nsa::OutputTensor t;
+  t.data = rows() ? buf.data() : nullptr;
+  t.batch_stride = batch_stride;
+  t.seq_stride = seq_stride;
+  t.head_stride = head_stride;
+  return t;
+}
+
+void StridedTensor::upload(const std::vector<double>& packed) {
+  if (static_cast<int64_t>(packed.size()) != rows() * heads * dim)
+    throw std::invalid_argument("nsa_test: upload size mismatch");
+  for (int64_t r = 0; r < rows(); ++r)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t x = 0; x < dim; ++x) buf.set(index(r, h, x), packed[(r * heads + h) * dim + x]);
+}
+
+std::vector<double> StridedTensor::download() const {
+  std::vector<double> packed(static_cast<size_t>(rows() * heads * dim));
+  for (int64_t r = 0; r < rows(); ++r)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t x = 0; x < dim; ++x) packed[(r * heads + h) * dim + x] = buf.get(index(r, h, x));
+  return packed;
+}
+
+::testing::AssertionResult StridedTensor::gaps_untouched(const char* name) const {
+  std::vector<bool> addressed(static_cast<size_t>(buf.numel()), false);
+  for (int64_t r = 0; r < rows(); ++r)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t x = 0; x < dim; ++x) addressed[index(r, h, x)] = true;
+  for (int64_t i = 0; i < buf.numel(); ++i) {
+    if (!addressed[i] && !std::isnan(buf.get(i)))
+      return ::testing::AssertionFailure() << name << ": element " << i << " outside the tensor was written ("
+                                           << buf.get(i) << ")";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// ------------------------------------------------------------------------------------------------
+
+Buffers make_buffers(const Problem& problem, const Layout& input_layout, const Layout& output_layout) {
+  Buffers b;
+  b.spec = problem.spec;
+  b.row_begin = problem.row_begin;
+  b.cmp_begin = problem.cmp_begin;
+  b.input_layout = input_layout;
+  b.output_layout = output_layout;
+  if (problem.spec.varlen) {
+    for (int64_t x : problem.row_begin) b.cu_seqlens.push_back(static_cast<int32_t>(x));
+    for (int64_t x : problem.cmp_begin) b.cu_seqlens_cmp.push_back(static_cast<int32_t>(x));
+  }
+  const nsa::DType dtype = problem.spec.dtype;
+  const std::vector<int64_t> no_rows(problem.row_begin.size(), 0);
+  for (int arg = 0; arg < kNumArgs; ++arg) {
+    const auto& begin = !problem.has(arg) ? no_rows : problem.is_cmp(arg) ? problem.cmp_begin : problem.row_begin;
+    b.in[arg] = make_tensor(problem.spec, begin, problem.heads(arg), problem.dim(arg), input_layout, dtype);
+    if (arg < kNumForwardInputs)
+      b.grad[arg] = make_tensor(problem.spec, begin, problem.heads(arg), problem.dim(arg), output_layout, dtype);
+  }
+  b.out = make_tensor(problem.spec, problem.row_begin, problem.spec.hq, problem.spec.dv, output_layout, dtype);
+  const int64_t rows = problem.rows();
+  b.out_branch = TypedBuffer(dtype, rows * problem.spec.hq * 3 * problem.spec.dv);
+  b.lse = TypedBuffer(stats_dtype(dtype), rows * problem.spec.hq * 3);
+  b.block_indices.assign(static_cast<size_t>(rows * problem.spec.hkv * problem.spec.config.num_selected), -1);
+  b.upload(problem);
+  return b;
+}
+
+void Buffers::upload(const Problem& problem) {
+  if (problem.row_begin != row_begin || problem.cmp_begin != cmp_begin)
+    throw std::invalid_argument("nsa_test: Buffers::upload with a problem of another shape");
+  for (int arg = 0; arg < kNumArgs; ++arg) {
+    in[arg].buf.fill(kNaN);  // gaps hold NaN so that reading them shows up
+    if (problem.has(arg)) in[arg].upload(problem.data[arg]);
+  }
+}
+
+nsa::ForwardParams Buffers::forward_params() {
+  nsa::ForwardParams p;
+  p.config = spec.config;
+  p.dtype = spec.dtype;
+  p.shape.batch = static_cast<int64_t>(spec.seqlens.size());
+  p.shape.seqlen = *std::max_element(spec.seqlens.begin(), spec.seqlens.end());
+  p.shape.num_q_heads = spec.hq;
+  p.shape.num_kv_heads = spec.hkv;
+  p.shape.head_dim_qk = spec.dk;
+  p.shape.head_dim_v = spec.dv;
+  if (spec.varlen) {
+    p.varlen.cu_seqlens = cu_seqlens.data();
+    p.varlen.cu_seqlens_cmp = cu_seqlens_cmp.data();
+    p.varlen.total_tokens = row_begin.back();
+    p.varlen.total_cmp_tokens = cmp_begin.back();
+  }
+  p.q = in[kQ].input();
+  p.k = in[kK].input();
+  p.v = in[kV].input();
+  if (spec.separate_window) {
+    p.k_win = in[kKWin].input();
+    p.v_win = in[kVWin].input();
+  }
+  p.k_cmp = in[kKCmp].input();
+  p.v_cmp = in[kVCmp].input();
+  p.gates = in[kGates].input();
+  p.block_indices = block_indices.data();
+  p.block_indices_given = block_indices_given;
+  p.out = out.output();
+  p.out_branch = with_out_branch ? out_branch.data() : nullptr;
+  p.lse = lse.data();
+  return p;
+}
+
+nsa::BackwardParams Buffers::backward_params() {
+  const nsa::ForwardParams f = forward_params();
+  nsa::BackwardParams p;
+  p.config = f.config;
+  p.dtype = f.dtype;
+  p.shape = f.shape;
+  p.varlen = f.varlen;
+  p.q = f.q;
+  p.k = f.k;
+  p.v = f.v;
+  p.k_win = f.k_win;
+  p.v_win = f.v_win;
+  p.k_cmp = f.k_cmp;
+  p.v_cmp = f.v_cmp;
+  p.gates = f.gates;
+  p.block_indices = block_indices.data();
+  p.out_branch = out_branch.data();
+  p.lse = lse.data();
+  p.grad_out = in[kGradOut].input();
+  p.grad_q = grad[kQ].output();
+  p.grad_k = grad[kK].output();
+  p.grad_v = grad[kV].output();
+  if (spec.separate_window) {
+    p.grad_k_win = grad[kKWin].output();
+    p.grad_v_win = grad[kVWin].output();
+  }
+  p.grad_k_cmp = grad[kKCmp].output();
+  p.grad_v_cmp = grad[kVCmp].output();
+  p.grad_gates = grad[kGates].output();
+  return p;
+}
+
+void Buffers::poison_forward() {
+  out.buf.fill(kNaN);
+  out_branch.fill(kNaN);
+  lse.fill(kNaN);
+  if (!block_indices_given) std::fill(block_indices.begin(), block_indices.end(), kIndexPoison);
+}
+
+void Buffers::poison_backward() {
+  for (auto& g : grad) g.buf.fill(kNaN);
+}
+
+Outputs Buffers::read_forward() const {
+  Outputs o;
+  o.out = out.download();
+  if (with_out_branch) {
+    o.out_branch.resize(static_cast<size_t>(out_branch.numel()));
+    for (int64_t i = 0; i < out_branch.numel(); ++i) o.out_branch[i] = out_branch.get(i);
+  }
+  o.lse.resize(static_cast<size_t>(lse.numel()));
+  for (int64_t i = 0; i < lse.numel(); ++i) o.lse[i] = lse.get(i);
+  o.indices = block_indices;
+  return o;
+}
+
+Grads Buffers::read_backward() const {
+  Grads g;
+  for (int arg = 0; arg < kNumForwardInputs; ++arg) g.data[arg] = grad[arg].download();
+  return g;
+}
+
+::testing::AssertionResult Buffers::forward_gaps_untouched() const { return out.gaps_untouched("out"); }
+
+::testing::AssertionResult Buffers::backward_gaps_untouched() const {
+  for (int arg = 0; arg < kNumForwardInputs; ++arg) {
+    const std::string name = std::string("grad_") + arg_name(arg);
+    auto r = grad[arg].gaps_untouched(name.c_str());
+    if (!r) return r;
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// ------------------------------------------------------------------------------------------------
+
+nsa::Status run_forward(Buffers& buffers, int num_threads) {
+  buffers.poison_forward();
+  const nsa::ForwardParams params = buffers.forward_params();
+  nsa::Status status = nsa::cpu::forward(params, num_threads);
+  if (status.ok()) {
+    EXPECT_TRUE(buffers.forward_gaps_untouched());
+  }
+  return status;
+}
+
+Outputs reference_forward(const Problem& problem, const RunOptions& options) {
+  Buffers buffers = make_buffers(problem, options.input_layout, options.output_layout);
+  buffers.with_out_branch = options.with_out_branch;
+  if (options.given_indices) {
+    buffers.block_indices = *options.given_indices;
+    buffers.block_indices_given = true;
+  }
+  const nsa::Status status = run_forward(buffers, options.num_threads);
+  if (!status.ok()) {
+    ADD_FAILURE() << "nsa::cpu::forward failed: " << nsa::status_code_name(status.code) << ": " << status.message;
+    return {};
+  }
+  return buffers.read_forward();
+}
+
+Outputs oracle_forward(const Problem& problem, const std::vector<int32_t>* given_indices) {
+  const ProblemSpec& s = problem.spec;
+  const nsa_oracle::Config cfg = oracle_config(s.config);
+  const int64_t hq = s.hq, hkv = s.hkv, dk = s.dk, dv = s.dv, n = s.config.num_selected;
+  const int64_t nb = problem.num_blocks();
+  Outputs o;
+  o.out.resize(static_cast<size_t>(problem.rows() * hq * dv));
+  o.out_branch.resize(static_cast<size_t>(problem.rows() * hq * 3 * dv));
+  o.lse.resize(static_cast<size_t>(problem.rows() * hq * 3));
+  o.indices.resize(static_cast<size_t>(problem.rows() * hkv * n));
+  o.scores.assign(static_cast<size_t>(problem.rows() * hkv * nb), -kInf);
+  for (int64_t b = 0; b < problem.num_seqs(); ++b) {
+    const int64_t r0 = problem.row_begin[b], c0 = problem.cmp_begin[b], T = problem.seqlen(b);
+    nsa_oracle::Inputs in;
+    in.T = T;
+    in.Hq = hq;
+    in.Hkv = hkv;
+    in.Dk = dk;
+    in.Dv = dv;
+    auto at = [&](int arg, int64_t row) -> const double* {
+      return problem.has(arg) ? problem.data[arg].data() + row * problem.heads(arg) * problem.dim(arg) : nullptr;
+    };
+    in.q = at(kQ, r0);
+    in.k = at(kK, r0);
+    in.v = at(kV, r0);
+    in.k_win = at(kKWin, r0);
+    in.v_win = at(kVWin, r0);
+    in.k_cmp = at(kKCmp, c0);
+    in.v_cmp = at(kVCmp, c0);
+    in.gates = at(kGates, r0);
+    const nsa_oracle::Outputs res =
+        nsa_oracle::forward(cfg, in, given_indices ? given_indices->data() + r0 * hkv * n : nullptr);
+    std::copy(res.out.begin(), res.out.end(), o.out.begin() + r0 * hq * dv);
+    std::copy(res.out_branch.begin(), res.out_branch.end(), o.out_branch.begin() + r0 * hq * 3 * dv);
+    std::copy(res.lse.begin(), res.lse.end(), o.lse.begin() + r0 * hq * 3);
+    std::copy(res.indices.begin(), res.indices.end(), o.indices.begin() + r0 * hkv * n);
+    const int64_t seq_nb = nsa_oracle::num_blocks(T, cfg);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < hkv; ++h)
+        for (int64_t j = 0; j < seq_nb; ++j)
+          o.scores[((r0 + t) * hkv + h) * nb + j] = res.scores[(t * hkv + h) * seq_nb + j];
+  }
+  return o;
+}
+
+// ------------------------------------------------------------------------------------------------
+
+Tolerance tolerance_for(nsa::DType dtype) {
+  switch (dtype) {
+    // The oracle sees exactly the values the backend reads, and the CPU reference accumulates in
+    // float64, so the error is float64 noise plus one rounding of each output to its dtype
+    // (half an ulp: 2^-24 relative for float32, 2^-9 for bfloat16, 2^-11 for float16).
+    case nsa::DType::kFloat64: return {1e-13, 1e-12};
+    case nsa::DType::kFloat32: return {1e-12, 2.5e-7};
+    case nsa::DType::kBFloat16: return {1e-12, 4e-3};
+    case nsa::DType::kFloat16: return {1e-12, 1e-3};
+  }
+  return {};
+}
+
+::testing::AssertionResult outputs_near(const Problem& problem, const Outputs& got, const Outputs& want,
+                                        Tolerance tol, const RowFilter& filter) {
+  return compare(problem, got, want, tol, false, filter);
+}
+
+::testing::AssertionResult outputs_identical(const Problem& problem, const Outputs& got, const Outputs& want,
+                                             const RowFilter& filter) {
+  return compare(problem, got, want, {}, true, filter);
+}
+
+::testing::AssertionResult outputs_well_formed(const Problem& p, const Outputs& o) {
+  const int64_t rows = p.rows(), hq = p.spec.hq, hkv = p.spec.hkv, dv = p.spec.dv;
+  const auto& c = p.spec.config;
+  const int64_t n = c.num_selected;
+  if (static_cast<int64_t>(o.out.size()) != rows * hq * dv || static_cast<int64_t>(o.lse.size()) != rows * hq * 3 ||
+      static_cast<int64_t>(o.indices.size()) != rows * hkv * n)
+    return ::testing::AssertionFailure() << "outputs have the wrong size";
+  for (size_t i = 0; i < o.out.size(); ++i)
+    if (!std::isfinite(o.out[i]))
+      return ::testing::AssertionFailure() << where(p, "out", static_cast<int64_t>(i) / (hq * dv), -1, -1, -1)
+                                           << " is " << o.out[i];
+  for (size_t i = 0; i < o.out_branch.size(); ++i)
+    if (!std::isfinite(o.out_branch[i]))
+      return ::testing::AssertionFailure()
+             << where(p, "out_branch", static_cast<int64_t>(i) / (hq * 3 * dv), -1, -1, -1) << " is "
+             << o.out_branch[i];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = p.locate(r).second;
+    for (int64_t h = 0; h < hq; ++h) {
+      // A branch has no key: cmp for t < l-1; slc when the kv head's selection is empty.
+      bool slc_empty = true;
+      for (int64_t x = 0; x < n; ++x) slc_empty = slc_empty && o.indices[(r * hkv + h / (hq / hkv)) * n + x] < 0;
+      const bool empty[3] = {t < c.cmp_block - 1, slc_empty, false};
+      for (int br = 0; br < 3; ++br) {
+        const double v = o.lse[(r * hq + h) * 3 + br];
+        const bool ok = empty[br] ? (std::isinf(v) && v < 0) : std::isfinite(v);
+        if (!ok) return ::testing::AssertionFailure() << where(p, "lse", r, h, br, -1) << " is " << v;
+        if (empty[br] && !o.out_branch.empty()) {
+          for (int64_t x = 0; x < dv; ++x)
+            if (o.out_branch[((r * hq + h) * 3 + br) * dv + x] != 0.0)
+              return ::testing::AssertionFailure() << where(p, "out_branch", r, h, br, x) << " of an empty branch is "
+                                                   << o.out_branch[((r * hq + h) * 3 + br) * dv + x];
+        }
+      }
+    }
+    for (int64_t h = 0; h < hkv; ++h) {
+      const int32_t* idx = &o.indices[(r * hkv + h) * n];
+      bool padding = false, ok = true;
+      for (int64_t x = 0; x < n; ++x) {
+        if (idx[x] == -1) {
+          padding = true;
+        } else if (padding || idx[x] < 0 || idx[x] > t / c.sel_block || (x > 0 && idx[x] <= idx[x - 1])) {
+          ok = false;
+        }
+      }
+      if (!ok) {
+        std::ostringstream os;
+        for (int64_t y = 0; y < n; ++y) os << " " << idx[y];
+        return ::testing::AssertionFailure() << where(p, "indices", r, h, -1, -1)
+                                             << " not ascending/distinct/eligible/-1 padded:" << os.str();
+      }
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+::testing::AssertionResult indices_within_ties(const Problem& p, const std::vector<int32_t>& indices,
+                                               const Outputs& oracle, double eps) {
+  const auto& c = p.spec.config;
+  const int64_t hkv = p.spec.hkv, n = c.num_selected, nb = p.num_blocks();
+  if (static_cast<int64_t>(indices.size()) != p.rows() * hkv * n ||
+      static_cast<int64_t>(oracle.scores.size()) != p.rows() * hkv * nb)
+    return ::testing::AssertionFailure() << "indices or oracle scores have the wrong size";
+  for (int64_t r = 0; r < p.rows(); ++r) {
+    const int64_t t = p.locate(r).second, last = t / c.sel_block;
+    for (int64_t h = 0; h < hkv; ++h) {
+      const int32_t* row = &indices[(r * hkv + h) * n];
+      const double* P = &oracle.scores[(r * hkv + h) * nb];
+      std::vector<bool> chosen(static_cast<size_t>(last + 1), false);
+      int64_t count = 0;
+      std::string problem_text;
+      for (int64_t x = 0; x < n; ++x) {
+        if (row[x] == -1) continue;
+        if (row[x] < 0 || row[x] > last || chosen[row[x]]) {
+          problem_text = "invalid or repeated entry";
+          break;
+        }
+        chosen[row[x]] = true;
+        ++count;
+      }
+      if (problem_text.empty() && count != std::min(n, last + 1)) problem_text = "wrong number of blocks";
+      auto forced = [&](int64_t j) { return j < c.num_init || (last - j >= 0 && last - j < c.num_local); };
+      double min_chosen = kInf, max_unchosen = -kInf;
+      for (int64_t j = 0; j <= last && problem_text.empty(); ++j) {
+        if (forced(j) && !chosen[j]) problem_text = "forced block " + std::to_string(j) + " missing";
+        if (forced(j)) continue;
+        if (chosen[j]) min_chosen = std::min(min_chosen, P[j]);
+        else max_unchosen = std::max(max_unchosen, P[j]);
+      }
+      if (problem_text.empty() && min_chosen < max_unchosen - eps)
+        problem_text = "a chosen block scores " + std::to_string(max_unchosen - min_chosen) + " below an unchosen one";
+      if (!problem_text.empty()) {
+        std::ostringstream os;
+        for (int64_t x = 0; x < n; ++x) os << " " << row[x];
+        os << " | P:";
+        for (int64_t j = 0; j <= last; ++j) os << " " << P[j];
+        return ::testing::AssertionFailure() << where(p, "indices", r, h, -1, -1) << ": " << problem_text << ":"
+                                             << os.str();
+      }
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+Outputs slice_sequence(const Problem& p, const Outputs& o, int64_t b) {
+  const int64_t r0 = p.row_begin[b], r1 = p.row_begin[b + 1];
+  auto slice = [&](const auto& v, int64_t per_row) {
+    using V = std::decay_t<decltype(v)>;
+    if (v.empty()) return V{};
+    return V(v.begin() + r0 * per_row, v.begin() + r1 * per_row);
+  };
+  const int64_t hq = p.spec.hq, dv = p.spec.dv;
+  Outputs s;
+  s.out = slice(o.out, hq * dv);
+  s.out_branch = slice(o.out_branch, hq * 3 * dv);
+  s.lse = slice(o.lse, hq * 3);
+  s.indices = slice(o.indices, p.spec.hkv * p.spec.config.num_selected);
+  return s;
+}
+
+double max_abs_diff(const Outputs& got, const Outputs& want) {
+  double m = 0.0;
+  auto scan = [&](const std::vector<double>& a, const std::vector<double>& b) {
+    if (a.size() != b.size()) {
+      m = kInf;
+      return;
+    }
+    for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(a[i] - b[i]));
+  };
+  scan(got.out, want.out);
+  if (!got.out_branch.empty() && !want.out_branch.empty()) scan(got.out_branch, want.out_branch);
+  return m;
+}
+
+}  // namespace nsa_test
