@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <iostream>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -18,27 +19,9 @@ namespace {
 
 using nsa::DType;
 
-nsa::Config make_config(int64_t l, int64_t d, int64_t l_sel, int64_t n, int64_t n_init, int64_t n_local, int64_t w,
-                        double scale = 0.0) {
-  nsa::Config c;
-  c.cmp_block = l;
-  c.cmp_stride = d;
-  c.sel_block = l_sel;
-  c.num_selected = n;
-  c.num_init = n_init;
-  c.num_local = n_local;
-  c.window = w;
-  c.scale = scale;
-  return c;
-}
-
 // Paper defaults except a small n and window, so that top-n actually chooses and the window
 // does not cover everything at moderate T.
 nsa::Config tight_config() { return make_config(32, 16, 64, 3, 1, 1, 48); }
-
-std::string dtype_tag(DType d) {
-  return d == DType::kFloat64 ? "f64" : d == DType::kFloat32 ? "f32" : d == DType::kBFloat16 ? "bf16" : "f16";
-}
 
 // ------------------------------------------------------------------------------------------------
 // Reference vs oracle over a table of cases.
@@ -49,6 +32,9 @@ struct Case {
   Layout input_layout, output_layout;
 };
 
+// gtest prints parameters on failure: the name, not the bytes.
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
 Case make_case(std::string name, ProblemSpec spec, nsa::Config config, DType dtype = DType::kFloat64,
                bool separate_window = false, uint64_t seed = 1) {
   spec.config = config;
@@ -56,7 +42,7 @@ Case make_case(std::string name, ProblemSpec spec, nsa::Config config, DType dty
   spec.separate_window = separate_window;
   spec.seed = seed;
   Case c;
-  c.name = std::move(name) + "_" + dtype_tag(dtype) + (separate_window ? "_sepwin" : "");
+  c.name = std::move(name) + "_" + nsa::dtype_name(dtype) + (separate_window ? "_sepwin" : "");
   c.spec = std::move(spec);
   return c;
 }
@@ -106,12 +92,12 @@ std::vector<Case> oracle_cases() {
                             make_config(32, 16, 64, 6, 3, 2, 100, 0.1), DType::kFloat64, false, ++seed));
   cases.push_back(make_case("init0_local0_n2", padded_spec(1, 400, 4, 2, 16, 16), make_config(32, 16, 64, 2, 0, 0, 20),
                             DType::kFloat64, false, ++seed));
-  // Packed varlen with mixed lengths (1, < l, block edges).
+  // Packed varlen with mixed lengths (0, 1, < l, block edges).
   const std::vector<int64_t> lengths = {1, 20, 64, 65, 200, 33, 31, 2};
   cases.push_back(make_case("varlen_tight", varlen_spec(lengths, 6, 2, 32, 24), tight_config(), DType::kFloat64, true,
                             ++seed));
   cases.push_back(make_case("varlen_paper", varlen_spec(lengths, 4, 4, 16, 16), paper, DType::kFloat64, false, ++seed));
-  cases.push_back(make_case("varlen_l16d8s32", varlen_spec({100, 1, 257, 15, 16, 17}, 4, 2, 16, 16),
+  cases.push_back(make_case("varlen_l16d8s32", varlen_spec({100, 0, 1, 257, 15, 16, 17, 0}, 4, 2, 16, 16),
                             make_config(16, 8, 32, 4, 1, 2, 30), DType::kFloat64, false, ++seed));
   cases.push_back(make_case("varlen_all_short", varlen_spec({1, 5, 31}, 2, 1, 8, 8), paper, DType::kFloat64, false,
                             ++seed));
@@ -218,7 +204,7 @@ TEST(ForwardProperties, VarlenEqualsEachSequenceAlone) {
       for (int64_t b = 0; b < problem.num_seqs(); ++b) {
         const Problem alone = extract_sequence(problem, b);
         EXPECT_TRUE(outputs_identical(alone, slice_sequence(problem, batch, b), reference_forward(alone)))
-            << "sequence " << b << " (length " << problem.seqlen(b) << "), " << dtype_tag(dtype);
+            << "sequence " << b << " (length " << problem.seqlen(b) << "), " << nsa::dtype_name(dtype);
       }
     }
   }
@@ -271,7 +257,7 @@ TEST(ForwardProperties, LayoutDoesNotChangeResults) {
         options.input_layout = in;
         options.output_layout = out;
         EXPECT_TRUE(outputs_identical(problem, reference_forward(problem, options), base))
-            << (varlen ? "varlen " : "padded ") << dtype_tag(dtype) << " in " << in.describe() << " out "
+            << (varlen ? "varlen " : "padded ") << nsa::dtype_name(dtype) << " in " << in.describe() << " out "
             << out.describe();
       }
     }

@@ -16,19 +16,6 @@ namespace {
 
 using nsa::DType;
 
-nsa::Config make_config(int64_t l, int64_t d, int64_t l_sel, int64_t n, int64_t n_init, int64_t n_local,
-                        int64_t w = 512) {
-  nsa::Config c;
-  c.cmp_block = l;
-  c.cmp_stride = d;
-  c.sel_block = l_sel;
-  c.num_selected = n;
-  c.num_init = n_init;
-  c.num_local = n_local;
-  c.window = w;
-  return c;
-}
-
 // ------------------------------------------------------------------------------------------------
 // Eq. 9 weights: |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d, written out by hand for blocks j = 0..3
 // and compressed tokens i = 0..15.

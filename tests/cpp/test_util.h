@@ -43,6 +43,10 @@ struct ProblemSpec {
   uint64_t seed = 1;
 };
 
+// A config from its fields in paper order (l, d, l', n, n_init, n_local, w, scale).
+nsa::Config make_config(int64_t l, int64_t d, int64_t l_sel, int64_t n, int64_t n_init, int64_t n_local,
+                        int64_t w = 512, double scale = 0.0);
+
 // Spec factories; adjust the other fields afterwards.
 ProblemSpec padded_spec(int64_t batch, int64_t seqlen, int64_t hq, int64_t hkv, int64_t dk, int64_t dv);
 ProblemSpec varlen_spec(std::vector<int64_t> seqlens, int64_t hq, int64_t hkv, int64_t dk, int64_t dv);

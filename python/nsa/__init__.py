@@ -1,0 +1,14 @@
+"""nsa: Native Sparse Attention (DeepSeek 2025) for PyTorch.
+
+``nsa_attention`` is the attention core (compressed + selected + sliding-window branches,
+gated), differentiable; ``NSAAttention`` is a drop-in attention layer built on it; and
+``nsa.reference.nsa_attention_ref`` is a brute-force PyTorch implementation to check against.
+Semantics: docs/semantics.md.
+"""
+
+__version__ = "0.1.0"
+
+from . import _library  # noqa: F401  (registers torch.ops.nsa.*)
+from .ops import NSAConfig, cmp_seqlens, nsa_attention, num_cmp_tokens
+
+__all__ = ["__version__", "NSAConfig", "cmp_seqlens", "nsa_attention", "num_cmp_tokens"]
