@@ -1,32 +1,41 @@
-# The two commands: `make demo` (build and run the demo) and `make test` (build and run all tests).
-# Builds go to build/ (Release) and build-asan/ (AddressSanitizer + UBSan).
+# The two commands: `make demo` (set up, build and run the demo) and `make test` (set up, build
+# and run every test). Builds go to build/ (Release, with the torch ops library) and build-asan/
+# (AddressSanitizer + UBSan, C++ only). Python packages are installed with pip when missing.
 JOBS ?= $(shell nproc)
+PYTHON ?= python3
 CMAKE_FLAGS ?=
 DEMO_ARGS ?=
+PY_DEPS = torch==2.11.0 numpy pytest
 
-.PHONY: all build build-asan demo test test-release test-asan clean
+.PHONY: all deps build build-asan demo test test-release test-asan test-python clean
 
 all: build
 
-build:
-	cmake -S . -B build -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)
+# Installs the Python packages the torch ops and tests need, unless they import already.
+deps:
+	@$(PYTHON) -c "import torch, numpy, pytest" 2>/dev/null || $(PYTHON) -m pip install -q $(PY_DEPS)
+
+build: deps
+	cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DNSA_BUILD_TORCH=ON -DPython_EXECUTABLE=$$(command -v $(PYTHON)) $(CMAKE_FLAGS)
 	cmake --build build -j $(JOBS)
 
 build-asan:
-	cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNSA_SANITIZE=ON -DNSA_CUDA=OFF $(CMAKE_FLAGS)
-	cmake --build build-asan -j $(JOBS)
+	cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNSA_SANITIZE=ON -DNSA_CUDA=OFF
+	cmake --build build-asan -j $(JOBS) --target nsa_tests nsa_example_minimal
 
 demo: build
 	./build/nsa_demo $(DEMO_ARGS)
 
-test-release: build
-	ctest --test-dir build --output-on-failure -j $(JOBS)
-
 test-asan: build-asan
 	ctest --test-dir build-asan --output-on-failure -j $(JOBS)
 
-# Sanitizer run first so that the last summary line is the release suite's.
-test: test-asan test-release
+test-release: build
+	ctest --test-dir build --output-on-failure -j $(JOBS)
+
+test-python: build
+	NSA_OPS_LIBRARY=$(CURDIR)/build/_nsa_ops.so PYTHONPATH=$(CURDIR)/python $(PYTHON) -m pytest tests/python -q
+
+test: test-asan test-release test-python
 
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan build-wheel

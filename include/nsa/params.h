@@ -68,14 +68,15 @@ struct ForwardParams {
   InputTensor gates;  // [B, T, Hq, 3]     (cmp, slc, win) multipliers
 
   // [B, T, Hkv, n] contiguous int32, ascending, -1 padded. Written by the forward unless
-  // block_indices_given, in which case it is read (any order, -1 entries ignored, no repeats,
-  // each in [0, t / l']) and replaces the scoring.
+  // block_indices_given, in which case it is only read (any order, -1 entries ignored, no
+  // repeats, each in [0, t / l']) and replaces the scoring; forced blocks are not added. A row
+  // of all -1 gives the slc branch no key: output 0, lse -inf.
   int32_t* block_indices = nullptr;
   bool block_indices_given = false;
 
   OutputTensor out;            // [B, T, Hq, Dv] gated sum of the branches
-  void* out_branch = nullptr;  // [B, T, Hq, 3, Dv] contiguous, each branch's output; may be null
-                               // (inference); the backward needs it
+  void* out_branch = nullptr;  // [B, T, Hq, 3, Dv] contiguous, dtype of the inputs: each branch's
+                               // output; may be null (inference); the backward needs it
   void* lse = nullptr;         // [B, T, Hq, 3] contiguous, per-branch log-sum-exp of the scaled
                                // scores; -inf where the branch sees no key (cmp for t < l-1)
 };
