@@ -11,9 +11,13 @@
 
 namespace nsa {
 
+// Where the params' pointers live. Host validation also reads the contents of cu_seqlens,
+// cu_seqlens_cmp and given block_indices; device validation checks everything else.
+enum class MemorySpace { kHost, kDevice };
+
 // Checks params against the contract without running anything. The backends call these.
-Status validate(const ForwardParams& params);
-Status validate(const BackwardParams& params);
+Status validate(const ForwardParams& params, MemorySpace space = MemorySpace::kHost);
+Status validate(const BackwardParams& params, MemorySpace space = MemorySpace::kHost);
 
 namespace cpu {
 // The thread count the CPU backend uses for a requested count: requested if > 0, else

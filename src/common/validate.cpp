@@ -112,7 +112,8 @@ struct Extents {
   int64_t cmp_batch, cmp_seq;    // compressed tokens: (B, Tc) or (1, total_cmp)
 };
 
-Status check_layout(const Config& c, const Shape& s, const Varlen& v, Extents* out) {
+// With MemorySpace::kDevice the offsets live on the GPU and their contents are not read here.
+Status check_layout(const Config& c, const Shape& s, const Varlen& v, MemorySpace space, Extents* out) {
   out->varlen = v.cu_seqlens != nullptr;
   if (!out->varlen) {
     if (v.cu_seqlens_cmp != nullptr)
@@ -126,6 +127,12 @@ Status check_layout(const Config& c, const Shape& s, const Varlen& v, Extents* o
   if (v.cu_seqlens_cmp == nullptr)
     return invalid("varlen.cu_seqlens_cmp must not be null when varlen.cu_seqlens is set");
   if (v.total_tokens < 0) return invalid("varlen.total_tokens must be >= 0, got ", v.total_tokens);
+  if (v.total_cmp_tokens < 0) return invalid("varlen.total_cmp_tokens must be >= 0, got ", v.total_cmp_tokens);
+  out->rows_batch = 1;
+  out->rows_seq = v.total_tokens;
+  out->cmp_batch = 1;
+  out->cmp_seq = v.total_cmp_tokens;
+  if (space == MemorySpace::kDevice) return Status::Ok();
   if (v.cu_seqlens[0] != 0) return invalid("varlen.cu_seqlens[0] must be 0, got ", v.cu_seqlens[0]);
   if (v.cu_seqlens_cmp[0] != 0) return invalid("varlen.cu_seqlens_cmp[0] must be 0, got ", v.cu_seqlens_cmp[0]);
   for (int64_t b = 0; b < s.batch; ++b) {
@@ -147,19 +154,15 @@ Status check_layout(const Config& c, const Shape& s, const Varlen& v, Extents* o
   if (v.cu_seqlens_cmp[s.batch] != v.total_cmp_tokens)
     return invalid("varlen.cu_seqlens_cmp[", s.batch, "] must equal varlen.total_cmp_tokens=", v.total_cmp_tokens,
                    ", got ", v.cu_seqlens_cmp[s.batch]);
-  out->rows_batch = 1;
-  out->rows_seq = v.total_tokens;
-  out->cmp_batch = 1;
-  out->cmp_seq = v.total_cmp_tokens;
   return Status::Ok();
 }
 
 // The checks shared by forward and backward: config, shape, layout and the input tensors.
 template <class P>
-Status check_common(const P& p, Extents* ext) {
+Status check_common(const P& p, MemorySpace space, Extents* ext) {
   NSA_RETURN_IF_ERROR(check_config(p.config));
   NSA_RETURN_IF_ERROR(check_shape(p.shape, p.dtype));
-  NSA_RETURN_IF_ERROR(check_layout(p.config, p.shape, p.varlen, ext));
+  NSA_RETURN_IF_ERROR(check_layout(p.config, p.shape, p.varlen, space, ext));
   const Shape& s = p.shape;
   const bool vl = ext->varlen;
   const int64_t B = ext->rows_batch, T = ext->rows_seq, Bc = ext->cmp_batch, Tc = ext->cmp_seq;
@@ -216,21 +219,22 @@ Status check_block_indices(const Config& c, const Shape& s, const Varlen& v, con
 
 }  // namespace
 
-Status validate(const ForwardParams& p) {
+Status validate(const ForwardParams& p, MemorySpace space) {
   Extents ext{};
-  NSA_RETURN_IF_ERROR(check_common(p, &ext));
+  NSA_RETURN_IF_ERROR(check_common(p, space, &ext));
   const Shape& s = p.shape;
   NSA_RETURN_IF_ERROR(check_output("out", p.out, {ext.rows_batch, ext.rows_seq, s.num_q_heads, s.head_dim_v},
                                    ext.varlen, true));
   if (p.lse == nullptr) return invalid("lse must not be null");
   if (p.block_indices == nullptr) return invalid("block_indices must not be null");
-  if (p.block_indices_given) return check_block_indices(p.config, s, p.varlen, p.block_indices);
+  if (p.block_indices_given && space == MemorySpace::kHost)
+    return check_block_indices(p.config, s, p.varlen, p.block_indices);
   return Status::Ok();
 }
 
-Status validate(const BackwardParams& p) {
+Status validate(const BackwardParams& p, MemorySpace space) {
   Extents ext{};
-  NSA_RETURN_IF_ERROR(check_common(p, &ext));
+  NSA_RETURN_IF_ERROR(check_common(p, space, &ext));
   const Shape& s = p.shape;
   const bool vl = ext.varlen;
   const int64_t B = ext.rows_batch, T = ext.rows_seq, Bc = ext.cmp_batch, Tc = ext.cmp_seq;
@@ -254,6 +258,7 @@ Status validate(const BackwardParams& p) {
       check_output("grad_k_cmp", p.grad_k_cmp, {Bc, Tc, s.num_kv_heads, s.head_dim_qk}, vl, has_cmp));
   NSA_RETURN_IF_ERROR(check_output("grad_v_cmp", p.grad_v_cmp, {Bc, Tc, s.num_kv_heads, s.head_dim_v}, vl, has_cmp));
   NSA_RETURN_IF_ERROR(check_output("grad_gates", p.grad_gates, {B, T, s.num_q_heads, kNumBranches}, vl, true));
+  if (space == MemorySpace::kDevice) return Status::Ok();
   return check_block_indices(p.config, s, p.varlen, p.block_indices);
 }
 
