@@ -9,6 +9,7 @@ Semantics: docs/semantics.md.
 __version__ = "0.1.0"
 
 from . import _library  # noqa: F401  (registers torch.ops.nsa.*)
+from .module import NSAAttention
 from .ops import NSAConfig, cmp_seqlens, nsa_attention, num_cmp_tokens
 
-__all__ = ["__version__", "NSAConfig", "cmp_seqlens", "nsa_attention", "num_cmp_tokens"]
+__all__ = ["__version__", "NSAAttention", "NSAConfig", "cmp_seqlens", "nsa_attention", "num_cmp_tokens"]

@@ -1,0 +1,332 @@
+"""``NSAAttention``: a Native Sparse Attention layer built on the ``nsa_attention`` op.
+
+The op (python/nsa/ops.py) is the attention core. Everything learnable lives here, in the
+framework (DESIGN.md section 3): the projections, RoPE, the compression phi, the gate MLP and
+the output projection. Semantics of the core: docs/semantics.md.
+
+Data flow of one forward, with H = Hkv, padded shapes [B, T, ...] (packed: [total, ...]):
+
+    x [B, T, dim]
+      q_proj  -> q [B, T, Hq, Dk]                                   -> RoPE
+      kv_proj -> per branch b in (cmp, slc[, win]): k_b [B, T, H, Dk] -> RoPE,  v_b [B, T, H, Dv]
+      phi     -> k_cmp, v_cmp [B, Tc, H, D] from the blocks [i*d, i*d+l) of k_cmp-raw, v_cmp-raw
+      gate    -> sigmoid(gate_proj(x)) [B, T, Hq, 3]  (cmp, slc, win)
+      nsa_attention(q, k_slc, v_slc, k_cmp, v_cmp, gates, k_win, v_win) -> [B, T, Hq, Dv]
+      o_proj  -> [B, T, dim]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .ops import cmp_seqlens, nsa_attention, num_cmp_tokens
+
+PHI_KINDS = ("avg", "linear", "mlp")
+STAT_NAMES = ("gate_mean_cmp", "gate_mean_slc", "gate_mean_win", "gate_entropy", "forced_fraction",
+              "scored_fraction")
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE and the compression gather: plain functions, shared by the padded and the packed path.
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [..., 1, head_dim] for rotate-half RoPE at integer ``positions`` [...].
+
+    Frequency k (k < head_dim/2) is theta^(-2k/head_dim); both halves of the head dim use the same
+    frequencies. Computed in float64 for float64 ``dtype``, else float32. The trailing 1 broadcasts
+    over heads.
+    """
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=compute) / head_dim)
+    angles = positions.to(compute)[..., None] * inv_freq  # [..., head_dim/2]
+    angles = torch.cat((angles, angles), dim=-1).unsqueeze(-2)  # [..., 1, head_dim]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x [..., H, D] with cos/sin from ``rope_cos_sin``; returns x's dtype.
+
+    Pairs (x[k], x[k + D/2]) are rotated by the angle of frequency k.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def cmp_gather_index(starts: torch.Tensor, cmp_block: int) -> torch.Tensor:
+    """Gather index [Tc, l] (int64): row i lists the raw-token rows ``starts[i] + 0 .. l-1``.
+
+    ``starts`` [Tc] holds the first raw row of each compressed token: ``i * d`` for a padded
+    sequence, ``cu_seqlens[b] + i * d`` for compressed token i of packed sequence b.
+    """
+    return starts.to(torch.int64)[:, None] + torch.arange(cmp_block, device=starts.device)
+
+
+def gather_blocks(raw: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """raw [..., T, H, D] (token dim third from last), index [Tc, l] -> blocks [..., Tc, l, H, D]."""
+    return raw.index_select(-3, index.flatten()).unflatten(-3, tuple(index.shape))
+
+
+class Compressor(nn.Module):
+    """phi: blocks of l raw tokens [..., Tc, l, H, D] -> compressed tokens [..., Tc, H, D].
+
+    ``avg``: the mean over the l tokens (no parameters). ``linear``: add a learnable intra-block
+    position embedding [l, D], flatten the block to l*D and apply Linear(l*D -> D), shared across
+    heads; initialized to the mean (zero embedding, weight [I/l ... I/l]) so it starts as ``avg``.
+    ``mlp``: same input, Linear(l*D -> hidden) + GELU + Linear(hidden -> D) (default init).
+    """
+
+    def __init__(self, kind: str, block: int, dim: int, hidden: int):
+        super().__init__()
+        self.kind = kind
+        if kind == "avg":
+            self.pos_emb = None
+            self.net = None
+            return
+        self.pos_emb = nn.Parameter(torch.zeros(block, dim))
+        if kind == "linear":
+            self.net = nn.Linear(block * dim, dim)
+            with torch.no_grad():
+                self.net.weight.copy_(torch.eye(dim).repeat(1, block) / block)
+                self.net.bias.zero_()
+        else:
+            self.net = nn.Sequential(nn.Linear(block * dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        if self.net is None:
+            return blocks.mean(dim=-3)
+        blocks = blocks + self.pos_emb[:, None, :]  # [l, 1, D]: same embedding for every head
+        return self.net(blocks.movedim(-3, -2).flatten(-2))  # [..., Tc, H, l*D] -> [..., Tc, H, D]
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
+
+
+# --------------------------------------------------------------------------------------------
+# The layer.
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"NSAAttention: {name} {message}")
+
+
+def _require_int(name: str, value, minimum: int) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, name,
+             f"must be an int >= {minimum}, got {value!r}")
+
+
+class NSAAttention(nn.Module):
+    """Native Sparse Attention layer (Yuan et al., 2025): self-attention over x, causal.
+
+    Args:
+        dim: model width of x and of the output.
+        num_q_heads, num_kv_heads: Hq query heads, Hkv KV heads (GQA), Hq % Hkv == 0.
+        head_dim_qk: Dk (default dim // num_q_heads), even (RoPE).
+        head_dim_v: Dv (default Dk).
+        cmp_block, cmp_stride, sel_block, num_selected, num_init, num_local, window: the op's
+            config (l, d, l', n, n_init, n_local, w; docs/semantics.md section 1).
+        phi: the compression, "avg" | "linear" | "mlp" (see ``Compressor``).
+        phi_hidden: hidden width of the "mlp" phi (default l * Dk for keys, l * Dv for values).
+        share_window_kv: the window branch reuses the selection branch's keys and values instead
+            of its own projection (the paper uses independent ones: the default).
+        rope_theta: RoPE base.
+        bias: bias in the q, k/v and output projections (phi and the gate always have one).
+        collect_stats: after each forward, ``last_stats`` holds gate and selection statistics.
+
+    Parameters: ``q_proj`` dim -> Hq*Dk; ``kv_proj`` dim -> all branches' keys then all values,
+    one matmul (``kv_branches`` = ("cmp", "slc", "win") or ("cmp", "slc")); ``compress_k``,
+    ``compress_v`` (phi); ``gate_proj`` dim -> Hq*3; ``o_proj`` Hq*Dv -> dim.
+
+    RoPE (rotate-half, positions 0-based per sequence) is applied to q and to the keys of every
+    branch before the op; phi compresses the RoPE'd raw keys of the cmp branch.
+    """
+
+    def __init__(self, dim: int, num_q_heads: int, num_kv_heads: int, head_dim_qk: Optional[int] = None,
+                 head_dim_v: Optional[int] = None, *, cmp_block: int = 32, cmp_stride: int = 16,
+                 sel_block: int = 64, num_selected: int = 16, num_init: int = 1, num_local: int = 2,
+                 window: int = 512, phi: str = "avg", phi_hidden: Optional[int] = None,
+                 share_window_kv: bool = False, rope_theta: float = 10000.0, bias: bool = False,
+                 collect_stats: bool = False):
+        super().__init__()
+        for name, value, minimum in (("dim", dim, 1), ("num_q_heads", num_q_heads, 1),
+                                     ("num_kv_heads", num_kv_heads, 1), ("cmp_block", cmp_block, 1),
+                                     ("cmp_stride", cmp_stride, 1), ("sel_block", sel_block, 1),
+                                     ("num_selected", num_selected, 1), ("num_init", num_init, 0),
+                                     ("num_local", num_local, 0), ("window", window, 1)):
+            _require_int(name, value, minimum)
+        _require(num_q_heads % num_kv_heads == 0, "num_q_heads",
+                 f"({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        head_dim_qk = dim // num_q_heads if head_dim_qk is None else head_dim_qk
+        head_dim_v = head_dim_qk if head_dim_v is None else head_dim_v
+        _require_int("head_dim_qk", head_dim_qk, 1)
+        _require(head_dim_qk % 2 == 0, "head_dim_qk", f"must be even for RoPE, got {head_dim_qk}")
+        _require_int("head_dim_v", head_dim_v, 1)
+        _require(cmp_block % cmp_stride == 0, "cmp_stride", f"({cmp_stride}) must divide cmp_block ({cmp_block})")
+        _require(sel_block % cmp_stride == 0, "cmp_stride", f"({cmp_stride}) must divide sel_block ({sel_block})")
+        _require(num_selected >= num_init + num_local, "num_selected",
+                 f"({num_selected}) must be >= num_init + num_local ({num_init} + {num_local})")
+        _require(phi in PHI_KINDS, "phi", f"must be one of {PHI_KINDS}, got {phi!r}")
+        if phi_hidden is not None:
+            _require_int("phi_hidden", phi_hidden, 1)
+        _require(isinstance(rope_theta, (int, float)) and math.isfinite(rope_theta) and rope_theta > 0,
+                 "rope_theta", f"must be a finite number > 0, got {rope_theta!r}")
+
+        self.dim, self.num_q_heads, self.num_kv_heads = dim, num_q_heads, num_kv_heads
+        self.head_dim_qk, self.head_dim_v = head_dim_qk, head_dim_v
+        self.op_config = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
+                              num_selected=num_selected, num_init=num_init, num_local=num_local, window=window)
+        self.phi = phi
+        self.share_window_kv = bool(share_window_kv)
+        self.rope_theta = float(rope_theta)
+        self.collect_stats = bool(collect_stats)
+        self.kv_branches = ("cmp", "slc") if self.share_window_kv else ("cmp", "slc", "win")
+
+        nb = len(self.kv_branches)
+        self.q_proj = nn.Linear(dim, num_q_heads * head_dim_qk, bias=bias)
+        self.kv_proj = nn.Linear(dim, nb * num_kv_heads * (head_dim_qk + head_dim_v), bias=bias)
+        self.compress_k = Compressor(phi, cmp_block, head_dim_qk, phi_hidden or cmp_block * head_dim_qk)
+        self.compress_v = Compressor(phi, cmp_block, head_dim_v, phi_hidden or cmp_block * head_dim_v)
+        self.gate_proj = nn.Linear(dim, num_q_heads * 3)
+        self.o_proj = nn.Linear(num_q_heads * head_dim_v, dim, bias=bias)
+        self._stats: Optional[torch.Tensor] = None
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_q_heads={self.num_q_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim_qk={self.head_dim_qk}, head_dim_v={self.head_dim_v}, phi={self.phi!r}, "
+                f"share_window_kv={self.share_window_kv}, rope_theta={self.rope_theta}, "
+                + ", ".join(f"{k}={v}" for k, v in self.op_config.items()))
+
+    # ---- layout: positions and the compression gather index ---------------------------------
+
+    def _padded_layout(self, seqlen: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] and gather index [Tc, l] of a padded batch; no host sync."""
+        l, d = self.op_config["cmp_block"], self.op_config["cmp_stride"]
+        positions = torch.arange(seqlen, device=device)
+        starts = torch.arange(num_cmp_tokens(seqlen, l, d), device=device) * d
+        return positions, cmp_gather_index(starts, l)
+
+    def _packed_layout(self, cu_seqlens: torch.Tensor, total: int, max_seqlen: Optional[int]):
+        """positions [total], gather index [total_cmp, l], cu_seqlens_cmp [N+1], max_seqlen.
+
+        Reads cu_seqlens on the host once (``tolist``): the number of compressed tokens sizes a
+        tensor. Everything else is computed on cu_seqlens's device.
+        """
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"NSAAttention: cu_seqlens must be int32 [N+1] with N >= 1, got "
+                             f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        l, d = self.op_config["cmp_block"], self.op_config["cmp_stride"]
+        bounds = cu_seqlens.tolist()  # the one host sync of the packed path
+        lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+        if bounds[0] != 0 or bounds[-1] != total or min(lengths) < 0:
+            raise ValueError(f"NSAAttention: cu_seqlens must rise from 0 to the {total} rows of x, got {bounds}")
+        if max_seqlen is None:
+            max_seqlen = max(lengths)
+        elif max_seqlen < max(lengths):
+            raise ValueError(f"NSAAttention: max_seqlen ({max_seqlen}) is below the longest sequence ({max(lengths)})")
+        total_cmp = sum(num_cmp_tokens(n, l, d) for n in lengths)
+
+        device = cu_seqlens.device
+        cu = cu_seqlens.to(torch.int64)
+        cu_seqlens_cmp = cmp_seqlens(cu_seqlens, l, d)
+        cu_cmp = cu_seqlens_cmp.to(torch.int64)
+        seq_ids = torch.arange(len(lengths), device=device)
+        token_seq = torch.repeat_interleave(seq_ids, cu.diff(), output_size=total)
+        positions = torch.arange(total, device=device) - cu[token_seq]
+        cmp_seq = torch.repeat_interleave(seq_ids, cu_cmp.diff(), output_size=total_cmp)
+        starts = cu[cmp_seq] + (torch.arange(total_cmp, device=device) - cu_cmp[cmp_seq]) * d
+        return positions, cmp_gather_index(starts, l), cu_seqlens_cmp, max_seqlen
+
+    # ---- forward -----------------------------------------------------------------------------
+
+    def _keys_values(self, x: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Per branch of ``kv_branches``: RoPE'd keys [..., Hkv, Dk] and values [..., Hkv, Dv]."""
+        nb, h = len(self.kv_branches), self.num_kv_heads
+        kv = self.kv_proj(x)
+        keys, values = kv.split((nb * h * self.head_dim_qk, nb * h * self.head_dim_v), dim=-1)
+        keys = apply_rope(keys.unflatten(-1, (nb * h, self.head_dim_qk)), cos, sin)  # all branches at once
+        values = values.unflatten(-1, (nb * h, self.head_dim_v))
+        return list(keys.split(h, dim=-2)), list(values.split(h, dim=-2))
+
+    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None) -> torch.Tensor:
+        """x [B, T, dim] (padded: every row a sequence of T tokens) -> [B, T, dim]; or packed
+        x [total, dim] with cu_seqlens int32 [N+1] (sequence b is rows cu_seqlens[b] ..
+        cu_seqlens[b+1]-1) -> [total, dim].
+
+        The padded path makes no host sync (and traces with torch.compile(fullgraph=True)); the
+        packed path reads cu_seqlens on the host once per call, to size the compressed tokens.
+        ``max_seqlen`` (packed only) is checked against, not trusted blindly.
+        """
+        if cu_seqlens is None:
+            if x.dim() != 3:
+                raise ValueError(f"NSAAttention: x must be [B, T, dim] (or [total, dim] with cu_seqlens), "
+                                 f"got shape {tuple(x.shape)}")
+            positions, gather_index = self._padded_layout(x.shape[1], x.device)
+            varlen = {}
+        else:
+            if x.dim() != 2:
+                raise ValueError(f"NSAAttention: with cu_seqlens, x must be packed [total, dim], "
+                                 f"got shape {tuple(x.shape)}")
+            positions, gather_index, cu_seqlens_cmp, max_seqlen = self._packed_layout(
+                cu_seqlens, x.shape[0], max_seqlen)
+            varlen = dict(cu_seqlens=cu_seqlens, cu_seqlens_cmp=cu_seqlens_cmp, max_seqlen=max_seqlen)
+
+        cos, sin = rope_cos_sin(positions, self.head_dim_qk, self.rope_theta, x.dtype)
+        q = apply_rope(self.q_proj(x).unflatten(-1, (self.num_q_heads, self.head_dim_qk)), cos, sin)
+        keys, values = self._keys_values(x, cos, sin)
+        k_cmp = self.compress_k(gather_blocks(keys[0], gather_index))
+        v_cmp = self.compress_v(gather_blocks(values[0], gather_index))
+        k_win, v_win = (None, None) if self.share_window_kv else (keys[2], values[2])
+        gate_logits = self.gate_proj(x).unflatten(-1, (self.num_q_heads, 3))
+        gates = torch.sigmoid(gate_logits)
+
+        result = nsa_attention(q, keys[1], values[1], k_cmp, v_cmp, gates, k_win, v_win, **self.op_config,
+                               **varlen, return_indices=self.collect_stats)
+        if self.collect_stats:
+            out, indices = result
+            self._record_stats(gate_logits, indices, positions)
+        else:
+            out = result
+        return self.o_proj(out.flatten(-2))
+
+    # ---- statistics --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _record_stats(self, gate_logits: torch.Tensor, indices: torch.Tensor, positions: torch.Tensor) -> None:
+        """Stores the statistics of one forward as one tensor (no host sync; ``last_stats`` reads it).
+
+        gate_logits [..., T, Hq, 3]; indices [..., T, Hkv, n] int32 (-1 padded); positions [T] (packed:
+        [total], with indices [total, Hkv, n]).
+        """
+        z = gate_logits.detach().double()
+        gates = torch.sigmoid(z)
+        # Binary entropy of sigmoid(z), stable form: p*softplus(-z) + (1-p)*softplus(z).
+        entropy = gates * nn.functional.softplus(-z) + (1 - gates) * nn.functional.softplus(z)
+        gate_means = gates.flatten(0, -2).mean(dim=0)  # (cmp, slc, win)
+
+        current = (positions // self.op_config["sel_block"])[:, None, None]  # block of t, [T, 1, 1]
+        forced = (indices < self.op_config["num_init"]) | (indices > current - self.op_config["num_local"])
+        valid = indices >= 0
+        num_valid = valid.sum().clamp(min=1).double()
+        forced_fraction = (forced & valid).sum().double() / num_valid
+        scored_fraction = (~forced & valid).sum().double() / num_valid
+        self._stats = torch.cat((gate_means, entropy.mean()[None], forced_fraction[None], scored_fraction[None]))
+
+    @property
+    def last_stats(self) -> Optional[Dict[str, float]]:
+        """Statistics of the last forward (None before the first one or without collect_stats):
+        gate_mean_cmp/slc/win (mean sigmoid gate per branch), gate_entropy (mean binary entropy of
+        the gates, in [0, ln 2]), forced_fraction / scored_fraction (share of the selected blocks,
+        -1 padding excluded, that were forced as initial or local vs chosen by score). Reading it
+        copies the numbers to the host."""
+        if self._stats is None:
+            return None
+        return dict(zip(STAT_NAMES, self._stats.tolist()))
