@@ -103,6 +103,7 @@ Checked check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const st
                      const std::optional<Tensor>& cu_seqlens, const std::optional<Tensor>& cu_seqlens_cmp,
                      const Config& config) {
   Checked c{Layout{cu_seqlens.has_value(), 0, 0, 0, 0, 0, q.device(), q.scalar_type()}, {}, {}, {}, {}};
+  check_status(nsa::validate(to_nsa_config(config)));  // before any size is derived from it
   to_nsa_dtype(q.scalar_type());
   Layout& layout = c.layout;
   TORCH_CHECK(cu_seqlens.has_value() == cu_seqlens_cmp.has_value(),
@@ -119,16 +120,25 @@ Checked check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const st
     }
     TORCH_CHECK(cu_seqlens->size(0) == cu_seqlens_cmp->size(0), "nsa: cu_seqlens has ", cu_seqlens->size(0),
                 " entries but cu_seqlens_cmp has ", cu_seqlens_cmp->size(0));
-    TORCH_CHECK(config.max_seqlen > 0, "nsa: max_seqlen must be given (> 0) with cu_seqlens, got ", config.max_seqlen);
+    TORCH_CHECK(config.max_seqlen > 0, "nsa: max_seqlen (the longest sequence) must be > 0 with cu_seqlens, got ",
+                config.max_seqlen);
     layout.batch = cu_seqlens->size(0) - 1;
     layout.seqlen = config.max_seqlen;
     layout.rows = q.size(0);
-    TORCH_CHECK(k_cmp.dim() == 3, "nsa: with cu_seqlens, k_cmp must be packed [total_cmp, Hkv, Dk], got shape ",
-                shape_string(k_cmp));
-    layout.cmp_rows = k_cmp.size(0);
     c.cu_seqlens = cu_seqlens->contiguous();
     c.cu_seqlens_cmp = cu_seqlens_cmp->contiguous();
-    c.varlen = {c.cu_seqlens.data_ptr<int32_t>(), c.cu_seqlens_cmp.data_ptr<int32_t>(), layout.rows, layout.cmp_rows};
+    const int32_t* offsets = c.cu_seqlens.data_ptr<int32_t>();
+    const int32_t* cmp_offsets = c.cu_seqlens_cmp.data_ptr<int32_t>();
+    if (q.is_cpu()) {
+      // The offsets are checked before any tensor is measured against them. On a GPU reading
+      // them would be a host sync: there k_cmp's rows are taken as given.
+      layout.cmp_rows = cmp_offsets[layout.batch];
+      check_status(nsa::validate(to_nsa_config(config), {layout.batch, layout.seqlen, 1, 1, 1, 1},
+                                 {offsets, cmp_offsets, layout.rows, layout.cmp_rows}));
+    } else {
+      layout.cmp_rows = k_cmp.dim() > 0 ? k_cmp.size(0) : 0;
+    }
+    c.varlen = {offsets, cmp_offsets, layout.rows, layout.cmp_rows};
   } else {
     TORCH_CHECK(q.dim() == 4, "nsa: q must be [B, T, Hq, Dk] (or packed [total, Hq, Dk] with cu_seqlens), got shape ",
                 shape_string(q));
@@ -141,6 +151,8 @@ Checked check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const st
   TORCH_CHECK(k.dim() == q.dim(), "nsa: k must have ", q.dim(), " dims like q, got shape ", shape_string(k));
   TORCH_CHECK(v.dim() == q.dim(), "nsa: v must have ", q.dim(), " dims like q, got shape ", shape_string(v));
   const int64_t hq = q.size(-2), hkv = k.size(-2), dk = q.size(-1), dv = v.size(-1);
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "nsa: q has ", hq, " heads, which is not a multiple of the ", hkv,
+              " kv heads of k");
   const at::ScalarType dtype = q.scalar_type();
   check_tensor("q", q, layout, false, hq, dk, dtype);
   check_tensor("k", k, layout, false, hkv, dk, dtype);
@@ -190,7 +202,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
     int64_t sel_block, int64_t num_selected, int64_t num_init, int64_t num_local, int64_t window, double scale,
     bool save_branch_outputs) {
   const Config config{cmp_block, cmp_stride, sel_block, num_selected, num_init, num_local, window, scale, max_seqlen};
-  TORCH_CHECK(cmp_stride > 0, "nsa: cmp_stride must be positive, got ", cmp_stride);
   const Checked c = check_inputs(q, k, v, k_win, v_win, k_cmp, v_cmp, gates, cu_seqlens, cu_seqlens_cmp, config);
   const Layout& layout = c.layout;
   const auto opts = q.options();
@@ -235,7 +246,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
     int64_t sel_block, int64_t num_selected, int64_t num_init, int64_t num_local, int64_t window, double scale,
     bool deterministic) {
   const Config config{cmp_block, cmp_stride, sel_block, num_selected, num_init, num_local, window, scale, max_seqlen};
-  TORCH_CHECK(cmp_stride > 0, "nsa: cmp_stride must be positive, got ", cmp_stride);
   const Checked c = check_inputs(q, k, v, k_win, v_win, k_cmp, v_cmp, gates, cu_seqlens, cu_seqlens_cmp, config);
   const Layout& layout = c.layout;
   check_tensor("grad_out", grad_out, layout, false, c.shape.num_q_heads, c.shape.head_dim_v, q.scalar_type());
@@ -288,13 +298,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
 TORCH_LIBRARY(nsa, m) {
   m.def(
       "forward(Tensor q, Tensor k, Tensor v, Tensor? k_win, Tensor? v_win, Tensor k_cmp, Tensor v_cmp, "
-      "Tensor gates, Tensor? block_indices, Tensor? cu_seqlens, Tensor? cu_seqlens_cmp, int max_seqlen, "
+      "Tensor gates, Tensor? block_indices, Tensor? cu_seqlens, Tensor? cu_seqlens_cmp, SymInt max_seqlen, "
       "int cmp_block, int cmp_stride, int sel_block, int num_selected, int num_init, int num_local, int window, "
       "float scale, bool save_branch_outputs) -> (Tensor out, Tensor out_branch, Tensor lse, Tensor block_indices)");
   m.def(
       "backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? k_win, Tensor? v_win, Tensor k_cmp, "
       "Tensor v_cmp, Tensor gates, Tensor block_indices, Tensor out_branch, Tensor lse, Tensor? cu_seqlens, "
-      "Tensor? cu_seqlens_cmp, int max_seqlen, int cmp_block, int cmp_stride, int sel_block, int num_selected, "
+      "Tensor? cu_seqlens_cmp, SymInt max_seqlen, int cmp_block, int cmp_stride, int sel_block, int num_selected, "
       "int num_init, int num_local, int window, float scale, bool deterministic) -> (Tensor grad_q, Tensor grad_k, "
       "Tensor grad_v, Tensor grad_k_win, Tensor grad_v_win, Tensor grad_k_cmp, Tensor grad_v_cmp, Tensor grad_gates)");
 }

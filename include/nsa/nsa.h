@@ -4,6 +4,8 @@
 // been written. The CPU backend is the exact reference (float64 accumulation).
 #pragma once
 
+#include <cstddef>
+
 #include "nsa/config.h"
 #include "nsa/params.h"
 #include "nsa/semantics.h"
@@ -16,6 +18,10 @@ namespace nsa {
 enum class MemorySpace { kHost, kDevice };
 
 // Checks params against the contract without running anything. The backends call these.
+Status validate(const Config& config);
+// The packed layout's offsets (host memory): cu_seqlens and cu_seqlens_cmp against each other,
+// shape.batch, shape.seqlen and the totals. Only those fields of shape are read.
+Status validate(const Config& config, const Shape& shape, const Varlen& varlen);
 Status validate(const ForwardParams& params, MemorySpace space = MemorySpace::kHost);
 Status validate(const BackwardParams& params, MemorySpace space = MemorySpace::kHost);
 
@@ -28,5 +34,23 @@ int resolve_num_threads(int requested);
 Status forward(const ForwardParams& params, int num_threads = 0);
 Status backward(const BackwardParams& params, int num_threads = 0);
 }  // namespace cpu
+
+// The CUDA backend. Every pointer in the params is a device pointer (cu_seqlens and a given
+// block_indices included; their contents are not validated on the host). Supported: bfloat16
+// and float16 inputs (float32 lse), head dims (Dk, Dv) in {(64, 64), (128, 128), (192, 128)},
+// data pointers 16-byte aligned with strides that are multiples of 8 elements (gates: any).
+// Anything else returns kUnsupported with the supported set in the message. A build without
+// CUDA provides the same symbols: built() is false and the rest return kUnsupported.
+namespace cuda {
+// Whether this library was built with the CUDA backend.
+bool built();
+// Bytes of device workspace forward() needs for these params: 0 when out_branch is given (the
+// cmp branch output is staged there), else rows * Hq * Dv elements of the input dtype.
+size_t forward_workspace_bytes(const ForwardParams& params);
+// Enqueues the forward on `stream` (a cudaStream_t; nullptr = the legacy default stream).
+// Never synchronizes and never allocates; workspace must hold forward_workspace_bytes(params)
+// bytes (it may be null when that is 0). Launch errors return kBackendError with CUDA's message.
+Status forward(const ForwardParams& params, void* workspace, size_t workspace_bytes, void* stream);
+}  // namespace cuda
 
 }  // namespace nsa

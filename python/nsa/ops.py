@@ -124,8 +124,8 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torc
     device_type = q.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        tensors = {name: t.to(dtype) if t is not None and t.is_floating_point() else t
-                   for name, t in tensors.items()}
+        tensors = {name: t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                   else t for name, t in tensors.items()}  # float64 stays, as in torch's own autocast
     if cu_seqlens is not None:
         if cu_seqlens_cmp is None:
             cu_seqlens_cmp = cmp_seqlens(cu_seqlens, cmp_block, cmp_stride)
@@ -137,6 +137,7 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torc
         t is not None and t.requires_grad for t in tensors.values())
     out, _out_branch, _lse, indices = torch.ops.nsa.forward(
         tensors["q"], tensors["k"], tensors["v"], tensors["k_win"], tensors["v_win"], tensors["k_cmp"],
-        tensors["v_cmp"], tensors["gates"], block_indices, cu_seqlens, cu_seqlens_cmp, max_seqlen or 0, cmp_block,
+        tensors["v_cmp"], tensors["gates"], block_indices, cu_seqlens, cu_seqlens_cmp,
+        0 if max_seqlen is None else max_seqlen, cmp_block,
         cmp_stride, sel_block, num_selected, num_init, num_local, window, float(scale or 0.0), save_branch_outputs)
     return (out, indices) if return_indices else out

@@ -141,7 +141,8 @@ Status check_layout(const Config& c, const Shape& s, const Varlen& v, MemorySpac
       return invalid("varlen.cu_seqlens must be non-decreasing, got cu_seqlens[", b, "]=", v.cu_seqlens[b],
                      " > cu_seqlens[", b + 1, "]=", v.cu_seqlens[b + 1]);
     if (len > s.seqlen)
-      return invalid("sequence ", b, " has length ", len, " > shape.seqlen (the maximum length) ", s.seqlen);
+      return invalid("sequence ", b, " has length ", len, " > shape.seqlen (max_seqlen, the longest sequence) ",
+                     s.seqlen);
     const int64_t cmp_len = int64_t{v.cu_seqlens_cmp[b + 1]} - v.cu_seqlens_cmp[b];
     const int64_t want = num_cmp_tokens(len, c.cmp_block, c.cmp_stride);
     if (cmp_len != want)
@@ -218,6 +219,17 @@ Status check_block_indices(const Config& c, const Shape& s, const Varlen& v, con
 }
 
 }  // namespace
+
+Status validate(const Config& config) { return check_config(config); }
+
+Status validate(const Config& config, const Shape& shape, const Varlen& varlen) {
+  NSA_RETURN_IF_ERROR(check_config(config));
+  if (varlen.cu_seqlens == nullptr) return invalid("varlen.cu_seqlens must not be null");
+  if (shape.batch <= 0) return invalid("shape.batch must be positive, got ", shape.batch);
+  if (shape.seqlen <= 0) return invalid("shape.seqlen must be positive, got ", shape.seqlen);
+  Extents ext{};
+  return check_layout(config, shape, varlen, MemorySpace::kHost, &ext);
+}
 
 Status validate(const ForwardParams& p, MemorySpace space) {
   Extents ext{};
