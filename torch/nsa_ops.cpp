@@ -9,6 +9,11 @@
 
 #include "nsa/nsa.h"
 
+#if NSA_TORCH_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 namespace nsa_torch {
 namespace {
 
@@ -192,6 +197,32 @@ void fill_inputs(Params& p, const Checked& c, const Config& config, const Tensor
   p.gates = input_ref(gates, vl);
 }
 
+// Runs the forward on q's device: the CPU reference, or the CUDA kernels on the current stream
+// with a workspace from torch's caching allocator.
+void run_forward(const Tensor& q, const nsa::ForwardParams& p) {
+  if (q.is_cpu()) {
+    check_status(nsa::cpu::forward(p));
+    return;
+  }
+#if NSA_TORCH_WITH_CUDA
+  if (q.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    const size_t bytes = nsa::cuda::forward_workspace_bytes(p);
+    const Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
+    check_status(nsa::cuda::forward(p, bytes ? workspace.data_ptr() : nullptr, bytes,
+                                    c10::cuda::getCurrentCUDAStream().stream()));
+    return;
+  }
+#endif
+  TORCH_CHECK(false, "nsa: q is on ", q.device(), " but this build of nsa has no CUDA kernels (CPU only)");
+}
+
+void run_backward(const Tensor& q, const nsa::BackwardParams& p) {
+  TORCH_CHECK(q.is_cpu(), "nsa: q is on ", q.device(),
+              " but the nsa backward runs on the CPU only in this version (the CUDA backward is not written yet)");
+  check_status(nsa::cpu::backward(p));
+}
+
 at::ScalarType stats_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
@@ -230,11 +261,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
   p.out = output_ref(out, layout.varlen);
   p.out_branch = save_branch_outputs ? out_branch.data_ptr() : nullptr;
   p.lse = lse.data_ptr();
-  if (q.is_cpu()) {
-    check_status(nsa::cpu::forward(p));
-  } else {
-    TORCH_CHECK(false, "nsa: q is on ", q.device(), " but this build of nsa has no CUDA kernels (CPU only)");
-  }
+  run_forward(q, p);
   return {out, out_branch, lse, indices};
 }
 
@@ -285,17 +312,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   p.grad_v_cmp = v_cmp.numel() ? output_ref(grad_v_cmp, vl) : nsa::OutputTensor{};
   p.grad_gates = output_ref(grad_gates, vl);
   p.deterministic = deterministic;
-  if (q.is_cpu()) {
-    check_status(nsa::cpu::backward(p));
-  } else {
-    TORCH_CHECK(false, "nsa: q is on ", q.device(), " but this build of nsa has no CUDA kernels (CPU only)");
-  }
+  run_backward(q, p);
   return {grad_q, grad_k, grad_v, grad_k_win, grad_v_win, grad_k_cmp, grad_v_cmp, grad_gates};
 }
 
 }  // namespace
 
+bool cuda_built() { return NSA_TORCH_WITH_CUDA != 0; }
+
 TORCH_LIBRARY(nsa, m) {
+  m.def("cuda_built() -> bool", &cuda_built);
   m.def(
       "forward(Tensor q, Tensor k, Tensor v, Tensor? k_win, Tensor? v_win, Tensor k_cmp, Tensor v_cmp, "
       "Tensor gates, Tensor? block_indices, Tensor? cu_seqlens, Tensor? cu_seqlens_cmp, SymInt max_seqlen, "

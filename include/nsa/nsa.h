@@ -45,7 +45,7 @@ namespace cuda {
 // Whether this library was built with the CUDA backend.
 bool built();
 // Bytes of device workspace forward() needs for these params: 0 when out_branch is given (the
-// cmp branch output is staged there), else rows * Hq * Dv elements of the input dtype.
+// branch outputs are staged there), else 2 * rows * Hq * Dv elements of the input dtype.
 size_t forward_workspace_bytes(const ForwardParams& params);
 // Enqueues the forward on `stream` (a cudaStream_t; nullptr = the legacy default stream).
 // Never synchronizes and never allocates; workspace must hold forward_workspace_bytes(params)

@@ -12,4 +12,12 @@ from . import _library  # noqa: F401  (registers torch.ops.nsa.*)
 from .module import NSAAttention
 from .ops import NSAConfig, cmp_seqlens, nsa_attention, num_cmp_tokens
 
-__all__ = ["__version__", "NSAAttention", "NSAConfig", "cmp_seqlens", "nsa_attention", "num_cmp_tokens"]
+__all__ = ["__version__", "NSAAttention", "NSAConfig", "cmp_seqlens", "cuda_built", "nsa_attention",
+           "num_cmp_tokens"]
+
+
+def cuda_built() -> bool:
+    """Whether the ops library was built with the CUDA kernels (else CUDA tensors are refused)."""
+    import torch
+
+    return bool(torch.ops.nsa.cuda_built())

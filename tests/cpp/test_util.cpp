@@ -33,14 +33,44 @@ double from_bf16(uint16_t bits) {
   return f;
 }
 
+// IEEE binary16, round to nearest even (the value goes through float first, like a cast on
+// the device would).
+uint16_t to_fp16(double value) {
+  const float f = static_cast<float>(value);
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const float mag = std::fabs(f);
+  if (std::isnan(f)) return static_cast<uint16_t>(sign | 0x7E00u);
+  if (mag >= 65520.0f) return static_cast<uint16_t>(sign | 0x7C00u);
+  if (mag < 6.103515625e-05f)  // subnormal: units of 2^-24
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(std::ldexp(mag, 24))));
+  uint32_t bits;
+  std::memcpy(&bits, &mag, sizeof bits);
+  const uint32_t exponent = ((bits >> 23) & 0xFFu) - 127u + 15u;
+  uint32_t half = (exponent << 10) | ((bits >> 13) & 0x3FFu);
+  const uint32_t rest = bits & 0x1FFFu;
+  if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) ++half;
+  return static_cast<uint16_t>(sign | half);
+}
+
+double from_fp16(uint16_t bits) {
+  const int exponent = (bits >> 10) & 0x1F, mantissa = bits & 0x3FF;
+  double mag;
+  if (exponent == 0) mag = std::ldexp(static_cast<double>(mantissa), -24);
+  else if (exponent == 31) mag = mantissa ? kNaN : kInf;
+  else mag = std::ldexp(static_cast<double>(mantissa | 0x400), exponent - 25);
+  return (bits & 0x8000u) ? -mag : mag;
+}
+
 double round_value(double value, nsa::DType dtype) {
   switch (dtype) {
     case nsa::DType::kFloat64: return value;
     case nsa::DType::kFloat32: return static_cast<double>(static_cast<float>(value));
     case nsa::DType::kBFloat16: return from_bf16(to_bf16(value));
-    case nsa::DType::kFloat16: break;
+    case nsa::DType::kFloat16: return from_fp16(to_fp16(value));
   }
-  throw std::invalid_argument("nsa_test: float16 buffers are not supported by the test helpers");
+  return kNaN;
 }
 
 nsa::DType stats_dtype(nsa::DType dtype) {
@@ -282,6 +312,8 @@ void round_to_dtype(Problem& problem) {
     for (double& x : values) x = round_value(x, problem.spec.dtype);
 }
 
+double round_to_dtype(double value, nsa::DType dtype) { return round_value(value, dtype); }
+
 Problem extract_sequence(const Problem& problem, int64_t b) {
   Problem p;
   p.spec = problem.spec;
@@ -363,9 +395,7 @@ std::string Layout::describe() const {
 
 TypedBuffer::TypedBuffer(nsa::DType dtype, int64_t numel)
     : dtype_(dtype), numel_(numel),
-      storage_(static_cast<size_t>((numel * nsa::dtype_size(dtype) + 7) / 8 + 1), 0) {
-  if (dtype == nsa::DType::kFloat16) throw std::invalid_argument("nsa_test: float16 buffers are not supported");
-}
+      storage_(static_cast<size_t>((numel * nsa::dtype_size(dtype) + 7) / 8 + 1), 0) {}
 
 double TypedBuffer::get(int64_t i) const {
   const unsigned char* base = reinterpret_cast<const unsigned char*>(storage_.data());
@@ -373,7 +403,7 @@ double TypedBuffer::get(int64_t i) const {
     case nsa::DType::kFloat64: { double x; std::memcpy(&x, base + 8 * i, 8); return x; }
     case nsa::DType::kFloat32: { float x; std::memcpy(&x, base + 4 * i, 4); return x; }
     case nsa::DType::kBFloat16: { uint16_t x; std::memcpy(&x, base + 2 * i, 2); return from_bf16(x); }
-    case nsa::DType::kFloat16: break;
+    case nsa::DType::kFloat16: { uint16_t x; std::memcpy(&x, base + 2 * i, 2); return from_fp16(x); }
   }
   return kNaN;
 }
@@ -384,7 +414,7 @@ void TypedBuffer::set(int64_t i, double value) {
     case nsa::DType::kFloat64: std::memcpy(base + 8 * i, &value, 8); break;
     case nsa::DType::kFloat32: { const float x = static_cast<float>(value); std::memcpy(base + 4 * i, &x, 4); break; }
     case nsa::DType::kBFloat16: { const uint16_t x = to_bf16(value); std::memcpy(base + 2 * i, &x, 2); break; }
-    case nsa::DType::kFloat16: break;
+    case nsa::DType::kFloat16: { const uint16_t x = to_fp16(value); std::memcpy(base + 2 * i, &x, 2); break; }
   }
 }
 

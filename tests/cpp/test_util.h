@@ -79,6 +79,8 @@ struct Problem {
 Problem make_problem(const ProblemSpec& spec);
 // Rounds every value to spec.dtype (call after editing a problem's data by hand).
 void round_to_dtype(Problem& problem);
+// One value rounded to a dtype (through float, as a device cast would; float64: unchanged).
+double round_to_dtype(double value, nsa::DType dtype);
 // Sequence b alone as a padded batch of one (same values).
 Problem extract_sequence(const Problem& problem, int64_t b);
 // Redraws every value a query at position <= t0 must not see: raw rows at positions > t0 in every

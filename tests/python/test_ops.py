@@ -461,6 +461,7 @@ def test_no_grad_forward_saves_nothing():
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(nsa.cuda_built(), reason="this build has the CUDA kernels (tests/python/test_cuda.py)")
 def test_cuda_tensor_without_cuda_kernels():
     problem = make_problem((64,), dtype=torch.float32, seed=91)
     problem.inputs = {name: t.cuda() for name, t in problem.inputs.items()}

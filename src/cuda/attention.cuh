@@ -1,0 +1,469 @@
+// The tile attention kernel: FlashAttention-2 style, tensor cores (mma.sync m16n8k16, bf16/fp16
+// in, fp32 accumulation, online softmax in the exp2 domain) for the three NSA branches.
+//
+// Rows. A CTA (4 warps, 16 rows each) owns 64 consecutive rows of the flattened (t, g) space of
+// one (sequence, kv head): row R = t * G + g reads query head kv_head * G + g. So the G heads of
+// a group share every K/V tile the CTA loads (any G >= 1), and the CTA covers the positions
+// t_lo .. t_hi (64 / G of them when G <= 64, a part of one position's heads when G > 64).
+//
+// Keys come in tiles of 64 rows, loaded with cp.async into a double buffer. Which tiles and
+// which (row, key) pairs are valid is the branch's business (the *Tiles structs below):
+//   cmp: compressed tokens 0 .. N(t_hi)-1, valid iff i < N(t) (visible: i*d + l - 1 <= t);
+//   win: raw keys max(0, t_lo - w + 1) .. t_hi, valid iff t - w < s <= t;
+//   slc: the union of the blocks selected for t_lo .. t_hi (built in shared memory from
+//        block_indices), valid iff the row's position selected the block and s <= t.
+//
+// One kernel per branch (kBranch), each one sweep, launched in this order after selection:
+//   cmp: writes o_cmp (out_branch slot 0, or the workspace) and lse[0];
+//   slc: writes o_slc (out_branch slot 1, or the workspace) and lse[1];
+//   win: the window branch, then the gated combine (Eq. 5) of the dtype-rounded branch outputs
+//        (o_cmp and o_slc read back) in its epilogue; writes out, out_branch slot 2 and lse[2].
+#pragma once
+
+#include "cuda/common.cuh"
+#include "nsa/params.h"
+
+namespace nsa::cuda_detail {
+
+inline constexpr int kAttnThreads = 128;
+
+// One of the thread's two rows (group and group + 8 of its warp's 16).
+struct RowState {
+  int t;     // position in the sequence, -1 past the sequence end
+  int tl;    // t - t_lo: the row's bit in the slc masks
+  int nvis;  // compressed tokens visible to t
+  int head;  // query head
+};
+
+// Every tile is masked element by element (there is no "whole tile valid" shortcut in v0: the
+// one we had, `full = count == 64 && ...`, was evaluated as true for tiles with count < 64 by the
+// compiled code on sm_90 / nvcc 13.0, see docs/decisions/0001-cuda-forward-v0.md).
+struct TileInfo {
+  int key0;       // first key of the tile (position within the branch's key sequence)
+  int count;      // keys of the tile that exist (rows >= count are zero-filled)
+  uint64_t rows;  // slc: positions (bits tl) that selected the tile's block
+};
+
+struct CmpTiles {
+  int num_keys;  // N(t_hi)
+  __device__ int num_tiles() const { return (num_keys + 63) / 64; }
+  __device__ TileInfo info(int k) const {
+    TileInfo ti;
+    ti.key0 = k * 64;
+    ti.count = min(64, num_keys - k * 64);
+    ti.rows = 0;
+    return ti;
+  }
+  __device__ bool valid(const TileInfo& ti, const RowState& r, int key) const {
+    return r.t >= 0 && ti.key0 + key < r.nvis;
+  }
+  __device__ bool warp_skips(const TileInfo&, uint64_t) const { return false; }
+};
+
+struct WinTiles {
+  int lo;  // max(0, t_lo - w + 1)
+  int t_hi;
+  int window;  // clamped to seqlen on the host
+  __device__ int num_tiles() const { return (t_hi + 1 - lo + 63) / 64; }
+  __device__ TileInfo info(int k) const {
+    TileInfo ti;
+    ti.key0 = lo + k * 64;
+    ti.count = min(64, t_hi + 1 - ti.key0);
+    ti.rows = 0;
+    return ti;
+  }
+  __device__ bool valid(const TileInfo& ti, const RowState& r, int key) const {
+    const int s = ti.key0 + key;
+    return r.t >= 0 && s <= r.t && s > r.t - window;
+  }
+  __device__ bool warp_skips(const TileInfo&, uint64_t) const { return false; }
+};
+
+struct SlcTiles {
+  const int* blocks;       // union of selected blocks, ascending (shared memory)
+  const uint64_t* masks;   // per union entry: bit tl set iff position t_lo + tl selected it
+  int num_blocks;          // union size
+  int chunks_per_block;    // ceil(l' / 64)
+  int sel_block;           // l'
+  int t_hi;
+  __device__ int num_tiles() const { return num_blocks * chunks_per_block; }
+  __device__ TileInfo info(int k) const {
+    const int u = k / chunks_per_block, c = k % chunks_per_block;
+    TileInfo ti;
+    ti.key0 = blocks[u] * sel_block + c * 64;
+    ti.count = max(0, min(64, min(sel_block - c * 64, t_hi + 1 - ti.key0)));
+    ti.rows = masks[u];
+    return ti;
+  }
+  __device__ bool valid(const TileInfo& ti, const RowState& r, int key) const {
+    return r.t >= 0 && key < ti.count && ti.key0 + key <= r.t && ((ti.rows >> r.tl) & 1u);
+  }
+  // No position of the warp's rows selected the tile's block: the warp leaves it to the others
+  // (its rows would mask every key), so with G >= 16 a warp computes only its own selection.
+  __device__ bool warp_skips(const TileInfo& ti, uint64_t warp_positions) const {
+    return (ti.rows & warp_positions) == 0;
+  }
+};
+
+// A fragment (k-step ks) of the warp's 16 query rows starting at row `row0` of a shared-memory
+// [*][Dk+8] tile.
+template <class T, int Dk>
+__device__ __forceinline__ void load_q_fragment(uint32_t (&a)[4], const T* tile, int row0, int ks) {
+  const int lane = threadIdx.x & 31;
+  const int row = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int dim = ks * 16 + (lane >> 4) * 8;
+  ldmatrix_x4(a, tile + row * (Dk + 8) + dim);
+}
+
+// The warp's Q fragments, loaded once from the Q tile (its shared memory is free afterwards).
+template <class T, int Dk>
+struct QInRegisters {
+  uint32_t f[Dk / 16][4];
+  __device__ __forceinline__ void load(const T* tile, int row0) {
+#pragma unroll
+    for (int ks = 0; ks < Dk / 16; ++ks) load_q_fragment<T, Dk>(f[ks], tile, row0, ks);
+  }
+  __device__ __forceinline__ void fragment(int ks, uint32_t (&a)[4]) const {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) a[e] = f[ks][e];
+  }
+};
+
+// S = Q K^T for the warp's 16 rows and the 64 keys of a shared-memory K tile ([64][Dk+8]).
+template <class T, int Dk, class QSource>
+__device__ __forceinline__ void qk_tile(const QSource& q, const T* tile, float (&s)[8][4]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nb][e] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < Dk / 16; ++ks) {
+    uint32_t a[4];
+    q.fragment(ks, a);
+#pragma unroll
+    for (int nb = 0; nb < 8; nb += 2) {
+      uint32_t b[4];
+      const int key = nb * 8 + (lane & 7) + (lane >> 4) * 8;
+      const int dim = ks * 16 + ((lane >> 3) & 1) * 8;
+      ldmatrix_x4(b, tile + key * (Dk + 8) + dim);
+      TypeTraits<T>::mma(s[nb], a, b[0], b[1]);
+      TypeTraits<T>::mma(s[nb + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// One key tile of a sweep for the warp's 16 rows: S = Q K^T, mask, online softmax, O += P V.
+template <class T, int Dk, int Dv, class Tiles, class QSource>
+__device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo& ti, const T* tk, const T* tv,
+                                             const QSource& qf, float scale_log2, const RowState (&rows)[2],
+                                             float (&acc)[Dv / 8][4], float (&m)[2], float (&l)[2]) {
+  using Tr = TypeTraits<T>;
+  const int lane = threadIdx.x & 31, tig = lane & 3;
+  float s[8][4];
+  qk_tile<T, Dk>(qf, tk, s);
+#pragma unroll
+  for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float x = s[nb][e] * scale_log2;
+      if (!tiles.valid(ti, rows[e >> 1], nb * 8 + tig * 2 + (e & 1))) x = neg_inf();
+      s[nb][e] = x;
+    }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = neg_inf();
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m[r], mx);
+    const float m_use = m_new == neg_inf() ? 0.f : m_new;
+    const float alpha = fast_exp2(m[r] - m_use);
+    m[r] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb) {
+      s[nb][2 * r] = fast_exp2(s[nb][2 * r] - m_use);
+      s[nb][2 * r + 1] = fast_exp2(s[nb][2 * r + 1] - m_use);
+      sum += s[nb][2 * r] + s[nb][2 * r + 1];
+    }
+    l[r] = l[r] * alpha + sum;
+#pragma unroll
+    for (int nb = 0; nb < Dv / 8; ++nb) {
+      acc[nb][2 * r] *= alpha;
+      acc[nb][2 * r + 1] *= alpha;
+    }
+  }
+
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint32_t a[4] = {Tr::pack(s[2 * kk][0], s[2 * kk][1]), Tr::pack(s[2 * kk][2], s[2 * kk][3]),
+                           Tr::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                           Tr::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+    for (int nb = 0; nb < Dv / 8; nb += 2) {
+      uint32_t b[4];
+      const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+      const int dim = nb * 8 + (lane >> 4) * 8;
+      ldmatrix_x4_trans(b, tv + key * (Dv + 8) + dim);
+      Tr::mma(acc[nb], a, b[0], b[1]);
+      Tr::mma(acc[nb + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// One online-softmax sweep over a branch's key tiles. On return acc holds the unnormalized
+// output rows, m the running max (log2 domain, -inf if no key) and l the thread-partial sums.
+// Every thread of the CTA calls it (it synchronizes); sK/sV are the double buffers.
+template <class T, int Dk, int Dv, class Tiles, class QSource>
+__device__ __forceinline__ void attention_sweep(const Tiles& tiles, const T* kbase, int64_t kstride, const T* vbase,
+                                                int64_t vstride, T* sK, T* sV, const QSource& qf,
+                                                float scale_log2, const RowState (&rows)[2], uint64_t warp_positions,
+                                                float (&acc)[Dv / 8][4], float (&m)[2], float (&l)[2]) {
+  constexpr int64_t kKElems = AttentionSmem::k_elems(Dk), kVElems = AttentionSmem::v_elems(Dv);
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int nb = 0; nb < Dv / 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nb][e] = 0.f;
+  m[0] = m[1] = neg_inf();
+  l[0] = l[1] = 0.f;
+  const int num_tiles = tiles.num_tiles();
+  if (num_tiles <= 0) return;
+
+  auto issue = [&](int k) {
+    const TileInfo ti = tiles.info(k);
+    load_rows_async<T, Dk, 64, kAttnThreads>(sK + (k & 1) * kKElems, kbase, kstride, ti.key0, ti.count, tid);
+    load_rows_async<T, Dv, 64, kAttnThreads>(sV + (k & 1) * kVElems, vbase, vstride, ti.key0, ti.count, tid);
+    cp_async_commit();
+  };
+  issue(0);
+  for (int k = 0; k < num_tiles; ++k) {
+    if (k + 1 < num_tiles) {
+      issue(k + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const TileInfo ti = tiles.info(k);
+    const T* tk = sK + (k & 1) * kKElems;
+    const T* tv = sV + (k & 1) * kVElems;
+    if (!tiles.warp_skips(ti, warp_positions)) {  // warp-uniform
+      softmax_tile<T, Dk, Dv>(tiles, ti, tk, tv, qf, scale_log2, rows, acc, m, l);
+    }
+    __syncthreads();  // the buffer of tile k is refilled by the issue of tile k + 2
+  }
+}
+
+// Branch output row (packed row grow, query head) in out_branch or the workspace.
+template <class T>
+__device__ __forceinline__ T* branch_row(void* base, const ForwardArgs& a, int64_t grow, int head) {
+  return static_cast<T*>(base) + grow * a.branch_row_stride + int64_t{head} * a.branch_head_stride;
+}
+
+// Row sums over the quad, normalization factor and natural-log lse of row r after a sweep.
+__device__ __forceinline__ void finish_row(float m, float l, float* inv, float* lse) {
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  constexpr float kLn2 = 0.69314718055994531f;
+  *inv = l > 0.f ? 1.f / l : 0.f;
+  *lse = l > 0.f ? (m + log2f(l)) * kLn2 : neg_inf();
+}
+
+// Union of the blocks selected for positions t_lo .. t_hi of kv head kv_head: ascending in
+// blocks[0 .. *count), with masks[u] bit tl set iff position t_lo + tl selected blocks[u].
+// Entries outside [0, t / l'] (and -1 padding) are ignored; repeats count once.
+__device__ __forceinline__ void build_block_union(const ForwardArgs& a, const SeqInfo& seq, int kv_head, int t_lo,
+                                                  int t_hi, unsigned char* smem, int* blocks_out,
+                                                  uint64_t** masks_out, int** list_out) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int n = a.num_selected, ls = a.sel_block;
+  uint64_t* masks = reinterpret_cast<uint64_t*>(smem);
+  uint32_t* bits = reinterpret_cast<uint32_t*>(masks + a.union_capacity);
+  uint32_t* prefix = bits + a.union_words;
+  int* list = reinterpret_cast<int*>(prefix + a.union_words);
+  __shared__ int s_count;
+  const int nt = t_hi - t_lo + 1;
+  const int words = (t_hi / ls) / 32 + 1;
+  for (int w = tid; w < words; w += kAttnThreads) bits[w] = 0u;
+  __syncthreads();
+  const int64_t row_stride = int64_t{a.num_kv_heads} * n;
+  const int32_t* idx = a.block_indices + ((seq.row0 + t_lo) * a.num_kv_heads + kv_head) * n;
+  for (int e = tid; e < nt * n; e += kAttnThreads) {
+    const int tl = e / n, slot = e % n;
+    const int j = idx[tl * row_stride + slot];
+    if (j >= 0 && j <= (t_lo + tl) / ls) atomicOr(&bits[j >> 5], 1u << (j & 31));
+  }
+  __syncthreads();
+  if (warp == 0) {
+    int run = 0;
+    for (int w0 = 0; w0 < words; w0 += 32) {
+      const int w = w0 + lane;
+      uint32_t word = w < words ? bits[w] : 0u;
+      const int c = __popc(word);
+      int incl = c;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += y;
+      }
+      if (w < words) {
+        int pos = run + incl - c;
+        prefix[w] = static_cast<uint32_t>(pos);
+        while (word) {
+          const int bit = __ffs(static_cast<int>(word)) - 1;
+          list[pos] = w * 32 + bit;
+          masks[pos] = 0ull;
+          ++pos;
+          word &= word - 1u;
+        }
+      }
+      run += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (lane == 0) s_count = run;
+  }
+  __syncthreads();
+  for (int e = tid; e < nt * n; e += kAttnThreads) {
+    const int tl = e / n, slot = e % n;
+    const int j = idx[tl * row_stride + slot];
+    if (j >= 0 && j <= (t_lo + tl) / ls) {
+      const int w = j >> 5;
+      const int pos = static_cast<int>(prefix[w]) + __popc(bits[w] & ((1u << (j & 31)) - 1u));
+      atomicOr(reinterpret_cast<unsigned long long*>(&masks[pos]), 1ull << tl);
+    }
+  }
+  __syncthreads();
+  *blocks_out = s_count;
+  *masks_out = masks;
+  *list_out = list;
+}
+
+template <class T, int Dk, int Dv, int kBranch>
+__global__ void __launch_bounds__(kAttnThreads) attention_kernel(const ForwardArgs a) {
+  static_assert(Dk % 16 == 0 && Dv % 16 == 0, "head dims");
+  static_assert(kBranch == kBranchCmp || kBranch == kBranchSlc || kBranch == kBranchWin, "branch");
+  using Tr = TypeTraits<T>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + AttentionSmem::q_elems(Dk);
+  T* sV = sK + 2 * AttentionSmem::k_elems(Dk);
+
+  const int b = blockIdx.z, kv_head = blockIdx.y;
+  const SeqInfo seq = seq_info(a, b);
+  const int G = a.group;
+  // 32-bit row arithmetic (the host checks seqlen * G < 2^31 - 128): no 64-bit divisions.
+  const int m0 = static_cast<int>(blockIdx.x) * 64;
+  const int len = static_cast<int>(seq.len);
+  if (int64_t{m0} >= seq.len * G) return;  // uniform over the CTA
+  const int t_lo = m0 / G;
+  const int t_hi = min(len - 1, (m0 + 63) / G);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, group = lane >> 2, tig = lane & 3;
+
+  // Q tile: row r -> (t, g) = ((m0 + r) / G, (m0 + r) % G); rows past the sequence are zeros.
+  {
+    const T* qbase = seq_head_ptr<T>(a.q, a, b, seq.row0, kv_head * G);
+    constexpr int kChunks = Dk / 8;
+    for (int idx = tid; idx < 64 * kChunks; idx += kAttnThreads) {
+      const int r = idx / kChunks, c = idx % kChunks;
+      const int R = m0 + r;
+      const int t = R / G, g = R % G;
+      const bool valid = t < len;
+      const T* src = valid ? qbase + int64_t{t} * a.q.seq_stride + int64_t{g} * a.q.head_stride + c * 8 : qbase;
+      cp_async_16(sQ + r * (Dk + 8) + c * 8, src, valid);
+    }
+    cp_async_commit();
+  }
+
+  RowState rows[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int R = m0 + warp * 16 + group + 8 * r;
+    const int t = R / G;
+    rows[r].t = t < len ? t : -1;
+    rows[r].tl = t - t_lo;
+    rows[r].nvis = num_visible_cmp(min(t, len - 1), a.cmp_block, a.cmp_stride);
+    rows[r].head = kv_head * G + R % G;
+  }
+
+  // Positions (bits tl) of the warp's 16 rows; rows past the sequence end have none.
+  uint64_t warp_positions = 0;
+  {
+    const int first = (m0 + warp * 16) / G - t_lo, last = min((m0 + warp * 16 + 15) / G, t_hi) - t_lo;
+    for (int tl = first; tl <= last; ++tl) warp_positions |= 1ull << tl;
+  }
+
+  // The selected-block union (slc kernel): built while Q is in flight.
+  int union_size = 0;
+  uint64_t* union_masks = nullptr;
+  int* union_blocks = nullptr;
+  if constexpr (kBranch == kBranchSlc) {
+    build_block_union(a, seq, kv_head, t_lo, t_hi, smem + AttentionSmem::tiles_bytes(Dk, Dv), &union_size,
+                      &union_masks, &union_blocks);
+  }
+
+  cp_async_wait<0>();
+  __syncthreads();
+  QInRegisters<T, Dk> qf;
+  qf.load(sQ, warp * 16);
+
+  float acc[Dv / 8][4], m[2], l[2];
+  if constexpr (kBranch == kBranchCmp) {
+    const CmpTiles tiles{num_visible_cmp(t_hi, a.cmp_block, a.cmp_stride)};
+    attention_sweep<T, Dk, Dv>(tiles, seq_head_ptr<T>(a.k_cmp, a, b, seq.cmp_row0, kv_head), a.k_cmp.seq_stride,
+                               seq_head_ptr<T>(a.v_cmp, a, b, seq.cmp_row0, kv_head), a.v_cmp.seq_stride, sK, sV, qf,
+                               a.scale_log2, rows, warp_positions, acc, m, l);
+  } else if constexpr (kBranch == kBranchSlc) {
+    const SlcTiles tiles{union_blocks, union_masks, union_size, (a.sel_block + 63) / 64, a.sel_block, t_hi};
+    attention_sweep<T, Dk, Dv>(tiles, seq_head_ptr<T>(a.k, a, b, seq.row0, kv_head), a.k.seq_stride,
+                               seq_head_ptr<T>(a.v, a, b, seq.row0, kv_head), a.v.seq_stride, sK, sV, qf,
+                               a.scale_log2, rows, warp_positions, acc, m, l);
+  } else {
+    const WinTiles tiles{max(0, t_lo - static_cast<int>(a.window) + 1), t_hi, static_cast<int>(a.window)};
+    attention_sweep<T, Dk, Dv>(tiles, seq_head_ptr<T>(a.k_win, a, b, seq.row0, kv_head), a.k_win.seq_stride,
+                               seq_head_ptr<T>(a.v_win, a, b, seq.row0, kv_head), a.v_win.seq_stride, sK, sV, qf,
+                               a.scale_log2, rows, warp_positions, acc, m, l);
+  }
+
+  // Epilogue: the branch output rounded to T, its lse; the win kernel also combines (Eq. 5) the
+  // T-rounded branch outputs, reading o_cmp and o_slc back from their buffers.
+  const int H = a.num_q_heads;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float inv, lse;
+    finish_row(m[r], l[r], &inv, &lse);
+    if (rows[r].t < 0) continue;
+    const int t = rows[r].t, head = rows[r].head;
+    const int64_t grow = seq.row0 + t;
+    if (tig == 0) a.lse[(grow * H + head) * 3 + kBranch] = lse;
+    if constexpr (kBranch != kBranchWin) {
+      T* dst = branch_row<T>(kBranch == kBranchCmp ? a.cmp_out : a.slc_out, a, grow, head);
+#pragma unroll
+      for (int nb = 0; nb < Dv / 8; ++nb)
+        *reinterpret_cast<uint32_t*>(dst + nb * 8 + tig * 2) = Tr::pack(acc[nb][2 * r] * inv, acc[nb][2 * r + 1] * inv);
+    } else {
+      const T* gate = seq_head_ptr<T>(a.gates, a, b, seq.row0, head) + int64_t{t} * a.gates.seq_stride;
+      const float g_cmp = Tr::to_float(gate[0]), g_slc = Tr::to_float(gate[1]), g_win = Tr::to_float(gate[2]);
+      const T* o_cmp = branch_row<T>(a.cmp_out, a, grow, head);
+      const T* o_slc = branch_row<T>(a.slc_out, a, grow, head);
+      T* o_win = a.win_out != nullptr ? branch_row<T>(a.win_out, a, grow, head) : nullptr;
+      const int64_t out_base = a.cu_seqlens != nullptr ? seq.row0 * a.out_seq_stride : int64_t{b} * a.out_batch_stride;
+      T* out = static_cast<T*>(a.out) + out_base + int64_t{t} * a.out_seq_stride + int64_t{head} * a.out_head_stride;
+#pragma unroll
+      for (int nb = 0; nb < Dv / 8; ++nb) {
+        const int col = nb * 8 + tig * 2;
+        const uint32_t win_packed = Tr::pack(acc[nb][2 * r] * inv, acc[nb][2 * r + 1] * inv);
+        const float2 ow = Tr::unpack(win_packed);
+        const float2 os = Tr::unpack(*reinterpret_cast<const uint32_t*>(o_slc + col));
+        const float2 oc = Tr::unpack(*reinterpret_cast<const uint32_t*>(o_cmp + col));
+        *reinterpret_cast<uint32_t*>(out + col) = Tr::pack(g_cmp * oc.x + g_slc * os.x + g_win * ow.x,
+                                                           g_cmp * oc.y + g_slc * os.y + g_win * ow.y);
+        if (o_win) *reinterpret_cast<uint32_t*>(o_win + col) = win_packed;
+      }
+    }
+  }
+}
+
+}  // namespace nsa::cuda_detail

@@ -1,0 +1,170 @@
+// Device building blocks shared by the forward kernels: 16-bit type traits, the sm_80+ PTX
+// wrappers (cp.async, ldmatrix, mma.sync m16n8k16 with fp32 accumulation), fast exp2, and the
+// per-sequence row arithmetic of the padded and packed layouts.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16, lane = 4 * group + tig):
+//   A (16x16, row major): a[0] = rows group,   cols 2*tig + {0,1};  a[1] = row group + 8, same cols;
+//                         a[2] = rows group,   cols 8 + 2*tig + {0,1}; a[3] = row group + 8, same.
+//   B (16x8, "col"):      b[0] = k 2*tig + {0,1}, n = group;  b[1] = k 8 + 2*tig + {0,1}, n = group.
+//   C (16x8, fp32):       c[0..1] = row group, cols 2*tig + {0,1}; c[2..3] = row group + 8, same.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cuda/forward_args.h"
+
+namespace nsa::cuda_detail {
+
+// ------------------------------------------------------------------------------------------------
+// 16-bit element types.
+
+template <class T>
+struct TypeTraits;
+
+template <>
+struct TypeTraits<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float2 unpack(uint32_t bits) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct TypeTraits<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float2 unpack(uint32_t bits) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&bits));
+  }
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// PTX wrappers.
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte asynchronous copy global -> shared; zero-fills the destination when !valid.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// 2^x (ex2.approx; 2^-inf = 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+__device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
+
+// ------------------------------------------------------------------------------------------------
+// Sequences and offsets.
+
+struct SeqInfo {
+  int64_t row0;      // first packed raw row (padded: b * T)
+  int64_t len;       // raw tokens
+  int64_t cmp_row0;  // first packed compressed row
+  int64_t num_cmp;   // compressed tokens
+};
+
+__device__ __forceinline__ SeqInfo seq_info(const ForwardArgs& a, int b) {
+  SeqInfo s;
+  if (a.cu_seqlens != nullptr) {
+    s.row0 = a.cu_seqlens[b];
+    s.len = int64_t{a.cu_seqlens[b + 1]} - s.row0;
+    s.cmp_row0 = a.cu_seqlens_cmp[b];
+    s.num_cmp = int64_t{a.cu_seqlens_cmp[b + 1]} - s.cmp_row0;
+  } else {
+    s.row0 = int64_t{b} * a.seqlen;
+    s.len = a.seqlen;
+    s.cmp_row0 = int64_t{b} * a.cmp_per_seq;
+    s.num_cmp = a.cmp_per_seq;
+  }
+  return s;
+}
+
+// Element pointer of (sequence b starting at packed row `row0`, position 0, head h) of a tensor.
+template <class T>
+__device__ __forceinline__ const T* seq_head_ptr(const TensorRef& ref, const ForwardArgs& a, int b, int64_t row0,
+                                                 int head) {
+  const int64_t base = a.cu_seqlens != nullptr ? row0 * ref.seq_stride : int64_t{b} * ref.batch_stride;
+  return static_cast<const T*>(ref.data) + base + int64_t{head} * ref.head_stride;
+}
+
+// Compressed tokens visible to query t: i*d + l - 1 <= t.
+__device__ __forceinline__ int num_visible_cmp(int t, int l, int d) { return t + 1 >= l ? (t + 1 - l) / d + 1 : 0; }
+
+// Eq. 9 weight |[i*d, i*d + l) ∩ [j*l', (j+1)*l')| / d.
+__device__ __forceinline__ int overlap_weight(int i, int j, int l, int d, int ls) {
+  const int lo = max(i * d, j * ls), hi = min(i * d + l, (j + 1) * ls);
+  return hi > lo ? (hi - lo) / d : 0;
+}
+
+// Forced blocks (Eqs. 11-12): the initial ones and the local ones ending at t / l'.
+__device__ __forceinline__ bool is_forced(int j, int last_block, int num_init, int num_local) {
+  return j < num_init || (last_block - j >= 0 && last_block - j < num_local);
+}
+
+// Loads rows [key0, key0 + count) of a [*, D] tile (row stride `stride` elements) into shared
+// memory rows of D + 8 elements with cp.async, zero-filling rows >= count. All threads of the
+// CTA call it.
+template <class T, int D, int Rows, int Threads>
+__device__ __forceinline__ void load_rows_async(T* smem, const T* base, int64_t stride, int key0, int count,
+                                                int tid) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+#pragma unroll
+  for (int idx = tid; idx < Rows * kChunks; idx += Threads) {
+    const int r = idx / kChunks, c = idx % kChunks;
+    const bool valid = r < count;
+    const T* src = valid ? base + int64_t{key0 + r} * stride + c * 8 : base;
+    cp_async_16(smem + r * (D + 8) + c * 8, src, valid);
+  }
+}
+
+}  // namespace nsa::cuda_detail

@@ -1,0 +1,87 @@
+// The kernel-side view of one NSA forward: a POD built on the host from nsa::ForwardParams
+// (src/cuda/forward.cu) and passed by value to every kernel of the forward. Pointers are device
+// pointers; strides are in elements; every offset is computed in int64.
+#pragma once
+
+#include <cstdint>
+
+#include "nsa/semantics.h"  // NSA_HOST_DEVICE
+
+namespace nsa::cuda_detail {
+
+// A read-only [B, T, H, D] (or packed [total, H, D]) tensor.
+struct TensorRef {
+  const void* data;
+  int64_t batch_stride;  // ignored in varlen layout
+  int64_t seq_stride;
+  int64_t head_stride;
+};
+
+struct ForwardArgs {
+  // Shape. seqlen is T (padded) or the longest sequence (varlen).
+  int batch, num_q_heads, num_kv_heads, group;  // group = G = Hq / Hkv
+  int64_t seqlen;
+  int64_t cmp_per_seq;              // Tc of a padded sequence (unused for varlen)
+  const int32_t* cu_seqlens;        // [N+1] device; null: padded layout
+  const int32_t* cu_seqlens_cmp;    // [N+1] device
+
+  // Config (validated and range-checked on the host).
+  int cmp_block, cmp_stride, sel_block, num_selected, num_init, num_local;
+  int64_t window;
+  float scale_log2;  // softmax scale * log2(e): scores go through exp2
+
+  TensorRef q, k, v, k_win, v_win, k_cmp, v_cmp, gates;  // k_win/v_win already defaulted to k/v
+
+  int32_t* block_indices;  // [rows, Hkv, n]
+  bool indices_given;
+
+  void* out;  // [B, T, Hq, Dv] strided
+  int64_t out_batch_stride, out_seq_stride, out_head_stride;
+
+  // Branch outputs (dtype): out_branch slots 0, 1, 2 ([rows, Hq, 3, Dv]), or when out_branch is
+  // null the workspace's two planes [2][rows, Hq, Dv] for cmp and slc (win_out null). The final
+  // kernel reads o_cmp and o_slc back for the combine.
+  void* cmp_out;
+  void* slc_out;
+  void* win_out;
+  int64_t branch_row_stride, branch_head_stride;
+  float* lse;  // [rows, Hq, 3] contiguous
+
+  // Derived tiling (host-computed).
+  int select_t_per_cta;   // positions per selection CTA: max(1, 64 / G)
+  int select_chunks;      // 64-row chunks per selection CTA: ceil(select_t_per_cta * G / 64)
+  int score_ring;         // W: block-score ring slots per position in the selection kernel
+  int union_words;        // 32-bit words of the selected-block bitmap (ceil(ceil(seqlen/l')/32))
+  int union_capacity;     // max distinct selected blocks per attention CTA
+};
+
+// Shared-memory layout sizes, shared by the host (launch) and the kernels.
+struct AttentionSmem {
+  // Q tile [64][Dk+8], K double buffer [2][64][Dk+8], V double buffer [2][64][Dv+8] (elements of 2
+  // bytes), then for the final kernel the selected-block union: bitmap and per-word prefix
+  // [union_words] uint32 each, blocks [union_capacity] int32, row masks [union_capacity] uint64.
+  static constexpr int kRows = 64, kKeys = 64, kPad = 8;
+  NSA_HOST_DEVICE static constexpr int64_t q_elems(int dk) { return int64_t{kRows} * (dk + kPad); }
+  NSA_HOST_DEVICE static constexpr int64_t k_elems(int dk) { return int64_t{kKeys} * (dk + kPad); }
+  NSA_HOST_DEVICE static constexpr int64_t v_elems(int dv) { return int64_t{kKeys} * (dv + kPad); }
+  NSA_HOST_DEVICE static constexpr int64_t tiles_bytes(int dk, int dv) {
+    return 2 * (q_elems(dk) + 2 * k_elems(dk) + 2 * v_elems(dv));
+  }
+  NSA_HOST_DEVICE static constexpr int64_t union_bytes(int words, int capacity) {
+    return int64_t{8} * words + int64_t{16} * capacity;  // masks first (8-byte aligned), then ints
+  }
+};
+
+struct SelectSmem {
+  // Q [chunks*64][Dk+8] and K double buffer [2][64][Dk+8] (2-byte elements); P [64][68] float;
+  // pg [tpc][64] float; ring [tpc][W] float; lse2 [chunks*64] float; two lists of [tpc][n]
+  // (float score, int block); counts [tpc] int.
+  static constexpr int kRows = 64, kKeys = 64, kPad = 8, kPStride = 68;
+  NSA_HOST_DEVICE static constexpr int64_t bytes(int dk, int chunks, int tpc, int ring, int n) {
+    return 2 * (int64_t{chunks} * kRows * (dk + kPad) + 2 * int64_t{kKeys} * (dk + kPad)) +
+           4 * (int64_t{kRows} * kPStride + int64_t{tpc} * kKeys + int64_t{tpc} * ring + int64_t{chunks} * kRows) +
+           8 * (2 * int64_t{tpc} * n) + 4 * int64_t{tpc};
+  }
+};
+
+}  // namespace nsa::cuda_detail

@@ -1,0 +1,82 @@
+// Definition of launch_forward<T, Dk, Dv>: grid shapes, dynamic shared memory and attributes of
+// the four kernels of the forward, in stream order:
+//   1. attention_kernel<cmp>:  compressed attention       grid (ceil(T*G/64), Hkv, B)
+//   2. select_kernel:          scores + top-n             grid (ceil(T/P), Hkv, B), P = max(1, 64/G)
+//   3. attention_kernel<slc>:  selected attention         grid as 1
+//   4. attention_kernel<win>:  window attention + gated combine, grid as 1.
+// Included only by the generated instantiation files.
+#pragma once
+
+#include <string>
+
+#include "cuda/attention.cuh"
+#include "cuda/forward_internal.h"
+#include "cuda/forward_launch.h"
+#include "cuda/select.cuh"
+
+namespace nsa::cuda_detail {
+
+inline Status backend_error(const char* what, cudaError_t err) {
+  return {StatusCode::kBackendError, std::string("nsa::cuda::forward: ") + what + ": " + cudaGetErrorString(err)};
+}
+
+template <class Kernel>
+Status prepare_kernel(Kernel kernel, int64_t smem_bytes, int max_smem, const char* name) {
+  if (smem_bytes > max_smem) {
+    return Status::Unsupported(std::string("nsa::cuda::forward: ") + name + " needs " + std::to_string(smem_bytes) +
+                               " bytes of shared memory, the device allows " + std::to_string(max_smem) +
+                               " (reduce num_selected, the group size or the sequence length)");
+  }
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+  if (err != cudaSuccess) return backend_error("cudaFuncSetAttribute", err);
+  return Status::Ok();
+}
+
+template <class T, int Dk, int Dv>
+Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages) {
+  int device = 0, max_smem = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return backend_error("querying the device", err);
+
+  const int64_t attn_smem = AttentionSmem::tiles_bytes(Dk, Dv);
+  const int64_t slc_smem = attn_smem + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
+  const int64_t select_smem =
+      SelectSmem::bytes(Dk, a.select_chunks, a.select_t_per_cta, a.score_ring, a.num_selected);
+  const auto cmp_kernel = attention_kernel<T, Dk, Dv, kBranchCmp>;
+  const auto slc_kernel = attention_kernel<T, Dk, Dv, kBranchSlc>;
+  const auto win_kernel = attention_kernel<T, Dk, Dv, kBranchWin>;
+  const auto sel_kernel = select_kernel<T, Dk>;
+  const bool run_select = (stages & kStageSelect) && !a.indices_given;
+  Status st = prepare_kernel(cmp_kernel, attn_smem, max_smem, "the cmp attention kernel");
+  if (st.ok()) st = prepare_kernel(slc_kernel, slc_smem, max_smem, "the slc attention kernel");
+  if (st.ok()) st = prepare_kernel(win_kernel, attn_smem, max_smem, "the win attention kernel");
+  if (st.ok() && run_select) st = prepare_kernel(sel_kernel, select_smem, max_smem, "the selection kernel");
+  if (!st.ok()) return st;
+
+  const int64_t attn_tiles = (a.seqlen * a.group + 63) / 64;
+  const dim3 attn_grid(static_cast<unsigned>(attn_tiles), static_cast<unsigned>(a.num_kv_heads),
+                       static_cast<unsigned>(a.batch));
+  const dim3 select_grid(static_cast<unsigned>((a.seqlen + a.select_t_per_cta - 1) / a.select_t_per_cta),
+                         static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(a.batch));
+  if (stages & kStageCmp) {
+    cmp_kernel<<<attn_grid, kAttnThreads, attn_smem, stream>>>(a);
+    if ((err = cudaGetLastError()) != cudaSuccess) return backend_error("launching the cmp attention kernel", err);
+  }
+  if (run_select) {
+    sel_kernel<<<select_grid, kSelectThreads, select_smem, stream>>>(a);
+    if ((err = cudaGetLastError()) != cudaSuccess) return backend_error("launching the selection kernel", err);
+  }
+  if (stages & kStageSlc) {
+    slc_kernel<<<attn_grid, kAttnThreads, slc_smem, stream>>>(a);
+    if ((err = cudaGetLastError()) != cudaSuccess) return backend_error("launching the slc attention kernel", err);
+  }
+  if (stages & kStageWin) {
+    win_kernel<<<attn_grid, kAttnThreads, attn_smem, stream>>>(a);
+    if ((err = cudaGetLastError()) != cudaSuccess) return backend_error("launching the win attention kernel", err);
+  }
+  return Status::Ok();
+}
+
+}  // namespace nsa::cuda_detail

@@ -1,0 +1,16 @@
+// The CUDA entry points of a build without CUDA (no nvcc found, or NSA_CUDA=OFF): the symbols
+// exist so that callers link either way; built() is false and everything else is kUnsupported.
+#include "cuda/forward_internal.h"
+#include "nsa/nsa.h"
+
+namespace nsa::cuda_detail {
+Status forward_stages(const ForwardParams&, void*, size_t, void*, unsigned) {
+  return Status::Unsupported("nsa was built without CUDA");
+}
+}  // namespace nsa::cuda_detail
+
+namespace nsa::cuda {
+bool built() { return false; }
+size_t forward_workspace_bytes(const ForwardParams&) { return 0; }
+Status forward(const ForwardParams&, void*, size_t, void*) { return Status::Unsupported("nsa was built without CUDA"); }
+}  // namespace nsa::cuda
