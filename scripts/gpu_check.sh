@@ -179,7 +179,7 @@ section summary
   printf "  %8s %9s %9s %9s %9s %9s %9s %9s %9s\n" T all cmp select slc win cudnn flash "all/cudnn"
   for T in ${SEQLENS//,/ }; do
     get() { awk -v T="$T" -v s="$1" '$1 == T && $2 == s {print $3}' "$OUT/bench.log" 2>/dev/null; }
-    sd() { grep -E "^sdpa T=$T $1 median_ms" "$OUT/sdpa.log" 2>/dev/null | awk '{print $4}'; }
+    sd() { grep -E "^sdpa T=$T $1 median_ms" "$OUT/sdpa.log" 2>/dev/null | awk '{print $5}'; }
     all=$(get all) cudnn=$(sd cudnn)
     ratio=$(awk -v a="$all" -v c="$cudnn" 'BEGIN { if (a != "" && c != "" && c > 0) printf "%.2f", a / c; else print "-" }')
     printf "  %8s %9s %9s %9s %9s %9s %9s %9s %9s\n" "$T" "${all:--}" "$(get cmp)" "$(get select)" "$(get slc)" \
