@@ -135,10 +135,10 @@ ForwardArgs make_args(const ForwardParams& p, void* workspace) {
   // Selection CTA: P = max(1, 64 / G) positions with all G heads, in 64-row chunks.
   a.select_t_per_cta = std::max(1, 64 / a.group);
   a.select_chunks = (a.select_t_per_cta * a.group + 63) / 64;
-  // Ring of block scores: blocks touched by one tile of 64 compressed tokens plus carry-over.
-  a.score_ring = static_cast<int>(64 * c.cmp_stride / c.sel_block + (c.cmp_block + c.sel_block - 1) / c.sel_block + 3);
   // Selected-block union of an attention CTA: positions covered by 64 rows, n blocks each.
   const int64_t max_blocks = (s.seqlen + c.sel_block - 1) / c.sel_block;
+  // Block scores of every eligible block per selection position (launch_forward shrinks P to fit).
+  a.select_blocks = static_cast<int>(max_blocks);
   const int64_t positions = std::min<int64_t>(64, 63 / a.group + 2);
   a.union_words = static_cast<int>((max_blocks + 31) / 32);
   a.union_capacity = static_cast<int>(std::min<int64_t>(positions * c.num_selected, max_blocks));

@@ -48,9 +48,9 @@ struct ForwardArgs {
   float* lse;  // [rows, Hq, 3] contiguous
 
   // Derived tiling (host-computed).
-  int select_t_per_cta;   // positions per selection CTA: max(1, 64 / G)
+  int select_t_per_cta;   // positions per selection CTA: max(1, 64 / G), halved while its smem does not fit
   int select_chunks;      // 64-row chunks per selection CTA: ceil(select_t_per_cta * G / 64)
-  int score_ring;         // W: block-score ring slots per position in the selection kernel
+  int select_blocks;      // block scores per position in the selection kernel: ceil(seqlen / l')
   int union_words;        // 32-bit words of the selected-block bitmap (ceil(ceil(seqlen/l')/32))
   int union_capacity;     // max distinct selected blocks per attention CTA
 };
@@ -73,14 +73,13 @@ struct AttentionSmem {
 };
 
 struct SelectSmem {
-  // Q [chunks*64][Dk+8] and K double buffer [2][64][Dk+8] (2-byte elements); P [64][68] float;
-  // pg [tpc][64] float; ring [tpc][W] float; lse2 [chunks*64] float; two lists of [tpc][n]
-  // (float score, int block); counts [tpc] int.
+  // Q [chunks*64][Dk+8] and K double buffer [2][64][Dk+8] (2-byte elements); P [64][68] float (not
+  // for G = 16); pg [max(tpc, 4)][64] float; lse2 [chunks*64] float; block scores [tpc][blocks] float.
   static constexpr int kRows = 64, kKeys = 64, kPad = 8, kPStride = 68;
-  NSA_HOST_DEVICE static constexpr int64_t bytes(int dk, int chunks, int tpc, int ring, int n) {
+  NSA_HOST_DEVICE static constexpr int64_t bytes(int dk, int chunks, int tpc, int blocks, bool g16) {
     return 2 * (int64_t{chunks} * kRows * (dk + kPad) + 2 * int64_t{kKeys} * (dk + kPad)) +
-           4 * (int64_t{kRows} * kPStride + int64_t{tpc} * kKeys + int64_t{tpc} * ring + int64_t{chunks} * kRows) +
-           8 * (2 * int64_t{tpc} * n) + 4 * int64_t{tpc};
+           4 * ((g16 ? 0 : int64_t{kRows} * kPStride) + int64_t{tpc < 4 ? 4 : tpc} * kKeys + int64_t{chunks} * kRows +
+                int64_t{tpc} * blocks);
   }
 };
 

@@ -1,7 +1,7 @@
 // Definition of launch_forward<T, Dk, Dv>: grid shapes, dynamic shared memory and attributes of
 // the four kernels of the forward, in stream order:
 //   1. attention_kernel<cmp>:  compressed attention       grid (ceil(T*G/64), Hkv, B)
-//   2. select_kernel:          scores + top-n             grid (ceil(T/P), Hkv, B), P = max(1, 64/G)
+//   2. select_kernel:          scores + top-n             grid (ceil(T/P), Hkv, B), P <= max(1, 64/G)
 //   3. attention_kernel<slc>:  selected attention         grid as 1
 //   4. attention_kernel<win>:  window attention + gated combine, grid as 1.
 // Included only by the generated instantiation files.
@@ -42,12 +42,22 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
 
   const int64_t attn_smem = AttentionSmem::tiles_bytes(Dk, Dv);
   const int64_t slc_smem = attn_smem + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
-  const int64_t select_smem =
-      SelectSmem::bytes(Dk, a.select_chunks, a.select_t_per_cta, a.score_ring, a.num_selected);
+  // Selection: P positions per CTA keep [P][ceil(T / l')] block scores in shared memory; halve P
+  // (down to 1) while that does not fit. G = 16 takes the shuffle path (a warp per position).
+  ForwardArgs sa = a;
+  const bool g16 = a.group == 16;
+  auto select_bytes = [&](const ForwardArgs& x) {
+    return SelectSmem::bytes(Dk, x.select_chunks, x.select_t_per_cta, x.select_blocks, g16);
+  };
+  while (sa.select_t_per_cta > 1 && select_bytes(sa) > max_smem) {
+    sa.select_t_per_cta = (sa.select_t_per_cta + 1) / 2;
+    sa.select_chunks = (sa.select_t_per_cta * sa.group + 63) / 64;
+  }
+  const int64_t select_smem = select_bytes(sa);
   const auto cmp_kernel = attention_kernel<T, Dk, Dv, kBranchCmp>;
   const auto slc_kernel = attention_kernel<T, Dk, Dv, kBranchSlc>;
   const auto win_kernel = attention_kernel<T, Dk, Dv, kBranchWin>;
-  const auto sel_kernel = select_kernel<T, Dk>;
+  const auto sel_kernel = g16 ? select_kernel<T, Dk, true> : select_kernel<T, Dk, false>;
   const bool run_select = (stages & kStageSelect) && !a.indices_given;
   Status st = prepare_kernel(cmp_kernel, attn_smem, max_smem, "the cmp attention kernel");
   if (st.ok()) st = prepare_kernel(slc_kernel, slc_smem, max_smem, "the slc attention kernel");
@@ -58,14 +68,14 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   const int64_t attn_tiles = (a.seqlen * a.group + 63) / 64;
   const dim3 attn_grid(static_cast<unsigned>(attn_tiles), static_cast<unsigned>(a.num_kv_heads),
                        static_cast<unsigned>(a.batch));
-  const dim3 select_grid(static_cast<unsigned>((a.seqlen + a.select_t_per_cta - 1) / a.select_t_per_cta),
+  const dim3 select_grid(static_cast<unsigned>((a.seqlen + sa.select_t_per_cta - 1) / sa.select_t_per_cta),
                          static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(a.batch));
   if (stages & kStageCmp) {
     cmp_kernel<<<attn_grid, kAttnThreads, attn_smem, stream>>>(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return backend_error("launching the cmp attention kernel", err);
   }
   if (run_select) {
-    sel_kernel<<<select_grid, kSelectThreads, select_smem, stream>>>(a);
+    sel_kernel<<<select_grid, kSelectThreads, select_smem, stream>>>(sa);
     if ((err = cudaGetLastError()) != cudaSuccess) return backend_error("launching the selection kernel", err);
   }
   if (stages & kStageSlc) {

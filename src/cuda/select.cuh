@@ -1,20 +1,26 @@
 // Block scoring and top-n, fused (Eqs. 8-12), without any [T, Tc] or [T, T/l'] tensor in global
 // memory.
 //
-// A CTA (4 warps) owns P = max(1, 64 / G) consecutive positions t0 .. t0+P-1 of one (sequence,
-// kv head) with all G query heads of the group: P*G rows, in ceil(P*G / 64) chunks of 64. It
-// streams the visible compressed keys in tiles of 64 (cp.async double buffer) and for each tile:
+// A CTA (4 warps) owns P consecutive positions t0 .. t0+P-1 of one (sequence, kv head) with all G
+// query heads of the group: P*G rows, in ceil(P*G / 64) chunks of 64 (P = max(1, 64 / G), halved
+// by the host while the shared memory below does not fit). It keeps the Eq. 9 block scores of ALL
+// its positions' eligible blocks in shared memory ([P][num_blocks] fp32, num_blocks =
+// ceil(T / l')), streams the visible compressed keys in tiles of 64 (cp.async double buffer) and
+// for each tile:
 //   1. S = Q K_cmp^T on the tensor cores (mma.sync), p = 2^(S*scale*log2e - lse_cmp*log2e) with the
 //      cmp branch's lse (written by the cmp kernel), 0 where the token is not visible (Eq. 8);
-//   2. the sum over the G heads of each position (Eq. 10), then the Eq. 9 overlap weights
-//      accumulate block scores in a small ring of W slots per position (a block needs the
-//      compressed tokens first_cmp_in_block(j) .. last_cmp_in_block(j), which may straddle tiles);
-//   3. blocks no later tile can touch are final: the eligible, non-forced ones are merged into a
-//      per-position top-n list in shared memory (rank-based merge: each element counts who beats
-//      it; ties go to the lower block index, so an older list entry beats an equal newcomer).
-// At the end the forced blocks (initial, local) plus the best free ones are written sorted
-// ascending and -1 padded to block_indices. Scores are fp32; the reference's are fp64, so the
-// choice may differ where scores tie within rounding (DESIGN.md section 2).
+//   2. the sum over the G heads of each position (Eq. 10), then the Eq. 9 overlap weights add the
+//      tile's tokens into the block scores (a block straddling two tiles gets both parts; each
+//      (position, block) score has one writer per tile, so no atomics and a fixed order).
+//      kG16 (G = 16): a warp's 16 rows are one position, so the head sum is a shuffle
+//      reduce-scatter over the mma accumulators and the warp owns its position's block scores:
+//      nothing but the K double buffer is shared between warps (two barriers per tile).
+//      Otherwise p goes through shared memory (any G, chunks of 64 rows for G > 64).
+// At the end one warp per position picks the top-n: the forced blocks (initial, local), then
+// n - forced rounds of a warp-wide argmax over the remaining eligible blocks with ties to the lower
+// block index (all of them when they fit), and writes the chosen blocks ascending, -1 padded.
+// Scores are fp32; the reference's are fp64, so the choice may differ where scores tie within
+// rounding (DESIGN.md section 2).
 #pragma once
 
 #include "cuda/attention.cuh"
@@ -24,13 +30,28 @@ namespace nsa::cuda_detail {
 
 inline constexpr int kSelectThreads = 128;
 
-template <class T, int Dk>
-__global__ void __launch_bounds__(kSelectThreads, 1) select_kernel(const ForwardArgs a) {
+// Eq. 9 for one (position, block j) and the tokens of the tile [i0, i1): sum of weight * pg[i - i0].
+// With d | l and d | l' (validated), token i = j*m + u (m = l'/d, q = l/d) overlaps block j for
+// -q < u < m, with weight |[u, u+q) ∩ [0, m)| = min(u + q, m) - max(u, 0) (overlap_weight, no division).
+__device__ __forceinline__ float block_tile_sum(const float* pg, int j, int i0, int i1, int m, int q) {
+  const int base = j * m;
+  const int ia = max(max(base - q + 1, 0), i0), ib = min(base + m - 1, i1 - 1);
+  float sum = 0.f;
+  for (int i = ia; i <= ib; ++i) {
+    const int u = i - base;
+    sum += static_cast<float>(min(u + q, m) - max(u, 0)) * pg[i - i0];
+  }
+  return sum;
+}
+
+template <class T, int Dk, bool kG16>
+__global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const ForwardArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int b = blockIdx.z, kv_head = blockIdx.y;
   const SeqInfo seq = seq_info(a, b);
-  const int G = a.group, tpc = a.select_t_per_cta, chunks = a.select_chunks, W = a.score_ring;
+  const int G = a.group, tpc = a.select_t_per_cta, chunks = a.select_chunks, NBs = a.select_blocks;
   const int n = a.num_selected, ls = a.sel_block, lc = a.cmp_block, dc = a.cmp_stride;
+  const int bm = ls / dc, bq = lc / dc;  // l' and l in units of d
   const int t0 = blockIdx.x * tpc;
   if (t0 >= seq.len) return;  // uniform over the CTA
   const int nt = static_cast<int>(min64(tpc, seq.len - t0));
@@ -41,16 +62,12 @@ __global__ void __launch_bounds__(kSelectThreads, 1) select_kernel(const Forward
   // Shared memory, in SelectSmem::bytes order.
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + int64_t{chunks} * 64 * (Dk + 8);
-  float* sP = reinterpret_cast<float*>(sK + 2 * 64 * (Dk + 8));
-  float* sPg = sP + 64 * kPS;
-  float* sRing = sPg + tpc * 64;
-  float* sLse2 = sRing + tpc * W;
-  float* const sScores = sLse2 + chunks * 64;                         // [2][tpc][n]
-  int* const sBlocks = reinterpret_cast<int*>(sScores + 2 * tpc * n);  // [2][tpc][n]
-  int* const sCount = sBlocks + 2 * tpc * n;
-  const int list_elems = tpc * n;
+  float* sP = reinterpret_cast<float*>(sK + 2 * 64 * (Dk + 8));  // [64][kPS], generic path only
+  float* sPg = sP + (kG16 ? 0 : 64 * kPS);                          // [max(tpc, 4)][64]
+  float* sLse2 = sPg + max(tpc, 4) * 64;                            // [chunks * 64]
+  float* const sBS = sLse2 + chunks * 64;                           // [tpc][NBs]
+  const int nb_cta = t_hi / ls + 1;                                 // blocks eligible for some position
 
-  // Q rows r -> (tl, g) = (r / G, r % G), zero past nrows; lse of the cmp branch in log2 units.
   constexpr float kLog2e = 1.4426950408889634f;
   {
     const T* qbase = seq_head_ptr<T>(a.q, a, b, seq.row0, kv_head * G);
@@ -71,65 +88,8 @@ __global__ void __launch_bounds__(kSelectThreads, 1) select_kernel(const Forward
       }
       sLse2[r] = v;
     }
-    for (int e = tid; e < tpc * W; e += kSelectThreads) sRing[e] = 0.f;
-    for (int e = tid; e < tpc; e += kSelectThreads) sCount[e] = 0;
-    __syncthreads();
+    for (int e = tid; e < nt * nb_cta; e += kSelectThreads) sBS[(e / nb_cta) * NBs + e % nb_cta] = 0.f;
   }
-
-  int cur = 0;  // which list buffer is current (uniform)
-  // Merges the final blocks ja .. jb-1 (jb - ja <= W) into every position's top-n list.
-  auto finalize = [&](int ja, int jb) {
-    const int C = jb - ja;
-    const int span = n + C;
-    for (int e = tid; e < nt * span; e += kSelectThreads) {
-      const int tl = e / span, x = e % span;
-      const int last = (t0 + tl) / ls;
-      const int cnt = sCount[tl];
-      const float* sc = sScores + cur * list_elems + tl * n;
-      const int* bl = sBlocks + cur * list_elems + tl * n;
-      const float* ring = sRing + tl * W;
-      float score;
-      int block, rank;
-      if (x < n) {  // an existing entry keeps its order; newcomers that beat it push it down
-        if (x >= cnt) continue;
-        score = sc[x];
-        block = bl[x];
-        rank = x;
-        for (int c = 0; c < C; ++c) {
-          const int j = ja + c;
-          if (j <= last && !is_forced(j, last, a.num_init, a.num_local) && ring[j % W] > score) ++rank;
-        }
-      } else {  // a newcomer: beaten by entries with score >= its own, and by better newcomers
-        const int c = x - n;
-        block = ja + c;
-        if (block > last || is_forced(block, last, a.num_init, a.num_local)) continue;
-        score = ring[block % W];
-        rank = 0;
-        for (int y = 0; y < cnt; ++y) rank += sc[y] >= score;
-        for (int c2 = 0; c2 < C; ++c2) {
-          const int j = ja + c2;
-          if (j <= last && !is_forced(j, last, a.num_init, a.num_local)) {
-            const float s2 = ring[j % W];
-            rank += s2 > score || (s2 == score && c2 < c);
-          }
-        }
-      }
-      if (rank < n) {
-        sScores[(cur ^ 1) * list_elems + tl * n + rank] = score;
-        sBlocks[(cur ^ 1) * list_elems + tl * n + rank] = block;
-      }
-    }
-    __syncthreads();
-    for (int tl = tid; tl < nt; tl += kSelectThreads) {
-      const int last = (t0 + tl) / ls;
-      int added = 0;
-      for (int j = ja; j < jb; ++j) added += j <= last && !is_forced(j, last, a.num_init, a.num_local);
-      sCount[tl] = min(n, sCount[tl] + added);
-    }
-    for (int e = tid; e < nt * C; e += kSelectThreads) sRing[(e / C) * W + (ja + e % C) % W] = 0.f;
-    cur ^= 1;
-    __syncthreads();
-  };
 
   const int nk = num_visible_cmp(t_hi, lc, dc);
   const int num_tiles = (nk + 63) / 64;
@@ -140,100 +100,220 @@ __global__ void __launch_bounds__(kSelectThreads, 1) select_kernel(const Forward
     cp_async_commit();
   };
   if (num_tiles > 0) issue(0);
-  int j_done = 0;  // blocks < j_done are merged
-  for (int k = 0; k < num_tiles; ++k) {
-    if (k + 1 < num_tiles) {
-      issue(k + 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    for (int e = tid; e < nt * 64; e += kSelectThreads) sPg[e] = 0.f;
-    __syncthreads();
-    const int i0 = k * 64, i1 = min(i0 + 64, nk);
-    const T* tk = sK + (k & 1) * 64 * (Dk + 8);
 
-    for (int c = 0; c < chunks; ++c) {
-      // 1. Probabilities of the chunk's rows.
-      QInRegisters<T, Dk> qf;
-      qf.load(sQ, c * 64 + warp * 16);
-      float s[8][4];
-      qk_tile<T, Dk>(qf, tk, s);
-#pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int lr = warp * 16 + group + 8 * (e >> 1);  // row within the chunk
-          const int r = c * 64 + lr, key = nb * 8 + tig * 2 + (e & 1);
-          float p = 0.f;
-          if (r < nrows && i0 + key < num_visible_cmp(t0 + r / G, lc, dc))
-            p = fast_exp2(s[nb][e] * a.scale_log2 - sLse2[r]);
-          sP[lr * kPS + key] = p;
+  if constexpr (kG16) {
+    // Warp w: position t0 + w (rows 16w .. 16w+15 = heads 0 .. 15), if w < nt.
+    cp_async_wait<0>();  // Q (and tile 0, issued after it)
+    __syncthreads();
+    const bool active = warp < nt;
+    const int t = t0 + warp;
+    const int nv = active ? num_visible_cmp(t, lc, dc) : 0;
+    const int last_w = t / ls;
+    QInRegisters<T, Dk> qf;
+    float lse_lo = 0.f, lse_hi = 0.f;
+    if (active) {
+      qf.load(sQ, warp * 16);
+      lse_lo = sLse2[warp * 16 + group];
+      lse_hi = sLse2[warp * 16 + group + 8];
+    }
+    float* const pg = sPg + warp * 64;
+    float* const bs = sBS + warp * NBs;
+    for (int k = 0; k < num_tiles; ++k) {
+      if (k > 0) {
+        if (k + 1 < num_tiles) {
+          issue(k + 1);
+          cp_async_wait<1>();
+        } else {
+          cp_async_wait<0>();
         }
-      __syncthreads();
-      // 2a. Sum over the heads of each position (rows tl*G .. tl*G+G-1), in head order.
-      for (int e = tid; e < nt * 64; e += kSelectThreads) {
-        const int tl = e >> 6, key = e & 63;
-        const int r_begin = max(tl * G, c * 64), r_end = min(min((tl + 1) * G, c * 64 + 64), nrows);
-        if (r_begin >= r_end) continue;
-        float sum = 0.f;
-        for (int r = r_begin; r < r_end; ++r) sum += sP[(r - c * 64) * kPS + key];
-        sPg[e] += sum;
+        __syncthreads();  // tile k visible to all
+      } else if (num_tiles > 1) {
+        issue(1);
       }
-      __syncthreads();
+      const int i0 = k * 64, i1 = min(i0 + 64, nk);
+      if (active && i0 < nv) {
+        const T* tk = sK + (k & 1) * 64 * (Dk + 8);
+        float s[8][4];
+        qk_tile<T, Dk>(qf, tk, s);
+        const int kv = nv - i0;  // keys < kv are visible
+        // p, and the two row halves (heads group, group + 8) summed: h[2*nb + c] is key nb*8 + 2*tig + c.
+        float h[16];
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int key = nb * 8 + tig * 2 + c;
+            const float p0 = fast_exp2(s[nb][c] * a.scale_log2 - lse_lo);
+            const float p1 = fast_exp2(s[nb][c + 2] * a.scale_log2 - lse_hi);
+            h[nb * 2 + c] = key < kv ? p0 + p1 : 0.f;
+          }
+        // Reduce-scatter over the 8 groups (lane bits 4, 3, 2): each step keeps half the values.
+        {
+          const bool up = lane & 16;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const float lo = h[i], hi = h[i + 8];
+            h[i] = (up ? hi : lo) + __shfl_xor_sync(0xffffffffu, up ? lo : hi, 16);
+          }
+        }
+        {
+          const bool up = lane & 8;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float lo = h[i], hi = h[i + 4];
+            h[i] = (up ? hi : lo) + __shfl_xor_sync(0xffffffffu, up ? lo : hi, 8);
+          }
+        }
+        {
+          const bool up = lane & 4;
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const float lo = h[i], hi = h[i + 2];
+            h[i] = (up ? hi : lo) + __shfl_xor_sync(0xffffffffu, up ? lo : hi, 4);
+          }
+        }
+        // h[0..1] = keys nb*8 + 2*tig + {0, 1} with nb = (lane bit 2) + 2*(bit 3) + 4*(bit 4) = group.
+        *reinterpret_cast<float2*>(pg + group * 8 + tig * 2) = make_float2(h[0], h[1]);
+        __syncwarp();
+        // Eq. 9: blocks overlapped by this tile's tokens (tokens >= nv have p = 0).
+        const int j_lo = i0 * dc / ls;
+        const int j_hi = min(((i1 - 1) * dc + lc - 1) / ls, last_w);
+        for (int j = j_lo + lane; j <= j_hi; j += 32) bs[j] += block_tile_sum(pg, j, i0, i1, bm, bq);
+        __syncwarp();
+      }
+      __syncthreads();  // buffer k & 1 free for tile k + 2
     }
-
-    // 2b. Eq. 9: blocks overlapped by tokens i0 .. i1-1.
-    const int j_lo = i0 * dc / ls;
-    const int j_hi = min(((i1 - 1) * dc + lc - 1) / ls, t_hi / ls);
-    const int nj = j_hi - j_lo + 1;
-    for (int e = tid; e < nt * nj; e += kSelectThreads) {
-      const int tl = e / nj, j = j_lo + e % nj;
-      const int first = j * ls - lc < 0 ? 0 : (j * ls - lc) / dc + 1;
-      const int last_i = ((j + 1) * ls - 1) / dc;
-      const int ia = max(first, i0), ib = min(last_i, i1 - 1);
-      float sum = 0.f;
-      for (int i = ia; i <= ib; ++i) sum += static_cast<float>(overlap_weight(i, j, lc, dc, ls)) * sPg[tl * 64 + i - i0];
-      sRing[tl * W + j % W] += sum;
-    }
+  } else {
+    cp_async_wait<0>();
     __syncthreads();
-
-    // 3. Blocks before the one holding raw token i1*d get nothing from later tiles.
-    const int j_new = min(i1 * dc / ls, t_hi / ls + 1);
-    if (j_new > j_done) {
-      finalize(j_done, j_new);
-      j_done = j_new;
+    for (int k = 0; k < num_tiles; ++k) {
+      if (k > 0) {
+        if (k + 1 < num_tiles) {
+          issue(k + 1);
+          cp_async_wait<1>();
+        } else {
+          cp_async_wait<0>();
+        }
+        __syncthreads();
+      } else if (num_tiles > 1) {
+        issue(1);
+      }
+      const int i0 = k * 64, i1 = min(i0 + 64, nk);
+      const T* tk = sK + (k & 1) * 64 * (Dk + 8);
+      for (int c = 0; c < chunks; ++c) {
+        // 1. Probabilities of the chunk's rows.
+        const int r_lo = c * 64 + warp * 16 + group, r_hi = r_lo + 8;
+        const int kv_lo = r_lo < nrows ? num_visible_cmp(t0 + r_lo / G, lc, dc) - i0 : 0;
+        const int kv_hi = r_hi < nrows ? num_visible_cmp(t0 + r_hi / G, lc, dc) - i0 : 0;
+        if (c * 64 + warp * 16 < nrows) {
+          QInRegisters<T, Dk> qf;
+          qf.load(sQ, c * 64 + warp * 16);
+          float s[8][4];
+          qk_tile<T, Dk>(qf, tk, s);
+          const float l_lo = sLse2[r_lo], l_hi = sLse2[r_hi];
+#pragma unroll
+          for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int key = nb * 8 + tig * 2 + (e & 1);
+              const bool hi = e >= 2;
+              const float p = fast_exp2(s[nb][e] * a.scale_log2 - (hi ? l_hi : l_lo));
+              sP[(warp * 16 + group + 8 * (e >> 1)) * kPS + key] = key < (hi ? kv_hi : kv_lo) ? p : 0.f;
+            }
+        }
+        __syncthreads();
+        // 2a. Sum over the heads of each position (rows tl*G .. tl*G+G-1), in head order.
+        for (int e = tid; e < nt * 64; e += kSelectThreads) {
+          const int tl = e >> 6, key = e & 63;
+          const int r_begin = max(tl * G, c * 64), r_end = min(min((tl + 1) * G, c * 64 + 64), nrows);
+          if (r_begin >= r_end) continue;
+          float sum = c == 0 || r_begin == tl * G ? 0.f : sPg[e];
+          for (int r = r_begin; r < r_end; ++r) sum += sP[(r - c * 64) * kPS + key];
+          sPg[e] = sum;
+        }
+        __syncthreads();
+      }
+      // 2b. Eq. 9: blocks overlapped by tokens i0 .. i1-1.
+      const int j_lo = i0 * dc / ls;
+      const int j_hi = min(((i1 - 1) * dc + lc - 1) / ls, t_hi / ls);
+      const int nj = j_hi - j_lo + 1;
+      for (int e = tid; e < nt * nj; e += kSelectThreads) {
+        const int tl = e / nj, j = j_lo + e % nj;
+        sBS[tl * NBs + j] += block_tile_sum(sPg + tl * 64, j, i0, i1, bm, bq);
+      }
+      __syncthreads();
     }
   }
-  cp_async_wait<0>();  // no copy left in flight (Q when there was no tile)
-  // Remaining eligible blocks (partial or zero scores), W at a time.
-  const int last_hi = t_hi / ls;
-  while (j_done <= last_hi) {
-    const int jb = min(j_done + W, last_hi + 1);
-    finalize(j_done, jb);
-    j_done = jb;
-  }
+  cp_async_wait<0>();
+  __syncthreads();
 
-  // Forced blocks plus the best free ones, ascending, -1 padded.
-  for (int tl = tid; tl < nt; tl += kSelectThreads) {
+  // Top-n, one warp per position: forced blocks, then the best free ones (ties to the lower block).
+  for (int tl = warp; tl < nt; tl += kSelectThreads / 32) {
     const int t = t0 + tl, last = t / ls, eligible = last + 1;
-    int* sel = sBlocks + (cur ^ 1) * list_elems + tl * n;  // scratch
-    int k = 0;
-    for (int j = 0; j < min(a.num_init, eligible); ++j) sel[k++] = j;
-    for (int j = max(a.num_init, eligible - a.num_local); j < eligible; ++j) sel[k++] = j;
-    const int take = min(sCount[tl], n - k);
-    for (int x = 0; x < take; ++x) sel[k++] = sBlocks[cur * list_elems + tl * n + x];
-    for (int x = 1; x < k; ++x) {  // insertion sort, k <= n
-      const int v = sel[x];
-      int y = x - 1;
-      while (y >= 0 && sel[y] > v) {
-        sel[y + 1] = sel[y];
-        --y;
+    float* const bs = sBS + tl * NBs;
+    const int n_init = min(a.num_init, eligible);                     // forced: 0 .. n_init-1
+    const int free_hi = min(eligible, max(a.num_init, eligible - a.num_local));  // and free_hi .. last
+    const int forced = n_init + (eligible - free_hi);
+    const int free_avail = free_hi - n_init;                             // free: n_init .. free_hi-1
+    const int take = min(n - forced, free_avail);
+    const bool all = take >= free_avail;
+    if (!all) {
+      // Lane-local best over the lane's strided subset of the free blocks.
+      auto lane_best = [&](float& bv, int& bj) {
+        bv = neg_inf();
+        bj = 0x7fffffff;
+        for (int j = n_init + lane; j < free_hi; j += 32) {
+          const float v = bs[j];
+          if (v > bv) {  // ascending j: ties keep the lower block
+            bv = v;
+            bj = j;
+          }
+        }
+      };
+      float bv;
+      int bj;
+      lane_best(bv, bj);
+      for (int round = 0; round < take; ++round) {
+        float v = bv;
+        int j = bj;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+          const float ov = __shfl_xor_sync(0xffffffffu, v, off);
+          const int oj = __shfl_xor_sync(0xffffffffu, j, off);
+          if (ov > v || (ov == v && oj < j)) {
+            v = ov;
+            j = oj;
+          }
+        }
+        // j is the winner (exists: take < free_avail, unless scores are NaN). Mark it; its lane rescans.
+        if (j == 0x7fffffff) break;
+        if (lane == (j - n_init) % 32) {
+          bs[j] = -1.f;  // scores are >= 0; -1 marks "selected"
+          float nbv = neg_inf();
+          int nbj = 0x7fffffff;
+          for (int jj = n_init + lane; jj < free_hi; jj += 32) {
+            const float vv = bs[jj];
+            if (vv >= 0.f && vv > nbv) {
+              nbv = vv;
+              nbj = jj;
+            }
+          }
+          bv = nbv;
+          bj = nbj;
+        }
+        __syncwarp();
       }
-      sel[y + 1] = v;
     }
     int32_t* out = a.block_indices + ((seq.row0 + t) * a.num_kv_heads + kv_head) * n;
-    for (int x = 0; x < n; ++x) out[x] = x < k ? sel[x] : -1;
+    int k = 0;
+    for (int base = 0; base < eligible; base += 32) {
+      const int j = base + lane;
+      const bool sel = j < eligible && (j < n_init || j >= free_hi || all || bs[j] < 0.f);
+      const unsigned mask = __ballot_sync(0xffffffffu, sel);
+      if (sel) out[k + __popc(mask & ((1u << lane) - 1u))] = j;
+      k += __popc(mask);
+    }
+    for (int x = k + lane; x < n; x += 32) out[x] = -1;
   }
 }
 
