@@ -30,23 +30,24 @@ nsa::DType to_nsa_dtype(at::ScalarType type) {
   }
 }
 
+// The op's config arguments: the core's Config plus max_seqlen (packed layout only).
 struct Config {
-  int64_t cmp_block, cmp_stride, sel_block, num_selected, num_init, num_local, window;
-  double scale;
+  nsa::Config core;
   int64_t max_seqlen;
 };
 
-nsa::Config to_nsa_config(const Config& c) {
-  nsa::Config config;
-  config.cmp_block = c.cmp_block;
-  config.cmp_stride = c.cmp_stride;
-  config.sel_block = c.sel_block;
-  config.num_selected = c.num_selected;
-  config.num_init = c.num_init;
-  config.num_local = c.num_local;
-  config.window = c.window;
-  config.scale = c.scale;
-  return config;
+Config make_config(int64_t cmp_block, int64_t cmp_stride, int64_t sel_block, int64_t num_selected, int64_t num_init,
+                   int64_t num_local, int64_t window, double scale, int64_t max_seqlen) {
+  nsa::Config core;
+  core.cmp_block = cmp_block;
+  core.cmp_stride = cmp_stride;
+  core.sel_block = sel_block;
+  core.num_selected = num_selected;
+  core.num_init = num_init;
+  core.num_local = num_local;
+  core.window = window;
+  core.scale = scale;
+  return {core, max_seqlen};
 }
 
 // The layout shared by every tensor of one call: padded [B, T, H, D] or packed [total, H, D].
@@ -108,7 +109,7 @@ Checked check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const st
                      const std::optional<Tensor>& cu_seqlens, const std::optional<Tensor>& cu_seqlens_cmp,
                      const Config& config) {
   Checked c{Layout{cu_seqlens.has_value(), 0, 0, 0, 0, 0, q.device(), q.scalar_type()}, {}, {}, {}, {}};
-  check_status(nsa::validate(to_nsa_config(config)));  // before any size is derived from it
+  check_status(nsa::validate(config.core));  // before any size is derived from it
   to_nsa_dtype(q.scalar_type());
   Layout& layout = c.layout;
   TORCH_CHECK(cu_seqlens.has_value() == cu_seqlens_cmp.has_value(),
@@ -138,7 +139,7 @@ Checked check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const st
       // The offsets are checked before any tensor is measured against them. On a GPU reading
       // them would be a host sync: there k_cmp's rows are taken as given.
       layout.cmp_rows = cmp_offsets[layout.batch];
-      check_status(nsa::validate(to_nsa_config(config), {layout.batch, layout.seqlen, 1, 1, 1, 1},
+      check_status(nsa::validate(config.core, {layout.batch, layout.seqlen, 1, 1, 1, 1},
                                  {offsets, cmp_offsets, layout.rows, layout.cmp_rows}));
     } else {
       layout.cmp_rows = k_cmp.dim() > 0 ? k_cmp.size(0) : 0;
@@ -150,7 +151,7 @@ Checked check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const st
     layout.batch = q.size(0);
     layout.seqlen = q.size(1);
     layout.rows = layout.batch * layout.seqlen;
-    layout.cmp_seqlen = nsa::num_cmp_tokens(layout.seqlen, config.cmp_block, config.cmp_stride);
+    layout.cmp_seqlen = nsa::num_cmp_tokens(layout.seqlen, config.core.cmp_block, config.core.cmp_stride);
     layout.cmp_rows = layout.batch * layout.cmp_seqlen;
   }
   TORCH_CHECK(k.dim() == q.dim(), "nsa: k must have ", q.dim(), " dims like q, got shape ", shape_string(k));
@@ -183,7 +184,7 @@ void fill_inputs(Params& p, const Checked& c, const Config& config, const Tensor
                  const std::optional<Tensor>& k_win, const std::optional<Tensor>& v_win, const Tensor& k_cmp,
                  const Tensor& v_cmp, const Tensor& gates) {
   const bool vl = c.layout.varlen;
-  p.config = to_nsa_config(config);
+  p.config = config.core;
   p.dtype = to_nsa_dtype(q.scalar_type());
   p.shape = c.shape;
   p.varlen = c.varlen;
@@ -232,7 +233,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
     const std::optional<Tensor>& cu_seqlens_cmp, int64_t max_seqlen, int64_t cmp_block, int64_t cmp_stride,
     int64_t sel_block, int64_t num_selected, int64_t num_init, int64_t num_local, int64_t window, double scale,
     bool save_branch_outputs) {
-  const Config config{cmp_block, cmp_stride, sel_block, num_selected, num_init, num_local, window, scale, max_seqlen};
+  const Config config =
+      make_config(cmp_block, cmp_stride, sel_block, num_selected, num_init, num_local, window, scale, max_seqlen);
   const Checked c = check_inputs(q, k, v, k_win, v_win, k_cmp, v_cmp, gates, cu_seqlens, cu_seqlens_cmp, config);
   const Layout& layout = c.layout;
   const auto opts = q.options();
@@ -272,7 +274,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
     const std::optional<Tensor>& cu_seqlens_cmp, int64_t max_seqlen, int64_t cmp_block, int64_t cmp_stride,
     int64_t sel_block, int64_t num_selected, int64_t num_init, int64_t num_local, int64_t window, double scale,
     bool deterministic) {
-  const Config config{cmp_block, cmp_stride, sel_block, num_selected, num_init, num_local, window, scale, max_seqlen};
+  const Config config =
+      make_config(cmp_block, cmp_stride, sel_block, num_selected, num_init, num_local, window, scale, max_seqlen);
   const Checked c = check_inputs(q, k, v, k_win, v_win, k_cmp, v_cmp, gates, cu_seqlens, cu_seqlens_cmp, config);
   const Layout& layout = c.layout;
   check_tensor("grad_out", grad_out, layout, false, c.shape.num_q_heads, c.shape.head_dim_v, q.scalar_type());
