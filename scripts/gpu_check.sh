@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # One device call: build nsa with CUDA (and the torch ops against the machine's torch), run the
 # C++ GPU tests and the Python CUDA tests, run compute-sanitizer (memcheck and racecheck) on a
-# small GPU test, time the CUDA forward (per stage) and PyTorch SDPA dense
-# attention (cuDNN, flash) on the paper's shapes, and print a summary table last.
+# small GPU test, run the prefill benchmark harness (python -m nsa.bench prefill: the CUDA
+# forward per stage, and PyTorch SDPA dense attention (cuDNN, flash) in the same process) on the
+# paper's shapes, and print a summary table last.
 #
 #   bash scripts/gpu_check.sh            (from the repository root, on a machine with a GPU)
 #
 # Logs go to $OUT (default ./gpu_check_out), at most 8 files: env.txt build.log tests.log
-# pytest.log sanitizer.log bench.log sdpa.log summary.txt.
+# pytest.log sanitizer.log bench.log bench_prefill.json summary.txt.
 # Environment: NSA_CUDA_ARCH (default 90), NSA_BENCH_SEQLENS (default 8192,32768,65536),
 # NSA_CHECK_BUDGET (seconds for the whole script, default 1800; later steps shrink to fit),
-# NSA_CHECK_BUILD_DIR (default build/gpu-check), NSA_CHECK_SKIP_SDPA=1, NSA_CHECK_SKIP_SANITIZER=1,
+# NSA_CHECK_BUILD_DIR (default build/gpu-check), NSA_CHECK_SKIP_SDPA=1 (skip the harness; the C++
+# per-stage timing runs alone), NSA_CHECK_SKIP_SANITIZER=1,
 # NSA_CHECK_SANITIZER_FILTER (gtest filter for compute-sanitizer, default CudaForwardSanitizer.*),
 # NSA_CHECK_SKIP_LARGE=1 (skip the single T = 256k forward).
 set -uo pipefail
@@ -87,7 +89,7 @@ fi
 
 section "Python CUDA tests (torch ops on the GPU)"
 if [ -f "$BUILD/_nsa_ops.so" ]; then
-  elapsed env NSA_OPS_LIBRARY="$PWD/$BUILD/_nsa_ops.so" PYTHONPATH="$PWD/python" timeout "$(limit 240)" \
+  elapsed env NSA_OPS_LIBRARY="$PWD/$BUILD/_nsa_ops.so" PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" timeout "$(limit 240)" \
     python3 -m pytest tests/python -q -m cuda -p no:cacheprovider > "$OUT/pytest.log" 2>&1
   rc=$?
   tail -n 25 "$OUT/pytest.log"
@@ -96,8 +98,13 @@ else
   R[pytest]="not run (no _nsa_ops.so)"
 fi
 
-section "CUDA forward timing"
-if [ -x "$BUILD/nsa_bench_forward" ]; then
+# The prefill harness below runs nsa_bench_forward per T (--stage-bench); alone only when it can't run.
+HARNESS=0
+[ -f "$BUILD/_nsa_ops.so" ] && [ "${NSA_CHECK_SKIP_SDPA:-0}" != 1 ] && HARNESS=1
+section "CUDA forward timing (C++ alone)"
+if [ "$HARNESS" = 1 ]; then
+  R[bench]="in the prefill harness"
+elif [ -x "$BUILD/nsa_bench_forward" ]; then
   timeout "$(limit 200)" "$BUILD/nsa_bench_forward" --seqlens "$SEQLENS" --iters 10 --warmup 2 2>&1 | tee "$OUT/bench.log"
   R[bench]="rc $?"
 else
@@ -113,40 +120,18 @@ else
   R[large]="not run"
 fi
 
-section "PyTorch SDPA dense causal attention (same heads)"
-if [ "${NSA_CHECK_SKIP_SDPA:-0}" != 1 ]; then
-  SEQLENS="$SEQLENS" timeout "$(limit 200)" python3 - <<'PY' 2>&1 | tee "$OUT/sdpa.log"
-import os, torch
-import torch.nn.functional as F
-from torch.nn.attention import sdpa_kernel, SDPBackend
-print("torch", torch.__version__, torch.cuda.get_device_name(0))
-for T in [int(x) for x in os.environ["SEQLENS"].split(",")]:
-    q = torch.randn(1, 64, T, 128, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, 4, T, 128, device="cuda", dtype=torch.bfloat16).repeat_interleave(16, dim=1)
-    v = torch.randn(1, 4, T, 128, device="cuda", dtype=torch.bfloat16).repeat_interleave(16, dim=1)
-    for name, backend in [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)]:
-        try:
-            with sdpa_kernel(backend):
-                for _ in range(2):
-                    F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                times = []
-                for _ in range(10):
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                    b.record()
-                    torch.cuda.synchronize()
-                    times.append(a.elapsed_time(b))
-            times.sort()
-            print(f"sdpa T={T} {name} median_ms {times[len(times) // 2]:.3f}")
-        except Exception as e:  # a backend may be unavailable
-            print(f"sdpa T={T} {name} unavailable: {type(e).__name__}: {str(e)[:120]}")
-    del q, k, v
-    torch.cuda.empty_cache()
-PY
-  R[sdpa]="rc $?"
+section "prefill harness: NSA forward vs PyTorch SDPA cuDNN / flash (same heads), per stage"
+if [ "$HARNESS" = 1 ]; then
+  stage_args=()
+  [ -x "$BUILD/nsa_bench_forward" ] && stage_args=(--stage-bench "$BUILD/nsa_bench_forward")
+  start=$SECONDS
+  env NSA_OPS_LIBRARY="$PWD/$BUILD/_nsa_ops.so" PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
+    timeout "$(limit 300)" python3 -m nsa.bench prefill --configs paper --seqlens "$SEQLENS" "${stage_args[@]}" \
+    --out-json "$OUT/bench_prefill.json" --no-png --iters 10 --warmup 2 2>&1 | tee -a "$OUT/bench.log"
+  rc=${PIPESTATUS[0]}
+  R[prefill]="rc $rc ($((SECONDS - start))s)$([ -f "$OUT/bench_prefill.json" ] && echo ", bench_prefill.json written")"
 else
-  R[sdpa]="skipped"
+  R[prefill]="not run (no _nsa_ops.so, or NSA_CHECK_SKIP_SDPA=1)"
 fi
 
 section "compute-sanitizer"
@@ -175,14 +160,11 @@ section summary
   printf "%-10s %s\n" build "${R[build]}" spills "${R[spills]}" tests "${R[tests]}" pytest "${R[pytest]}" \
     memcheck "${R[memcheck]}" \
     racecheck "${R[racecheck]}" initcheck "${R[initcheck]}" T=256k "${R[large]}"
-  echo "forward (B=1 Hq=64 Hkv=4 D=128 bf16, paper config; median ms):"
-  printf "  %8s %9s %9s %9s %9s %9s %9s %9s %9s\n" T all cmp select slc win cudnn flash "all/cudnn"
-  for T in ${SEQLENS//,/ }; do
-    get() { awk -v T="$T" -v s="$1" '$1 == T && $2 == s {print $3}' "$OUT/bench.log" 2>/dev/null; }
-    sd() { grep -E "^sdpa T=$T $1 median_ms" "$OUT/sdpa.log" 2>/dev/null | awk '{print $5}'; }
-    all=$(get all) cudnn=$(sd cudnn)
-    ratio=$(awk -v a="$all" -v c="$cudnn" 'BEGIN { if (a != "" && c != "" && c > 0) printf "%.2f", a / c; else print "-" }')
-    printf "  %8s %9s %9s %9s %9s %9s %9s %9s %9s\n" "$T" "${all:--}" "$(get cmp)" "$(get select)" "$(get slc)" \
-      "$(get win)" "${cudnn:--}" "$(sd flash)" "$ratio"
-  done
+  printf "%-10s %s\n" prefill "${R[prefill]}" bench "${R[bench]}"
+  if [ "$HARNESS" = 1 ]; then
+    sed -n '/^prefill forward, /,/^wrote\|^plot skipped/p' "$OUT/bench.log" | grep -v '^wrote\|^plot skipped'
+  else
+    echo "forward (B=1 Hq=64 Hkv=4 D=128 bf16, paper config; C++ nsa_bench_forward, median ms):"
+    grep -E "^ *[0-9]+ (all|cmp|select|slc|win) " "$OUT/bench.log" 2>/dev/null
+  fi
 } | tee "$OUT/summary.txt"

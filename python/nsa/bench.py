@@ -1,0 +1,488 @@
+"""Benchmarks: ``python -m nsa.bench prefill [options]`` (DESIGN.md section 4).
+
+Times the NSA forward (``nsa.nsa_attention``, no grad) and PyTorch SDPA dense causal attention
+(cuDNN and flash backends, same heads) in one process on one GPU: CUDA events after warm-up,
+median of ``--iters`` runs, rotating among input sets larger than the L2 cache. Measures the
+bf16 matmul and copy ceilings first. Optionally runs the C++ ``nsa_bench_forward`` binary for the
+same shape to get per-stage medians. Writes JSON ({"rows", "ceilings", "meta"}) and a PNG.
+``--plot-only JSON`` makes the PNG from an existing JSON and needs no GPU (nor the ops library).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+CONFIGS = {
+    "paper": dict(B=1, Hq=64, Hkv=4, Dk=128, Dv=128),
+    "paper-192": dict(B=1, Hq=64, Hkv=4, Dk=192, Dv=128),
+    "seed-125m": dict(B=1, Hq=12, Hkv=2, Dk=64, Dv=64),
+}
+NSA = dict(cmp_block=32, cmp_stride=16, sel_block=64, num_selected=16, num_init=1, num_local=2, window=512)
+DEFAULT_SEQLENS = "8192,16384,32768,65536,131072"
+STAGES = ("all", "cmp", "select", "slc", "win")
+METHODS = ("nsa", "cudnn", "flash")
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP counting (no torch needed)
+
+def num_cmp_tokens(seqlen: int, cmp_block: int = 32, cmp_stride: int = 16) -> int:
+    return (seqlen - cmp_block) // cmp_stride + 1 if seqlen >= cmp_block else 0
+
+
+def nsa_flops(B: int, T: int, Hq: int, Dk: int, Dv: int, cmp_block: int = 32, cmp_stride: int = 16,
+              sel_block: int = 64, num_selected: int = 16, window: int = 512, **_unused) -> dict:
+    """Nominal forward FLOPs NSA needs (2 per multiply-add), per branch, summed over queries t < T.
+
+    cmp: attention over the nv(t) compressed tokens visible at t (QK: 2*Dk, PV: 2*Dv per key);
+    select: the scoring pass over the same compressed keys (QK only, 2*Dk); slc: n*l' keys capped
+    by t+1; win: w keys capped by t+1. Per query head; times B*Hq.
+    """
+    cmp_keys = slc_keys = win_keys = 0
+    for t in range(T):
+        cmp_keys += num_cmp_tokens(t + 1, cmp_block, cmp_stride)
+        slc_keys += min(num_selected * sel_block, t + 1)
+        win_keys += min(window, t + 1)
+    heads = B * Hq
+    f = {"cmp": heads * cmp_keys * 2.0 * (Dk + Dv), "select": heads * cmp_keys * 2.0 * Dk,
+         "slc": heads * slc_keys * 2.0 * (Dk + Dv), "win": heads * win_keys * 2.0 * (Dk + Dv)}
+    f["all"] = f["cmp"] + f["select"] + f["slc"] + f["win"]
+    f["dense_causal"] = heads * 2.0 * (Dk + Dv) * T * (T + 1) / 2.0
+    return f
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m nsa.bench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prefill", help="forward (prefill) timing: NSA vs SDPA cuDNN / flash")
+    p.add_argument("--configs", default="paper",
+                   help=f"comma-separated, from {', '.join(CONFIGS)} (default paper)")
+    p.add_argument("--seqlens", default=DEFAULT_SEQLENS, help=f"comma-separated T (default {DEFAULT_SEQLENS})")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--iters", type=int, default=20, help="timed runs per method (median)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--stage-bench", metavar="PATH", help="C++ nsa_bench_forward binary: per-stage medians")
+    p.add_argument("--stage-timeout", type=float, default=180, help="seconds per stage-bench subprocess")
+    p.add_argument("--out-json", metavar="PATH", help="default benchmarks/results/prefill_<gpu>_<date>.json")
+    p.add_argument("--out-png", metavar="PATH", help="default: the JSON path with .png")
+    p.add_argument("--no-png", action="store_true", help="do not plot")
+    p.add_argument("--plot-only", metavar="JSON", help="make the PNG from an existing JSON and exit (no GPU)")
+    args = parser.parse_args(argv)
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for c in args.configs:
+        if c not in CONFIGS:
+            parser.error(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
+    try:
+        args.seqlens = [int(x) for x in args.seqlens.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--seqlens must be comma-separated integers, got {args.seqlens!r}")
+    if not args.seqlens or min(args.seqlens) < 1:
+        parser.error("--seqlens must be positive")
+    if args.iters < 1 or args.warmup < 0:
+        parser.error("--iters must be >= 1 and --warmup >= 0")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage bench (C++ binary) output parsing
+
+_STAGE_LINE = re.compile(r"^\s*(\d+)\s+(all|cmp|select|slc|win)\s+([0-9.]+)\s")
+
+
+def parse_stage_output(text: str) -> dict:
+    """{T: {stage: median_ms}} from nsa_bench_forward's stdout."""
+    out: dict = {}
+    for line in text.splitlines():
+        m = _STAGE_LINE.match(line)
+        if m:
+            out.setdefault(int(m.group(1)), {})[m.group(2)] = float(m.group(3))
+    return out
+
+
+def run_stage_bench(path: str, cfg: dict, T: int, dtype: str, iters: int, warmup: int, timeout: float):
+    cmd = [path, "--seqlens", str(T), "--batch", str(cfg["B"]), "--q-heads", str(cfg["Hq"]),
+           "--kv-heads", str(cfg["Hkv"]), "--dk", str(cfg["Dk"]), "--dv", str(cfg["Dv"]), "--dtype", dtype,
+           "--iters", str(iters), "--warmup", str(warmup)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"stage bench timed out after {timeout:.0f}s"
+    except OSError as e:
+        return None, f"stage bench could not run: {e}"
+    sys.stdout.write("".join(f"    | {line}\n" for line in proc.stdout.splitlines()))
+    if proc.returncode != 0:
+        return None, f"stage bench rc {proc.returncode}: {proc.stderr.strip()[-300:]}"
+    stages = parse_stage_output(proc.stdout).get(T)
+    return stages, None if stages else "stage bench printed no stage lines"
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU timing
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def time_rotating(fn, sets, iters: int, warmup: int) -> float:
+    """Median ms of fn(sets[i % len(sets)]) with CUDA events, after warm-up."""
+    import torch
+
+    for i in range(warmup):
+        fn(sets[i % len(sets)])
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for i, (a, b) in enumerate(events):
+        s = sets[(warmup + i) % len(sets)]
+        a.record()
+        fn(s)
+        b.record()
+    torch.cuda.synchronize()
+    return _median([a.elapsed_time(b) for a, b in events])
+
+
+def num_sets(set_bytes: int, l2_bytes: int, cap: int = 16) -> int:
+    """Input sets to rotate among: at least 2, together over twice the L2 size."""
+    return max(2, min(cap, math.ceil(2 * l2_bytes / max(set_bytes, 1))))
+
+
+def measure_ceilings(iters: int = 20) -> dict:
+    import torch
+
+    n = 8192
+    mats = [(torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+             torch.randn(n, n, device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
+    outs = [torch.empty(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    idx = {"i": 0}
+
+    def mm(ab):
+        torch.matmul(ab[0], ab[1], out=outs[idx["i"] % 2])
+        idx["i"] += 1
+
+    ms = time_rotating(mm, mats, iters, 3)
+    matmul_tflops = 2.0 * n ** 3 / (ms * 1e-3) / 1e12
+    del mats, outs
+    nbytes = 2 << 30  # 2 GiB copied: 4 GiB moved
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    cms = time_rotating(lambda s: dst.copy_(s), [src], iters, 3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"matmul_bf16_tflops": matmul_tflops, "matmul_shape": [n, n, n], "matmul_ms": ms,
+            "copy_gbps": 2.0 * nbytes / (cms * 1e-3) / 1e9, "copy_bytes": nbytes, "copy_ms": cms,
+            "copy_note": "device-to-device copy, bytes read + written"}
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def validate(cfg: dict, dtype) -> dict:
+    """Small check against the PyTorch reference (same block indices): finite, max abs error."""
+    import torch
+
+    import nsa
+    from nsa.reference import nsa_attention_ref
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, T, Hq, Hkv, Dk, Dv = cfg["B"], 1024, cfg["Hq"], cfg["Hkv"], cfg["Dk"], cfg["Dv"]
+    Tc = num_cmp_tokens(T, NSA["cmp_block"], NSA["cmp_stride"])
+
+    def r(*shape):
+        return torch.randn(*shape, device="cuda", dtype=dtype, generator=g)
+
+    q, k, v = r(B, T, Hq, Dk), r(B, T, Hkv, Dk), r(B, T, Hkv, Dv)
+    kc, vc = r(B, Tc, Hkv, Dk), r(B, Tc, Hkv, Dv)
+    gates = torch.sigmoid(r(B, T, Hq, 3))
+    with torch.no_grad():
+        out, idx = nsa.nsa_attention(q, k, v, kc, vc, gates, return_indices=True, **NSA)
+        ref = nsa_attention_ref(*(t.float() for t in (q, k, v, kc, vc, gates)), block_indices=idx, **NSA)
+    err = (out.float() - ref).abs().max().item()
+    return {"T": T, "finite": bool(torch.isfinite(out).all().item()), "max_abs_err_vs_ref": err,
+            "ok": bool(torch.isfinite(out).all().item()) and err < 5e-2}
+
+
+def bench_nsa(cfg, T, dtype, iters, warmup, l2):
+    import torch
+
+    import nsa
+
+    B, Hq, Hkv, Dk, Dv = cfg["B"], cfg["Hq"], cfg["Hkv"], cfg["Dk"], cfg["Dv"]
+    Tc = num_cmp_tokens(T, NSA["cmp_block"], NSA["cmp_stride"])
+    elt = torch.finfo(dtype).bits // 8
+    set_bytes = elt * B * (T * Hq * (Dk + Dv + 3) + T * Hkv * (Dk + Dv) + Tc * Hkv * (Dk + Dv))
+    n = num_sets(set_bytes, l2)
+    sets = []
+    for _ in range(n):
+        sets.append(dict(q=torch.randn(B, T, Hq, Dk, device="cuda", dtype=dtype),
+                         k=torch.randn(B, T, Hkv, Dk, device="cuda", dtype=dtype),
+                         v=torch.randn(B, T, Hkv, Dv, device="cuda", dtype=dtype),
+                         k_cmp=torch.randn(B, Tc, Hkv, Dk, device="cuda", dtype=dtype),
+                         v_cmp=torch.randn(B, Tc, Hkv, Dv, device="cuda", dtype=dtype),
+                         gates=torch.sigmoid(torch.randn(B, T, Hq, 3, device="cuda", dtype=dtype))))
+    last = {}
+
+    def fn(s):
+        last["out"] = nsa.nsa_attention(s["q"], s["k"], s["v"], s["k_cmp"], s["v_cmp"], s["gates"], **NSA)
+
+    with torch.no_grad():
+        ms = time_rotating(fn, sets, iters, warmup)
+        finite = bool(torch.isfinite(last["out"]).all().item())
+    del sets, last
+    torch.cuda.empty_cache()
+    return ms, n, finite
+
+
+def bench_sdpa(backend_name, cfg, T, dtype, iters, warmup, l2):
+    """(ms, gqa_mode, sets) for one SDPA backend; raises if the backend cannot run the shape."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend_name]
+    B, Hq, Hkv, Dk, Dv = cfg["B"], cfg["Hq"], cfg["Hkv"], cfg["Dk"], cfg["Dv"]
+    elt = torch.finfo(dtype).bits // 8
+    errors = []
+    for mode in ("enable_gqa", "expanded"):
+        kvh = Hkv if mode == "enable_gqa" else Hq
+        set_bytes = elt * B * T * (Hq * (Dk + Dv) + kvh * (Dk + Dv))
+        n = num_sets(set_bytes, l2)
+        sets = []
+        try:
+            for _ in range(n):
+                q = torch.randn(B, Hq, T, Dk, device="cuda", dtype=dtype)
+                k = torch.randn(B, Hkv, T, Dk, device="cuda", dtype=dtype)
+                v = torch.randn(B, Hkv, T, Dv, device="cuda", dtype=dtype)
+                if mode == "expanded":
+                    k, v = k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1)
+                sets.append((q, k, v))
+            kw = {"enable_gqa": True} if mode == "enable_gqa" else {}
+            with sdpa_kernel(backend), torch.no_grad():
+                ms = time_rotating(lambda s: F.scaled_dot_product_attention(*s, is_causal=True, **kw),
+                                   sets, iters, warmup)
+            return ms, mode, n
+        except Exception as e:  # noqa: BLE001  (backend refuses the shape, or OOM)
+            if _is_oom(e):
+                raise
+            errors.append(f"{mode}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+        finally:
+            del sets
+            torch.cuda.empty_cache()
+    raise RuntimeError("; ".join(errors))
+
+
+def gpu_tag(name: str) -> str:
+    m = re.search(r"(H100|H200|H20|B200|B100|A100|L40S|L4|A10G|GH200|GB200)", name.upper())
+    return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")).lower()
+
+
+def run_prefill(args) -> int:
+    try:
+        import torch
+    except ImportError:
+        print("nsa.bench: torch is not importable", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("nsa.bench: no CUDA device visible; use --plot-only JSON on machines without a GPU", file=sys.stderr)
+        return 2
+    try:
+        import nsa
+    except ImportError as e:
+        print(f"nsa.bench: cannot import nsa (set NSA_OPS_LIBRARY and PYTHONPATH=python): {e}", file=sys.stderr)
+        return 2
+    if not nsa.cuda_built():
+        print("nsa.bench: the nsa ops library was built without CUDA (nsa.cuda_built() is False); "
+              f"library: {nsa._library.LIBRARY_PATH}", file=sys.stderr)
+        return 2
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    props = torch.cuda.get_device_properties(0)
+    l2 = int(getattr(props, "L2_cache_size", 0) or 50 << 20)
+    today = datetime.date.today().isoformat()
+    meta = {"gpu": props.name, "sms": props.multi_processor_count, "l2_bytes": l2,
+            "gpu_memory_bytes": props.total_memory, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(), "date": today, "python": platform.python_version(),
+            "command": " ".join(["python -m nsa.bench"] + sys.argv[1:]), "dtype": args.dtype,
+            "iters": args.iters, "warmup": args.warmup, "nsa_config": NSA,
+            "nsa_inputs": "k_win/v_win not given (window branch reads k/v), random gates in (0,1), "
+                          "random k_cmp/v_cmp, no grad",
+            "timing": "CUDA events per run, median of iters after warmup, rotating input sets "
+                      "(>= 2, together > 2x L2)",
+            "stage_bench": args.stage_bench, "validation": {}}
+    print(f"nsa.bench prefill: {props.name}, torch {torch.__version__}, L2 {l2 >> 20} MiB, {today}", flush=True)
+    ceilings = measure_ceilings()
+    print(f"ceilings: bf16 matmul 8192^3 {ceilings['matmul_bf16_tflops']:.0f} TFLOP/s, "
+          f"copy {ceilings['copy_gbps']:.0f} GB/s (read + write)", flush=True)
+    rows = []
+    result = {"rows": rows, "ceilings": ceilings, "meta": meta}
+    out_json = Path(args.out_json or f"benchmarks/results/prefill_{gpu_tag(props.name)}_{today}.json")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    for cname in args.configs:
+        cfg = CONFIGS[cname]
+        try:
+            meta["validation"][cname] = v = validate(cfg, dtype)
+            print(f"[{cname}] check at T={v['T']}: finite {v['finite']}, max |ours - ref| "
+                  f"{v['max_abs_err_vs_ref']:.3g} ({'ok' if v['ok'] else 'OVER TOLERANCE 5e-2'})", flush=True)
+        except Exception as e:  # noqa: BLE001
+            meta["validation"][cname] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(f"[{cname}] check failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        torch.cuda.empty_cache()
+        for T in sorted(args.seqlens):
+            row = dict(config=cname, B=cfg["B"], T=T, Hq=cfg["Hq"], Hkv=cfg["Hkv"], Dk=cfg["Dk"], Dv=cfg["Dv"],
+                       dtype=args.dtype, gpu=props.name, torch=torch.__version__, date=today, notes=[])
+            flops = nsa_flops(cfg["B"], T, cfg["Hq"], cfg["Dk"], cfg["Dv"], **NSA)
+            row["nominal_gflop"] = {k: v / 1e9 for k, v in flops.items()}
+            print(f"[{cname}] T={T}", flush=True)
+            try:
+                ms, nsets, finite = bench_nsa(cfg, T, dtype, args.iters, args.warmup, l2)
+                row.update(nsa_ms=ms, nsa_input_sets=nsets, nsa_finite=finite)
+                if not finite:
+                    row["notes"].append("NSA output not finite")
+            except Exception as e:  # noqa: BLE001
+                row["nsa_ms"] = None
+                row["notes"].append(("nsa skipped: out of memory" if _is_oom(e) else
+                                     f"nsa failed: {type(e).__name__}: {str(e)[:200]}"))
+                torch.cuda.empty_cache()
+            for b in ("cudnn", "flash"):
+                try:
+                    ms, mode, nsets = bench_sdpa(b, cfg, T, dtype, args.iters, args.warmup, l2)
+                    row.update({f"{b}_ms": ms, f"{b}_gqa": mode, f"{b}_input_sets": nsets})
+                except Exception as e:  # noqa: BLE001
+                    row[f"{b}_ms"] = None
+                    row["notes"].append(f"{b} skipped: out of memory" if _is_oom(e) else
+                                        f"{b} unavailable: {str(e)[:300]}")
+                    torch.cuda.empty_cache()
+            if args.stage_bench:
+                stages, err = run_stage_bench(args.stage_bench, cfg, T, args.dtype, args.iters, args.warmup,
+                                              args.stage_timeout)
+                row["stages_ms"] = stages
+                if err:
+                    row["notes"].append(err)
+            ours = row.get("nsa_ms")
+            for b in ("cudnn", "flash"):
+                ref = row.get(f"{b}_ms")
+                row[f"fwd_ratio_vs_{b}"] = ours / ref if ours and ref else None
+                row[f"{b}_tflops"] = flops["dense_causal"] / (ref * 1e-3) / 1e12 if ref else None
+            row["nsa_tflops"] = flops["all"] / (ours * 1e-3) / 1e12 if ours else None
+            row["nsa_frac_of_matmul"] = (row["nsa_tflops"] / ceilings["matmul_bf16_tflops"]
+                                         if row["nsa_tflops"] else None)
+            if row.get("stages_ms"):
+                row["stages_tflops"] = {s: flops[s] / (v * 1e-3) / 1e12 for s, v in row["stages_ms"].items() if v}
+            for note in row["notes"]:
+                print(f"    note: {note}", flush=True)
+            print("    " + _fmt_row(row), flush=True)
+            rows.append(row)
+            out_json.write_text(json.dumps(result, indent=1) + "\n")  # after each row: a cut-off run keeps its rows
+    out_json.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out_json}")
+    print_table(result)
+    if not args.no_png:
+        plot(result, Path(args.out_png) if args.out_png else out_json.with_suffix(".png"))
+    bad = [c for c, v in meta["validation"].items() if not v.get("ok")]
+    return 1 if bad or not rows else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+def _f(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def _fmt_row(r) -> str:
+    st = r.get("stages_ms") or {}
+    return (f"nsa {_f(r.get('nsa_ms'), '.3f')} ms ({_f(r.get('nsa_tflops'), '.0f')} TFLOP/s)  "
+            f"cudnn {_f(r.get('cudnn_ms'), '.3f')}  flash {_f(r.get('flash_ms'), '.3f')}  "
+            f"ours/cudnn {_f(r.get('fwd_ratio_vs_cudnn'))}  ours/flash {_f(r.get('fwd_ratio_vs_flash'))}  "
+            + " ".join(f"{s} {_f(st.get(s), '.3f')}" for s in STAGES if s in st))
+
+
+def print_table(result) -> None:
+    m, c = result["meta"], result["ceilings"]
+    print(f"\nprefill forward, {m['gpu']}, torch {m['torch']}, {m['dtype']}, {m['date']}, median ms of "
+          f"{m['iters']}; ceilings: matmul {c['matmul_bf16_tflops']:.0f} TFLOP/s, copy {c['copy_gbps']:.0f} GB/s")
+    hdr = ("config", "T", "nsa", "cmp", "select", "slc", "win", "st.all", "cudnn", "flash", "/cudnn", "/flash",
+           "TFLOP/s", "%mm")
+    fmt = "{:<10} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>6} {:>6} {:>7} {:>5}"
+    print(fmt.format(*hdr))
+    for r in result["rows"]:
+        st = r.get("stages_ms") or {}
+        frac = r.get("nsa_frac_of_matmul")
+        print(fmt.format(r["config"], r["T"], _f(r.get("nsa_ms"), ".3f"),
+                         *(_f(st.get(s), ".3f") for s in ("cmp", "select", "slc", "win", "all")),
+                         _f(r.get("cudnn_ms"), ".3f"), _f(r.get("flash_ms"), ".3f"),
+                         _f(r.get("fwd_ratio_vs_cudnn")), _f(r.get("fwd_ratio_vs_flash")),
+                         _f(r.get("nsa_tflops"), ".0f"), "-" if frac is None else f"{100 * frac:.0f}"))
+
+
+def plot(result, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: matplotlib is not importable")
+        return False
+    rows = result["rows"]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    if not configs:
+        print("plot skipped: no rows")
+        return False
+    fig, axes = plt.subplots(1, len(configs), figsize=(max(7.5, 5.5 * len(configs)), 4.8), squeeze=False)
+    series = [("nsa_ms", "NSA (ours)", "o-"), ("cudnn_ms", "SDPA cuDNN (dense causal)", "s--"),
+              ("flash_ms", "SDPA flash (dense causal)", "^--")]
+    for ax, cname in zip(axes[0], configs):
+        rs = sorted((r for r in rows if r["config"] == cname), key=lambda r: r["T"])
+        for key, label, style in series:
+            pts = [(r["T"], r[key]) for r in rs if r.get(key)]
+            if pts:
+                ax.plot(*zip(*pts), style, label=label)
+        for s, style in (("select", ":"), ("slc", ":"), ("cmp", ":")):
+            pts = [(r["T"], (r.get("stages_ms") or {}).get(s)) for r in rs]
+            pts = [p for p in pts if p[1]]
+            if pts:
+                ax.plot(*zip(*pts), style, alpha=0.6, label=f"NSA stage {s}")
+        r0 = rs[0]
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{cname}: B={r0['B']} Hq={r0['Hq']} Hkv={r0['Hkv']} Dk={r0['Dk']} Dv={r0['Dv']}")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel("forward time (ms)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    m = result["meta"]
+    fig.suptitle(f"Prefill forward, {m.get('gpu')}, torch {m.get('torch')}, {m.get('dtype')}, {m.get('date')}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return True
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.plot_only:
+        result = json.loads(Path(args.plot_only).read_text())
+        print_table(result)
+        ok = plot(result, Path(args.out_png) if args.out_png else Path(args.plot_only).with_suffix(".png"))
+        return 0 if ok else 1
+    return run_prefill(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
