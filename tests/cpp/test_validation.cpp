@@ -5,112 +5,58 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
-#include <limits>
-#include <random>
 #include <string>
 #include <vector>
 
 #include "nsa/nsa.h"
+#include "test_util.h"
 
 namespace {
 
 // A valid padded float32 problem (B=2, T=70, Hq=4, Hkv=2, Dk=8, Dv=6, l=16, d=8, l'=32, n=3,
-// num_init=1, num_local=1, w=20) with forward and backward params pointing at its buffers.
+// num_init=1, num_local=1, w=20), outputs poisoned, with forward and backward params pointing at
+// its buffers (tests/cpp/test_util.h).
 struct ValidProblem {
   static constexpr int64_t B = 2, T = 70, Hq = 4, Hkv = 2, Dk = 8, Dv = 6;
-  nsa::Config config;
-  int64_t Tc = 0;
-  std::vector<float> q, k, v, k_cmp, v_cmp, gates, out, out_branch, lse, grad_out;
-  std::vector<float> grad_q, grad_k, grad_v, grad_k_cmp, grad_v_cmp, grad_gates;
-  std::vector<int32_t> block_indices;
+  nsa_test::Problem problem;
+  nsa_test::Buffers buffers;
+  std::vector<int32_t>& block_indices;
   nsa::ForwardParams fwd;
   nsa::BackwardParams bwd;
 
-  static std::vector<float> random(size_t count, std::mt19937& rng) {
-    std::normal_distribution<float> normal(0.f, 1.f);
-    std::vector<float> values(count);
-    for (float& value : values) value = normal(rng);
-    return values;
-  }
-  static nsa::InputTensor in(const std::vector<float>& data, int64_t T_, int64_t H, int64_t D) {
-    return {data.data(), T_ * H * D, H * D, D};
-  }
-  static nsa::OutputTensor out_of(std::vector<float>& data, int64_t T_, int64_t H, int64_t D) {
-    return {data.data(), T_ * H * D, H * D, D};
+  static nsa_test::ProblemSpec spec() {
+    nsa_test::ProblemSpec spec = nsa_test::padded_spec(B, T, Hq, Hkv, Dk, Dv);
+    spec.config.cmp_block = 16;
+    spec.config.cmp_stride = 8;
+    spec.config.sel_block = 32;
+    spec.config.num_selected = 3;
+    spec.config.num_init = 1;
+    spec.config.num_local = 1;
+    spec.config.window = 20;
+    spec.dtype = nsa::DType::kFloat32;
+    spec.seed = 7;
+    return spec;
   }
 
-  ValidProblem() {
-    config.cmp_block = 16;
-    config.cmp_stride = 8;
-    config.sel_block = 32;
-    config.num_selected = 3;
-    config.num_init = 1;
-    config.num_local = 1;
-    config.window = 20;
-    Tc = nsa::num_cmp_tokens(T, config.cmp_block, config.cmp_stride);
-    std::mt19937 rng(7);
-    q = random(B * T * Hq * Dk, rng);
-    k = random(B * T * Hkv * Dk, rng);
-    v = random(B * T * Hkv * Dv, rng);
-    k_cmp = random(B * Tc * Hkv * Dk, rng);
-    v_cmp = random(B * Tc * Hkv * Dv, rng);
-    gates = random(B * T * Hq * 3, rng);
-    grad_out = random(B * T * Hq * Dv, rng);
-    const float nan = std::numeric_limits<float>::quiet_NaN();
-    out.assign(B * T * Hq * Dv, nan);
-    out_branch.assign(B * T * Hq * 3 * Dv, nan);
-    lse.assign(B * T * Hq * 3, nan);
-    block_indices.assign(B * T * Hkv * config.num_selected, -7);
-
-    fwd.config = config;
-    fwd.dtype = nsa::DType::kFloat32;
-    fwd.shape = {B, T, Hq, Hkv, Dk, Dv};
-    fwd.q = in(q, T, Hq, Dk);
-    fwd.k = in(k, T, Hkv, Dk);
-    fwd.v = in(v, T, Hkv, Dv);
-    fwd.k_cmp = in(k_cmp, Tc, Hkv, Dk);
-    fwd.v_cmp = in(v_cmp, Tc, Hkv, Dv);
-    fwd.gates = in(gates, T, Hq, 3);
-    fwd.block_indices = block_indices.data();
-    fwd.out = out_of(out, T, Hq, Dv);
-    fwd.out_branch = out_branch.data();
-    fwd.lse = lse.data();
+  ValidProblem()
+      : problem(nsa_test::make_problem(spec())),
+        buffers(nsa_test::make_buffers(problem)),
+        block_indices(buffers.block_indices) {
+    buffers.poison_forward();
+    fwd = buffers.forward_params();
   }
 
   // Runs the forward for real and points the backward params at its results.
   void prepare_backward() {
     ASSERT_TRUE(nsa::cpu::forward(fwd).ok());
-    grad_q.assign(q.size(), NAN);
-    grad_k.assign(k.size(), NAN);
-    grad_v.assign(v.size(), NAN);
-    grad_k_cmp.assign(k_cmp.size(), NAN);
-    grad_v_cmp.assign(v_cmp.size(), NAN);
-    grad_gates.assign(gates.size(), NAN);
-    bwd.config = config;
-    bwd.dtype = fwd.dtype;
-    bwd.shape = fwd.shape;
-    bwd.q = fwd.q;
-    bwd.k = fwd.k;
-    bwd.v = fwd.v;
-    bwd.k_cmp = fwd.k_cmp;
-    bwd.v_cmp = fwd.v_cmp;
-    bwd.gates = fwd.gates;
-    bwd.block_indices = block_indices.data();
-    bwd.out_branch = out_branch.data();
-    bwd.lse = lse.data();
-    bwd.grad_out = in(grad_out, T, Hq, Dv);
-    bwd.grad_q = out_of(grad_q, T, Hq, Dk);
-    bwd.grad_k = out_of(grad_k, T, Hkv, Dk);
-    bwd.grad_v = out_of(grad_v, T, Hkv, Dv);
-    bwd.grad_k_cmp = out_of(grad_k_cmp, Tc, Hkv, Dk);
-    bwd.grad_v_cmp = out_of(grad_v_cmp, Tc, Hkv, Dv);
-    bwd.grad_gates = out_of(grad_gates, T, Hq, 3);
+    buffers.poison_backward();
+    bwd = buffers.backward_params();
   }
 };
 
-bool all_nan(const std::vector<float>& values) {
-  for (float value : values)
-    if (!std::isnan(value)) return false;
+bool all_nan(const nsa_test::TypedBuffer& values) {
+  for (int64_t e = 0; e < values.numel(); ++e)
+    if (!std::isnan(values.get(e))) return false;
   return true;
 }
 
@@ -119,16 +65,15 @@ void expect_forward_error(const std::function<void(ValidProblem&)>& mutate, cons
   ValidProblem problem;
   ASSERT_TRUE(nsa::validate(problem.fwd).ok());
   mutate(problem);
+  const std::vector<int32_t> indices_before = problem.block_indices;
   const nsa::Status status = nsa::cpu::forward(problem.fwd);
   EXPECT_EQ(status.code, nsa::StatusCode::kInvalidArgument);
   EXPECT_NE(status.message.find(expected), std::string::npos)
       << "message \"" << status.message << "\" lacks \"" << expected << "\"";
-  EXPECT_TRUE(all_nan(problem.out));
-  EXPECT_TRUE(all_nan(problem.out_branch));
-  EXPECT_TRUE(all_nan(problem.lse));
-  if (!problem.fwd.block_indices_given) {
-    for (int32_t index : problem.block_indices) ASSERT_EQ(index, -7);
-  }
+  EXPECT_TRUE(all_nan(problem.buffers.out.buf));
+  EXPECT_TRUE(all_nan(problem.buffers.out_branch));
+  EXPECT_TRUE(all_nan(problem.buffers.lse));
+  EXPECT_EQ(problem.block_indices, indices_before);
 }
 
 void expect_backward_error(const std::function<void(ValidProblem&)>& mutate, const std::string& expected) {
@@ -140,15 +85,14 @@ void expect_backward_error(const std::function<void(ValidProblem&)>& mutate, con
   EXPECT_EQ(status.code, nsa::StatusCode::kInvalidArgument);
   EXPECT_NE(status.message.find(expected), std::string::npos)
       << "message \"" << status.message << "\" lacks \"" << expected << "\"";
-  for (const auto* grad : {&problem.grad_q, &problem.grad_k, &problem.grad_v, &problem.grad_k_cmp,
-                           &problem.grad_v_cmp, &problem.grad_gates})
-    EXPECT_TRUE(all_nan(*grad));
+  for (int arg : {nsa_test::kQ, nsa_test::kK, nsa_test::kV, nsa_test::kKCmp, nsa_test::kVCmp, nsa_test::kGates})
+    EXPECT_TRUE(all_nan(problem.buffers.grad[arg].buf)) << nsa_test::arg_name(arg);
 }
 
 TEST(Validation, ValidProblemPasses) {
   ValidProblem problem;
   EXPECT_TRUE(nsa::cpu::forward(problem.fwd).ok());
-  EXPECT_FALSE(all_nan(problem.out));
+  EXPECT_FALSE(all_nan(problem.buffers.out.buf));
   problem.prepare_backward();
   const nsa::Status status = nsa::cpu::backward(problem.bwd);
   EXPECT_TRUE(status.ok()) << status.message;
@@ -228,7 +172,7 @@ TEST(Validation, Strides) {
 TEST(Validation, NonOverlappingPermutedOutputStridesAreAccepted) {
   // out stored physically as [B, Hq, T, Dv]: head stride T*Dv, seq stride Dv.
   ValidProblem problem;
-  problem.fwd.out = {problem.out.data(), ValidProblem::Hq * ValidProblem::T * ValidProblem::Dv, ValidProblem::Dv,
+  problem.fwd.out = {problem.buffers.out.buf.data(), ValidProblem::Hq * ValidProblem::T * ValidProblem::Dv, ValidProblem::Dv,
                      ValidProblem::T * ValidProblem::Dv};
   EXPECT_TRUE(nsa::validate(problem.fwd).ok());
 }
