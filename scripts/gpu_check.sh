@@ -13,8 +13,11 @@
 # NSA_CHECK_BUDGET (seconds for the whole script, default 1800; later steps shrink to fit),
 # NSA_CHECK_BUILD_DIR (default build/gpu-check), NSA_CHECK_SKIP_SDPA=1 (skip the harness; the C++
 # per-stage timing runs alone), NSA_CHECK_SKIP_SANITIZER=1,
-# NSA_CHECK_SANITIZER_FILTER (gtest filter for compute-sanitizer, default CudaForwardSanitizer.*),
+# NSA_CHECK_SANITIZER_FILTER (gtest filter for compute-sanitizer, default CudaForwardSanitizer.*:CudaBackwardSanitizer.*),
 # NSA_CHECK_SKIP_LARGE=1 (skip the single T = 256k forward).
+# After the harness, nsa_gather_ceiling (the selected branch's K/V block reads alone: a floor for
+# the slc kernel) appends to bench.log; NSA_CHECK_NCU=1 also appends an Nsight Compute profile of
+# nsa_bench_forward's attention and select kernels at T = 8192 (L2/DRAM traffic, tensor pipe).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -134,6 +137,43 @@ else
   R[prefill]="not run (no _nsa_ops.so, or NSA_CHECK_SKIP_SDPA=1)"
 fi
 
+section "gather ceiling: the selected branch's K/V block reads alone (nsa_gather_ceiling)"
+if [ -x "$BUILD/nsa_gather_ceiling" ]; then
+  start=$SECONDS
+  from=$(($(wc -l 2>/dev/null < "$OUT/bench.log" || echo 0) + 1))  # this run's lines of bench.log
+  # JSON lines go to bench.log only; the table to both.
+  timeout "$(limit 180)" "$BUILD/nsa_gather_ceiling" --seqlens "$SEQLENS" --iters 10 --warmup 2 2>&1 |
+    tee -a "$OUT/bench.log" | grep -v '^{'
+  rc=${PIPESTATUS[0]}
+  # kernel A (cp.async, every (t, block) pair, 2 stages): "T=8192 1234.5 GB/s; T=65536 ..."
+  row=$(tail -n +"$from" "$OUT/bench.log" | grep -E '^\{"kind":"cpasync_pairs_s2",' |
+    sed -E 's/.*"T":([0-9]+),.*"gbps":([0-9.]+).*/T=\1 \2 GB\/s/' | paste -sd ';' - | sed 's/;/; /g')
+  R[gather]="rc $rc: A cp.async pairs 2 stages: ${row:-no result} ($((SECONDS - start))s)"
+else
+  R[gather]="not run (no nsa_gather_ceiling)"
+fi
+
+if [ "${NSA_CHECK_NCU:-0}" = 1 ]; then
+  section "ncu: attention and select kernels of nsa_bench_forward at T = 8192"
+  NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+  if [ -n "$NCU" ] && [ -x "$BUILD/nsa_bench_forward" ]; then
+    start=$SECONDS
+    from=$(($(wc -l 2>/dev/null < "$OUT/bench.log" || echo 0) + 1))
+    echo "--- ncu ($(date -u +%H:%M:%S))" >> "$OUT/bench.log"
+    timeout "$(limit 300)" "$NCU" --clock-control none --metrics \
+      gpu__time_duration.sum,lts__t_bytes.sum.per_second,lts__t_sector_hit_rate.pct,dram__bytes.sum.per_second,lts__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed \
+      -k 'regex:attention_kernel|select_kernel' "$BUILD/nsa_bench_forward" --seqlens 8192 --iters 1 --warmup 0 \
+      >> "$OUT/bench.log" 2>&1
+    rc=$?
+    tail -n +"$from" "$OUT/bench.log" | grep -E "==ERROR==|==WARNING==|_kernel|gpu__time|lts__|dram__|sm__pipe" | cut -c1-200 | head -n 80
+    R[ncu]="rc $rc: $(tail -n +"$from" "$OUT/bench.log" | grep -c "gpu__time_duration.sum") kernels profiled ($((SECONDS - start))s)"
+  else
+    R[ncu]="not run (no ncu or no nsa_bench_forward)"
+  fi
+else
+  R[ncu]="not run (NSA_CHECK_NCU=1 runs it)"
+fi
+
 section "compute-sanitizer"
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n 1)
 if [ "${NSA_CHECK_SKIP_SANITIZER:-0}" = 1 ] || [ -z "$SAN" ] || [ ! -x "$BUILD/nsa_tests" ]; then
@@ -142,7 +182,7 @@ if [ "${NSA_CHECK_SKIP_SANITIZER:-0}" = 1 ] || [ -z "$SAN" ] || [ ! -x "$BUILD/n
   R[initcheck]="not run"
 else
   : > "$OUT/sanitizer.log"
-  filter=${NSA_CHECK_SANITIZER_FILTER:-CudaForwardSanitizer.*}
+  filter=${NSA_CHECK_SANITIZER_FILTER:-CudaForwardSanitizer.*:CudaBackwardSanitizer.*}
   for tool in memcheck racecheck initcheck; do
     echo "--- $tool ($filter)" >> "$OUT/sanitizer.log"
     elapsed timeout "$(limit 150)" "$SAN" --tool "$tool" --error-exitcode 3 --print-limit 20 "$BUILD/nsa_tests" \
@@ -161,6 +201,7 @@ section summary
     memcheck "${R[memcheck]}" \
     racecheck "${R[racecheck]}" initcheck "${R[initcheck]}" T=256k "${R[large]}"
   printf "%-10s %s\n" prefill "${R[prefill]}" bench "${R[bench]}"
+  printf "%-10s %s\n" gather "${R[gather]}" ncu "${R[ncu]}"
   if [ "$HARNESS" = 1 ]; then
     sed -n '/^prefill forward, /,/^wrote\|^plot skipped/p' "$OUT/bench.log" | grep -v '^wrote\|^plot skipped'
   else
