@@ -51,6 +51,18 @@ size_t forward_workspace_bytes(const ForwardParams& params);
 // Never synchronizes and never allocates; workspace must hold forward_workspace_bytes(params)
 // bytes (it may be null when that is 0). Launch errors return kBackendError with CUDA's message.
 Status forward(const ForwardParams& params, void* workspace, size_t workspace_bytes, void* stream);
+// Bytes of device workspace backward() needs for these params (fp32 gradient accumulators,
+// per-branch softmax row terms, the block -> query index of the selection branch); the same for
+// both values of params.deterministic; 0 when the params do not validate.
+size_t backward_workspace_bytes(const BackwardParams& params);
+// Enqueues the backward on `stream`: every gradient of BackwardParams (grad_k also receives the
+// window branch's when k_win is null, grad_v likewise). Never synchronizes and never allocates;
+// the workspace (256-byte aligned, e.g. from cudaMalloc; its contents need not be zeroed) holds
+// backward_workspace_bytes(params) bytes and is in use until the enqueued work completes.
+// params.deterministic = true gives bitwise identical gradients run to run (no floating-point
+// atomics whose order varies); false lets long key lists be split across CTAs (faster, the
+// order of the fp32 accumulation then varies in the last bits).
+Status backward(const BackwardParams& params, void* workspace, size_t workspace_bytes, void* stream);
 }  // namespace cuda
 
 }  // namespace nsa

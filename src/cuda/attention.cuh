@@ -129,26 +129,52 @@ struct QInRegisters {
   }
 };
 
-// S = Q K^T for the warp's 16 rows and the 64 keys of a shared-memory K tile ([64][Dk+8]).
-template <class T, int Dk, class QSource>
-__device__ __forceinline__ void qk_tile(const QSource& q, const T* tile, float (&s)[8][4]) {
+// S = A B^T for the warp's 16 rows of A (a fragment source: Q, or dO, or in the backward K / V)
+// and the NB * 8 rows of a shared-memory tile B ([NB*8][D+8]: K, V, or in the backward Q / dO).
+template <class T, int D, int NB = 8, class Source>
+__device__ __forceinline__ void qk_tile(const Source& src, const T* tile, float (&s)[NB][4]) {
+  static_assert(NB % 2 == 0, "n-blocks come in pairs");
   const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int nb = 0; nb < 8; ++nb)
+  for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
     for (int e = 0; e < 4; ++e) s[nb][e] = 0.f;
 #pragma unroll
-  for (int ks = 0; ks < Dk / 16; ++ks) {
+  for (int ks = 0; ks < D / 16; ++ks) {
     uint32_t a[4];
-    q.fragment(ks, a);
+    src.fragment(ks, a);
 #pragma unroll
-    for (int nb = 0; nb < 8; nb += 2) {
+    for (int nb = 0; nb < NB; nb += 2) {
       uint32_t b[4];
       const int key = nb * 8 + (lane & 7) + (lane >> 4) * 8;
       const int dim = ks * 16 + ((lane >> 3) & 1) * 8;
-      ldmatrix_x4(b, tile + key * (Dk + 8) + dim);
+      ldmatrix_x4(b, tile + key * (D + 8) + dim);
       TypeTraits<T>::mma(s[nb], a, b[0], b[1]);
       TypeTraits<T>::mma(s[nb + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc += P X for the warp's 16 rows: P is a C-fragment tile [16][NB*8] in registers (rounded to
+// T here: the tensor cores take 16-bit operands), X a shared-memory tile [NB*8][D+8]. The
+// forward's P V; the backward's dS K, P^T dO and dS^T Q.
+template <class T, int D, int NB = 8>
+__device__ __forceinline__ void accumulate_ptile(float (&acc)[D / 8][4], const float (&p)[NB][4], const T* tile) {
+  using Tr = TypeTraits<T>;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int kk = 0; kk < NB / 2; ++kk) {
+    const uint32_t a[4] = {Tr::pack(p[2 * kk][0], p[2 * kk][1]), Tr::pack(p[2 * kk][2], p[2 * kk][3]),
+                           Tr::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                           Tr::pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+    for (int nb = 0; nb < D / 8; nb += 2) {
+      uint32_t b[4];
+      const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+      const int dim = nb * 8 + (lane >> 4) * 8;
+      ldmatrix_x4_trans(b, tile + key * (D + 8) + dim);
+      Tr::mma(acc[nb], a, b[0], b[1]);
+      Tr::mma(acc[nb + 1], a, b[2], b[3]);
     }
   }
 }
@@ -158,7 +184,6 @@ template <class T, int Dk, int Dv, class Tiles, class QSource>
 __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo& ti, const T* tk, const T* tv,
                                              const QSource& qf, float scale_log2, const RowState (&rows)[2],
                                              float (&acc)[Dv / 8][4], float (&m)[2], float (&l)[2]) {
-  using Tr = TypeTraits<T>;
   const int lane = threadIdx.x & 31, tig = lane & 3;
   float s[8][4];
   qk_tile<T, Dk>(qf, tk, s);
@@ -197,39 +222,17 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
     }
   }
 
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    const uint32_t a[4] = {Tr::pack(s[2 * kk][0], s[2 * kk][1]), Tr::pack(s[2 * kk][2], s[2 * kk][3]),
-                           Tr::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                           Tr::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-    for (int nb = 0; nb < Dv / 8; nb += 2) {
-      uint32_t b[4];
-      const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-      const int dim = nb * 8 + (lane >> 4) * 8;
-      ldmatrix_x4_trans(b, tv + key * (Dv + 8) + dim);
-      Tr::mma(acc[nb], a, b[0], b[1]);
-      Tr::mma(acc[nb + 1], a, b[2], b[3]);
-    }
-  }
+  accumulate_ptile<T, Dv>(acc, s, tv);
 }
 
-// One online-softmax sweep over a branch's key tiles. On return acc holds the unnormalized
-// output rows, m the running max (log2 domain, -inf if no key) and l the thread-partial sums.
-// Every thread of the CTA calls it (it synchronizes); sK/sV are the double buffers.
-template <class T, int Dk, int Dv, class Tiles, class QSource>
-__device__ __forceinline__ void attention_sweep(const Tiles& tiles, const T* kbase, int64_t kstride, const T* vbase,
-                                                int64_t vstride, T* sK, T* sV, const QSource& qf,
-                                                float scale_log2, const RowState (&rows)[2], uint64_t warp_positions,
-                                                float (&acc)[Dv / 8][4], float (&m)[2], float (&l)[2]) {
+// The key-tile loop of a branch: tiles k = 0 .. num_tiles-1 of K ([*, Dk], row stride kstride)
+// and V are loaded with cp.async into the double buffers sK / sV, and body(tiles, ti, tile_k,
+// tile_v) runs on each tile the warp does not skip (a warp-uniform test). Every thread of the CTA calls it (it synchronizes).
+template <class T, int Dk, int Dv, class Tiles, class Body>
+__device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kbase, int64_t kstride, const T* vbase,
+                                                int64_t vstride, T* sK, T* sV, uint64_t warp_positions, Body&& body) {
   constexpr int64_t kKElems = AttentionSmem::k_elems(Dk), kVElems = AttentionSmem::v_elems(Dv);
   const int tid = threadIdx.x;
-#pragma unroll
-  for (int nb = 0; nb < Dv / 8; ++nb)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[nb][e] = 0.f;
-  m[0] = m[1] = neg_inf();
-  l[0] = l[1] = 0.f;
   const int num_tiles = tiles.num_tiles();
   if (num_tiles <= 0) return;
 
@@ -249,12 +252,56 @@ __device__ __forceinline__ void attention_sweep(const Tiles& tiles, const T* kba
     }
     __syncthreads();
     const TileInfo ti = tiles.info(k);
-    const T* tk = sK + (k & 1) * kKElems;
-    const T* tv = sV + (k & 1) * kVElems;
-    if (!tiles.warp_skips(ti, warp_positions)) {  // warp-uniform
-      softmax_tile<T, Dk, Dv>(tiles, ti, tk, tv, qf, scale_log2, rows, acc, m, l);
-    }
+    if (!tiles.warp_skips(ti, warp_positions)) body(tiles, ti, sK + (k & 1) * kKElems, sV + (k & 1) * kVElems);
     __syncthreads();  // the buffer of tile k is refilled by the issue of tile k + 2
+  }
+}
+
+// The 64 rows m0 .. m0+63 of the flattened (t, g) space of one (sequence, kv head): row
+// R = t * G + g is query head kv_head * G + g at position t. The thread's two rows (group and
+// group + 8 of its warp's 16) and the positions (bits t - t_lo) of its warp's rows.
+struct RowTile {
+  int t_lo, t_hi;
+  RowState rows[2];
+  uint64_t warp_positions;
+};
+
+__device__ __forceinline__ RowTile make_row_tile(const ForwardArgs& a, int kv_head, int m0, int len) {
+  const int G = a.group, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, group = lane >> 2;
+  RowTile rt;
+  rt.t_lo = m0 / G;
+  rt.t_hi = min(len - 1, (m0 + 63) / G);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int R = m0 + warp * 16 + group + 8 * r;
+    const int t = R / G;
+    rt.rows[r].t = t < len ? t : -1;
+    rt.rows[r].tl = t - rt.t_lo;
+    rt.rows[r].nvis = num_visible_cmp(min(t, len - 1), a.cmp_block, a.cmp_stride);
+    rt.rows[r].head = kv_head * G + R % G;
+  }
+  // Rows past the sequence end have no position.
+  rt.warp_positions = 0;
+  const int first = (m0 + warp * 16) / G - rt.t_lo, last = min((m0 + warp * 16 + 15) / G, rt.t_hi) - rt.t_lo;
+  for (int tl = first; tl <= last; ++tl) rt.warp_positions |= 1ull << tl;
+  return rt;
+}
+
+// cp.async of rows m0 .. m0+63 (as in RowTile) of a per-query-head tensor (Q, or dO in the
+// backward) into a shared-memory tile [64][D+8]; rows past the sequence are zeros. Not committed.
+template <class T, int D>
+__device__ __forceinline__ void load_head_rows_async(T* tile, const TensorRef& ref, const ForwardArgs& a, int b,
+                                                     const SeqInfo& seq, int kv_head, int m0) {
+  const int G = a.group, len = static_cast<int>(seq.len);
+  const T* base = seq_head_ptr<T>(ref, a, b, seq.row0, kv_head * G);
+  constexpr int kChunks = D / 8;
+  for (int idx = threadIdx.x; idx < 64 * kChunks; idx += kAttnThreads) {
+    const int r = idx / kChunks, c = idx % kChunks;
+    const int R = m0 + r;
+    const int t = R / G, g = R % G;
+    const bool valid = t < len;
+    const T* src = valid ? base + int64_t{t} * ref.seq_stride + int64_t{g} * ref.head_stride + c * 8 : base;
+    cp_async_16(tile + r * (D + 8) + c * 8, src, valid);
   }
 }
 
@@ -341,6 +388,35 @@ __device__ __forceinline__ void build_block_union(const ForwardArgs& a, const Se
   *list_out = list;
 }
 
+// The key-tile loop of branch kBranch for the rows of `rt` (sequence b, kv head kv_head): builds
+// the branch's tile set (for slc from the selected-block union in `union_smem`, which every
+// thread must reach) and runs sweep_key_tiles with its keys and values.
+template <class T, int Dk, int Dv, int kBranch, class Body>
+__device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const SeqInfo& seq, int kv_head,
+                                             const RowTile& rt, unsigned char* union_smem, T* sK, T* sV,
+                                             Body&& body) {
+  if constexpr (kBranch == kBranchCmp) {
+    const CmpTiles tiles{num_visible_cmp(rt.t_hi, a.cmp_block, a.cmp_stride)};
+    sweep_key_tiles<T, Dk, Dv>(tiles, seq_head_ptr<T>(a.k_cmp, a, b, seq.cmp_row0, kv_head), a.k_cmp.seq_stride,
+                               seq_head_ptr<T>(a.v_cmp, a, b, seq.cmp_row0, kv_head), a.v_cmp.seq_stride, sK, sV,
+                               rt.warp_positions, body);
+  } else if constexpr (kBranch == kBranchSlc) {
+    int union_size = 0;
+    uint64_t* union_masks = nullptr;
+    int* union_blocks = nullptr;
+    build_block_union(a, seq, kv_head, rt.t_lo, rt.t_hi, union_smem, &union_size, &union_masks, &union_blocks);
+    const SlcTiles tiles{union_blocks, union_masks, union_size, (a.sel_block + 63) / 64, a.sel_block, rt.t_hi};
+    sweep_key_tiles<T, Dk, Dv>(tiles, seq_head_ptr<T>(a.k, a, b, seq.row0, kv_head), a.k.seq_stride,
+                               seq_head_ptr<T>(a.v, a, b, seq.row0, kv_head), a.v.seq_stride, sK, sV,
+                               rt.warp_positions, body);
+  } else {
+    const WinTiles tiles{max(0, rt.t_lo - static_cast<int>(a.window) + 1), rt.t_hi, static_cast<int>(a.window)};
+    sweep_key_tiles<T, Dk, Dv>(tiles, seq_head_ptr<T>(a.k_win, a, b, seq.row0, kv_head), a.k_win.seq_stride,
+                               seq_head_ptr<T>(a.v_win, a, b, seq.row0, kv_head), a.v_win.seq_stride, sK, sV,
+                               rt.warp_positions, body);
+  }
+}
+
 template <class T, int Dk, int Dv, int kBranch>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const ForwardArgs a) {
   static_assert(Dk % 16 == 0 && Dv % 16 == 0, "head dims");
@@ -353,79 +429,31 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const ForwardAr
 
   const int b = blockIdx.z, kv_head = blockIdx.y;
   const SeqInfo seq = seq_info(a, b);
-  const int G = a.group;
   // 32-bit row arithmetic (the host checks seqlen * G < 2^31 - 128): no 64-bit divisions.
   const int m0 = static_cast<int>(blockIdx.x) * 64;
   const int len = static_cast<int>(seq.len);
-  if (int64_t{m0} >= seq.len * G) return;  // uniform over the CTA
-  const int t_lo = m0 / G;
-  const int t_hi = min(len - 1, (m0 + 63) / G);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, group = lane >> 2, tig = lane & 3;
+  if (int64_t{m0} >= seq.len * a.group) return;  // uniform over the CTA
+  const int warp = threadIdx.x >> 5, tig = threadIdx.x & 3;
 
-  // Q tile: row r -> (t, g) = ((m0 + r) / G, (m0 + r) % G); rows past the sequence are zeros.
-  {
-    const T* qbase = seq_head_ptr<T>(a.q, a, b, seq.row0, kv_head * G);
-    constexpr int kChunks = Dk / 8;
-    for (int idx = tid; idx < 64 * kChunks; idx += kAttnThreads) {
-      const int r = idx / kChunks, c = idx % kChunks;
-      const int R = m0 + r;
-      const int t = R / G, g = R % G;
-      const bool valid = t < len;
-      const T* src = valid ? qbase + int64_t{t} * a.q.seq_stride + int64_t{g} * a.q.head_stride + c * 8 : qbase;
-      cp_async_16(sQ + r * (Dk + 8) + c * 8, src, valid);
-    }
-    cp_async_commit();
-  }
-
-  RowState rows[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int R = m0 + warp * 16 + group + 8 * r;
-    const int t = R / G;
-    rows[r].t = t < len ? t : -1;
-    rows[r].tl = t - t_lo;
-    rows[r].nvis = num_visible_cmp(min(t, len - 1), a.cmp_block, a.cmp_stride);
-    rows[r].head = kv_head * G + R % G;
-  }
-
-  // Positions (bits tl) of the warp's 16 rows; rows past the sequence end have none.
-  uint64_t warp_positions = 0;
-  {
-    const int first = (m0 + warp * 16) / G - t_lo, last = min((m0 + warp * 16 + 15) / G, t_hi) - t_lo;
-    for (int tl = first; tl <= last; ++tl) warp_positions |= 1ull << tl;
-  }
-
-  // The selected-block union (slc kernel): built while Q is in flight.
-  int union_size = 0;
-  uint64_t* union_masks = nullptr;
-  int* union_blocks = nullptr;
-  if constexpr (kBranch == kBranchSlc) {
-    build_block_union(a, seq, kv_head, t_lo, t_hi, smem + AttentionSmem::tiles_bytes(Dk, Dv), &union_size,
-                      &union_masks, &union_blocks);
-  }
+  load_head_rows_async<T, Dk>(sQ, a.q, a, b, seq, kv_head, m0);
+  cp_async_commit();
+  const RowTile rt = make_row_tile(a, kv_head, m0, len);
+  const RowState(&rows)[2] = rt.rows;
 
   cp_async_wait<0>();
   __syncthreads();
   QInRegisters<T, Dk> qf;
   qf.load(sQ, warp * 16);
 
-  float acc[Dv / 8][4], m[2], l[2];
-  if constexpr (kBranch == kBranchCmp) {
-    const CmpTiles tiles{num_visible_cmp(t_hi, a.cmp_block, a.cmp_stride)};
-    attention_sweep<T, Dk, Dv>(tiles, seq_head_ptr<T>(a.k_cmp, a, b, seq.cmp_row0, kv_head), a.k_cmp.seq_stride,
-                               seq_head_ptr<T>(a.v_cmp, a, b, seq.cmp_row0, kv_head), a.v_cmp.seq_stride, sK, sV, qf,
-                               a.scale_log2, rows, warp_positions, acc, m, l);
-  } else if constexpr (kBranch == kBranchSlc) {
-    const SlcTiles tiles{union_blocks, union_masks, union_size, (a.sel_block + 63) / 64, a.sel_block, t_hi};
-    attention_sweep<T, Dk, Dv>(tiles, seq_head_ptr<T>(a.k, a, b, seq.row0, kv_head), a.k.seq_stride,
-                               seq_head_ptr<T>(a.v, a, b, seq.row0, kv_head), a.v.seq_stride, sK, sV, qf,
-                               a.scale_log2, rows, warp_positions, acc, m, l);
-  } else {
-    const WinTiles tiles{max(0, t_lo - static_cast<int>(a.window) + 1), t_hi, static_cast<int>(a.window)};
-    attention_sweep<T, Dk, Dv>(tiles, seq_head_ptr<T>(a.k_win, a, b, seq.row0, kv_head), a.k_win.seq_stride,
-                               seq_head_ptr<T>(a.v_win, a, b, seq.row0, kv_head), a.v_win.seq_stride, sK, sV, qf,
-                               a.scale_log2, rows, warp_positions, acc, m, l);
-  }
+  float acc[Dv / 8][4], m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
+#pragma unroll
+  for (int nb = 0; nb < Dv / 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nb][e] = 0.f;
+  sweep_branch<T, Dk, Dv, kBranch>(a, b, seq, kv_head, rt, smem + AttentionSmem::tiles_bytes(Dk, Dv), sK, sV,
+                                   [&](const auto& tiles, const TileInfo& ti, const T* tk, const T* tv) {
+                                     softmax_tile<T, Dk, Dv>(tiles, ti, tk, tv, qf, a.scale_log2, rows, acc, m, l);
+                                   });
 
   // Epilogue: the branch output rounded to T, its lse; the win kernel also combines (Eq. 5) the
   // T-rounded branch outputs, reading o_cmp and o_slc back from their buffers.

@@ -10,7 +10,7 @@
 #include <string>
 
 #include "cuda/attention.cuh"
-#include "cuda/forward_internal.h"
+#include "cuda/stages.h"
 #include "cuda/forward_launch.h"
 #include "cuda/select.cuh"
 

@@ -10,7 +10,7 @@
 
 namespace nsa::cuda_detail {
 
-// Launches the forward's kernels (the stages in `stages`, see forward_internal.h) on `stream`.
+// Launches the forward's kernels (the stages in `stages`, see stages.h) on `stream`.
 // Checks shared-memory limits and launch errors; never synchronizes.
 template <class T, int Dk, int Dv>
 Status launch_forward(const ForwardArgs& args, cudaStream_t stream, unsigned stages);

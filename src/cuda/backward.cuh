@@ -1,0 +1,453 @@
+// The backward kernels (tensor cores, mma.sync m16n8k16, fp32 accumulation), in stream order:
+//   1. preprocess_kernel: per (row, query head) and branch c, dgates_c = dO . o_c (written to
+//      grad_gates) and the softmax backward's row term delta_c = g_c * dgates_c (workspace);
+//   2. (src/cuda/backward.cu) the block -> query index of the selection branch: which positions
+//      selected block j of kv head h;
+//   3. dq_kernel: query-major, the rows of the forward's attention CTAs (64 rows of the flattened
+//      (t, g) space), sweeps the key tiles of all three branches and accumulates
+//      dq = scale * sum_c dS_c K_c in registers: one writer per element, no atomics;
+//   4. dkv_kernel<branch>: key-major, a CTA owns 64 keys of one kv head and sweeps the rows
+//      (t, g) that attend to them: the positions t >= i*d + l - 1 (cmp), t in [s, s + w) (win),
+//      the query list of the block from step 2 (slc); dK += scale * dS^T Q, dV += P^T (g dO) in
+//      registers, then added to fp32 accumulators. Lists longer than split_positions are split
+//      over the grid's z dimension (the adds then come in a varying order); with one CTA per key
+//      tile every accumulator element receives one add per kernel: deterministic;
+//   5. convert_kernel: the fp32 accumulators to the gradients' dtype and layout.
+//
+// Per branch c (dO_c = g_c dO): P = exp(S scale - lse_c), dP = dO_c V^T, dS = P (dP - delta_c);
+// lse_c comes from the forward, so no online softmax: every key tile is independent.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/attention.cuh"
+#include "cuda/backward_args.h"
+
+namespace nsa::cuda_detail {
+
+inline constexpr float kLog2e = 1.4426950408889634f;
+
+// Element offset of packed row `row` (padded: b * rows_per_seq + t) of a strided tensor.
+// rows_per_seq == 0: varlen layout (rows are packed; batch strides ignored).
+__device__ __forceinline__ int64_t row_offset(int64_t row, int64_t rows_per_seq, int64_t batch_stride,
+                                              int64_t seq_stride) {
+  if (rows_per_seq == 0) return row * seq_stride;
+  const int64_t b = row / rows_per_seq;
+  return b * batch_stride + (row - b * rows_per_seq) * seq_stride;
+}
+
+// A fragment source (see qk_tile) reading the warp's 16 rows from shared memory on each use: for
+// operands that do not fit in registers next to the accumulators.
+template <class T, int D>
+struct RowsInSmem {
+  const T* tile;
+  int row0;
+  __device__ __forceinline__ void load(const T* t, int r0) {
+    tile = t;
+    row0 = r0;
+  }
+  __device__ __forceinline__ void fragment(int ks, uint32_t (&a)[4]) const { load_q_fragment<T, D>(a, tile, row0, ks); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// 1. dgates and delta. One warp per (row, query head).
+
+template <class T, int Dv>
+__global__ void __launch_bounds__(128) preprocess_kernel(const BackwardArgs a) {
+  using Tr = TypeTraits<T>;
+  const int lane = threadIdx.x & 31;
+  const int64_t item = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) >> 5;
+  const int H = a.num_q_heads;
+  if (item >= a.total_rows * H) return;
+  const int64_t row = item / H;
+  const int head = static_cast<int>(item - row * H);
+  const int64_t per_seq = a.cu_seqlens != nullptr ? 0 : a.seqlen;
+  const T* dout = static_cast<const T*>(a.grad_out.data) +
+                  row_offset(row, per_seq, a.grad_out.batch_stride, a.grad_out.seq_stride) +
+                  int64_t{head} * a.grad_out.head_stride;
+  const T* gates = static_cast<const T*>(a.gates.data) +
+                   row_offset(row, per_seq, a.gates.batch_stride, a.gates.seq_stride) +
+                   int64_t{head} * a.gates.head_stride;
+  const T* ob = static_cast<const T*>(a.out_branch) + (row * H + head) * (3 * Dv);
+  float dot[3] = {0.f, 0.f, 0.f};
+  for (int col = 2 * lane; col < Dv; col += 64) {
+    const float2 d = Tr::unpack(*reinterpret_cast<const uint32_t*>(dout + col));
+#pragma unroll
+    for (int c = 0; c < 3; ++c) {
+      const float2 o = Tr::unpack(*reinterpret_cast<const uint32_t*>(ob + c * Dv + col));
+      dot[c] += d.x * o.x + d.y * o.y;
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < 3; ++c)
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) dot[c] += __shfl_xor_sync(0xffffffffu, dot[c], off);
+  if (lane < 3) {
+    const int c = lane;
+    const float value = c == 0 ? dot[0] : (c == 1 ? dot[1] : dot[2]);
+    T* gg = static_cast<T*>(a.grad_gates.data) +
+            row_offset(row, per_seq, a.grad_gates.batch_stride, a.grad_gates.seq_stride) +
+            int64_t{head} * a.grad_gates.head_stride;
+    gg[c] = static_cast<T>(value);
+    a.delta[(row * H + head) * 3 + c] = Tr::to_float(gates[c]) * value;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 3. dq, query-major, all branches.
+
+struct DqSmem {
+  // Q [64][Dk+8], dO [64][Dv+8], K and V double buffers [2][64][D+8] (2-byte elements), then the
+  // selected-block union as in the forward's slc kernel.
+  NSA_HOST_DEVICE static constexpr int64_t tiles_bytes(int dk, int dv) {
+    return 2 * (int64_t{64} * (dk + 8) + int64_t{64} * (dv + 8) + 2 * AttentionSmem::k_elems(dk) +
+                2 * AttentionSmem::v_elems(dv));
+  }
+};
+
+// Row terms of branch c for the thread's two rows.
+struct BranchRows {
+  float lse2[2];   // lse * log2 e
+  float delta[2];  // g_c * (dO . o_c)
+  float gate[2];   // g_c
+};
+
+template <class T, int Dk, int Dv, class Tiles, class QSource, class DoSource>
+__device__ __forceinline__ void dq_tile(const Tiles& tiles, const TileInfo& ti, const T* tk, const T* tv,
+                                        const QSource& qf, const DoSource& dof, float scale_log2,
+                                        const RowState (&rows)[2], const BranchRows& br, float (&dq)[Dk / 8][4]) {
+  const int tig = threadIdx.x & 3;
+  float s[8][4], dp[8][4];
+  qk_tile<T, Dk>(qf, tk, s);
+  qk_tile<T, Dv>(dof, tv, dp);
+#pragma unroll
+  for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = e >> 1;
+      const bool valid = tiles.valid(ti, rows[r], nb * 8 + tig * 2 + (e & 1));
+      const float p = valid ? fast_exp2(s[nb][e] * scale_log2 - br.lse2[r]) : 0.f;
+      s[nb][e] = p * (br.gate[r] * dp[nb][e] - br.delta[r]);
+    }
+  accumulate_ptile<T, Dk>(dq, s, tk);
+}
+
+template <class T, int Dk, int Dv>
+__global__ void __launch_bounds__(kAttnThreads) dq_kernel(const BackwardArgs a) {
+  using Tr = TypeTraits<T>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sDo = sQ + 64 * (Dk + 8);
+  T* sK = sDo + 64 * (Dv + 8);
+  T* sV = sK + 2 * AttentionSmem::k_elems(Dk);
+  unsigned char* union_smem = smem + DqSmem::tiles_bytes(Dk, Dv);
+
+  const int b = blockIdx.z, kv_head = blockIdx.y;
+  const SeqInfo seq = seq_info(a, b);
+  const int m0 = static_cast<int>(blockIdx.x) * 64;
+  const int len = static_cast<int>(seq.len);
+  if (int64_t{m0} >= seq.len * a.group) return;  // uniform over the CTA
+  const int warp = threadIdx.x >> 5, tig = threadIdx.x & 3;
+  const int H = a.num_q_heads;
+
+  load_head_rows_async<T, Dk>(sQ, a.q, a, b, seq, kv_head, m0);
+  load_head_rows_async<T, Dv>(sDo, a.grad_out, a, b, seq, kv_head, m0);
+  cp_async_commit();
+  const RowTile rt = make_row_tile(a, kv_head, m0, len);
+  const RowState(&rows)[2] = rt.rows;
+  BranchRows br[3];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int t = rows[r].t >= 0 ? rows[r].t : 0;
+    const int64_t idx = ((seq.row0 + t) * H + rows[r].head) * 3;
+    const T* gate = seq_head_ptr<T>(a.gates, a, b, seq.row0, rows[r].head) + int64_t{t} * a.gates.seq_stride;
+#pragma unroll
+    for (int c = 0; c < 3; ++c) {
+      br[c].lse2[r] = a.lse[idx + c] * kLog2e;
+      br[c].delta[r] = a.delta[idx + c];
+      br[c].gate[r] = Tr::to_float(gate[c]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  // Q stays in registers next to the dq accumulators up to Dk = 128; wider rows are re-read.
+  std::conditional_t<(Dk <= 128), QInRegisters<T, Dk>, RowsInSmem<T, Dk>> qf;
+  qf.load(sQ, warp * 16);
+  RowsInSmem<T, Dv> dof;
+  dof.load(sDo, warp * 16);
+
+  float dq[Dk / 8][4];
+#pragma unroll
+  for (int nb = 0; nb < Dk / 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dq[nb][e] = 0.f;
+  auto body = [&](const BranchRows& rows_c) {
+    return [&](const auto& tiles, const TileInfo& ti, const T* tk, const T* tv) {
+      dq_tile<T, Dk, Dv>(tiles, ti, tk, tv, qf, dof, a.scale_log2, rows, rows_c, dq);
+    };
+  };
+  sweep_branch<T, Dk, Dv, kBranchCmp>(a, b, seq, kv_head, rt, union_smem, sK, sV, body(br[kBranchCmp]));
+  sweep_branch<T, Dk, Dv, kBranchSlc>(a, b, seq, kv_head, rt, union_smem, sK, sV, body(br[kBranchSlc]));
+  sweep_branch<T, Dk, Dv, kBranchWin>(a, b, seq, kv_head, rt, union_smem, sK, sV, body(br[kBranchWin]));
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r].t < 0) continue;
+    const int64_t base = a.cu_seqlens != nullptr ? (seq.row0 + rows[r].t) * a.grad_q.seq_stride
+                                                 : int64_t{b} * a.grad_q.batch_stride + int64_t{rows[r].t} * a.grad_q.seq_stride;
+    T* dst = static_cast<T*>(a.grad_q.data) + base + int64_t{rows[r].head} * a.grad_q.head_stride;
+#pragma unroll
+    for (int nb = 0; nb < Dk / 8; ++nb)
+      *reinterpret_cast<uint32_t*>(dst + nb * 8 + tig * 2) =
+          Tr::pack(dq[nb][2 * r] * a.scale, dq[nb][2 * r + 1] * a.scale);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 4. dK, dV, key-major, one branch.
+
+// Rows per row tile of the key-major kernel: its registers hold the dK and dV accumulators of
+// the warp's 16 keys plus S^T and dP^T for the tile, so wide heads take half tiles.
+template <int Dk>
+inline constexpr int kDkvRows = Dk > 128 ? 32 : 64;
+
+struct DkvSmem {
+  // K [64][Dk+8], V [64][Dv+8], Q double buffer [2][R][Dk+8], dO double buffer [2][R][Dv+8]
+  // (2-byte elements), then per row of both buffers: t (int), lse2, delta, gate (float).
+  NSA_HOST_DEVICE static constexpr int64_t bytes(int dk, int dv, int rows) {
+    return 2 * (int64_t{64} * (dk + 8) + int64_t{64} * (dv + 8) + 2 * int64_t{rows} * (dk + 8) +
+                2 * int64_t{rows} * (dv + 8)) +
+           4 * 4 * 2 * int64_t{rows};
+  }
+};
+
+// The keys of one key-major CTA and the positions that attend to them.
+struct KeyTile {
+  int key0, count;  // keys key0 .. key0 + count - 1 of the branch's key sequence
+  int num_positions;
+  int first_position;          // cmp / win: position p of the list is first_position + p
+  const uint64_t* list;        // slc: position p is the low 31 bits of list[p]
+  __device__ __forceinline__ int position(int p) const {
+    return list != nullptr ? static_cast<int>(list[p] & 0x7fffffffu) : first_position + p;
+  }
+};
+
+template <int kBranch>
+__device__ __forceinline__ KeyTile make_key_tile(const BackwardArgs& a, int b, const SeqInfo& seq, int kv_head,
+                                                 int tile) {
+  const int len = static_cast<int>(seq.len);
+  KeyTile kt{};
+  kt.list = nullptr;
+  if constexpr (kBranch == kBranchCmp) {
+    kt.key0 = tile * 64;
+    kt.count = min(64, static_cast<int>(seq.num_cmp) - kt.key0);
+    kt.first_position = kt.key0 * a.cmp_stride + a.cmp_block - 1;  // the first t that sees key0
+    kt.num_positions = len - kt.first_position;
+  } else if constexpr (kBranch == kBranchWin) {
+    kt.key0 = tile * 64;
+    kt.count = min(64, len - kt.key0);
+    kt.first_position = kt.key0;
+    const int64_t last = min64(int64_t{len} - 1, int64_t{kt.key0} + kt.count - 1 + a.window - 1);
+    kt.num_positions = static_cast<int>(last - kt.key0 + 1);
+  } else {
+    const int chunks = (a.sel_block + 63) / 64;
+    const int j = tile / chunks, c = tile % chunks;
+    kt.key0 = j * a.sel_block + c * 64;
+    kt.count = min(min(64, a.sel_block - c * 64), len - kt.key0);
+    kt.first_position = 0;
+    const int64_t segment = (int64_t{b} * a.num_kv_heads + kv_head) * a.max_blocks + j;  // j < max_blocks
+    const int32_t begin = a.seg_offsets[segment];
+    kt.list = a.sel_keys + begin;
+    kt.num_positions = a.seg_offsets[segment + 1] - begin;
+  }
+  return kt;
+}
+
+// Whether key `key` of the branch is attended by position t (t >= 0); the slc list holds only
+// positions that selected the key's block.
+template <int kBranch>
+__device__ __forceinline__ bool key_visible(const BackwardArgs& a, int key, int t) {
+  if constexpr (kBranch == kBranchCmp) return key * a.cmp_stride + a.cmp_block - 1 <= t;
+  else if constexpr (kBranch == kBranchWin) return key <= t && int64_t{t} - a.window < key;
+  else return key <= t;
+}
+
+// Adds a C-fragment tile [16 keys][D] (keys key_local0 + group (+ 8) of the tile) to an fp32
+// [*, Hkv, D] accumulator.
+template <int D>
+__device__ __forceinline__ void add_to_accumulator(float* acc, int64_t key_row0, int num_kv_heads, int kv_head,
+                                                   int key_local0, int count, const float (&frag)[D / 8][4],
+                                                   float scale) {
+  const int lane = threadIdx.x & 31, group = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key_local0 + group + 8 * r;
+    if (key >= count) continue;
+    float* dst = acc + ((key_row0 + key) * num_kv_heads + kv_head) * D;
+#pragma unroll
+    for (int nb = 0; nb < D / 8; ++nb) {
+      const int col = nb * 8 + tig * 2;
+#if __CUDA_ARCH__ >= 900
+      atomicAdd(reinterpret_cast<float2*>(dst + col), make_float2(frag[nb][2 * r] * scale, frag[nb][2 * r + 1] * scale));
+#else
+      atomicAdd(dst + col, frag[nb][2 * r] * scale);
+      atomicAdd(dst + col + 1, frag[nb][2 * r + 1] * scale);
+#endif
+    }
+  }
+}
+
+template <class T, int Dk, int Dv, int kBranch>
+__global__ void __launch_bounds__(kAttnThreads) dkv_kernel(const BackwardArgs a, int tiles_per_seq) {
+  constexpr int R = kDkvRows<Dk>, NB = R / 8;
+  using Tr = TypeTraits<T>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + 64 * (Dk + 8);
+  T* sQ = sV + 64 * (Dv + 8);
+  T* sDo = sQ + 2 * R * (Dk + 8);
+  int* s_t = reinterpret_cast<int*>(sDo + 2 * R * (Dv + 8));  // [2][R]
+  float* s_lse2 = reinterpret_cast<float*>(s_t + 2 * R);      // [2][R]
+  float* s_delta = s_lse2 + 2 * R;                            // [2][R]
+  float* s_gate = s_delta + 2 * R;                            // [2][R]
+
+  const int b = static_cast<int>(blockIdx.x) / tiles_per_seq, tile = static_cast<int>(blockIdx.x) % tiles_per_seq;
+  const int kv_head = blockIdx.y;
+  const SeqInfo seq = seq_info(a, b);
+  const KeyTile kt = make_key_tile<kBranch>(a, b, seq, kv_head, tile);
+  if (kt.count <= 0) return;  // uniform over the CTA
+  const int p0 = static_cast<int>(blockIdx.z) * a.split_positions;
+  if (p0 >= kt.num_positions) return;
+  const int p1 = static_cast<int>(min64(int64_t{kt.num_positions}, int64_t{p0} + a.split_positions));
+  const int G = a.group, H = a.num_q_heads;
+  const int num_rows = (p1 - p0) * G;  // rows (p, g) of this CTA, p-major
+  const int num_row_tiles = (num_rows + R - 1) / R;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, group = lane >> 2, tig = lane & 3;
+
+  const TensorRef& kref = kBranch == kBranchCmp ? a.k_cmp : (kBranch == kBranchSlc ? a.k : a.k_win);
+  const TensorRef& vref = kBranch == kBranchCmp ? a.v_cmp : (kBranch == kBranchSlc ? a.v : a.v_win);
+  const int64_t key_row0 = kBranch == kBranchCmp ? seq.cmp_row0 : seq.row0;
+  load_rows_async<T, Dk, 64, kAttnThreads>(sK, seq_head_ptr<T>(kref, a, b, key_row0, kv_head), kref.seq_stride,
+                                           kt.key0, kt.count, tid);
+  load_rows_async<T, Dv, 64, kAttnThreads>(sV, seq_head_ptr<T>(vref, a, b, key_row0, kv_head), vref.seq_stride,
+                                           kt.key0, kt.count, tid);
+  cp_async_commit();
+
+  const T* qbase = seq_head_ptr<T>(a.q, a, b, seq.row0, kv_head * G);
+  const T* dobase = seq_head_ptr<T>(a.grad_out, a, b, seq.row0, kv_head * G);
+  // Row tile i into buffer i & 1: Q and dO rows by cp.async, the row terms by plain loads.
+  auto issue = [&](int i) {
+    const int buf = i & 1;
+    for (int idx = tid; idx < R * (Dk / 8); idx += kAttnThreads) {
+      const int r = idx / (Dk / 8), c = idx % (Dk / 8);
+      const int row = i * R + r;
+      const bool valid = row < num_rows;
+      const T* src = valid ? qbase + int64_t{kt.position(p0 + row / G)} * a.q.seq_stride +
+                                 int64_t{row % G} * a.q.head_stride + c * 8
+                           : qbase;
+      cp_async_16(sQ + (buf * R + r) * (Dk + 8) + c * 8, src, valid);
+    }
+    for (int idx = tid; idx < R * (Dv / 8); idx += kAttnThreads) {
+      const int r = idx / (Dv / 8), c = idx % (Dv / 8);
+      const int row = i * R + r;
+      const bool valid = row < num_rows;
+      const T* src = valid ? dobase + int64_t{kt.position(p0 + row / G)} * a.grad_out.seq_stride +
+                                 int64_t{row % G} * a.grad_out.head_stride + c * 8
+                           : dobase;
+      cp_async_16(sDo + (buf * R + r) * (Dv + 8) + c * 8, src, valid);
+    }
+    cp_async_commit();
+    if (tid < R) {
+      const int row = i * R + tid;
+      int t = -1;
+      float lse2 = 0.f, delta = 0.f, gate = 0.f;
+      if (row < num_rows) {
+        t = kt.position(p0 + row / G);
+        const int head = kv_head * G + row % G;
+        const int64_t idx = ((seq.row0 + t) * H + head) * 3 + kBranch;
+        lse2 = a.lse[idx] * kLog2e;
+        delta = a.delta[idx];
+        gate = Tr::to_float(seq_head_ptr<T>(a.gates, a, b, seq.row0, head)[int64_t{t} * a.gates.seq_stride + kBranch]);
+      }
+      s_t[buf * R + tid] = t;
+      s_lse2[buf * R + tid] = lse2;
+      s_delta[buf * R + tid] = delta;
+      s_gate[buf * R + tid] = gate;
+    }
+  };
+
+  float dk[Dk / 8][4], dv[Dv / 8][4];
+#pragma unroll
+  for (int nb = 0; nb < Dk / 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[nb][e] = 0.f;
+#pragma unroll
+  for (int nb = 0; nb < Dv / 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dv[nb][e] = 0.f;
+  RowsInSmem<T, Dk> kf;
+  kf.load(sK, warp * 16);
+  RowsInSmem<T, Dv> vf;
+  vf.load(sV, warp * 16);
+
+  issue(0);
+  for (int i = 0; i < num_row_tiles; ++i) {
+    if (i + 1 < num_row_tiles) {
+      issue(i + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int buf = i & 1;
+    const T* tq = sQ + buf * R * (Dk + 8);
+    const T* tdo = sDo + buf * R * (Dv + 8);
+    float s[NB][4], dp[NB][4];
+    qk_tile<T, Dk, NB>(kf, tq, s);   // S^T: the warp's 16 keys x R rows
+    qk_tile<T, Dv, NB>(vf, tdo, dp);  // (dO V^T)^T
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key_local = warp * 16 + group + 8 * (e >> 1);
+        const int n = buf * R + nb * 8 + tig * 2 + (e & 1);
+        const int t = s_t[n];
+        const bool valid = t >= 0 && key_local < kt.count && key_visible<kBranch>(a, kt.key0 + key_local, t);
+        const float p = valid ? fast_exp2(s[nb][e] * a.scale_log2 - s_lse2[n]) : 0.f;
+        s[nb][e] = p * s_gate[n];                                   // P^T g: for dV += P^T (g dO)
+        dp[nb][e] = p * (s_gate[n] * dp[nb][e] - s_delta[n]);      // dS^T
+      }
+    accumulate_ptile<T, Dv, NB>(dv, s, tdo);
+    accumulate_ptile<T, Dk, NB>(dk, dp, tq);
+    __syncthreads();  // buffer i & 1 is refilled by the issue of tile i + 2
+  }
+
+  float* dk_acc = kBranch == kBranchCmp ? a.dkc_acc : (kBranch == kBranchSlc ? a.dk_acc : a.dkw_acc);
+  float* dv_acc = kBranch == kBranchCmp ? a.dvc_acc : (kBranch == kBranchSlc ? a.dv_acc : a.dvw_acc);
+  const int64_t acc_row0 = key_row0 + kt.key0;
+  add_to_accumulator<Dk>(dk_acc, acc_row0, a.num_kv_heads, kv_head, warp * 16, kt.count, dk, a.scale);
+  add_to_accumulator<Dv>(dv_acc, acc_row0, a.num_kv_heads, kv_head, warp * 16, kt.count, dv, 1.f);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 5. fp32 accumulator [rows, H, D] -> a gradient tensor of type T (strided; rows_per_seq as in
+// row_offset). Two elements per thread.
+
+template <class T>
+__global__ void convert_kernel(const float* acc, int64_t rows, int heads, int dim, int64_t rows_per_seq,
+                               OutputRef dst) {
+  using Tr = TypeTraits<T>;
+  const int64_t pairs = rows * heads * (dim / 2);
+  for (int64_t e = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; e < pairs; e += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t col = (e % (dim / 2)) * 2;
+    const int64_t rh = e / (dim / 2);
+    const int64_t row = rh / heads;
+    const int head = static_cast<int>(rh - row * heads);
+    T* out = static_cast<T*>(dst.data) + row_offset(row, rows_per_seq, dst.batch_stride, dst.seq_stride) +
+             int64_t{head} * dst.head_stride + col;
+    *reinterpret_cast<uint32_t*>(out) = Tr::pack(acc[rh * dim + col], acc[rh * dim + col + 1]);
+  }
+}
+
+}  // namespace nsa::cuda_detail

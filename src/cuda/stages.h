@@ -1,0 +1,36 @@
+// Internal entry points of the CUDA forward and backward, for tools that time their stages one
+// by one (tools/nsa_bench_forward.cpp). nsa::cuda::forward == forward_stages(..., kStageAll),
+// nsa::cuda::backward == backward_stages(..., kBwdStageAll).
+#pragma once
+
+#include <cstddef>
+
+#include "nsa/nsa.h"
+
+namespace nsa::cuda_detail {
+
+enum Stage : unsigned {
+  kStageCmp = 1u,     // compressed attention: o_cmp, lse[0]
+  kStageSelect = 2u,  // scoring + top-n: block_indices (skipped when block_indices_given)
+  kStageSlc = 4u,     // selected attention: o_slc, lse[1]
+  kStageWin = 8u,     // window attention and the gated combine: out, o_win, lse[2]
+  kStageAll = 15u,
+};
+
+enum BackwardStage : unsigned {
+  kBwdStagePrep = 1u,     // zero the accumulators, dgates and delta, the block -> query index
+  kBwdStageDq = 2u,       // dq of all branches
+  kBwdStageCmp = 4u,      // dk_cmp, dv_cmp (into the fp32 accumulators)
+  kBwdStageSlc = 8u,      // dk, dv of the selection branch
+  kBwdStageWin = 16u,     // dk_win, dv_win (or into dk, dv when shared)
+  kBwdStageConvert = 32u, // accumulators -> gradient tensors
+  kBwdStageAll = 63u,
+};
+
+// Runs the given stages only (each reads what the earlier ones wrote in an earlier call).
+Status forward_stages(const ForwardParams& params, void* workspace, size_t workspace_bytes, void* stream,
+                      unsigned stages);
+Status backward_stages(const BackwardParams& params, void* workspace, size_t workspace_bytes, void* stream,
+                       unsigned stages);
+
+}  // namespace nsa::cuda_detail
