@@ -218,10 +218,25 @@ void run_forward(const Tensor& q, const nsa::ForwardParams& p) {
   TORCH_CHECK(false, "nsa: q is on ", q.device(), " but this build of nsa has no CUDA kernels (CPU only)");
 }
 
+// The backward likewise: the CPU reference, or the CUDA kernels on the current stream with a
+// workspace from torch's caching allocator (never 0 bytes when there is a row; its blocks are
+// 512-byte aligned, the backend needs 256).
 void run_backward(const Tensor& q, const nsa::BackwardParams& p) {
-  TORCH_CHECK(q.is_cpu(), "nsa: q is on ", q.device(),
-              " but the nsa backward runs on the CPU only in this version (the CUDA backward is not written yet)");
-  check_status(nsa::cpu::backward(p));
+  if (q.is_cpu()) {
+    check_status(nsa::cpu::backward(p));
+    return;
+  }
+#if NSA_TORCH_WITH_CUDA
+  if (q.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    const size_t bytes = nsa::cuda::backward_workspace_bytes(p);
+    const Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
+    check_status(nsa::cuda::backward(p, bytes ? workspace.data_ptr() : nullptr, bytes,
+                                     c10::cuda::getCurrentCUDAStream().stream()));
+    return;
+  }
+#endif
+  TORCH_CHECK(false, "nsa: q is on ", q.device(), " but this build of nsa has no CUDA kernels (CPU only)");
 }
 
 at::ScalarType stats_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
@@ -232,7 +247,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(
     const std::optional<Tensor>& block_indices, const std::optional<Tensor>& cu_seqlens,
     const std::optional<Tensor>& cu_seqlens_cmp, int64_t max_seqlen, int64_t cmp_block, int64_t cmp_stride,
     int64_t sel_block, int64_t num_selected, int64_t num_init, int64_t num_local, int64_t window, double scale,
-    bool save_branch_outputs) {
+    bool save_branch_outputs, bool /*deterministic: for the backward, which autograd hands it to*/) {
   const Config config =
       make_config(cmp_block, cmp_stride, sel_block, num_selected, num_init, num_local, window, scale, max_seqlen);
   const Checked c = check_inputs(q, k, v, k_win, v_win, k_cmp, v_cmp, gates, cu_seqlens, cu_seqlens_cmp, config);
@@ -329,7 +344,8 @@ TORCH_LIBRARY(nsa, m) {
       "forward(Tensor q, Tensor k, Tensor v, Tensor? k_win, Tensor? v_win, Tensor k_cmp, Tensor v_cmp, "
       "Tensor gates, Tensor? block_indices, Tensor? cu_seqlens, Tensor? cu_seqlens_cmp, SymInt max_seqlen, "
       "int cmp_block, int cmp_stride, int sel_block, int num_selected, int num_init, int num_local, int window, "
-      "float scale, bool save_branch_outputs) -> (Tensor out, Tensor out_branch, Tensor lse, Tensor block_indices)");
+      "float scale, bool save_branch_outputs, bool deterministic=False) -> (Tensor out, Tensor out_branch, "
+      "Tensor lse, Tensor block_indices)");
   m.def(
       "backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? k_win, Tensor? v_win, Tensor k_cmp, "
       "Tensor v_cmp, Tensor gates, Tensor block_indices, Tensor out_branch, Tensor lse, Tensor? cu_seqlens, "

@@ -48,7 +48,7 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("nsa::forward")
 def _forward_fake(q, k, v, k_win, v_win, k_cmp, v_cmp, gates, block_indices, cu_seqlens, cu_seqlens_cmp,
                   max_seqlen, cmp_block, cmp_stride, sel_block, num_selected, num_init, num_local, window, scale,
-                  save_branch_outputs):
+                  save_branch_outputs, deterministic=False):
     rows = tuple(q.shape[:-2])
     num_q_heads, num_kv_heads, head_dim_v = q.shape[-2], k.shape[-2], v.shape[-1]
     out = q.new_empty(rows + (num_q_heads, head_dim_v))
@@ -69,11 +69,13 @@ def _backward_fake(grad_out, q, k, v, k_win, v_win, k_cmp, v_cmp, gates, block_i
 
 
 def _setup_context(ctx, inputs, output):
+    # inputs: the forward op's arguments, defaults filled in (deterministic last).
     (q, k, v, k_win, v_win, k_cmp, v_cmp, gates, _given, cu_seqlens, cu_seqlens_cmp, *settings) = inputs
     _out, out_branch, lse, indices = output
     ctx.save_for_backward(q, k, v, k_win, v_win, k_cmp, v_cmp, gates, indices, out_branch, lse, cu_seqlens,
                           cu_seqlens_cmp)
-    ctx.settings = settings[:-1]  # max_seqlen .. scale (save_branch_outputs dropped)
+    ctx.settings = settings[:-2]  # max_seqlen .. scale (save_branch_outputs dropped)
+    ctx.deterministic = bool(settings[-1])  # resolved by nsa_attention when it was called
 
 
 def _backward(ctx, grad_out, _grad_out_branch, _grad_lse, _grad_indices):
@@ -83,11 +85,11 @@ def _backward(ctx, grad_out, _grad_out_branch, _grad_lse, _grad_indices):
         raise RuntimeError("nsa: backward needs the forward's branch outputs; the forward ran without them "
                            "(was grad mode off?)")
     grads = torch.ops.nsa.backward(grad_out.contiguous(), q, k, v, k_win, v_win, k_cmp, v_cmp, gates, indices, out_branch, lse,
-                                   cu_seqlens, cu_seqlens_cmp, *ctx.settings,
-                                   torch.are_deterministic_algorithms_enabled())
+                                   cu_seqlens, cu_seqlens_cmp, *ctx.settings, ctx.deterministic)
     grad_q, grad_k, grad_v, grad_k_win, grad_v_win, grad_k_cmp, grad_v_cmp, grad_gates = grads
+    # One entry per forward argument: the 8 tensors above, then block_indices .. deterministic.
     return (grad_q, grad_k, grad_v, grad_k_win if k_win is not None else None,
-            grad_v_win if v_win is not None else None, grad_k_cmp, grad_v_cmp, grad_gates) + (None,) * 13
+            grad_v_win if v_win is not None else None, grad_k_cmp, grad_v_cmp, grad_gates) + (None,) * 14
 
 
 torch.library.register_autograd("nsa::forward", _backward, setup_context=_setup_context)
@@ -99,7 +101,7 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torc
                   sel_block: int = 64, num_selected: int = 16, num_init: int = 1, num_local: int = 2,
                   window: int = 512, scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
                   cu_seqlens_cmp: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
-                  return_indices: bool = False):
+                  return_indices: bool = False, deterministic: Optional[bool] = None):
     """Native Sparse Attention core: gated sum of compressed, selected and sliding-window attention.
 
     Shapes (padded): q [B, T, Hq, Dk]; k, k_win [B, T, Hkv, Dk]; v, v_win [B, T, Hkv, Dv];
@@ -110,6 +112,11 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torc
     dim of every tensor must be contiguous. Returns out [B, T, Hq, Dv], and the selected block
     indices [B, T, Hkv, n] if return_indices. Under autocast, floating inputs are cast to the
     autocast dtype.
+
+    ``deterministic``: whether the backward of this call must give bitwise reproducible gradients
+    (the CUDA backward then avoids floating-point atomics whose order varies; the CPU backward
+    always is). None: ``torch.are_deterministic_algorithms_enabled()`` at the time of this call.
+    The value is saved for the backward with the rest of the call's settings.
     """
     tensors = {"q": q, "k": k, "v": v, "k_win": k_win, "v_win": v_win, "k_cmp": k_cmp, "v_cmp": v_cmp,
                "gates": gates}
@@ -121,6 +128,10 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torc
                         ("window", window)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"nsa_attention: {name} must be an int, got {value!r}")
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    elif not isinstance(deterministic, bool):
+        raise TypeError(f"nsa_attention: deterministic must be a bool or None, got {deterministic!r}")
     device_type = q.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -139,5 +150,6 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torc
         tensors["q"], tensors["k"], tensors["v"], tensors["k_win"], tensors["v_win"], tensors["k_cmp"],
         tensors["v_cmp"], tensors["gates"], block_indices, cu_seqlens, cu_seqlens_cmp,
         0 if max_seqlen is None else max_seqlen, cmp_block,
-        cmp_stride, sel_block, num_selected, num_init, num_local, window, float(scale or 0.0), save_branch_outputs)
+        cmp_stride, sel_block, num_selected, num_init, num_local, window, float(scale or 0.0), save_branch_outputs,
+        deterministic)
     return (out, indices) if return_indices else out

@@ -40,10 +40,6 @@
 #include "nsa/nsa.h"
 #include "test_util.h"
 
-#if NSA_TEST_WITH_CUDA
-#include <cuda_runtime.h>
-#endif
-
 namespace nsa_test {
 namespace {
 
@@ -248,31 +244,6 @@ Outputs reference_scores(const Problem& p) {
   return o;
 }
 
-struct ErrorStats {
-  double max_abs = 0, dot = 0, norm_got = 0, norm_ref = 0;
-  int64_t mismatched_inf = 0;
-  size_t worst = 0;  // index of max_abs
-  double cosine() const { return norm_got > 0 && norm_ref > 0 ? dot / std::sqrt(norm_got * norm_ref) : 1.0; }
-};
-
-ErrorStats error_stats(const std::vector<double>& got, const std::vector<double>& ref) {
-  ErrorStats e;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    if (std::isinf(ref[i]) || std::isinf(got[i]) || std::isnan(got[i])) {
-      if (!(got[i] == ref[i])) ++e.mismatched_inf;
-      continue;
-    }
-    if (std::fabs(got[i] - ref[i]) > e.max_abs) {
-      e.max_abs = std::fabs(got[i] - ref[i]);
-      e.worst = i;
-    }
-    e.dot += got[i] * ref[i];
-    e.norm_got += got[i] * got[i];
-    e.norm_ref += ref[i] * ref[i];
-  }
-  return e;
-}
-
 // Names element i of an output for messages, e.g. "[seq 0, t 17, head 3, branch 1, elem 5]".
 using Describe = std::function<std::string(size_t)>;
 
@@ -324,108 +295,6 @@ TEST(CudaForwardHarness, NaiveAndScoresAgreeWithReference) {
 
 #if NSA_TEST_WITH_CUDA
 
-bool have_device() {
-  int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
-}
-
-#define NSA_SKIP_WITHOUT_DEVICE()                                          \
-  do {                                                                     \
-    if (!nsa::cuda::built() || !have_device()) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
-
-#define NSA_CUDA_CHECK(expr)                                                          \
-  do {                                                                                \
-    const cudaError_t err_ = (expr);                                                  \
-    ASSERT_EQ(err_, cudaSuccess) << #expr << ": " << cudaGetErrorString(err_);        \
-  } while (0)
-
-// A device allocation holding a copy of host bytes.
-struct DeviceBuffer {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  DeviceBuffer() = default;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() {
-    if (ptr) cudaFree(ptr);
-  }
-  // Returns false on a CUDA error.
-  bool upload(const void* host, size_t n) {
-    bytes = n;
-    if (n == 0 || host == nullptr) return true;
-    return cudaMalloc(&ptr, n) == cudaSuccess && cudaMemcpy(ptr, host, n, cudaMemcpyHostToDevice) == cudaSuccess;
-  }
-  bool download(void* host) const {
-    return bytes == 0 || host == nullptr || cudaMemcpy(host, ptr, bytes, cudaMemcpyDeviceToHost) == cudaSuccess;
-  }
-};
-
-size_t buffer_bytes(const TypedBuffer& b) { return static_cast<size_t>(b.numel() * nsa::dtype_size(b.dtype())); }
-
-// Runs nsa::cuda::forward on a device mirror of `hb` (inputs, poisoned outputs, offsets), copies
-// the outputs back into hb and returns them. `status` receives the forward's status.
-Outputs run_cuda(Buffers& hb, nsa::Status* status) {
-  hb.poison_forward();
-  nsa::ForwardParams p = hb.forward_params();
-  std::array<DeviceBuffer, kNumArgs> in;
-  DeviceBuffer out, out_branch, lse, indices, cu, cu_cmp, workspace;
-  bool ok = true;
-  for (int arg = 0; arg < kNumArgs; ++arg) ok = ok && in[arg].upload(hb.in[arg].buf.data(), buffer_bytes(hb.in[arg].buf));
-  ok = ok && out.upload(hb.out.buf.data(), buffer_bytes(hb.out.buf));
-  ok = ok && out_branch.upload(hb.out_branch.data(), buffer_bytes(hb.out_branch));
-  ok = ok && lse.upload(hb.lse.data(), buffer_bytes(hb.lse));
-  ok = ok && indices.upload(hb.block_indices.data(), hb.block_indices.size() * sizeof(int32_t));
-  ok = ok && cu.upload(hb.cu_seqlens.data(), hb.cu_seqlens.size() * sizeof(int32_t));
-  ok = ok && cu_cmp.upload(hb.cu_seqlens_cmp.data(), hb.cu_seqlens_cmp.size() * sizeof(int32_t));
-  if (!ok) {
-    ADD_FAILURE() << "device allocation or copy failed";
-    return {};
-  }
-  auto retarget = [&](nsa::InputTensor& t, int arg) {
-    if (t.data != nullptr) t.data = in[arg].ptr;
-  };
-  retarget(p.q, kQ);
-  retarget(p.k, kK);
-  retarget(p.v, kV);
-  retarget(p.k_win, kKWin);
-  retarget(p.v_win, kVWin);
-  retarget(p.k_cmp, kKCmp);
-  retarget(p.v_cmp, kVCmp);
-  retarget(p.gates, kGates);
-  p.out.data = out.ptr;
-  if (p.out_branch != nullptr) p.out_branch = out_branch.ptr;
-  p.lse = lse.ptr;
-  p.block_indices = static_cast<int32_t*>(indices.ptr);
-  if (p.varlen.cu_seqlens != nullptr) {
-    p.varlen.cu_seqlens = static_cast<const int32_t*>(cu.ptr);
-    p.varlen.cu_seqlens_cmp = static_cast<const int32_t*>(cu_cmp.ptr);
-  }
-  const size_t ws_bytes = nsa::cuda::forward_workspace_bytes(p);
-  if (ws_bytes > 0) {
-    if (cudaMalloc(&workspace.ptr, ws_bytes) != cudaSuccess || cudaMemset(workspace.ptr, 0xFF, ws_bytes) != cudaSuccess) {
-      ADD_FAILURE() << "workspace allocation failed";
-      return {};
-    }
-    workspace.bytes = ws_bytes;
-  }
-  *status = nsa::cuda::forward(p, workspace.ptr, ws_bytes, nullptr);
-  if (!status->ok()) return {};
-  const cudaError_t sync = cudaDeviceSynchronize();
-  if (sync != cudaSuccess) {
-    *status = {nsa::StatusCode::kBackendError, std::string("after the forward: ") + cudaGetErrorString(sync)};
-    return {};
-  }
-  ok = out.download(hb.out.buf.data()) && lse.download(hb.lse.data()) && indices.download(hb.block_indices.data());
-  if (p.out_branch != nullptr) ok = ok && out_branch.download(hb.out_branch.data());
-  if (!ok) {
-    ADD_FAILURE() << "device to host copy failed";
-    return {};
-  }
-  EXPECT_TRUE(hb.forward_gaps_untouched());
-  return hb.read_forward();
-}
-
 // ------------------------------------------------------------------------------------------------
 // The check of one case.
 
@@ -460,7 +329,7 @@ void check_case(const GpuCase& c) {
     hb.block_indices_given = true;
   }
   nsa::Status st;
-  const Outputs gpu = run_cuda(hb, &st);
+  const Outputs gpu = run_cuda_forward(hb, &st);
   ASSERT_TRUE(st.ok()) << nsa::status_code_name(st.code) << ": " << st.message;
   ASSERT_FALSE(gpu.out.empty());
   {
@@ -477,7 +346,7 @@ void check_case(const GpuCase& c) {
   // Deterministic: a second run gives the same bits.
   {
     nsa::Status st2;
-    const Outputs again = run_cuda(hb, &st2);
+    const Outputs again = run_cuda_forward(hb, &st2);
     ASSERT_TRUE(st2.ok()) << st2.message;
     EXPECT_TRUE(outputs_identical(problem, again, gpu));
   }

@@ -5,9 +5,14 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <stdexcept>
+
+#if NSA_TEST_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
 
 namespace nsa_test {
 
@@ -845,5 +850,301 @@ double max_abs_diff(const Outputs& got, const Outputs& want) {
   if (!got.out_branch.empty() && !want.out_branch.empty()) scan(got.out_branch, want.out_branch);
   return m;
 }
+
+double ErrorStats::cosine() const {
+  return norm_got > 0 && norm_ref > 0 ? dot / std::sqrt(norm_got * norm_ref) : 1.0;
+}
+
+ErrorStats error_stats(const std::vector<double>& got, const std::vector<double>& ref) {
+  ErrorStats e;
+  for (size_t i = 0; i < ref.size() && i < got.size(); ++i) {
+    if (!std::isfinite(ref[i]) || !std::isfinite(got[i])) {
+      if (!(got[i] == ref[i])) ++e.mismatched_inf;  // NaN never equals
+      continue;
+    }
+    if (std::fabs(got[i] - ref[i]) > e.max_abs) {
+      e.max_abs = std::fabs(got[i] - ref[i]);
+      e.worst = i;
+    }
+    e.dot += got[i] * ref[i];
+    e.norm_got += got[i] * got[i];
+    e.norm_ref += ref[i] * ref[i];
+  }
+  return e;
+}
+
+// ------------------------------------------------------------------------------------------------
+
+Grads reference_gradients(const Problem& problem, const RunOptions& options, std::vector<int32_t>* indices) {
+  Buffers buffers = make_buffers(problem, options.input_layout, options.output_layout);
+  if (options.given_indices) {
+    buffers.block_indices = *options.given_indices;
+    buffers.block_indices_given = true;
+  }
+  const nsa::Status forward = run_forward(buffers, options.num_threads);
+  if (!forward.ok()) {
+    ADD_FAILURE() << "nsa::cpu::forward failed: " << nsa::status_code_name(forward.code) << ": " << forward.message;
+    return {};
+  }
+  buffers.poison_backward();
+  const nsa::Status backward = nsa::cpu::backward(buffers.backward_params(), options.num_threads);
+  if (!backward.ok()) {
+    ADD_FAILURE() << "nsa::cpu::backward failed: " << nsa::status_code_name(backward.code) << ": "
+                  << backward.message;
+    return {};
+  }
+  EXPECT_TRUE(buffers.backward_gaps_untouched());
+  if (indices) *indices = buffers.block_indices;
+  return buffers.read_backward();
+}
+
+std::string describe_grad_element(const Problem& p, int arg, size_t i) {
+  const int64_t heads = p.heads(arg), dim = p.dim(arg), e = static_cast<int64_t>(i);
+  const int64_t x = e % dim, h = e / dim % heads, row = e / dim / heads;
+  std::ostringstream os;
+  os << "grad_" << arg_name(arg) << "[";
+  if (p.is_cmp(arg)) {
+    const auto it = std::upper_bound(p.cmp_begin.begin(), p.cmp_begin.end(), row);
+    const int64_t b = static_cast<int64_t>(it - p.cmp_begin.begin()) - 1;
+    os << "seq " << b << ", cmp token " << row - p.cmp_begin[b];
+  } else {
+    const auto [b, t] = p.locate(row);
+    os << "seq " << b << ", t " << t;
+  }
+  os << ", head " << h << (arg == kGates ? ", branch " : ", elem ") << x << "]";
+  return os.str();
+}
+
+::testing::AssertionResult grads_identical(const Problem& p, const Grads& got, const Grads& want) {
+  for (int arg = 0; arg < kNumForwardInputs; ++arg) {
+    const std::vector<double>& g = got[arg];
+    const std::vector<double>& w = want[arg];
+    const size_t expected = p.has(arg) ? p.data[arg].size() : 0;
+    if (g.size() != expected || w.size() != expected)
+      return ::testing::AssertionFailure() << "grad_" << arg_name(arg) << ": sizes " << g.size() << " and "
+                                           << w.size() << ", expected " << expected;
+    int64_t differ = 0;
+    size_t first = 0;
+    for (size_t i = 0; i < g.size(); ++i) {
+      if (bits_of(g[i]) != bits_of(w[i]) && differ++ == 0) first = i;
+    }
+    if (differ)
+      return ::testing::AssertionFailure() << describe_grad_element(p, arg, first) << ": " << g[first] << " vs "
+                                           << w[first] << " (" << differ << " of " << g.size()
+                                           << " elements differ in their bits)";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// ------------------------------------------------------------------------------------------------
+// CUDA runners.
+
+#if NSA_TEST_WITH_CUDA
+
+namespace {
+
+// One device allocation.
+struct DeviceBuffer {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() {
+    if (ptr) cudaFree(ptr);
+  }
+  bool allocate(size_t n) {
+    bytes = n;
+    return n == 0 || cudaMalloc(&ptr, n) == cudaSuccess;
+  }
+};
+
+// Device copies of host buffers; translates host addresses inside them to device addresses, so
+// that params built by Buffers (host pointers) can be pointed at the copies.
+class DeviceMirror {
+ public:
+  // Allocates a device copy of [host, host + bytes) and copies it; false on a CUDA error.
+  bool add(const void* host, size_t bytes) {
+    if (host == nullptr || bytes == 0) return true;
+    auto entry = std::make_unique<Entry>();
+    entry->host = static_cast<const unsigned char*>(host);
+    if (!entry->dev.allocate(bytes) ||
+        cudaMemcpy(entry->dev.ptr, host, bytes, cudaMemcpyHostToDevice) != cudaSuccess)
+      return false;
+    entries_.push_back(std::move(entry));
+    return true;
+  }
+  // Every host buffer of `hb`: inputs, grad_out, outputs, statistics, indices, grads, offsets.
+  bool add_all(const Buffers& hb) {
+    bool ok = true;
+    for (const StridedTensor& t : hb.in) ok = ok && add(t.buf.data(), bytes_of(t.buf));
+    for (const StridedTensor& t : hb.grad) ok = ok && add(t.buf.data(), bytes_of(t.buf));
+    ok = ok && add(hb.out.buf.data(), bytes_of(hb.out.buf)) && add(hb.out_branch.data(), bytes_of(hb.out_branch)) &&
+         add(hb.lse.data(), bytes_of(hb.lse)) &&
+         add(hb.block_indices.data(), hb.block_indices.size() * sizeof(int32_t)) &&
+         add(hb.cu_seqlens.data(), hb.cu_seqlens.size() * sizeof(int32_t)) &&
+         add(hb.cu_seqlens_cmp.data(), hb.cu_seqlens_cmp.size() * sizeof(int32_t));
+    return ok;
+  }
+  // The device address of a host address inside a mirrored buffer (null stays null). An address
+  // outside every buffer is a bug of the test: recorded as a failure, returned unchanged.
+  template <class T>
+  T* device(T* host) const {
+    if (host == nullptr) return nullptr;
+    const auto* h = reinterpret_cast<const unsigned char*>(host);
+    for (const auto& e : entries_)
+      if (h >= e->host && h < e->host + e->dev.bytes)
+        return reinterpret_cast<T*>(static_cast<unsigned char*>(e->dev.ptr) + (h - e->host));
+    ADD_FAILURE() << "DeviceMirror: a host pointer outside every mirrored buffer";
+    return host;
+  }
+  // Copies the device copy of the buffer at `host` back; false on a CUDA error.
+  bool download(void* host) const {
+    if (host == nullptr) return true;
+    for (const auto& e : entries_)
+      if (e->host == host)
+        return cudaMemcpy(host, e->dev.ptr, e->dev.bytes, cudaMemcpyDeviceToHost) == cudaSuccess;
+    return true;  // never mirrored: empty
+  }
+  // The device copy of the buffer at `host` still holds the host's bytes.
+  bool unchanged(const void* host) const {
+    if (host == nullptr) return true;
+    for (const auto& e : entries_) {
+      if (e->host != host) continue;
+      std::vector<unsigned char> bytes(e->dev.bytes);
+      return cudaMemcpy(bytes.data(), e->dev.ptr, e->dev.bytes, cudaMemcpyDeviceToHost) == cudaSuccess &&
+             std::memcmp(bytes.data(), host, e->dev.bytes) == 0;
+    }
+    return true;
+  }
+
+  template <class Params>
+  void retarget_common(Params& p) const {
+    for (nsa::InputTensor* t : {&p.q, &p.k, &p.v, &p.k_win, &p.v_win, &p.k_cmp, &p.v_cmp, &p.gates})
+      t->data = device(t->data);
+    p.varlen.cu_seqlens = device(p.varlen.cu_seqlens);
+    p.varlen.cu_seqlens_cmp = device(p.varlen.cu_seqlens_cmp);
+    p.block_indices = device(p.block_indices);
+    p.out_branch = device(p.out_branch);
+    p.lse = device(p.lse);
+  }
+  void retarget(nsa::ForwardParams& p) const {
+    retarget_common(p);
+    p.out.data = device(p.out.data);
+  }
+  void retarget(nsa::BackwardParams& p) const {
+    retarget_common(p);
+    p.grad_out.data = device(p.grad_out.data);
+    for (nsa::OutputTensor* t : {&p.grad_q, &p.grad_k, &p.grad_v, &p.grad_k_win, &p.grad_v_win, &p.grad_k_cmp,
+                                 &p.grad_v_cmp, &p.grad_gates})
+      t->data = device(t->data);
+  }
+
+  static size_t bytes_of(const TypedBuffer& b) {
+    return static_cast<size_t>(b.numel() * nsa::dtype_size(b.dtype()));
+  }
+
+ private:
+  struct Entry {
+    const unsigned char* host = nullptr;
+    DeviceBuffer dev;
+  };
+  std::vector<std::unique_ptr<Entry>> entries_;
+};
+
+// A workspace of `bytes` filled with 0xFF (NaN as float): a backend must not rely on its contents.
+bool make_workspace(DeviceBuffer& workspace, size_t bytes) {
+  return workspace.allocate(bytes) && (bytes == 0 || cudaMemset(workspace.ptr, 0xFF, bytes) == cudaSuccess);
+}
+
+nsa::Status synchronize(const char* after) {
+  const cudaError_t sync = cudaDeviceSynchronize();
+  if (sync != cudaSuccess)
+    return {nsa::StatusCode::kBackendError, std::string("after the ") + after + ": " + cudaGetErrorString(sync)};
+  return nsa::Status::Ok();
+}
+
+}  // namespace
+
+bool cuda_device_available() {
+  int count = 0;
+  return nsa::cuda::built() && cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+Outputs run_cuda_forward(Buffers& hb, nsa::Status* status) {
+  hb.poison_forward();
+  DeviceMirror mirror;
+  DeviceBuffer workspace;
+  nsa::ForwardParams p = hb.forward_params();
+  const size_t ws_bytes = nsa::cuda::forward_workspace_bytes(p);
+  if (!mirror.add_all(hb) || !make_workspace(workspace, ws_bytes)) {
+    ADD_FAILURE() << "device allocation or copy failed";
+    *status = {nsa::StatusCode::kBackendError, "device allocation or copy failed"};
+    return {};
+  }
+  mirror.retarget(p);
+  *status = nsa::cuda::forward(p, workspace.ptr, ws_bytes, nullptr);
+  if (!status->ok()) return {};
+  *status = synchronize("forward");
+  if (!status->ok()) return {};
+  bool ok = mirror.download(hb.out.buf.data()) && mirror.download(hb.lse.data()) &&
+            mirror.download(hb.block_indices.data());
+  if (p.out_branch != nullptr) ok = ok && mirror.download(hb.out_branch.data());
+  if (!ok) {
+    ADD_FAILURE() << "device to host copy failed";
+    return {};
+  }
+  EXPECT_TRUE(hb.forward_gaps_untouched());
+  return hb.read_forward();
+}
+
+Grads run_cuda_backward(Buffers& hb, bool deterministic, nsa::Status* status) {
+  hb.poison_backward();
+  DeviceMirror mirror;
+  DeviceBuffer workspace;
+  nsa::BackwardParams p = hb.backward_params();
+  p.deterministic = deterministic;
+  const size_t ws_bytes = nsa::cuda::backward_workspace_bytes(p);
+  if (!mirror.add_all(hb) || !make_workspace(workspace, ws_bytes)) {
+    ADD_FAILURE() << "device allocation or copy failed";
+    *status = {nsa::StatusCode::kBackendError, "device allocation or copy failed"};
+    return {};
+  }
+  mirror.retarget(p);
+  *status = nsa::cuda::backward(p, workspace.ptr, ws_bytes, nullptr);
+  if (!status->ok()) return {};
+  *status = synchronize("backward");
+  if (!status->ok()) return {};
+  bool ok = true;
+  for (StridedTensor& g : hb.grad) ok = ok && mirror.download(g.buf.data());
+  if (!ok) {
+    ADD_FAILURE() << "device to host copy failed";
+    return {};
+  }
+  // The backward reads these and must leave them alone.
+  for (int arg = 0; arg < kNumArgs; ++arg)
+    EXPECT_TRUE(mirror.unchanged(hb.in[arg].buf.data())) << "the backward wrote into " << arg_name(arg);
+  EXPECT_TRUE(mirror.unchanged(hb.out_branch.data())) << "the backward wrote into out_branch";
+  EXPECT_TRUE(mirror.unchanged(hb.lse.data())) << "the backward wrote into lse";
+  EXPECT_TRUE(mirror.unchanged(hb.block_indices.data())) << "the backward wrote into block_indices";
+  EXPECT_TRUE(hb.backward_gaps_untouched());
+  return hb.read_backward();
+}
+
+#else  // !NSA_TEST_WITH_CUDA
+
+bool cuda_device_available() { return false; }
+
+Outputs run_cuda_forward(Buffers&, nsa::Status* status) {
+  *status = nsa::Status::Unsupported("the test binary was built without CUDA");
+  return {};
+}
+
+Grads run_cuda_backward(Buffers&, bool, nsa::Status* status) {
+  *status = nsa::Status::Unsupported("the test binary was built without CUDA");
+  return {};
+}
+
+#endif  // NSA_TEST_WITH_CUDA
 
 }  // namespace nsa_test

@@ -234,4 +234,53 @@ Outputs slice_sequence(const Problem& problem, const Outputs& outputs, int64_t b
 // max |got - want| over out and out_branch (for reporting).
 double max_abs_diff(const Outputs& got, const Outputs& want);
 
+// Error statistics of `got` against `ref` (same size): max |got - ref| and its index over the
+// entries where both are finite, dot product and squared norms for the cosine; every other entry
+// (inf or NaN on either side) counts in mismatched_inf unless both are the same infinity.
+struct ErrorStats {
+  double max_abs = 0, dot = 0, norm_got = 0, norm_ref = 0;
+  int64_t mismatched_inf = 0;
+  size_t worst = 0;  // index of max_abs
+  double cosine() const;  // 1 when either norm is 0
+};
+ErrorStats error_stats(const std::vector<double>& got, const std::vector<double>& ref);
+
+// ------------------------------------------------------------------------------------------------
+// Gradients.
+
+// nsa::cpu::forward then nsa::cpu::backward on make_buffers(problem, options' layouts), the forward
+// fed options.given_indices when set (block_indices_given); checks the grads' gaps. Records a test
+// failure (and returns empty grads) when a backend call fails. `indices` receives the selection.
+Grads reference_gradients(const Problem& problem, const RunOptions& options = {},
+                          std::vector<int32_t>* indices = nullptr);
+// Names element i of the gradient of `arg` (packed like Problem::data), e.g.
+// "grad_k_cmp[seq 1, cmp token 3, head 0, elem 5]" or "grad_gates[seq 0, t 17, head 2, branch 1]".
+std::string describe_grad_element(const Problem& problem, int arg, size_t i);
+// Every gradient bit for bit (k_win / v_win only when the problem has them).
+::testing::AssertionResult grads_identical(const Problem& problem, const Grads& got, const Grads& want);
+
+// ------------------------------------------------------------------------------------------------
+// The CUDA backend (test_cuda_forward.cpp, test_cuda_backward.cpp). Declared in every build; in a
+// test binary built without CUDA the runners return kUnsupported, and the GPU tests skip through
+// NSA_SKIP_WITHOUT_DEVICE before they get there.
+
+// The CUDA backend is built into this binary and a device is present.
+bool cuda_device_available();
+
+#define NSA_SKIP_WITHOUT_DEVICE()                                                   \
+  do {                                                                              \
+    if (!::nsa_test::cuda_device_available()) GTEST_SKIP() << "no CUDA device";     \
+  } while (0)
+
+// Runs nsa::cuda::forward on device copies of `buffers` (inputs and offsets; out, out_branch, lse
+// and, unless given, block_indices poisoned first; workspace filled with 0xFF bytes), copies the
+// outputs back into `buffers`, checks the gaps of out and returns them. `status` receives the
+// forward's status (a launch error found by the synchronization after it included).
+Outputs run_cuda_forward(Buffers& buffers, nsa::Status* status);
+// Runs nsa::cuda::backward (with `deterministic`) on device copies of `buffers`: inputs, grad_out,
+// and block_indices / out_branch / lse as they are in `buffers` (run_cuda_forward leaves the GPU
+// forward's there); every grad poisoned with NaN, the workspace with 0xFF bytes. Copies the grads
+// back, checks their gaps and that no read-only buffer changed, and returns them.
+Grads run_cuda_backward(Buffers& buffers, bool deterministic, nsa::Status* status);
+
 }  // namespace nsa_test
