@@ -1,12 +1,19 @@
 // nsa_bench_forward: times the CUDA forward and each of its stages with CUDA events (median of
 // --iters runs after --warmup), on random inputs, and prints one line per (T, stage) with the
-// nominal TFLOP/s (the FLOPs NSA needs, not the ones a kernel happens to do).
+// nominal TFLOP/s (the FLOPs NSA needs, not the ones a kernel happens to do); with --backward
+// also the backward and its stages.
 //
 //   nsa_bench_forward [--seqlens 8192,32768] [--batch 1] [--q-heads 64] [--kv-heads 4] [--dk 128]
 //                     [--dv 128] [--dtype bf16|fp16] [--iters 20] [--warmup 3] [--no-out-branch] [--check]
+//                     [--backward]
 //
-// Stages (src/cuda/forward_internal.h): cmp = compressed attention, select = scores + top-n,
+// Stages (src/cuda/stages.h): cmp = compressed attention, select = scores + top-n,
 // slc = selected attention, win = window attention + gated combine; all = nsa::cuda::forward.
+// Backward: bwd = nsa::cuda::backward (default mode), bwd-det = deterministic mode, bwd-prep =
+// zeroing + dgates/delta + block -> query index, bwd-dq = dq of all branches, bwd-cmp / bwd-slc /
+// bwd-win = dk, dv of a branch, bwd-conv = fp32 accumulators -> gradients. TFLOP/s of a backward
+// stage counts the products it does (dq: S, dP, dQ; dk/dv: S, dP, dV, dK), of bwd and bwd-det the
+// products a backward needs (S, dP, dV, dK, dQ once per attended key).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -18,7 +25,7 @@
 #include <vector>
 
 #include "cpu/layout.h"
-#include "cuda/forward_internal.h"
+#include "cuda/stages.h"
 #include "nsa/nsa.h"
 
 namespace {
@@ -30,6 +37,7 @@ struct Options {
   int iters = 20, warmup = 3;
   bool out_branch = true;
   bool check = false;  // after the runs: every element of out finite (sanity at sizes the tests can't reach)
+  bool backward = false;
 };
 
 [[noreturn]] void fail(const std::string& what) {
@@ -51,6 +59,10 @@ Options parse(int argc, char** argv) {
     }
     if (flag == "--check") {
       o.check = true;
+      continue;
+    }
+    if (flag == "--backward") {
+      o.backward = true;
       continue;
     }
     if (a + 1 >= argc) fail("missing value for " + flag);
@@ -128,6 +140,7 @@ double median(std::vector<float> v) {
 int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
   if (!nsa::cuda::built()) fail("built without CUDA");
+  if (o.backward && !o.out_branch) fail("--backward needs the branch outputs (drop --no-out-branch)");
   cudaDeviceProp prop{};
   check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
   const Pool pool(o.dtype, size_t{1} << 24);
@@ -198,12 +211,12 @@ int main(int argc, char** argv) {
                   {"select", nsa::cuda_detail::kStageSelect, scale * f_sel},
                   {"slc", nsa::cuda_detail::kStageSlc, scale * f_slc},
                   {"win", nsa::cuda_detail::kStageWin, scale * f_win}};
-    for (const Stage& st : stages) {
+    auto time_runs = [&](const char* name, double flops, auto&& run) {
       std::vector<float> times;
       for (int it = 0; it < o.warmup + o.iters; ++it) {
         check(cudaEventRecord(start, stream), "cudaEventRecord");
-        const nsa::Status status = nsa::cuda_detail::forward_stages(p, workspace, ws_bytes, stream, st.mask);
-        if (!status.ok()) fail(std::string("forward: ") + status.message);
+        const nsa::Status status = run();
+        if (!status.ok()) fail(std::string(name) + ": " + status.message);
         check(cudaEventRecord(stop, stream), "cudaEventRecord");
         check(cudaEventSynchronize(stop), "cudaEventSynchronize");
         float ms = 0;
@@ -211,11 +224,74 @@ int main(int argc, char** argv) {
         if (it >= o.warmup) times.push_back(ms);
       }
       const double ms = median(times);
-      std::printf("%8lld %-7s %10.3f %10.1f %12.1f\n", static_cast<long long>(T), st.name, ms,
-                  st.flops / (ms * 1e-3) / 1e12, st.flops / 1e9);
-    }
+      std::printf("%8lld %-7s %10.3f %10.1f %12.1f\n", static_cast<long long>(T), name, ms,
+                  flops / (ms * 1e-3) / 1e12, flops / 1e9);
+    };
+    for (const Stage& st : stages)
+      time_runs(st.name, st.flops, [&] { return nsa::cuda_detail::forward_stages(p, workspace, ws_bytes, stream, st.mask); });
     std::printf("%8lld %-7s %10s %10s %12.1f  (dense causal attention FLOPs, for the ratio)\n",
                 static_cast<long long>(T), "dense", "-", "-", dense / 1e9);
+    std::vector<void*> backward_buffers;
+    if (o.backward) {  // on the forward's outputs (the last "all" run wrote them)
+      nsa::BackwardParams bp;
+      bp.config = p.config;
+      bp.dtype = p.dtype;
+      bp.shape = p.shape;
+      bp.q = p.q, bp.k = p.k, bp.v = p.v, bp.k_cmp = p.k_cmp, bp.v_cmp = p.v_cmp, bp.gates = p.gates;
+      bp.block_indices = p.block_indices;
+      bp.out_branch = out_branch;
+      bp.lse = lse;
+      bp.grad_out = input(T, Hq, Dv, 7);
+      auto output = [&](int64_t rows, int64_t heads, int64_t dim) {
+        void* ptr = nullptr;
+        check(cudaMalloc(&ptr, static_cast<size_t>(std::max<int64_t>(1, B * rows * heads * dim) * 2)), "cudaMalloc");
+        backward_buffers.push_back(ptr);
+        return nsa::OutputTensor{ptr, rows * heads * dim, heads * dim, dim};
+      };
+      bp.grad_q = output(T, Hq, Dk);
+      bp.grad_k = output(T, Hkv, Dk);
+      bp.grad_v = output(T, Hkv, Dv);
+      bp.grad_k_cmp = output(Tc, Hkv, Dk);
+      bp.grad_v_cmp = output(Tc, Hkv, Dv);
+      bp.grad_gates = output(T, Hq, 3);
+      const size_t bwd_bytes = nsa::cuda::backward_workspace_bytes(bp);
+      void* bwd_workspace = nullptr;
+      check(cudaMalloc(&bwd_workspace, std::max<size_t>(bwd_bytes, 1)), "cudaMalloc backward workspace");
+      backward_buffers.push_back(bwd_workspace);
+      // Products per attended key (2 FLOPs per multiply-add): S and dQ over Dk, dP and dV over Dv,
+      // dK over Dk; keys per branch from the forward's nominal counts.
+      const double dk = static_cast<double>(Dk), dv = static_cast<double>(Dv);
+      const double keys_cmp = scale * f_cmp / (2 * (dk + dv)), keys_slc = scale * f_slc / (2 * (dk + dv)),
+                   keys_win = scale * f_win / (2 * (dk + dv)), keys = keys_cmp + keys_slc + keys_win;
+      namespace cd = nsa::cuda_detail;
+      const struct {
+        const char* name;
+        unsigned mask;
+        bool deterministic;
+        double flops;
+      } bwd_stages[] = {{"bwd", cd::kBwdStageAll, false, keys * 2 * (3 * dk + 2 * dv)},
+                        {"bwd-det", cd::kBwdStageAll, true, keys * 2 * (3 * dk + 2 * dv)},
+                        {"bwd-prep", cd::kBwdStagePrep, false, 0},
+                        {"bwd-dq", cd::kBwdStageDq, false, keys * 2 * (2 * dk + dv)},
+                        {"bwd-cmp", cd::kBwdStageCmp, false, keys_cmp * 2 * (2 * dk + 2 * dv)},
+                        {"bwd-slc", cd::kBwdStageSlc, false, keys_slc * 2 * (2 * dk + 2 * dv)},
+                        {"bwd-win", cd::kBwdStageWin, false, keys_win * 2 * (2 * dk + 2 * dv)},
+                        {"bwd-conv", cd::kBwdStageConvert, false, 0}};
+      for (const auto& st : bwd_stages) {
+        bp.deterministic = st.deterministic;
+        time_runs(st.name, st.flops,
+                  [&] { return cd::backward_stages(bp, bwd_workspace, bwd_bytes, stream, st.mask); });
+      }
+      backward_buffers.push_back(const_cast<void*>(bp.grad_out.data));
+      if (o.check) {
+        const size_t count = static_cast<size_t>(B * T * Hq * Dk);
+        std::vector<uint16_t> host(count);
+        check(cudaMemcpy(host.data(), bp.grad_q.data, count * 2, cudaMemcpyDeviceToHost), "cudaMemcpy grad_q");
+        size_t bad = 0;
+        for (uint16_t bits : host) bad += (bits & 0x7fffu) >= (o.dtype == nsa::DType::kBFloat16 ? 0x7f80u : 0x7c00u);
+        std::printf("%8lld check   grad_q: %zu elements, %zu not finite\n", static_cast<long long>(T), count, bad);
+      }
+    }
     check(cudaGetLastError(), "after the runs");
     if (o.check) {  // out is written by the last run of the last stage ("win" includes the combine)
       const size_t count = static_cast<size_t>(B * T * Hq * Dv);
@@ -234,6 +310,7 @@ int main(int argc, char** argv) {
     for (const void* ptr : {p.q.data, p.k.data, p.v.data, p.k_cmp.data, p.v_cmp.data, p.gates.data})
       cudaFree(const_cast<void*>(ptr));
     for (void* ptr : {out, out_branch, lse, indices, workspace}) cudaFree(ptr);
+    for (void* ptr : backward_buffers) cudaFree(ptr);
   }
   return 0;
 }

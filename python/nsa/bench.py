@@ -1,7 +1,9 @@
 """Benchmarks: ``python -m nsa.bench prefill [options]`` (DESIGN.md section 4).
 
-Times the NSA forward (``nsa.nsa_attention``, no grad) and PyTorch SDPA dense causal attention
-(cuDNN and flash backends, same heads) in one process on one GPU: CUDA events after warm-up,
+Times the NSA forward (``nsa.nsa_attention``, no grad) and backward (``torch.ops.nsa.backward``
+on the forward's saved outputs, default and deterministic modes) and PyTorch SDPA dense causal
+attention forward and backward (cuDNN and flash backends, same heads; the backward timed alone,
+its forward outside the events) in one process on one GPU: CUDA events after warm-up,
 median of ``--iters`` runs, rotating among input sets larger than the L2 cache. Measures the
 bf16 matmul and copy ceilings first. Optionally runs the C++ ``nsa_bench_forward`` binary for the
 same shape to get per-stage medians. Writes JSON ({"rows", "ceilings", "meta"}) and a PNG.
@@ -57,6 +59,11 @@ def nsa_flops(B: int, T: int, Hq: int, Dk: int, Dv: int, cmp_block: int = 32, cm
          "slc": heads * slc_keys * 2.0 * (Dk + Dv), "win": heads * win_keys * 2.0 * (Dk + Dv)}
     f["all"] = f["cmp"] + f["select"] + f["slc"] + f["win"]
     f["dense_causal"] = heads * 2.0 * (Dk + Dv) * T * (T + 1) / 2.0
+    # Backward: per attended key 2*Dk (S) + 2*Dv (dP) + 2*Dv (dV) + 2*Dk (dK) + 2*Dk (dQ), i.e. 2.5x
+    # the forward's QK + PV when Dk = Dv; top-n has no backward.
+    bwd = lambda fwd_qk_pv: fwd_qk_pv * (3.0 * Dk + 2.0 * Dv) / (Dk + Dv)  # noqa: E731
+    f["bwd"] = bwd(f["cmp"] + f["slc"] + f["win"])
+    f["dense_causal_bwd"] = bwd(f["dense_causal"])
     return f
 
 
@@ -78,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-json", metavar="PATH", help="default benchmarks/results/prefill_<gpu>_<date>.json")
     p.add_argument("--out-png", metavar="PATH", help="default: the JSON path with .png")
     p.add_argument("--no-png", action="store_true", help="do not plot")
+    p.add_argument("--no-backward", action="store_true", help="time the forward only")
     p.add_argument("--plot-only", metavar="JSON", help="make the PNG from an existing JSON and exit (no GPU)")
     args = parser.parse_args(argv)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -98,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 # Stage bench (C++ binary) output parsing
 
-_STAGE_LINE = re.compile(r"^\s*(\d+)\s+(all|cmp|select|slc|win)\s+([0-9.]+)\s")
+_STAGE_LINE = re.compile(r"^\s*(\d+)\s+(all|cmp|select|slc|win|bwd|bwd-[a-z]+)\s+([0-9.]+)\s")
 
 
 def parse_stage_output(text: str) -> dict:
@@ -111,10 +119,11 @@ def parse_stage_output(text: str) -> dict:
     return out
 
 
-def run_stage_bench(path: str, cfg: dict, T: int, dtype: str, iters: int, warmup: int, timeout: float):
+def run_stage_bench(path: str, cfg: dict, T: int, dtype: str, iters: int, warmup: int, timeout: float,
+                    backward: bool = True):
     cmd = [path, "--seqlens", str(T), "--batch", str(cfg["B"]), "--q-heads", str(cfg["Hq"]),
            "--kv-heads", str(cfg["Hkv"]), "--dk", str(cfg["Dk"]), "--dv", str(cfg["Dv"]), "--dtype", dtype,
-           "--iters", str(iters), "--warmup", str(warmup)]
+           "--iters", str(iters), "--warmup", str(warmup)] + (["--backward"] if backward else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -151,6 +160,25 @@ def time_rotating(fn, sets, iters: int, warmup: int) -> float:
         b.record()
     torch.cuda.synchronize()
     return _median([a.elapsed_time(b) for a, b in events])
+
+
+def time_after_setup(setup, fn, sets, iters: int, warmup: int) -> float:
+    """Median ms of fn(setup(s)) over rotating sets, timing fn only (setup runs before the start event)."""
+    import torch
+
+    for i in range(warmup):
+        fn(setup(sets[i % len(sets)]))
+    torch.cuda.synchronize()
+    times = []
+    for i in range(iters):
+        state = setup(sets[(warmup + i) % len(sets)])
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(state)
+        b.record()
+        times.append((a, b))
+    torch.cuda.synchronize()
+    return _median([a.elapsed_time(b) for a, b in times])
 
 
 def num_sets(set_bytes: int, l2_bytes: int, cap: int = 16) -> int:
@@ -216,7 +244,8 @@ def validate(cfg: dict, dtype) -> dict:
             "ok": bool(torch.isfinite(out).all().item()) and err < 5e-2}
 
 
-def bench_nsa(cfg, T, dtype, iters, warmup, l2):
+def bench_nsa(cfg, T, dtype, iters, warmup, l2, backward=True):
+    """(forward ms, {mode: backward ms}, input sets, output finite)."""
     import torch
 
     import nsa
@@ -239,16 +268,33 @@ def bench_nsa(cfg, T, dtype, iters, warmup, l2):
     def fn(s):
         last["out"] = nsa.nsa_attention(s["q"], s["k"], s["v"], s["k_cmp"], s["v_cmp"], s["gates"], **NSA)
 
+    bwd_ms = {}
     with torch.no_grad():
         ms = time_rotating(fn, sets, iters, warmup)
         finite = bool(torch.isfinite(last["out"]).all().item())
+        if backward:
+            order = ("cmp_block", "cmp_stride", "sel_block", "num_selected", "num_init", "num_local", "window")
+            settings = [NSA[k] for k in order]
+            for s in sets:  # the forward's saved outputs, as autograd would keep them
+                _, s["out_branch"], s["lse"], s["indices"] = torch.ops.nsa.forward(
+                    s["q"], s["k"], s["v"], None, None, s["k_cmp"], s["v_cmp"], s["gates"], None, None, None, T,
+                    *settings, 0.0, True)
+                s["grad_out"] = torch.randn(B, T, Hq, Dv, device="cuda", dtype=dtype)
+            for mode, deterministic in (("default", False), ("deterministic", True)):
+                def bwd(s, deterministic=deterministic):
+                    last["grads"] = torch.ops.nsa.backward(
+                        s["grad_out"], s["q"], s["k"], s["v"], None, None, s["k_cmp"], s["v_cmp"], s["gates"],
+                        s["indices"], s["out_branch"], s["lse"], None, None, T, *settings, 0.0, deterministic)
+                bwd_ms[mode] = time_rotating(bwd, sets, iters, warmup)
+                finite = finite and all(bool(torch.isfinite(g).all().item()) for g in last["grads"] if g.numel())
     del sets, last
     torch.cuda.empty_cache()
-    return ms, n, finite
+    return ms, bwd_ms, n, finite
 
 
-def bench_sdpa(backend_name, cfg, T, dtype, iters, warmup, l2):
-    """(ms, gqa_mode, sets) for one SDPA backend; raises if the backend cannot run the shape."""
+def bench_sdpa(backend_name, cfg, T, dtype, iters, warmup, l2, backward=True):
+    """(forward ms, backward ms or None, gqa_mode, sets) for one SDPA backend; raises if the backend
+    cannot run the shape."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -274,7 +320,17 @@ def bench_sdpa(backend_name, cfg, T, dtype, iters, warmup, l2):
             with sdpa_kernel(backend), torch.no_grad():
                 ms = time_rotating(lambda s: F.scaled_dot_product_attention(*s, is_causal=True, **kw),
                                    sets, iters, warmup)
-            return ms, mode, n
+            bwd_ms = None
+            if backward:
+                def setup(s):
+                    leaves = [t.detach().requires_grad_(True) for t in s]
+                    out = F.scaled_dot_product_attention(*leaves, is_causal=True, **kw)
+                    return out, leaves, torch.randn_like(out)
+
+                with sdpa_kernel(backend):
+                    bwd_ms = time_after_setup(setup, lambda st: torch.autograd.grad(st[0], st[1], st[2]),
+                                              sets, iters, warmup)
+            return ms, bwd_ms, mode, n
         except Exception as e:  # noqa: BLE001  (backend refuses the shape, or OOM)
             if _is_oom(e):
                 raise
@@ -318,7 +374,8 @@ def run_prefill(args) -> int:
             "command": " ".join(["python -m nsa.bench"] + sys.argv[1:]), "dtype": args.dtype,
             "iters": args.iters, "warmup": args.warmup, "nsa_config": NSA,
             "nsa_inputs": "k_win/v_win not given (window branch reads k/v), random gates in (0,1), "
-                          "random k_cmp/v_cmp, no grad",
+                          "random k_cmp/v_cmp; forward timed without grad (no branch outputs saved), backward "
+                          "timed on the saved outputs of a forward with save_branch_outputs",
             "timing": "CUDA events per run, median of iters after warmup, rotating input sets "
                       "(>= 2, together > 2x L2)",
             "stage_bench": args.stage_bench, "validation": {}}
@@ -347,40 +404,49 @@ def run_prefill(args) -> int:
             row["nominal_gflop"] = {k: v / 1e9 for k, v in flops.items()}
             print(f"[{cname}] T={T}", flush=True)
             try:
-                ms, nsets, finite = bench_nsa(cfg, T, dtype, args.iters, args.warmup, l2)
-                row.update(nsa_ms=ms, nsa_input_sets=nsets, nsa_finite=finite)
+                ms, bwd_ms, nsets, finite = bench_nsa(cfg, T, dtype, args.iters, args.warmup, l2,
+                                                      not args.no_backward)
+                row.update(nsa_ms=ms, nsa_bwd_ms=bwd_ms.get("default"),
+                           nsa_bwd_deterministic_ms=bwd_ms.get("deterministic"), nsa_input_sets=nsets,
+                           nsa_finite=finite)
                 if not finite:
                     row["notes"].append("NSA output not finite")
             except Exception as e:  # noqa: BLE001
                 row["nsa_ms"] = None
+                row["nsa_bwd_ms"] = None
                 row["notes"].append(("nsa skipped: out of memory" if _is_oom(e) else
                                      f"nsa failed: {type(e).__name__}: {str(e)[:200]}"))
                 torch.cuda.empty_cache()
             for b in ("cudnn", "flash"):
                 try:
-                    ms, mode, nsets = bench_sdpa(b, cfg, T, dtype, args.iters, args.warmup, l2)
-                    row.update({f"{b}_ms": ms, f"{b}_gqa": mode, f"{b}_input_sets": nsets})
+                    ms, bwd_ms, mode, nsets = bench_sdpa(b, cfg, T, dtype, args.iters, args.warmup, l2,
+                                                         not args.no_backward)
+                    row.update({f"{b}_ms": ms, f"{b}_bwd_ms": bwd_ms, f"{b}_gqa": mode, f"{b}_input_sets": nsets})
                 except Exception as e:  # noqa: BLE001
-                    row[f"{b}_ms"] = None
+                    row[f"{b}_ms"] = row[f"{b}_bwd_ms"] = None
                     row["notes"].append(f"{b} skipped: out of memory" if _is_oom(e) else
                                         f"{b} unavailable: {str(e)[:300]}")
                     torch.cuda.empty_cache()
             if args.stage_bench:
                 stages, err = run_stage_bench(args.stage_bench, cfg, T, args.dtype, args.iters, args.warmup,
-                                              args.stage_timeout)
+                                              args.stage_timeout, not args.no_backward)
                 row["stages_ms"] = stages
                 if err:
                     row["notes"].append(err)
-            ours = row.get("nsa_ms")
+            ours, ours_bwd = row.get("nsa_ms"), row.get("nsa_bwd_ms")
             for b in ("cudnn", "flash"):
-                ref = row.get(f"{b}_ms")
+                ref, ref_bwd = row.get(f"{b}_ms"), row.get(f"{b}_bwd_ms")
                 row[f"fwd_ratio_vs_{b}"] = ours / ref if ours and ref else None
+                row[f"bwd_ratio_vs_{b}"] = ours_bwd / ref_bwd if ours_bwd and ref_bwd else None
                 row[f"{b}_tflops"] = flops["dense_causal"] / (ref * 1e-3) / 1e12 if ref else None
+                row[f"{b}_bwd_tflops"] = flops["dense_causal_bwd"] / (ref_bwd * 1e-3) / 1e12 if ref_bwd else None
             row["nsa_tflops"] = flops["all"] / (ours * 1e-3) / 1e12 if ours else None
+            row["nsa_bwd_tflops"] = flops["bwd"] / (ours_bwd * 1e-3) / 1e12 if ours_bwd else None
             row["nsa_frac_of_matmul"] = (row["nsa_tflops"] / ceilings["matmul_bf16_tflops"]
                                          if row["nsa_tflops"] else None)
             if row.get("stages_ms"):
-                row["stages_tflops"] = {s: flops[s] / (v * 1e-3) / 1e12 for s, v in row["stages_ms"].items() if v}
+                row["stages_tflops"] = {s: flops[s] / (v * 1e-3) / 1e12 for s, v in row["stages_ms"].items()
+                                        if v and s in flops}
             for note in row["notes"]:
                 print(f"    note: {note}", flush=True)
             print("    " + _fmt_row(row), flush=True)
@@ -407,7 +473,13 @@ def _fmt_row(r) -> str:
     return (f"nsa {_f(r.get('nsa_ms'), '.3f')} ms ({_f(r.get('nsa_tflops'), '.0f')} TFLOP/s)  "
             f"cudnn {_f(r.get('cudnn_ms'), '.3f')}  flash {_f(r.get('flash_ms'), '.3f')}  "
             f"ours/cudnn {_f(r.get('fwd_ratio_vs_cudnn'))}  ours/flash {_f(r.get('fwd_ratio_vs_flash'))}  "
+            f"bwd: nsa {_f(r.get('nsa_bwd_ms'), '.3f')} (det {_f(r.get('nsa_bwd_deterministic_ms'), '.3f')}) "
+            f"cudnn {_f(r.get('cudnn_bwd_ms'), '.3f')} flash {_f(r.get('flash_bwd_ms'), '.3f')} "
+            f"ours/cudnn {_f(r.get('bwd_ratio_vs_cudnn'))}  "
             + " ".join(f"{s} {_f(st.get(s), '.3f')}" for s in STAGES if s in st))
+
+
+BWD_STAGES = ("bwd-prep", "bwd-dq", "bwd-cmp", "bwd-slc", "bwd-win", "bwd-conv")
 
 
 def print_table(result) -> None:
@@ -426,6 +498,19 @@ def print_table(result) -> None:
                          _f(r.get("cudnn_ms"), ".3f"), _f(r.get("flash_ms"), ".3f"),
                          _f(r.get("fwd_ratio_vs_cudnn")), _f(r.get("fwd_ratio_vs_flash")),
                          _f(r.get("nsa_tflops"), ".0f"), "-" if frac is None else f"{100 * frac:.0f}"))
+    if not any(r.get("nsa_bwd_ms") for r in result["rows"]):
+        return
+    print(f"\nprefill backward (same run; stages from the C++ stage bench, default mode)")
+    hdr = ("config", "T", "nsa", "det") + tuple(s[4:] for s in BWD_STAGES) + ("cudnn", "flash", "/cudnn", "/flash",
+                                                                              "TFLOP/s")
+    fmt = "{:<10} {:>7} {:>9} {:>9}" + " {:>8}" * len(BWD_STAGES) + " {:>9} {:>9} {:>6} {:>6} {:>7}"
+    print(fmt.format(*hdr))
+    for r in result["rows"]:
+        st = r.get("stages_ms") or {}
+        print(fmt.format(r["config"], r["T"], _f(r.get("nsa_bwd_ms"), ".3f"), _f(r.get("nsa_bwd_deterministic_ms"), ".3f"),
+                         *(_f(st.get(s), ".3f") for s in BWD_STAGES), _f(r.get("cudnn_bwd_ms"), ".3f"),
+                         _f(r.get("flash_bwd_ms"), ".3f"), _f(r.get("bwd_ratio_vs_cudnn")),
+                         _f(r.get("bwd_ratio_vs_flash")), _f(r.get("nsa_bwd_tflops"), ".0f")))
 
 
 def plot(result, path: Path) -> bool:
@@ -443,8 +528,9 @@ def plot(result, path: Path) -> bool:
         print("plot skipped: no rows")
         return False
     fig, axes = plt.subplots(1, len(configs), figsize=(max(7.5, 5.5 * len(configs)), 4.8), squeeze=False)
-    series = [("nsa_ms", "NSA (ours)", "o-"), ("cudnn_ms", "SDPA cuDNN (dense causal)", "s--"),
-              ("flash_ms", "SDPA flash (dense causal)", "^--")]
+    series = [("nsa_ms", "NSA forward (ours)", "o-"), ("cudnn_ms", "SDPA cuDNN forward (dense causal)", "s--"),
+              ("flash_ms", "SDPA flash forward (dense causal)", "^--"), ("nsa_bwd_ms", "NSA backward (ours)", "o-."),
+              ("cudnn_bwd_ms", "SDPA cuDNN backward", "s:")]
     for ax, cname in zip(axes[0], configs):
         rs = sorted((r for r in rows if r["config"] == cname), key=lambda r: r["T"])
         for key, label, style in series:
@@ -461,11 +547,11 @@ def plot(result, path: Path) -> bool:
         ax.set_yscale("log")
         ax.set_title(f"{cname}: B={r0['B']} Hq={r0['Hq']} Hkv={r0['Hkv']} Dk={r0['Dk']} Dv={r0['Dv']}")
         ax.set_xlabel("sequence length T")
-        ax.set_ylabel("forward time (ms)")
+        ax.set_ylabel("time (ms)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     m = result["meta"]
-    fig.suptitle(f"Prefill forward, {m.get('gpu')}, torch {m.get('torch')}, {m.get('dtype')}, {m.get('date')}", fontsize=10)
+    fig.suptitle(f"Prefill forward and backward, {m.get('gpu')}, torch {m.get('torch')}, {m.get('dtype')}, {m.get('date')}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
