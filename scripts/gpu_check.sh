@@ -203,7 +203,9 @@ section summary
   printf "%-10s %s\n" prefill "${R[prefill]}" bench "${R[bench]}"
   printf "%-10s %s\n" gather "${R[gather]}" ncu "${R[ncu]}"
   if [ "$HARNESS" = 1 ]; then
-    sed -n '/^prefill forward, /,/^wrote\|^plot skipped/p' "$OUT/bench.log" | grep -v '^wrote\|^plot skipped'
+    # the harness's tables (forward, backward): from its first table to the gather / ncu output
+    sed -n '/^prefill forward, /,/^nsa_gather_ceiling:\|^--- ncu/p' "$OUT/bench.log" |
+      grep -v '^nsa_gather_ceiling:\|^--- ncu\|^wrote\|^plot skipped'
   else
     echo "forward (B=1 Hq=64 Hkv=4 D=128 bf16, paper config; C++ nsa_bench_forward, median ms):"
     grep -E "^ *[0-9]+ (all|cmp|select|slc|win) " "$OUT/bench.log" 2>/dev/null
