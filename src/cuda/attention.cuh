@@ -231,40 +231,35 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
 }
 
 // The key-tile loop of a branch: tiles k = 0 .. num_tiles-1 of K ([*, Dk], row stride kstride)
-// and V are loaded with cp.async into the Stages-deep ring buffers sK / sV (Stages - 1 tiles in
-// flight while one is computed), and body(tiles, ti, tile_k, tile_v) runs on each tile the warp
-// does not skip (a warp-uniform test). Every thread of the CTA calls it (it synchronizes).
-template <class T, int Dk, int Dv, int Stages = 2, class Tiles, class Body>
+// and V are loaded with cp.async into the double buffers sK / sV, and body(tiles, ti, tile_k,
+// tile_v) runs on each tile the warp does not skip (a warp-uniform test). Every thread of the CTA calls it (it synchronizes).
+template <class T, int Dk, int Dv, class Tiles, class Body>
 __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kbase, int64_t kstride, const T* vbase,
                                                 int64_t vstride, T* sK, T* sV, uint64_t warp_positions, Body&& body) {
-  static_assert(Stages >= 2, "at least double buffering");
   constexpr int64_t kKElems = AttentionSmem::k_elems(Dk), kVElems = AttentionSmem::v_elems(Dv);
   const int tid = threadIdx.x;
   const int num_tiles = tiles.num_tiles();
   if (num_tiles <= 0) return;
 
-  // One commit group per tile index, empty past the last tile, so that wait<Stages - 1> always
-  // means "tile k has landed".
   auto issue = [&](int k) {
-    if (k < num_tiles) {
-      const TileInfo ti = tiles.info(k);
-      load_rows_async<T, Dk, 64, kAttnThreads>(sK + (k % Stages) * kKElems, kbase, kstride, ti.key0, ti.count, tid);
-      load_rows_async<T, Dv, 64, kAttnThreads>(sV + (k % Stages) * kVElems, vbase, vstride, ti.key0, ti.count, tid);
-    }
+    const TileInfo ti = tiles.info(k);
+    load_rows_async<T, Dk, 64, kAttnThreads>(sK + (k & 1) * kKElems, kbase, kstride, ti.key0, ti.count, tid);
+    load_rows_async<T, Dv, 64, kAttnThreads>(sV + (k & 1) * kVElems, vbase, vstride, ti.key0, ti.count, tid);
     cp_async_commit();
   };
-#pragma unroll
-  for (int k = 0; k < Stages - 1; ++k) issue(k);
+  issue(0);
   for (int k = 0; k < num_tiles; ++k) {
-    issue(k + Stages - 1);
-    cp_async_wait<Stages - 1>();
+    if (k + 1 < num_tiles) {
+      issue(k + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
     __syncthreads();
     const TileInfo ti = tiles.info(k);
-    if (!tiles.warp_skips(ti, warp_positions))
-      body(tiles, ti, sK + (k % Stages) * kKElems, sV + (k % Stages) * kVElems);
-    __syncthreads();  // buffer k % Stages is refilled by the issue of tile k + Stages
+    if (!tiles.warp_skips(ti, warp_positions)) body(tiles, ti, sK + (k & 1) * kKElems, sV + (k & 1) * kVElems);
+    __syncthreads();  // the buffer of tile k is refilled by the issue of tile k + 2
   }
-  cp_async_wait<0>();  // (only empty groups remain)
 }
 
 // The Rows rows m0 .. m0+Rows-1 of the flattened (t, g) space of one (sequence, kv head): row
@@ -403,13 +398,13 @@ __device__ __forceinline__ void build_block_union(const ForwardArgs& a, const Se
 // The key-tile loop of branch kBranch for the rows of `rt` (sequence b, kv head kv_head): builds
 // the branch's tile set (for slc from the selected-block union in `union_smem`, which every
 // thread must reach) and runs sweep_key_tiles with its keys and values.
-template <class T, int Dk, int Dv, int kBranch, int Stages = 2, class Body>
+template <class T, int Dk, int Dv, int kBranch, class Body>
 __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const SeqInfo& seq, int kv_head,
                                              const RowTile& rt, unsigned char* union_smem, T* sK, T* sV,
                                              Body&& body) {
   if constexpr (kBranch == kBranchCmp) {
     const CmpTiles tiles{num_visible_cmp(rt.t_hi, a.cmp_block, a.cmp_stride)};
-    sweep_key_tiles<T, Dk, Dv, Stages>(tiles, seq_head_ptr<T>(a.k_cmp, a, b, seq.cmp_row0, kv_head), a.k_cmp.seq_stride,
+    sweep_key_tiles<T, Dk, Dv>(tiles, seq_head_ptr<T>(a.k_cmp, a, b, seq.cmp_row0, kv_head), a.k_cmp.seq_stride,
                                seq_head_ptr<T>(a.v_cmp, a, b, seq.cmp_row0, kv_head), a.v_cmp.seq_stride, sK, sV,
                                rt.warp_positions, body);
   } else if constexpr (kBranch == kBranchSlc) {
@@ -418,12 +413,12 @@ __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const 
     int* union_blocks = nullptr;
     build_block_union(a, seq, kv_head, rt.t_lo, rt.t_hi, union_smem, &union_size, &union_masks, &union_blocks);
     const SlcTiles tiles{union_blocks, union_masks, union_size, (a.sel_block + 63) / 64, a.sel_block, rt.t_hi};
-    sweep_key_tiles<T, Dk, Dv, Stages>(tiles, seq_head_ptr<T>(a.k, a, b, seq.row0, kv_head), a.k.seq_stride,
+    sweep_key_tiles<T, Dk, Dv>(tiles, seq_head_ptr<T>(a.k, a, b, seq.row0, kv_head), a.k.seq_stride,
                                seq_head_ptr<T>(a.v, a, b, seq.row0, kv_head), a.v.seq_stride, sK, sV,
                                rt.warp_positions, body);
   } else {
     const WinTiles tiles{max(0, rt.t_lo - static_cast<int>(a.window) + 1), rt.t_hi, static_cast<int>(a.window)};
-    sweep_key_tiles<T, Dk, Dv, Stages>(tiles, seq_head_ptr<T>(a.k_win, a, b, seq.row0, kv_head), a.k_win.seq_stride,
+    sweep_key_tiles<T, Dk, Dv>(tiles, seq_head_ptr<T>(a.k_win, a, b, seq.row0, kv_head), a.k_win.seq_stride,
                                seq_head_ptr<T>(a.v_win, a, b, seq.row0, kv_head), a.v_win.seq_stride, sK, sV,
                                rt.warp_positions, body);
   }
@@ -521,7 +516,7 @@ __global__ void __launch_bounds__(kAttnThreads) slc_kernel(const ForwardArgs a) 
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + kRows * (Dk + 8);
-  T* sV = sK + kSlcStages * AttentionSmem::k_elems(Dk);
+  T* sV = sK + 2 * AttentionSmem::k_elems(Dk);
 
   const int b = blockIdx.z, kv_head = blockIdx.y;
   const SeqInfo seq = seq_info(a, b);
@@ -543,7 +538,7 @@ __global__ void __launch_bounds__(kAttnThreads) slc_kernel(const ForwardArgs a) 
   for (int nb = 0; nb < Dv / 8; ++nb)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[nb][e] = 0.f;
-  sweep_branch<T, Dk, Dv, kBranchSlc, kSlcStages>(
+  sweep_branch<T, Dk, Dv, kBranchSlc>(
       a, b, seq, kv_head, rt, smem + AttentionSmem::split_bytes(Dk, Dv), sK, sV,
       [&](const auto& tiles, const TileInfo& ti, const T* tk, const T* tv) {
         if (warp * 16 < ti.count)  // warp-uniform: the warp's keys exist

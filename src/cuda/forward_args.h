@@ -55,10 +55,6 @@ struct ForwardArgs {
   int union_capacity;     // max distinct selected blocks per attention CTA
 };
 
-// Pipeline depth of the slc kernel's K/V tile loads (its time is latency-bound: it gathers
-// scattered 64-key blocks and does little math on each).
-inline constexpr int kSlcStages = 3;
-
 // Shared-memory layout sizes, shared by the host (launch) and the kernels.
 struct AttentionSmem {
   // Q tile [64][Dk+8], K double buffer [2][64][Dk+8], V double buffer [2][64][Dv+8] (elements of 2
@@ -71,9 +67,9 @@ struct AttentionSmem {
   NSA_HOST_DEVICE static constexpr int64_t tiles_bytes(int dk, int dv) {
     return 2 * (q_elems(dk) + 2 * k_elems(dk) + 2 * v_elems(dv));
   }
-  // The slc kernel: Q [16][Dk+8] and kSlcStages K/V buffers, then the union.
+  // The slc kernel: Q [16][Dk+8] and the K/V double buffers, then the union.
   NSA_HOST_DEVICE static constexpr int64_t split_bytes(int dk, int dv) {
-    return 2 * (int64_t{16} * (dk + kPad) + kSlcStages * (k_elems(dk) + v_elems(dv)));
+    return 2 * (int64_t{16} * (dk + kPad) + 2 * k_elems(dk) + 2 * v_elems(dv));
   }
   NSA_HOST_DEVICE static constexpr int64_t union_bytes(int words, int capacity) {
     return int64_t{8} * words + int64_t{16} * capacity;  // masks first (8-byte aligned), then ints
