@@ -1,12 +1,10 @@
-// The tile attention kernels: FlashAttention-2 style, tensor cores (mma.sync m16n8k16, bf16/fp16
-// in, fp32 accumulation, online softmax in the exp2 domain) for the three NSA branches, and the
-// sweep / tile helpers the backward reuses (src/cuda/backward.cuh).
+// The tile attention kernel: FlashAttention-2 style, tensor cores (mma.sync m16n8k16, bf16/fp16
+// in, fp32 accumulation, online softmax in the exp2 domain) for the three NSA branches.
 //
-// Rows. attention_kernel (cmp, win): a CTA (4 warps, 16 rows each) owns 64 consecutive rows of
-// the flattened (t, g) space of one (sequence, kv head): row R = t * G + g reads query head
-// kv_head * G + g. So the G heads of a group share every K/V tile the CTA loads (any G >= 1), and
-// the CTA covers the positions t_lo .. t_hi (64 / G of them when G <= 64, a part of one
-// position's heads when G > 64). slc_kernel: a CTA owns 16 rows and its warps divide the keys.
+// Rows. A CTA (4 warps, 16 rows each) owns 64 consecutive rows of the flattened (t, g) space of
+// one (sequence, kv head): row R = t * G + g reads query head kv_head * G + g. So the G heads of
+// a group share every K/V tile the CTA loads (any G >= 1), and the CTA covers the positions
+// t_lo .. t_hi (64 / G of them when G <= 64, a part of one position's heads when G > 64).
 //
 // Keys come in tiles of 64 rows, loaded with cp.async into a double buffer. Which tiles and
 // which (row, key) pairs are valid is the branch's business (the *Tiles structs below):
@@ -15,7 +13,7 @@
 //   slc: the union of the blocks selected for t_lo .. t_hi (built in shared memory from
 //        block_indices), valid iff the row's position selected the block and s <= t.
 //
-// One kernel per branch, each one sweep, launched in this order after selection:
+// One kernel per branch (kBranch), each one sweep, launched in this order after selection:
 //   cmp: writes o_cmp (out_branch slot 0, or the workspace) and lse[0];
 //   slc: writes o_slc (out_branch slot 1, or the workspace) and lse[1];
 //   win: the window branch, then the gated combine (Eq. 5) of the dtype-rounded branch outputs
@@ -181,23 +179,20 @@ __device__ __forceinline__ void accumulate_ptile(float (&acc)[D / 8][4], const f
   }
 }
 
-// One key tile of a sweep for the warp's 16 rows: S = Q K^T, mask, online softmax, O += P V, over
-// the NB * 8 keys key_base .. of the tile (all 64 in the 64-row kernels; a quarter in the
-// split-key slc kernel, where the four warps share their rows and divide the keys).
-template <class T, int Dk, int Dv, int NB = 8, class Tiles, class QSource>
+// One key tile of a sweep for the warp's 16 rows: S = Q K^T, mask, online softmax, O += P V.
+template <class T, int Dk, int Dv, class Tiles, class QSource>
 __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo& ti, const T* tk, const T* tv,
                                              const QSource& qf, float scale_log2, const RowState (&rows)[2],
-                                             float (&acc)[Dv / 8][4], float (&m)[2], float (&l)[2],
-                                             int key_base = 0) {
+                                             float (&acc)[Dv / 8][4], float (&m)[2], float (&l)[2]) {
   const int lane = threadIdx.x & 31, tig = lane & 3;
-  float s[NB][4];
-  qk_tile<T, Dk, NB>(qf, tk + key_base * (Dk + 8), s);
+  float s[8][4];
+  qk_tile<T, Dk>(qf, tk, s);
 #pragma unroll
-  for (int nb = 0; nb < NB; ++nb)
+  for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       float x = s[nb][e] * scale_log2;
-      if (!tiles.valid(ti, rows[e >> 1], key_base + nb * 8 + tig * 2 + (e & 1))) x = neg_inf();
+      if (!tiles.valid(ti, rows[e >> 1], nb * 8 + tig * 2 + (e & 1))) x = neg_inf();
       s[nb][e] = x;
     }
 
@@ -205,7 +200,7 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
   for (int r = 0; r < 2; ++r) {
     float mx = neg_inf();
 #pragma unroll
-    for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
+    for (int nb = 0; nb < 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float m_new = fmaxf(m[r], mx);
@@ -214,7 +209,7 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
     m[r] = m_new;
     float sum = 0.f;
 #pragma unroll
-    for (int nb = 0; nb < NB; ++nb) {
+    for (int nb = 0; nb < 8; ++nb) {
       s[nb][2 * r] = fast_exp2(s[nb][2 * r] - m_use);
       s[nb][2 * r + 1] = fast_exp2(s[nb][2 * r + 1] - m_use);
       sum += s[nb][2 * r] + s[nb][2 * r + 1];
@@ -227,7 +222,7 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
     }
   }
 
-  accumulate_ptile<T, Dv, NB>(acc, s, tv + key_base * (Dv + 8));
+  accumulate_ptile<T, Dv>(acc, s, tv);
 }
 
 // The key-tile loop of a branch: tiles k = 0 .. num_tiles-1 of K ([*, Dk], row stride kstride)
@@ -262,25 +257,23 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
   }
 }
 
-// The Rows rows m0 .. m0+Rows-1 of the flattened (t, g) space of one (sequence, kv head): row
+// The 64 rows m0 .. m0+63 of the flattened (t, g) space of one (sequence, kv head): row
 // R = t * G + g is query head kv_head * G + g at position t. The thread's two rows (group and
-// group + 8 of its warp's 16, which start at row warp_row0 of the tile) and the positions (bits
-// t - t_lo) of its warp's rows.
+// group + 8 of its warp's 16) and the positions (bits t - t_lo) of its warp's rows.
 struct RowTile {
   int t_lo, t_hi;
   RowState rows[2];
   uint64_t warp_positions;
 };
 
-template <int Rows = 64>
-__device__ __forceinline__ RowTile make_row_tile(const ForwardArgs& a, int kv_head, int m0, int len, int warp_row0) {
-  const int G = a.group, lane = threadIdx.x & 31, group = lane >> 2;
+__device__ __forceinline__ RowTile make_row_tile(const ForwardArgs& a, int kv_head, int m0, int len) {
+  const int G = a.group, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, group = lane >> 2;
   RowTile rt;
   rt.t_lo = m0 / G;
-  rt.t_hi = min(len - 1, (m0 + Rows - 1) / G);
+  rt.t_hi = min(len - 1, (m0 + 63) / G);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int R = m0 + warp_row0 + group + 8 * r;
+    const int R = m0 + warp * 16 + group + 8 * r;
     const int t = R / G;
     rt.rows[r].t = t < len ? t : -1;
     rt.rows[r].tl = t - rt.t_lo;
@@ -289,20 +282,20 @@ __device__ __forceinline__ RowTile make_row_tile(const ForwardArgs& a, int kv_he
   }
   // Rows past the sequence end have no position.
   rt.warp_positions = 0;
-  const int first = (m0 + warp_row0) / G - rt.t_lo, last = min((m0 + warp_row0 + 15) / G, rt.t_hi) - rt.t_lo;
+  const int first = (m0 + warp * 16) / G - rt.t_lo, last = min((m0 + warp * 16 + 15) / G, rt.t_hi) - rt.t_lo;
   for (int tl = first; tl <= last; ++tl) rt.warp_positions |= 1ull << tl;
   return rt;
 }
 
-// cp.async of rows m0 .. m0+Rows-1 (as in RowTile) of a per-query-head tensor (Q, or dO in the
-// backward) into a shared-memory tile [Rows][D+8]; rows past the sequence are zeros. Not committed.
-template <class T, int D, int Rows = 64>
+// cp.async of rows m0 .. m0+63 (as in RowTile) of a per-query-head tensor (Q, or dO in the
+// backward) into a shared-memory tile [64][D+8]; rows past the sequence are zeros. Not committed.
+template <class T, int D>
 __device__ __forceinline__ void load_head_rows_async(T* tile, const TensorRef& ref, const ForwardArgs& a, int b,
                                                      const SeqInfo& seq, int kv_head, int m0) {
   const int G = a.group, len = static_cast<int>(seq.len);
   const T* base = seq_head_ptr<T>(ref, a, b, seq.row0, kv_head * G);
   constexpr int kChunks = D / 8;
-  for (int idx = threadIdx.x; idx < Rows * kChunks; idx += kAttnThreads) {
+  for (int idx = threadIdx.x; idx < 64 * kChunks; idx += kAttnThreads) {
     const int r = idx / kChunks, c = idx % kChunks;
     const int R = m0 + r;
     const int t = R / G, g = R % G;
@@ -427,7 +420,7 @@ __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const 
 template <class T, int Dk, int Dv, int kBranch>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const ForwardArgs a) {
   static_assert(Dk % 16 == 0 && Dv % 16 == 0, "head dims");
-  static_assert(kBranch == kBranchCmp || kBranch == kBranchWin, "branch (slc: slc_kernel)");
+  static_assert(kBranch == kBranchCmp || kBranch == kBranchSlc || kBranch == kBranchWin, "branch");
   using Tr = TypeTraits<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
@@ -444,7 +437,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const ForwardAr
 
   load_head_rows_async<T, Dk>(sQ, a.q, a, b, seq, kv_head, m0);
   cp_async_commit();
-  const RowTile rt = make_row_tile(a, kv_head, m0, len, warp * 16);
+  const RowTile rt = make_row_tile(a, kv_head, m0, len);
   const RowState(&rows)[2] = rt.rows;
 
   cp_async_wait<0>();
@@ -474,7 +467,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const ForwardAr
     const int64_t grow = seq.row0 + t;
     if (tig == 0) a.lse[(grow * H + head) * 3 + kBranch] = lse;
     if constexpr (kBranch != kBranchWin) {
-      T* dst = branch_row<T>(a.cmp_out, a, grow, head);
+      T* dst = branch_row<T>(kBranch == kBranchCmp ? a.cmp_out : a.slc_out, a, grow, head);
 #pragma unroll
       for (int nb = 0; nb < Dv / 8; ++nb)
         *reinterpret_cast<uint32_t*>(dst + nb * 8 + tig * 2) = Tr::pack(acc[nb][2 * r] * inv, acc[nb][2 * r + 1] * inv);
@@ -498,100 +491,6 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const ForwardAr
         if (o_win) *reinterpret_cast<uint32_t*>(o_win + col) = win_packed;
       }
     }
-  }
-}
-
-// The selected-attention kernel: a CTA owns 16 rows of the flattened (t, g) space (one m16 tile:
-// all G heads of 16 / G positions, or 16 of one position's heads when G > 16) and its four warps
-// divide the 64 keys of every tile of the selected-block union (16 each), each warp keeping its
-// own online softmax; the four partial results are merged at the end. Splitting keys rather than
-// rows keeps all four warps computing on every loaded tile: with 64-row CTAs a tile was selected
-// by the rows of about one warp, and the other three waited (measured: slc at 28 ms vs a 13.5 ms
-// gather floor at T = 64k, docs/decisions/0003-selected-branch-floor.md).
-template <class T, int Dk, int Dv>
-__global__ void __launch_bounds__(kAttnThreads) slc_kernel(const ForwardArgs a) {
-  static_assert(Dk % 16 == 0 && Dv % 16 == 0, "head dims");
-  using Tr = TypeTraits<T>;
-  constexpr int kRows = 16;
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + kRows * (Dk + 8);
-  T* sV = sK + 2 * AttentionSmem::k_elems(Dk);
-
-  const int b = blockIdx.z, kv_head = blockIdx.y;
-  const SeqInfo seq = seq_info(a, b);
-  const int m0 = static_cast<int>(blockIdx.x) * kRows;
-  const int len = static_cast<int>(seq.len);
-  if (int64_t{m0} >= seq.len * a.group) return;  // uniform over the CTA
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, group = lane >> 2, tig = lane & 3;
-
-  load_head_rows_async<T, Dk, kRows>(sQ, a.q, a, b, seq, kv_head, m0);
-  cp_async_commit();
-  const RowTile rt = make_row_tile<kRows>(a, kv_head, m0, len, 0);
-  cp_async_wait<0>();
-  __syncthreads();
-  QInRegisters<T, Dk> qf;
-  qf.load(sQ, 0);
-
-  float acc[Dv / 8][4], m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
-#pragma unroll
-  for (int nb = 0; nb < Dv / 8; ++nb)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[nb][e] = 0.f;
-  sweep_branch<T, Dk, Dv, kBranchSlc>(
-      a, b, seq, kv_head, rt, smem + AttentionSmem::split_bytes(Dk, Dv), sK, sV,
-      [&](const auto& tiles, const TileInfo& ti, const T* tk, const T* tv) {
-        if (warp * 16 < ti.count)  // warp-uniform: the warp's keys exist
-          softmax_tile<T, Dk, Dv, 2>(tiles, ti, tk, tv, qf, a.scale_log2, rt.rows, acc, m, l, warp * 16);
-      });
-
-  // Merge the warps' partial softmax states through shared memory (the tiles are free now).
-  static_assert(4 * kRows * Dv * 4 + 2 * 4 * kRows * 4 <= AttentionSmem::split_bytes(Dk, Dv), "merge space");
-  float* s_acc = reinterpret_cast<float*>(smem);  // [4][16][Dv]
-  float* s_m = s_acc + 4 * kRows * Dv;            // [4][16]
-  float* s_l = s_m + 4 * kRows;                   // [4][16]
-  __syncthreads();  // (a sweep with no tile returns without one)
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = group + 8 * r;
-    float lr = l[r];
-    lr += __shfl_xor_sync(0xffffffffu, lr, 1);
-    lr += __shfl_xor_sync(0xffffffffu, lr, 2);
-    if (tig == 0) {
-      s_m[warp * kRows + row] = m[r];
-      s_l[warp * kRows + row] = lr;
-    }
-#pragma unroll
-    for (int nb = 0; nb < Dv / 8; ++nb) {
-      float* dst = s_acc + (warp * kRows + row) * Dv + nb * 8 + tig * 2;
-      dst[0] = acc[nb][2 * r];
-      dst[1] = acc[nb][2 * r + 1];
-    }
-  }
-  __syncthreads();
-  const int H = a.num_q_heads;
-  constexpr float kLn2 = 0.69314718055994531f;
-  for (int idx = threadIdx.x; idx < kRows * (Dv / 2); idx += kAttnThreads) {
-    const int row = idx / (Dv / 2), col = (idx % (Dv / 2)) * 2;
-    const int R = m0 + row, t = R / a.group;
-    if (t >= len) continue;
-    const int head = kv_head * a.group + R % a.group;
-    float mx = neg_inf();
-#pragma unroll
-    for (int w = 0; w < 4; ++w) mx = fmaxf(mx, s_m[w * kRows + row]);
-    const float m_use = mx == neg_inf() ? 0.f : mx;
-    float sum = 0.f, o0 = 0.f, o1 = 0.f;
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      const float scale = fast_exp2(s_m[w * kRows + row] - m_use);
-      sum += s_l[w * kRows + row] * scale;
-      o0 += s_acc[(w * kRows + row) * Dv + col] * scale;
-      o1 += s_acc[(w * kRows + row) * Dv + col + 1] * scale;
-    }
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    const int64_t grow = seq.row0 + t;
-    *reinterpret_cast<uint32_t*>(branch_row<T>(a.slc_out, a, grow, head) + col) = Tr::pack(o0 * inv, o1 * inv);
-    if (col == 0) a.lse[(grow * H + head) * 3 + kBranchSlc] = sum > 0.f ? (mx + log2f(sum)) * kLn2 : neg_inf();
   }
 }
 

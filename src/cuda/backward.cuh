@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kAttnThreads) dq_kernel(const BackwardArgs a) 
   load_head_rows_async<T, Dk>(sQ, a.q, a, b, seq, kv_head, m0);
   load_head_rows_async<T, Dv>(sDo, a.grad_out, a, b, seq, kv_head, m0);
   cp_async_commit();
-  const RowTile rt = make_row_tile(a, kv_head, m0, len, warp * 16);
+  const RowTile rt = make_row_tile(a, kv_head, m0, len);
   const RowState(&rows)[2] = rt.rows;
   BranchRows br[3];
 #pragma unroll

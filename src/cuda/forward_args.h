@@ -67,10 +67,6 @@ struct AttentionSmem {
   NSA_HOST_DEVICE static constexpr int64_t tiles_bytes(int dk, int dv) {
     return 2 * (q_elems(dk) + 2 * k_elems(dk) + 2 * v_elems(dv));
   }
-  // The slc kernel: Q [16][Dk+8] and the K/V double buffers, then the union.
-  NSA_HOST_DEVICE static constexpr int64_t split_bytes(int dk, int dv) {
-    return 2 * (int64_t{16} * (dk + kPad) + 2 * k_elems(dk) + 2 * v_elems(dv));
-  }
   NSA_HOST_DEVICE static constexpr int64_t union_bytes(int words, int capacity) {
     return int64_t{8} * words + int64_t{16} * capacity;  // masks first (8-byte aligned), then ints
   }

@@ -2,7 +2,7 @@
 // the four kernels of the forward, in stream order:
 //   1. attention_kernel<cmp>:  compressed attention       grid (ceil(T*G/64), Hkv, B)
 //   2. select_kernel:          scores + top-n             grid (ceil(T/P), Hkv, B), P <= max(1, 64/G)
-//   3. slc_kernel:             selected attention         grid (ceil(T*G/16), Hkv, B)
+//   3. attention_kernel<slc>:  selected attention         grid as 1
 //   4. attention_kernel<win>:  window attention + gated combine, grid as 1.
 // Included only by the generated instantiation files.
 #pragma once
@@ -41,7 +41,7 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   if (err != cudaSuccess) return backend_error("querying the device", err);
 
   const int64_t attn_smem = AttentionSmem::tiles_bytes(Dk, Dv);
-  const int64_t slc_smem = AttentionSmem::split_bytes(Dk, Dv) + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
+  const int64_t slc_smem = attn_smem + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
   // Selection: P positions per CTA keep [P][ceil(T / l')] block scores in shared memory; halve P
   // (down to 1) while that does not fit. G = 16 takes the shuffle path (a warp per position).
   ForwardArgs sa = a;
@@ -55,12 +55,12 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   }
   const int64_t select_smem = select_bytes(sa);
   const auto cmp_kernel = attention_kernel<T, Dk, Dv, kBranchCmp>;
-  const auto slc = slc_kernel<T, Dk, Dv>;
+  const auto slc_kernel = attention_kernel<T, Dk, Dv, kBranchSlc>;
   const auto win_kernel = attention_kernel<T, Dk, Dv, kBranchWin>;
   const auto sel_kernel = g16 ? select_kernel<T, Dk, true> : select_kernel<T, Dk, false>;
   const bool run_select = (stages & kStageSelect) && !a.indices_given;
   Status st = prepare_kernel(cmp_kernel, attn_smem, max_smem, "the cmp attention kernel");
-  if (st.ok()) st = prepare_kernel(slc, slc_smem, max_smem, "the slc attention kernel");
+  if (st.ok()) st = prepare_kernel(slc_kernel, slc_smem, max_smem, "the slc attention kernel");
   if (st.ok()) st = prepare_kernel(win_kernel, attn_smem, max_smem, "the win attention kernel");
   if (st.ok() && run_select) st = prepare_kernel(sel_kernel, select_smem, max_smem, "the selection kernel");
   if (!st.ok()) return st;
@@ -79,9 +79,7 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
     if ((err = cudaGetLastError()) != cudaSuccess) return backend_error("launching the selection kernel", err);
   }
   if (stages & kStageSlc) {
-    const dim3 slc_grid(static_cast<unsigned>((a.seqlen * a.group + 15) / 16), static_cast<unsigned>(a.num_kv_heads),
-                        static_cast<unsigned>(a.batch));
-    slc<<<slc_grid, kAttnThreads, slc_smem, stream>>>(a);
+    slc_kernel<<<attn_grid, kAttnThreads, slc_smem, stream>>>(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return backend_error("launching the slc attention kernel", err);
   }
   if (stages & kStageWin) {
