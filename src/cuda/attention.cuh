@@ -417,15 +417,22 @@ __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const 
   }
 }
 
+// CTAs per SM the register allocation must allow. cmp and win: three up to Dk = 128 (<= 170
+// registers per thread, 70 KB of shared memory at D = 128): measured 0.51 -> 0.46 ms (cmp, 8k)
+// and 22.5 -> 20.2 ms (cmp, 64k) on an H200. slc: two; with three it slowed from 2.8 to 3.1 ms
+// at 8k (its cp.async.ca gathers compete for the L1 that more shared memory leaves).
+template <int Dk, int kBranch>
+inline constexpr int kAttnMinBlocks = (Dk > 128 || kBranch == kBranchSlc) ? 2 : 3;
+
 template <class T, int Dk, int Dv, int kBranch>
-__global__ void __launch_bounds__(kAttnThreads) attention_kernel(const ForwardArgs a) {
+__global__ void __launch_bounds__(kAttnThreads, (kAttnMinBlocks<Dk, kBranch>)) attention_kernel(const ForwardArgs a) {
   static_assert(Dk % 16 == 0 && Dv % 16 == 0, "head dims");
   static_assert(kBranch == kBranchCmp || kBranch == kBranchSlc || kBranch == kBranchWin, "branch");
   using Tr = TypeTraits<T>;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + AttentionSmem::q_elems(Dk);
+  T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + 2 * AttentionSmem::k_elems(Dk);
+  T* sQ = sK;  // until the Q fragments are in registers (AttentionSmem)
 
   const int b = blockIdx.z, kv_head = blockIdx.y;
   const SeqInfo seq = seq_info(a, b);
@@ -444,6 +451,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const ForwardAr
   __syncthreads();
   QInRegisters<T, Dk> qf;
   qf.load(sQ, warp * 16);
+  __syncthreads();  // the first K tile overwrites the Q tile
 
   float acc[Dv / 8][4], m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
 #pragma unroll

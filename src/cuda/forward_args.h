@@ -57,16 +57,16 @@ struct ForwardArgs {
 
 // Shared-memory layout sizes, shared by the host (launch) and the kernels.
 struct AttentionSmem {
-  // Q tile [64][Dk+8], K double buffer [2][64][Dk+8], V double buffer [2][64][Dv+8] (elements of 2
-  // bytes), then for the final kernel the selected-block union: bitmap and per-word prefix
+  // K double buffer [2][64][Dk+8] and V double buffer [2][64][Dv+8] (elements of 2 bytes); the Q
+  // tile [64][Dk+8] lives in the first K buffer until its fragments are in registers (it fits:
+  // q_elems <= 2 * k_elems), which keeps a CTA at 70 KB for D = 128 so that three fit on an SM.
+  // Then, for the slc kernel, the selected-block union: bitmap and per-word prefix
   // [union_words] uint32 each, blocks [union_capacity] int32, row masks [union_capacity] uint64.
   static constexpr int kRows = 64, kKeys = 64, kPad = 8;
   NSA_HOST_DEVICE static constexpr int64_t q_elems(int dk) { return int64_t{kRows} * (dk + kPad); }
   NSA_HOST_DEVICE static constexpr int64_t k_elems(int dk) { return int64_t{kKeys} * (dk + kPad); }
   NSA_HOST_DEVICE static constexpr int64_t v_elems(int dv) { return int64_t{kKeys} * (dv + kPad); }
-  NSA_HOST_DEVICE static constexpr int64_t tiles_bytes(int dk, int dv) {
-    return 2 * (q_elems(dk) + 2 * k_elems(dk) + 2 * v_elems(dv));
-  }
+  NSA_HOST_DEVICE static constexpr int64_t tiles_bytes(int dk, int dv) { return 2 * (2 * k_elems(dk) + 2 * v_elems(dv)); }
   NSA_HOST_DEVICE static constexpr int64_t union_bytes(int words, int capacity) {
     return int64_t{8} * words + int64_t{16} * capacity;  // masks first (8-byte aligned), then ints
   }
