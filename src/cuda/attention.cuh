@@ -244,12 +244,8 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
   };
   issue(0);
   for (int k = 0; k < num_tiles; ++k) {
-    if (k + 1 < num_tiles) {
-      issue(k + 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    if (k + 1 < num_tiles) issue(k + 1);
+    cp_async_wait_older(k + 1 < num_tiles);
     __syncthreads();
     const TileInfo ti = tiles.info(k);
     if (!tiles.warp_skips(ti, warp_positions)) body(tiles, ti, sK + (k & 1) * kKElems, sV + (k & 1) * kVElems);

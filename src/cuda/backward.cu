@@ -216,9 +216,7 @@ Status run_instance(const BackwardArgs& a, cudaStream_t stream, unsigned stages)
   if constexpr (kInstanceCompiled<T, Dk, Dv>) {
     return launch_backward<T, Dk, Dv>(a, stream, stages);
   } else {
-    return Status::Unsupported(cat(kApi, ": (Dk, Dv) = (", Dk, ", ", Dv,
-                                   ") with this dtype is not compiled in this build (NSA_CUDA_FAST_BUILD compiles "
-                                   "bfloat16 with (64, 64) only)"));
+    return not_compiled(kApi, Dk, Dv);
   }
 }
 

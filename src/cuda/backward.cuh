@@ -233,6 +233,22 @@ struct KeyTile {
   }
 };
 
+// cp.async of row tile i of a key-major CTA (rows (p, g), p-major, from list position p0; R rows
+// per tile) of a per-query-head tensor (Q or dO, `base` at query head kv_head * G) into dst
+// [R][D+8]; rows past num_rows are zeros. Not committed.
+template <class T, int D, int R>
+__device__ __forceinline__ void load_list_rows_async(T* dst, const T* base, const TensorRef& ref, const KeyTile& kt,
+                                                     int p0, int i, int num_rows, int G) {
+  for (int idx = threadIdx.x; idx < R * (D / 8); idx += kAttnThreads) {
+    const int r = idx / (D / 8), c = idx % (D / 8);
+    const int row = i * R + r;
+    const bool valid = row < num_rows;
+    const T* src = valid ? base + int64_t{kt.position(p0 + row / G)} * ref.seq_stride + int64_t{row % G} * ref.head_stride + c * 8
+                         : base;
+    cp_async_16(dst + r * (D + 8) + c * 8, src, valid);
+  }
+}
+
 template <int kBranch>
 __device__ __forceinline__ KeyTile make_key_tile(const BackwardArgs& a, int b, const SeqInfo& seq, int kv_head,
                                                  int tile) {
@@ -339,24 +355,8 @@ __global__ void __launch_bounds__(kAttnThreads) dkv_kernel(const BackwardArgs a,
   // Row tile i into buffer i & 1: Q and dO rows by cp.async, the row terms by plain loads.
   auto issue = [&](int i) {
     const int buf = i & 1;
-    for (int idx = tid; idx < R * (Dk / 8); idx += kAttnThreads) {
-      const int r = idx / (Dk / 8), c = idx % (Dk / 8);
-      const int row = i * R + r;
-      const bool valid = row < num_rows;
-      const T* src = valid ? qbase + int64_t{kt.position(p0 + row / G)} * a.q.seq_stride +
-                                 int64_t{row % G} * a.q.head_stride + c * 8
-                           : qbase;
-      cp_async_16(sQ + (buf * R + r) * (Dk + 8) + c * 8, src, valid);
-    }
-    for (int idx = tid; idx < R * (Dv / 8); idx += kAttnThreads) {
-      const int r = idx / (Dv / 8), c = idx % (Dv / 8);
-      const int row = i * R + r;
-      const bool valid = row < num_rows;
-      const T* src = valid ? dobase + int64_t{kt.position(p0 + row / G)} * a.grad_out.seq_stride +
-                                 int64_t{row % G} * a.grad_out.head_stride + c * 8
-                           : dobase;
-      cp_async_16(sDo + (buf * R + r) * (Dv + 8) + c * 8, src, valid);
-    }
+    load_list_rows_async<T, Dk, R>(sQ + buf * R * (Dk + 8), qbase, a.q, kt, p0, i, num_rows, G);
+    load_list_rows_async<T, Dv, R>(sDo + buf * R * (Dv + 8), dobase, a.grad_out, kt, p0, i, num_rows, G);
     cp_async_commit();
     if (tid < R) {
       const int row = i * R + tid;
@@ -393,12 +393,8 @@ __global__ void __launch_bounds__(kAttnThreads) dkv_kernel(const BackwardArgs a,
 
   issue(0);
   for (int i = 0; i < num_row_tiles; ++i) {
-    if (i + 1 < num_row_tiles) {
-      issue(i + 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    if (i + 1 < num_row_tiles) issue(i + 1);
+    cp_async_wait_older(i + 1 < num_row_tiles);
     __syncthreads();
     const int buf = i & 1;
     const T* tq = sQ + buf * R * (Dk + 8);

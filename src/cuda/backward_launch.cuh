@@ -9,30 +9,14 @@
 // Included only by the generated instantiation files.
 #pragma once
 
-#include <string>
-
 #include "cuda/backward.cuh"
 #include "cuda/backward_launch.h"
+#include "cuda/launch_common.cuh"
 #include "cuda/stages.h"
 
 namespace nsa::cuda_detail {
 
-inline Status backward_error(const char* what, cudaError_t err) {
-  return {StatusCode::kBackendError, std::string("nsa::cuda::backward: ") + what + ": " + cudaGetErrorString(err)};
-}
-
-template <class Kernel>
-Status prepare_backward_kernel(Kernel kernel, int64_t smem_bytes, int max_smem, const char* name) {
-  if (smem_bytes > max_smem) {
-    return Status::Unsupported(std::string("nsa::cuda::backward: ") + name + " needs " + std::to_string(smem_bytes) +
-                               " bytes of shared memory, the device allows " + std::to_string(max_smem) +
-                               " (reduce num_selected, the group size or the sequence length)");
-  }
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
-  if (err != cudaSuccess) return backward_error("cudaFuncSetAttribute", err);
-  return Status::Ok();
-}
+constexpr const char* kBackwardApi = "nsa::cuda::backward";
 
 template <class T>
 Status launch_convert(const float* acc, int64_t rows, int heads, int dim, int64_t rows_per_seq, const OutputRef& dst,
@@ -41,16 +25,14 @@ Status launch_convert(const float* acc, int64_t rows, int heads, int dim, int64_
   if (pairs == 0 || dst.data == nullptr) return Status::Ok();
   const int64_t blocks = std::min<int64_t>((pairs + 255) / 256, 132 * 16);
   convert_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(acc, rows, heads, dim, rows_per_seq, dst);
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? Status::Ok() : backward_error("launching the gradient conversion", err);
+  return launch_status(kBackwardApi, "launching the gradient conversion");
 }
 
 template <class T, int Dk, int Dv>
 Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stages) {
-  int device = 0, max_smem = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return backward_error("querying the device", err);
+  int max_smem = 0;
+  Status st = max_dynamic_smem(kBackwardApi, &max_smem);
+  if (!st.ok()) return st;
 
   const bool varlen = a.cu_seqlens != nullptr;
   const int64_t total = a.total_rows, cmp_total = a.total_cmp_rows;
@@ -61,27 +43,23 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
   const auto dkv_cmp = dkv_kernel<T, Dk, Dv, kBranchCmp>;
   const auto dkv_slc = dkv_kernel<T, Dk, Dv, kBranchSlc>;
   const auto dkv_win = dkv_kernel<T, Dk, Dv, kBranchWin>;
-  Status st = prepare_backward_kernel(dq, dq_smem, max_smem, "the dq kernel");
-  if (st.ok()) st = prepare_backward_kernel(dkv_cmp, dkv_smem, max_smem, "the dk/dv kernel");
-  if (st.ok()) st = prepare_backward_kernel(dkv_slc, dkv_smem, max_smem, "the dk/dv kernel");
-  if (st.ok()) st = prepare_backward_kernel(dkv_win, dkv_smem, max_smem, "the dk/dv kernel");
+  st = prepare_kernel(kBackwardApi, dq, dq_smem, max_smem, "the dq kernel");
+  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_cmp, dkv_smem, max_smem, "the dk/dv kernel");
+  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_slc, dkv_smem, max_smem, "the dk/dv kernel");
+  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_win, dkv_smem, max_smem, "the dk/dv kernel");
   if (!st.ok()) return st;
-  auto launched = [&](const char* what) {
-    const cudaError_t e = cudaGetLastError();
-    return e == cudaSuccess ? Status::Ok() : backward_error(what, e);
-  };
 
   const int64_t items = total * a.num_q_heads;
   if (stages & kBwdStagePrep) {
     preprocess_kernel<T, Dv><<<static_cast<unsigned>((items + 3) / 4), 128, 0, stream>>>(a);
-    if (!(st = launched("launching the preprocess kernel")).ok()) return st;
+    if (!(st = launch_status(kBackwardApi, "launching the preprocess kernel")).ok()) return st;
   }
 
   const dim3 dq_grid(static_cast<unsigned>((a.seqlen * a.group + 63) / 64), static_cast<unsigned>(a.num_kv_heads),
                      static_cast<unsigned>(a.batch));
   if (stages & kBwdStageDq) {
     dq<<<dq_grid, kAttnThreads, dq_smem, stream>>>(a);
-    if (!(st = launched("launching the dq kernel")).ok()) return st;
+    if (!(st = launch_status(kBackwardApi, "launching the dq kernel")).ok()) return st;
   }
 
   const unsigned splits = static_cast<unsigned>((a.seqlen + a.split_positions - 1) / a.split_positions);
@@ -92,17 +70,17 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
   if ((stages & kBwdStageCmp) && cmp_tiles > 0) {
     dkv_cmp<<<dim3(static_cast<unsigned>(a.batch * cmp_tiles), kv_heads, splits), kAttnThreads, dkv_smem, stream>>>(
         a, cmp_tiles);
-    if (!(st = launched("launching the cmp dk/dv kernel")).ok()) return st;
+    if (!(st = launch_status(kBackwardApi, "launching the cmp dk/dv kernel")).ok()) return st;
   }
   if (stages & kBwdStageSlc) {
     dkv_slc<<<dim3(static_cast<unsigned>(a.batch * slc_tiles), kv_heads, splits), kAttnThreads, dkv_smem, stream>>>(
         a, slc_tiles);
-    if (!(st = launched("launching the slc dk/dv kernel")).ok()) return st;
+    if (!(st = launch_status(kBackwardApi, "launching the slc dk/dv kernel")).ok()) return st;
   }
   if (stages & kBwdStageWin) {
     dkv_win<<<dim3(static_cast<unsigned>(a.batch * win_tiles), kv_heads, splits), kAttnThreads, dkv_smem, stream>>>(
         a, win_tiles);
-    if (!(st = launched("launching the win dk/dv kernel")).ok()) return st;
+    if (!(st = launch_status(kBackwardApi, "launching the win dk/dv kernel")).ok()) return st;
   }
   if (!(stages & kBwdStageConvert)) return st;
 

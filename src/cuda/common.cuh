@@ -83,6 +83,13 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Waits until the older of the (at most two) cp.async groups in flight has landed; the newer one
+// (the next tile, when it was issued) may stay pending.
+__device__ __forceinline__ void cp_async_wait_older(bool newer_in_flight) {
+  if (newer_in_flight) cp_async_wait<1>();
+  else cp_async_wait<0>();
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

@@ -72,9 +72,7 @@ Status run_instance(const ForwardArgs& a, cudaStream_t stream, unsigned stages) 
   if constexpr (kInstanceCompiled<T, Dk, Dv>) {
     return launch_forward<T, Dk, Dv>(a, stream, stages);
   } else {
-    return Status::Unsupported(cat("nsa::cuda::forward: (Dk, Dv) = (", Dk, ", ", Dv,
-                                   ") with this dtype is not compiled in this build (NSA_CUDA_FAST_BUILD compiles "
-                                   "bfloat16 with (64, 64) only)"));
+    return not_compiled("nsa::cuda::forward", Dk, Dv);
   }
 }
 

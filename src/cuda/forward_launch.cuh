@@ -7,38 +7,21 @@
 // Included only by the generated instantiation files.
 #pragma once
 
-#include <string>
-
 #include "cuda/attention.cuh"
+#include "cuda/launch_common.cuh"
 #include "cuda/stages.h"
 #include "cuda/forward_launch.h"
 #include "cuda/select.cuh"
 
 namespace nsa::cuda_detail {
 
-inline Status backend_error(const char* what, cudaError_t err) {
-  return {StatusCode::kBackendError, std::string("nsa::cuda::forward: ") + what + ": " + cudaGetErrorString(err)};
-}
-
-template <class Kernel>
-Status prepare_kernel(Kernel kernel, int64_t smem_bytes, int max_smem, const char* name) {
-  if (smem_bytes > max_smem) {
-    return Status::Unsupported(std::string("nsa::cuda::forward: ") + name + " needs " + std::to_string(smem_bytes) +
-                               " bytes of shared memory, the device allows " + std::to_string(max_smem) +
-                               " (reduce num_selected, the group size or the sequence length)");
-  }
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
-  if (err != cudaSuccess) return backend_error("cudaFuncSetAttribute", err);
-  return Status::Ok();
-}
+constexpr const char* kForwardApi = "nsa::cuda::forward";
 
 template <class T, int Dk, int Dv>
 Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages) {
-  int device = 0, max_smem = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return backend_error("querying the device", err);
+  int max_smem = 0;
+  Status st = max_dynamic_smem(kForwardApi, &max_smem);
+  if (!st.ok()) return st;
 
   const int64_t attn_smem = AttentionSmem::tiles_bytes(Dk, Dv);
   const int64_t slc_smem = attn_smem + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
@@ -59,10 +42,10 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   const auto win_kernel = attention_kernel<T, Dk, Dv, kBranchWin>;
   const auto sel_kernel = g16 ? select_kernel<T, Dk, true> : select_kernel<T, Dk, false>;
   const bool run_select = (stages & kStageSelect) && !a.indices_given;
-  Status st = prepare_kernel(cmp_kernel, attn_smem, max_smem, "the cmp attention kernel");
-  if (st.ok()) st = prepare_kernel(slc_kernel, slc_smem, max_smem, "the slc attention kernel");
-  if (st.ok()) st = prepare_kernel(win_kernel, attn_smem, max_smem, "the win attention kernel");
-  if (st.ok() && run_select) st = prepare_kernel(sel_kernel, select_smem, max_smem, "the selection kernel");
+  st = prepare_kernel(kForwardApi, cmp_kernel, attn_smem, max_smem, "the cmp attention kernel");
+  if (st.ok()) st = prepare_kernel(kForwardApi, slc_kernel, slc_smem, max_smem, "the slc attention kernel");
+  if (st.ok()) st = prepare_kernel(kForwardApi, win_kernel, attn_smem, max_smem, "the win attention kernel");
+  if (st.ok() && run_select) st = prepare_kernel(kForwardApi, sel_kernel, select_smem, max_smem, "the selection kernel");
   if (!st.ok()) return st;
 
   const int64_t attn_tiles = (a.seqlen * a.group + 63) / 64;
@@ -72,19 +55,19 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
                          static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(a.batch));
   if (stages & kStageCmp) {
     cmp_kernel<<<attn_grid, kAttnThreads, attn_smem, stream>>>(a);
-    if ((err = cudaGetLastError()) != cudaSuccess) return backend_error("launching the cmp attention kernel", err);
+    if (!(st = launch_status(kForwardApi, "launching the cmp attention kernel")).ok()) return st;
   }
   if (run_select) {
     sel_kernel<<<select_grid, kSelectThreads, select_smem, stream>>>(sa);
-    if ((err = cudaGetLastError()) != cudaSuccess) return backend_error("launching the selection kernel", err);
+    if (!(st = launch_status(kForwardApi, "launching the selection kernel")).ok()) return st;
   }
   if (stages & kStageSlc) {
     slc_kernel<<<attn_grid, kAttnThreads, slc_smem, stream>>>(a);
-    if ((err = cudaGetLastError()) != cudaSuccess) return backend_error("launching the slc attention kernel", err);
+    if (!(st = launch_status(kForwardApi, "launching the slc attention kernel")).ok()) return st;
   }
   if (stages & kStageWin) {
     win_kernel<<<attn_grid, kAttnThreads, attn_smem, stream>>>(a);
-    if ((err = cudaGetLastError()) != cudaSuccess) return backend_error("launching the win attention kernel", err);
+    if (!(st = launch_status(kForwardApi, "launching the win attention kernel")).ok()) return st;
   }
   return Status::Ok();
 }

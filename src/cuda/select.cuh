@@ -120,12 +120,8 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
     float* const bs = sBS + warp * NBs;
     for (int k = 0; k < num_tiles; ++k) {
       if (k > 0) {
-        if (k + 1 < num_tiles) {
-          issue(k + 1);
-          cp_async_wait<1>();
-        } else {
-          cp_async_wait<0>();
-        }
+        if (k + 1 < num_tiles) issue(k + 1);
+        cp_async_wait_older(k + 1 < num_tiles);
         __syncthreads();  // tile k visible to all
       } else if (num_tiles > 1) {
         issue(1);
@@ -188,12 +184,8 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
     __syncthreads();
     for (int k = 0; k < num_tiles; ++k) {
       if (k > 0) {
-        if (k + 1 < num_tiles) {
-          issue(k + 1);
-          cp_async_wait<1>();
-        } else {
-          cp_async_wait<0>();
-        }
+        if (k + 1 < num_tiles) issue(k + 1);
+        cp_async_wait_older(k + 1 < num_tiles);
         __syncthreads();
       } else if (num_tiles > 1) {
         issue(1);
