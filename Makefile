@@ -5,15 +5,16 @@ JOBS ?= $(shell nproc)
 PYTHON ?= python3
 CMAKE_FLAGS ?=
 DEMO_ARGS ?=
-PY_DEPS = torch==2.11.0 numpy pytest
+PY_DEPS = torch==2.11.0 numpy pytest safetensors==0.4.5
 
 .PHONY: all deps build build-asan demo test test-release test-asan test-python clean
 
 all: build
 
-# Installs the Python packages the torch ops and tests need, unless they import already.
+# Installs the Python packages the torch ops, the training showcase and the tests need, unless
+# they import already (safetensors: checkpoint weights; without it nsa.train falls back to torch.save).
 deps:
-	@$(PYTHON) -c "import torch, numpy, pytest" 2>/dev/null || $(PYTHON) -m pip install -q $(PY_DEPS)
+	@$(PYTHON) -c "import torch, numpy, pytest, safetensors" 2>/dev/null || $(PYTHON) -m pip install -q $(PY_DEPS)
 
 build: deps
 	cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DNSA_BUILD_TORCH=ON -DPython_EXECUTABLE=$$(command -v $(PYTHON)) $(CMAKE_FLAGS)
@@ -23,8 +24,13 @@ build-asan:
 	cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNSA_SANITIZE=ON -DNSA_CUDA=OFF
 	cmake --build build-asan -j $(JOBS) --target nsa_tests nsa_example_minimal
 
+# The training showcase (docs/training.md): the tiny preset on a machine without a GPU (about two
+# minutes on two cores), a short m7c-125m run on a GPU. DEMO_ARGS go to `python -m nsa.train`.
 demo: build
-	./build/nsa_demo $(DEMO_ARGS)
+	@if $(PYTHON) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	  preset="--preset m7c-125m --steps 300"; else preset="--preset tiny"; fi; \
+	  set -x; NSA_OPS_LIBRARY=$(CURDIR)/build/_nsa_ops.so PYTHONPATH=$(CURDIR)/python \
+	  $(PYTHON) -m nsa.train $$preset $(DEMO_ARGS)
 
 test-asan: build-asan
 	ctest --test-dir build-asan --output-on-failure -j $(JOBS)

@@ -1,0 +1,261 @@
+"""Decoder-only byte-level language model for the training showcase, with NSA or dense attention.
+
+    tokens [B, T] (bytes, vocab 256)
+      tok_emb -> x [B, T, dim]
+      n_layers x Block:  x = x + attn(RMSNorm(x));  x = x + SwiGLU(RMSNorm(x))
+      RMSNorm -> lm_head (untied) -> logits [B, T, vocab]
+
+``attn="nsa"`` uses ``NSAAttention`` (module.py); ``attn="dense"`` uses ``DenseAttention`` below:
+the same q_proj / o_proj shapes, RoPE from module.py, and causal torch SDPA with GQA. Its kv_proj
+has one branch where NSA's has three (cmp, slc, win), and it has no gate or phi: the only
+parameter shapes that differ between the variants.
+
+The LM head is untied from the token embedding: at a vocabulary of 256 tying saves 256*dim
+parameters (0.2M at dim 768), and untied weights save to safetensors without shared storage.
+
+``PRESETS`` names the model shapes and training defaults that ``python -m nsa.train --preset``
+offers (docs/training.md has the table). ``generate`` samples bytes from a prompt.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .module import STAT_NAMES, NSAAttention, apply_rope, rope_cos_sin
+
+ATTN_KINDS = ("nsa", "dense")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of ``LanguageModel``. The NSA fields (cmp_block .. phi) are ignored by attn="dense"."""
+
+    vocab_size: int = 256
+    dim: int = 128
+    n_layers: int = 2
+    n_q_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    mlp_hidden: int = 384  # SwiGLU hidden width (about 8/3 * dim, rounded to a multiple of 64)
+    seq_len: int = 256  # training context; generate() crops its context to it
+    attn: str = "nsa"
+    cmp_block: int = 16  # l
+    cmp_stride: int = 8  # d
+    sel_block: int = 16  # l'
+    num_selected: int = 4  # n (forced blocks included)
+    num_init: int = 1
+    num_local: int = 2
+    window: int = 64  # w
+    # "linear": a learned intra-block position embedding + Linear(l*D -> D), initialized to the
+    # mean. The paper's MLP phi would add 2 * (l*D)^2 parameters per layer (8.4M at l=32, D=64).
+    phi: str = "linear"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.attn not in ATTN_KINDS:
+            raise ValueError(f"ModelConfig: attn must be one of {ATTN_KINDS}, got {self.attn!r}")
+        if self.n_q_heads % self.n_kv_heads:
+            raise ValueError(f"ModelConfig: n_q_heads ({self.n_q_heads}) must be a multiple of n_kv_heads "
+                             f"({self.n_kv_heads})")
+
+    @classmethod
+    def from_dict(cls, values: Dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown fields {sorted(unknown)}")
+        return cls(**values)
+
+
+_M7C_125M = dict(dim=768, n_layers=12, n_q_heads=12, n_kv_heads=2, head_dim=64, mlp_hidden=2048, seq_len=2048,
+                 cmp_block=32, cmp_stride=16, sel_block=64, num_selected=16, window=512)
+
+# name -> {"model": ModelConfig fields, "train": train.TrainConfig defaults}. The tiny preset
+# is sized so that `python -m nsa.train --preset tiny` (training, evaluation and the sample)
+# ends within 3 minutes on the 2-core development machine; at T=256 its NSA config has 16
+# selection blocks of which 4 are picked, a 64-token window and 31 compressed tokens, so every
+# branch sees a different part of the context.
+PRESETS: Dict[str, Dict[str, Dict]] = {
+    "tiny": {
+        "model": dict(dim=128, n_layers=2, n_q_heads=4, n_kv_heads=2, head_dim=32, mlp_hidden=384, seq_len=256,
+                      cmp_block=16, cmp_stride=8, sel_block=16, num_selected=4, window=64),
+        "train": dict(steps=200, batch_size=8, lr=3e-3, warmup=20, eval_every=50, eval_batches=4, ckpt_every=100),
+    },
+    "m7c-125m": {
+        "model": dict(_M7C_125M),
+        "train": dict(steps=5000, batch_size=16, lr=1e-3, warmup=200, eval_every=250, eval_batches=16,
+                      ckpt_every=1000),
+    },
+    "long": {
+        "model": dict(_M7C_125M, seq_len=32768),
+        "train": dict(steps=2000, batch_size=1, lr=1e-3, warmup=100, eval_every=250, eval_batches=4, ckpt_every=500,
+                      checkpoint_activations=True),
+    },
+}
+
+
+class DenseAttention(nn.Module):
+    """Causal GQA self-attention through torch SDPA; projections and RoPE as in ``NSAAttention``.
+
+    q_proj: dim -> Hq*D and o_proj: Hq*D -> dim have NSAAttention's shapes; kv_proj: dim -> Hkv*2D
+    (keys then values) is NSAAttention's with one branch instead of three.
+    """
+
+    def __init__(self, dim: int, num_q_heads: int, num_kv_heads: int, head_dim: int, rope_theta: float):
+        super().__init__()
+        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.rope_theta = rope_theta
+        self.q_proj = nn.Linear(dim, num_q_heads * head_dim, bias=False)
+        self.kv_proj = nn.Linear(dim, 2 * num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_q_heads * head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(x.shape[1], device=x.device)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)
+        q = apply_rope(self.q_proj(x).unflatten(-1, (self.num_q_heads, self.head_dim)), cos, sin)
+        k, v = self.kv_proj(x).unflatten(-1, (2 * self.num_kv_heads, self.head_dim)).chunk(2, dim=-2)
+        k = apply_rope(k, cos, sin)
+        # SDPA wants [B, H, T, D]; enable_gqa lets the Hkv heads serve groups of Hq/Hkv query heads.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).flatten(-2))
+
+
+class SwiGLU(nn.Module):
+    """w_out(silu(a) * b) with (a, b) = w_in(x) split in halves (one matmul for both)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w_in = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w_out = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w_in(x).chunk(2, dim=-1)
+        return self.w_out(F.silu(a) * b)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.attn_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+        if c.attn == "nsa":
+            self.attn = NSAAttention(c.dim, c.n_q_heads, c.n_kv_heads, c.head_dim, cmp_block=c.cmp_block,
+                                     cmp_stride=c.cmp_stride, sel_block=c.sel_block, num_selected=c.num_selected,
+                                     num_init=c.num_init, num_local=c.num_local, window=c.window, phi=c.phi,
+                                     rope_theta=c.rope_theta, collect_stats=True)
+        else:
+            self.attn = DenseAttention(c.dim, c.n_q_heads, c.n_kv_heads, c.head_dim, c.rope_theta)
+        self.mlp_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+        self.mlp = SwiGLU(c.dim, c.mlp_hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LanguageModel(nn.Module):
+    """Byte-level decoder LM. forward(tokens [B, T] int64) -> logits [B, T, vocab].
+
+    ``checkpoint_activations``: recompute each block in the backward instead of keeping its
+    activations (torch.utils.checkpoint, non-reentrant), trading about one extra forward for
+    memory that no longer grows with the number of layers.
+    """
+
+    def __init__(self, config: ModelConfig, checkpoint_activations: bool = False):
+        super().__init__()
+        self.config = config
+        self.checkpoint_activations = checkpoint_activations
+        self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 style: N(0, 0.02) for embeddings and the projections both attention variants share
+        and the MLP; the projections that write into the residual stream (o_proj, w_out) scaled by
+        1/sqrt(2 * n_layers) so the stream's variance does not grow with depth. NSA's gate and phi
+        keep NSAAttention's own initialization (phi="linear" starts as the block mean)."""
+        std = 0.02
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        nn.init.normal_(self.tok_emb.weight, std=std)
+        nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.blocks:
+            for linear in (block.attn.q_proj, block.attn.kv_proj, block.mlp.w_in):
+                nn.init.normal_(linear.weight, std=std)
+            for linear in (block.attn.o_proj, block.mlp.w_out):
+                nn.init.normal_(linear.weight, std=residual_std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(tokens)
+        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+        return self.lm_head(self.norm(x))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def attention_stats(self) -> Optional[Dict[str, float]]:
+        """NSAAttention.last_stats averaged over the layers (None for dense attention or before a
+        forward). Copies a few numbers to the host."""
+        stats = [block.attn.last_stats for block in self.blocks if isinstance(block.attn, NSAAttention)]
+        stats = [s for s in stats if s is not None]
+        if not stats:
+            return None
+        return {name: sum(s[name] for s in stats) / len(stats) for name in STAT_NAMES}
+
+
+@torch.no_grad()
+def generate(model: LanguageModel, prompt_bytes: bytes, max_new_tokens: int, temperature: float = 1.0,
+             top_k: Optional[int] = None, greedy: bool = False, seed: Optional[int] = None) -> bytes:
+    """Continues ``prompt_bytes`` by ``max_new_tokens`` bytes; returns only the new bytes.
+
+    Sampling: softmax(logits / temperature) restricted to the ``top_k`` most likely bytes (all
+    when None); ``greedy`` takes the argmax instead. ``seed`` seeds a private generator, so the
+    sample does not touch the global RNG (and a resumed run stays exact).
+
+    No KV cache yet: every new token reruns the full forward over the context (the last
+    ``seq_len`` tokens), O(seq_len) work per token instead of O(1) steps of decode. A cache with
+    NSA's decode path (compressed-token append, incremental selection) comes with a later issue.
+    """
+    if not prompt_bytes:
+        raise ValueError("generate: prompt_bytes must hold at least one byte")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"generate: temperature must be > 0 (or greedy=True), got {temperature}")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    tokens = torch.tensor(list(prompt_bytes), dtype=torch.long, device=device)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for _ in range(max_new_tokens):
+                logits = model(tokens[:, -model.config.seq_len:])[0, -1].float()
+                if greedy:
+                    next_token = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None and top_k < logits.numel():
+                        cutoff = logits.topk(top_k).values[-1]
+                        logits = logits.masked_fill(logits < cutoff, float("-inf"))
+                    next_token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+                tokens = torch.cat((tokens, next_token[None]), dim=1)
+    finally:
+        model.train(was_training)
+    return bytes(tokens[0, len(prompt_bytes):].tolist())

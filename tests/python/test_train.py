@@ -1,0 +1,215 @@
+"""Tests of the training showcase (nsa.model, nsa.data, nsa.train) on CPU.
+
+The model here is smaller than the tiny preset (dim 64, T=64, NSA blocks l=8 d=4 l'=8 n=4
+w=16) so that the whole file runs in well under a minute on two cores; the stdlib token cache
+is built once per session into a temporary directory.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from nsa import data as nsa_data
+from nsa import train as nsa_train
+from nsa.model import PRESETS, LanguageModel, ModelConfig, generate
+from nsa.train import TrainConfig, lr_factor, train
+
+SMALL = ModelConfig(dim=64, n_layers=2, n_q_heads=4, n_kv_heads=2, head_dim=16, mlp_hidden=128, seq_len=64,
+                    cmp_block=8, cmp_stride=4, sel_block=8, num_selected=4, window=16)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("nsa-cache")
+    nsa_data.build_token_files(None, str(path))  # the stdlib corpus, once
+    return str(path)
+
+
+@pytest.fixture
+def small_cfg(cache_dir) -> TrainConfig:
+    return TrainConfig(preset="test", steps=8, batch_size=4, lr=1e-2, warmup=2, eval_every=1000, eval_batches=1,
+                       ckpt_every=1000, sample_tokens=0, cache_dir=cache_dir, device="cpu", progress_seconds=1e9)
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def _csv_losses(path: Path):
+    with open(path, newline="") as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+def test_loss_drops_on_stdlib(small_cfg):
+    cfg = replace(small_cfg, steps=30, batch_size=8, warmup=5)
+    result = train(SMALL, cfg, log=_quiet)
+    first = result.losses[0][1]
+    last = sum(loss for _, loss in result.losses[-5:]) / 5
+    assert first > 5.0  # about ln(256) = 5.55 at initialization
+    assert last < 0.7 * first, result.losses
+    assert result.final_val_loss < 0.75 * first
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "torch.save"])
+def test_resume_is_exact(small_cfg, tmp_path, monkeypatch, weights):
+    if weights == "safetensors":
+        pytest.importorskip("safetensors")
+    else:
+        monkeypatch.setattr(nsa_train, "_safetensors", None)
+    k = 4
+    cfg = replace(small_cfg, steps=2 * k)
+    uninterrupted = train(SMALL, cfg, tmp_path / "a", log=_quiet)
+    # Run b checkpoints at step k; its continuation is then thrown away and redone from there.
+    interrupted = train(SMALL, replace(cfg, ckpt_every=k), tmp_path / "b", log=_quiet)
+    assert interrupted.losses == uninterrupted.losses  # checkpointing itself changes nothing
+    ckpt = tmp_path / "b" / "checkpoints" / f"step_{k:07d}.state.pt"
+    suffix = ".safetensors" if weights == "safetensors" else ".model.pt"
+    assert ckpt.is_file() and ckpt.with_name(f"step_{k:07d}{suffix}").is_file()
+    torch.manual_seed(12345)  # the global RNG must come from the checkpoint, not from this process
+    nsa_train.main(["--resume", str(ckpt), "--progress-seconds", "1e9"])  # the CLI path, into run b's directory
+    resumed = _csv_losses(tmp_path / "b" / "metrics.csv")
+    assert [s for s, _ in resumed] == list(range(1, 2 * k + 1))  # rows after step k replaced, not duplicated
+    assert resumed == uninterrupted.losses  # bit for bit
+
+
+def test_ddp_world_size_one(small_cfg, tmp_path):
+    cfg = replace(small_cfg, steps=3)
+    plain = train(SMALL, cfg, log=_quiet)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        result = train(SMALL, cfg, tmp_path / "ddp", ddp=True, log=_quiet)
+        assert dist.is_initialized()  # a group the caller made is left to the caller
+    finally:
+        dist.destroy_process_group()
+    state = torch.load(result.paths["checkpoint"], weights_only=True)
+    assert state["world_size"] == 1 and len(state["rank_states"]) == 1
+    assert result.losses == plain.losses  # one rank: DDP's gradient all-reduce changes nothing
+
+
+def _write_corpus(root: Path, count: int) -> None:
+    for i in range(count):
+        (root / f"f{i:03d}.txt").write_bytes(f"file {i}: ".encode() + bytes([65 + i % 26]) * (10 + i))
+
+
+def test_split_is_deterministic_and_disjoint(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _write_corpus(corpus, 120)
+    (corpus / ".hidden").write_text("skipped")
+    built = nsa_data.build_token_files(str(corpus), str(tmp_path / "c1"))
+    again = nsa_data.build_token_files(str(corpus), str(tmp_path / "c2"))
+    assert built.train.read_bytes() == again.train.read_bytes()
+    assert built.val.read_bytes() == again.val.read_bytes()
+    assert built.meta["num_files"] == 120 and built.meta["num_val_files"] == 2
+    train_docs = set(built.train.read_bytes().split(nsa_data.SEPARATOR)[:-1])
+    val_docs = built.val.read_bytes().split(nsa_data.SEPARATOR)[:-1]
+    assert [d[:9] for d in val_docs] == [b"file 49: ", b"file 99: "]  # every 50th file
+    assert len(train_docs) == 118 and not train_docs & set(val_docs)
+    # A second call finds the complete cache instead of rebuilding.
+    mtime = built.train.stat().st_mtime_ns
+    assert nsa_data.build_token_files(str(corpus), str(tmp_path / "c1")).train.stat().st_mtime_ns == mtime
+    # A changed corpus gets a new cache entry.
+    (corpus / "f000.txt").write_bytes(b"changed")
+    assert nsa_data.build_token_files(str(corpus), str(tmp_path / "c1")).train != built.train
+
+
+def test_single_file_splits_at_tail(tmp_path):
+    text = tmp_path / "book.txt"
+    text.write_bytes(bytes(range(256)) * 40)
+    built = nsa_data.build_token_files(str(text), str(tmp_path / "cache"))
+    train_bytes, val_bytes = built.train.read_bytes(), built.val.read_bytes()
+    assert train_bytes + val_bytes == text.read_bytes() + nsa_data.SEPARATOR
+    assert len(val_bytes) == -(-len(train_bytes + val_bytes) * 2 // 100)  # ceil(2%)
+
+
+def test_stdlib_corpus_listing(cache_dir):
+    root, files = nsa_data.list_corpus(None)
+    assert files == nsa_data.list_corpus(None)[1]
+    assert all(f.suffix == ".py" and "site-packages" not in f.parts for f in files)
+    rel = [f.relative_to(root).as_posix() for f in files]
+    assert rel == sorted(rel)
+
+
+def test_sampler_state_roundtrip(cache_dir):
+    tokens = nsa_data.build_token_files(None, cache_dir).load("train")
+    sampler = nsa_data.WindowSampler(tokens, 3, 32, seed=7)
+    sampler.next_batch()
+    state = sampler.state_dict()
+    expected = sampler.next_batch()
+    other = nsa_data.WindowSampler(tokens, 3, 32, seed=99)
+    other.load_state_dict(state)
+    got = other.next_batch()
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.equal(got[0][:, 1:], got[1][:, :-1])  # targets are the inputs shifted by one
+
+
+@pytest.mark.parametrize("attn", ["nsa", "dense"])
+def test_generate_returns_requested_bytes(attn):
+    torch.manual_seed(0)
+    model = LanguageModel(replace(SMALL, attn=attn))
+    out = generate(model, b"def ", 12, temperature=0.9, top_k=20, seed=1)
+    assert isinstance(out, bytes) and len(out) == 12
+    assert generate(model, b"def ", 12, temperature=0.9, top_k=20, seed=1) == out
+    greedy = generate(model, b"x" * (SMALL.seq_len + 5), 3, greedy=True)  # context cropped to seq_len
+    assert len(greedy) == 3
+    assert model.training  # generate restores the mode
+    with pytest.raises(ValueError):
+        generate(model, b"", 1)
+
+
+def test_variants_share_projection_shapes():
+    nsa_model, dense_model = LanguageModel(SMALL), LanguageModel(replace(SMALL, attn="dense"))
+    nsa_shapes = {k: v.shape for k, v in nsa_model.state_dict().items()}
+    dense_shapes = {k: v.shape for k, v in dense_model.state_dict().items()}
+    for name, shape in dense_shapes.items():
+        if "kv_proj" not in name:
+            assert nsa_shapes[name] == shape, name
+    assert nsa_model.attention_stats() is None  # before the first forward
+    nsa_model(torch.zeros(1, 40, dtype=torch.long))
+    assert set(nsa_model.attention_stats()) >= {"gate_mean_cmp", "gate_mean_slc", "gate_mean_win"}
+    assert dense_model.attention_stats() is None
+
+
+def test_compare_runs_both_variants(cache_dir, tmp_path):
+    # The CLI with the tiny preset at a short length: both variants train, log and plot.
+    nsa_train.main(["--compare", "--preset", "tiny", "--seq-len", "64", "--batch-size", "2", "--steps", "2",
+                    "--eval-batches", "1", "--sample-tokens", "4", "--cache-dir", cache_dir, "--device", "cpu",
+                    "--out", str(tmp_path)])
+    for attn in ("nsa", "dense"):
+        rows = _csv_losses(tmp_path / attn / "metrics.csv")
+        assert [s for s, _ in rows] == [1, 2] and all(l == l for _, l in rows)
+        assert (tmp_path / attn / "sample.txt").read_bytes().startswith(b"def ")
+    first_row = (tmp_path / "nsa" / "metrics.csv").read_text().splitlines()[1]
+    assert first_row.split(",")[7] != ""  # gate_mean_cmp: statistics are logged for nsa
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "compare.png").is_file() and (tmp_path / "nsa" / "loss_curve.png").is_file()
+
+
+def test_activation_checkpointing_matches(small_cfg):
+    cfg = replace(small_cfg, steps=2)
+    plain = train(SMALL, cfg, log=_quiet)
+    recomputed = train(SMALL, replace(cfg, checkpoint_activations=True), log=_quiet)
+    assert recomputed.losses == plain.losses
+
+
+def test_lr_schedule():
+    factors = [lr_factor(i, warmup=10, steps=100, min_ratio=0.1) for i in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+
+
+def test_presets_build():
+    # The named shapes of the brief; building m7c-125m on the meta device costs no memory.
+    big = ModelConfig(**PRESETS["m7c-125m"]["model"])
+    assert (big.dim, big.n_layers, big.n_q_heads, big.n_kv_heads, big.head_dim, big.seq_len) == (768, 12, 12, 2, 64, 2048)
+    assert (big.cmp_block, big.cmp_stride, big.sel_block, big.num_selected, big.window) == (32, 16, 64, 16, 512)
+    assert ModelConfig(**PRESETS["long"]["model"]).seq_len == 32768
+    with torch.device("meta"):
+        assert LanguageModel(big).num_parameters() > 50e6
