@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call: build nsa with CUDA (and the torch ops against the machine's torch), run the
-# C++ GPU tests and the Python CUDA tests, run compute-sanitizer (memcheck and racecheck) on a
-# small GPU test, run the prefill benchmark harness (python -m nsa.bench prefill: the CUDA
-# forward per stage, and PyTorch SDPA dense attention (cuDNN, flash) in the same process) on the
+# C++ GPU tests (forward and backward) and the Python CUDA tests, run compute-sanitizer
+# (memcheck, racecheck, initcheck) on small forward and backward tests, run the prefill
+# benchmark harness (python -m nsa.bench prefill: the CUDA forward and backward per stage, and
+# PyTorch SDPA dense attention forward and backward (cuDNN, flash) in the same process) on the
 # paper's shapes, and print a summary table last.
 #
 #   bash scripts/gpu_check.sh            (from the repository root, on a machine with a GPU)
