@@ -8,6 +8,11 @@ median of ``--iters`` runs, rotating among input sets larger than the L2 cache. 
 bf16 matmul and copy ceilings first. Optionally runs the C++ ``nsa_bench_forward`` binary for the
 same shape to get per-stage medians. Writes JSON ({"rows", "ceilings", "meta"}) and a PNG.
 ``--plot-only JSON`` makes the PNG from an existing JSON and needs no GPU (nor the ops library).
+
+``python -m nsa.bench train-step --preset m7c-125m`` times one training step of the showcase
+model (python/nsa/model.py: forward, backward, fused AdamW, bf16 autocast) with NSA and with
+dense attention in steady state (CUDA events after warm-up, median), and with ``--profile`` prints
+the CUDA kernels that take the step's time (torch.profiler).
 """
 
 from __future__ import annotations
@@ -87,7 +92,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-png", action="store_true", help="do not plot")
     p.add_argument("--no-backward", action="store_true", help="time the forward only")
     p.add_argument("--plot-only", metavar="JSON", help="make the PNG from an existing JSON and exit (no GPU)")
+    t = sub.add_parser("train-step", help="steady-state training step of the showcase model: NSA vs dense")
+    t.add_argument("--preset", default="m7c-125m", help="a preset of nsa.model.PRESETS (default m7c-125m)")
+    t.add_argument("--attn", default="nsa,dense", help="comma-separated from nsa, dense")
+    t.add_argument("--batch-size", type=int, help="default: the preset's")
+    t.add_argument("--seq-len", type=int, help="default: the preset's")
+    t.add_argument("--iters", type=int, default=10)
+    t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 2 profiled steps")
     args = parser.parse_args(argv)
+    if args.command == "train-step":
+        return args
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for c in args.configs:
         if c not in CONFIGS:
@@ -560,8 +575,59 @@ def plot(result, path: Path) -> bool:
     return True
 
 
+def run_train_step(args) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from nsa.model import PRESETS, LanguageModel, ModelConfig
+
+    if not torch.cuda.is_available():
+        print("nsa.bench train-step: no CUDA device visible", file=sys.stderr)
+        return 2
+    preset = PRESETS[args.preset]
+    B = args.batch_size or preset["train"]["batch_size"]
+    print(f"train step, {torch.cuda.get_device_name(0)}, torch {torch.__version__}, preset {args.preset}, "
+          f"batch {B}, bf16 autocast, fused AdamW; median of {args.iters} after {args.warmup}", flush=True)
+    for attn in [a.strip() for a in args.attn.split(",") if a.strip()]:
+        fields = dict(preset["model"], attn=attn)
+        if args.seq_len:
+            fields["seq_len"] = args.seq_len
+        cfg = ModelConfig.from_dict(fields)
+        T = cfg.seq_len
+        torch.manual_seed(0)
+        model = LanguageModel(cfg, checkpoint_activations=preset["train"].get("checkpoint_activations", False)).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
+
+        def step(_):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(tokens[:, :-1])
+            F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        torch.cuda.reset_peak_memory_stats()
+        ms = time_rotating(step, [None], args.iters, args.warmup)
+        print(f"  {attn:5s} T={T}: {ms:.1f} ms/step, {B * T / (ms * 1e-3):,.0f} tokens/s, "
+              f"{model.num_parameters() / 1e6:.1f}M parameters, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB",
+              flush=True)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(2):
+                    step(None)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+        del model, opt
+        torch.cuda.empty_cache()
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.command == "train-step":
+        return run_train_step(args)
     if args.plot_only:
         result = json.loads(Path(args.plot_only).read_text())
         print_table(result)
