@@ -112,6 +112,9 @@ BACKWARD_CASES = [
     ("varlen-G3-D192", (1, 70, 517, 33), True, (12, 4), (192, 128), True, PAPER_BLOCKS),
     ("T257-G2-sel128-shared", (257,), False, (2, 1), (64, 64), False,
      dict(cmp_block=32, cmp_stride=16, sel_block=128, num_selected=2, num_init=1, num_local=1, window=64)),
+    # Only the window's keys are its own: its values come from v (their gradients add up in grad v).
+    ("T300-G4-kwin-only", (300,), False, (8, 2), (64, 64), "keys",
+     dict(cmp_block=16, cmp_stride=8, sel_block=32, num_selected=4, num_init=1, num_local=2, window=48)),
 ]
 
 
@@ -176,8 +179,10 @@ def _check_rule(name, gpu, naive, ref):
 def test_backward_matches_cpu_reference(case, dtype):
     lengths, varlen, (hq, hkv), (dk, dv), separate_window, config = case
     problem = make_problem(lengths, varlen=varlen, num_q_heads=hq, num_kv_heads=hkv, head_dim_qk=dk,
-                           head_dim_v=dv, separate_window=separate_window, dtype=torch.float64,
+                           head_dim_v=dv, separate_window=bool(separate_window), dtype=torch.float64,
                            seed=sum(lengths) + hq, **config)
+    if separate_window == "keys":
+        del problem.inputs["v_win"]
     cuda_inputs = _leaves(_to(problem, "cuda", dtype))  # the rounded values every run below sees
     grad_out = _random_grad_out(cuda_inputs, len(lengths) + dk)
     names = [n for n in DIFFERENTIABLE if n in cuda_inputs]
