@@ -1064,6 +1064,20 @@ nsa::Status synchronize(const char* after) {
   return nsa::Status::Ok();
 }
 
+// Copies hb to the device, allocates the workspace and points p at the device copies; records a
+// failure (and sets *status) when an allocation or copy fails.
+template <class Params>
+bool stage_on_device(Buffers& hb, Params& p, size_t ws_bytes, DeviceMirror& mirror, DeviceBuffer& workspace,
+                     nsa::Status* status) {
+  if (!mirror.add_all(hb) || !make_workspace(workspace, ws_bytes)) {
+    ADD_FAILURE() << "device allocation or copy failed";
+    *status = {nsa::StatusCode::kBackendError, "device allocation or copy failed"};
+    return false;
+  }
+  mirror.retarget(p);
+  return true;
+}
+
 }  // namespace
 
 bool cuda_device_available() {
@@ -1077,15 +1091,9 @@ Outputs run_cuda_forward(Buffers& hb, nsa::Status* status) {
   DeviceBuffer workspace;
   nsa::ForwardParams p = hb.forward_params();
   const size_t ws_bytes = nsa::cuda::forward_workspace_bytes(p);
-  if (!mirror.add_all(hb) || !make_workspace(workspace, ws_bytes)) {
-    ADD_FAILURE() << "device allocation or copy failed";
-    *status = {nsa::StatusCode::kBackendError, "device allocation or copy failed"};
-    return {};
-  }
-  mirror.retarget(p);
+  if (!stage_on_device(hb, p, ws_bytes, mirror, workspace, status)) return {};
   *status = nsa::cuda::forward(p, workspace.ptr, ws_bytes, nullptr);
-  if (!status->ok()) return {};
-  *status = synchronize("forward");
+  if (status->ok()) *status = synchronize("forward");
   if (!status->ok()) return {};
   bool ok = mirror.download(hb.out.buf.data()) && mirror.download(hb.lse.data()) &&
             mirror.download(hb.block_indices.data());
@@ -1105,15 +1113,9 @@ Grads run_cuda_backward(Buffers& hb, bool deterministic, nsa::Status* status) {
   nsa::BackwardParams p = hb.backward_params();
   p.deterministic = deterministic;
   const size_t ws_bytes = nsa::cuda::backward_workspace_bytes(p);
-  if (!mirror.add_all(hb) || !make_workspace(workspace, ws_bytes)) {
-    ADD_FAILURE() << "device allocation or copy failed";
-    *status = {nsa::StatusCode::kBackendError, "device allocation or copy failed"};
-    return {};
-  }
-  mirror.retarget(p);
+  if (!stage_on_device(hb, p, ws_bytes, mirror, workspace, status)) return {};
   *status = nsa::cuda::backward(p, workspace.ptr, ws_bytes, nullptr);
-  if (!status->ok()) return {};
-  *status = synchronize("backward");
+  if (status->ok()) *status = synchronize("backward");
   if (!status->ok()) return {};
   bool ok = true;
   for (StridedTensor& g : hb.grad) ok = ok && mirror.download(g.buf.data());
