@@ -71,6 +71,10 @@ class TrainConfig:
     data: Optional[str] = None  # corpus: None = the Python stdlib on this machine (data.py)
     cache_dir: Optional[str] = None  # token cache root (default ~/.cache/nsa)
     checkpoint_activations: bool = False
+    # torch.use_deterministic_algorithms(True) for the run (process-wide; warn-only for ops without
+    # a deterministic kernel): the NSA backward takes its bitwise-reproducible mode and cuBLAS a
+    # fixed workspace, so a resumed GPU run repeats the uninterrupted one's losses.
+    deterministic: bool = False
     device: str = "auto"  # auto: cuda if available, else cpu
     prompt: str = "def "  # the end-of-run sample continues this
     sample_tokens: int = 256
@@ -81,7 +85,7 @@ class TrainConfig:
 
 # Fields that change the sequence of losses; changing one on --resume ends the exact continuation.
 _TRAJECTORY_FIELDS = ("steps", "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "beta1", "beta2",
-                      "grad_clip", "seed", "data")
+                      "grad_clip", "seed", "data", "deterministic")
 
 
 @dataclass
@@ -378,6 +382,9 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
     writing = rank0 and out_dir is not None
     device, seq_len = dst.device, model_config.seq_len
 
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -566,6 +573,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", help="token cache root (default ~/.cache/nsa)")
     p.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each block's activations in the backward")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="deterministic algorithms (NSA's bitwise-reproducible backward): exact resume on GPU")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--prompt", help="prompt of the end-of-run sample")
     p.add_argument("--sample-tokens", type=int, help="bytes to generate at the end (0: none)")

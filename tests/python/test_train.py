@@ -1,4 +1,4 @@
-"""Tests of the training showcase (nsa.model, nsa.data, nsa.train) on CPU.
+"""Tests of the training showcase (nsa.model, nsa.data, nsa.train) on CPU (and one on the GPU).
 
 The model here is smaller than the tiny preset (dim 64, T=64, NSA blocks l=8 d=4 l'=8 n=4
 w=16) so that the whole file runs in well under a minute on two cores; the stdlib token cache
@@ -44,6 +44,28 @@ def _quiet(_message: str) -> None:
 def _csv_losses(path: Path):
     with open(path, newline="") as f:
         return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_is_exact_on_gpu_when_deterministic(small_cfg, tmp_path):
+    """On the GPU (bf16 autocast, the CUDA kernels) --deterministic makes a resumed run repeat the
+    uninterrupted one bit for bit: the NSA backward's deterministic mode, deterministic cuBLAS."""
+    import nsa
+
+    if not nsa.cuda_built():
+        pytest.skip("ops library built without CUDA kernels")
+    model = replace(SMALL, n_q_heads=2, n_kv_heads=1, head_dim=64)  # a head dim the CUDA kernels have
+    k = 3
+    cfg = replace(small_cfg, steps=2 * k, device="cuda", deterministic=True)
+    try:
+        uninterrupted = train(model, cfg, tmp_path / "a", log=_quiet)
+        train(model, replace(cfg, ckpt_every=k), tmp_path / "b", log=_quiet)
+        ckpt = tmp_path / "b" / "checkpoints" / f"step_{k:07d}.state.pt"
+        nsa_train.main(["--resume", str(ckpt), "--progress-seconds", "1e9"])
+    finally:
+        torch.use_deterministic_algorithms(False)  # train() set it for the process
+    assert _csv_losses(tmp_path / "b" / "metrics.csv") == uninterrupted.losses
 
 
 def test_loss_drops_on_stdlib(small_cfg):
