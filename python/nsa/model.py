@@ -219,8 +219,12 @@ class LanguageModel(nn.Module):
 
 @torch.no_grad()
 def generate(model: LanguageModel, prompt_bytes: bytes, max_new_tokens: int, temperature: float = 1.0,
-             top_k: Optional[int] = None, greedy: bool = False, seed: Optional[int] = None) -> bytes:
+             top_k: Optional[int] = None, greedy: bool = False, seed: Optional[int] = None,
+             max_context: Optional[int] = None) -> bytes:
     """Continues ``prompt_bytes`` by ``max_new_tokens`` bytes; returns only the new bytes.
+
+    The model sees the last ``max_context`` bytes (default its training ``seq_len``; the passkey
+    evaluation passes longer contexts to measure retrieval beyond the training length).
 
     Sampling: softmax(logits / temperature) restricted to the ``top_k`` most likely bytes (all
     when None); ``greedy`` takes the argmax instead. ``seed`` seeds a private generator, so the
@@ -246,7 +250,7 @@ def generate(model: LanguageModel, prompt_bytes: bytes, max_new_tokens: int, tem
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             for _ in range(max_new_tokens):
-                logits = model(tokens[:, -model.config.seq_len:])[0, -1].float()
+                logits = model(tokens[:, -(max_context or model.config.seq_len):])[0, -1].float()
                 if greedy:
                     next_token = logits.argmax(dim=-1, keepdim=True)
                 else:

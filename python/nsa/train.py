@@ -209,6 +209,15 @@ def load_checkpoint_state(path: Path) -> Dict:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
+def load_model(path: str, device: str = "cpu") -> LanguageModel:
+    """The model of a checkpoint (a state file, or a run directory: its latest), in eval mode."""
+    state_path = find_checkpoint(path)
+    state = load_checkpoint_state(state_path)
+    model = LanguageModel(ModelConfig.from_dict(dict(state["model_config"])))
+    _load_model_weights(model, state_path, state)
+    return model.to(device).eval()
+
+
 def _load_model_weights(model: LanguageModel, state_path: Path, state: Dict) -> None:
     model_path = state_path.parent / state["model_file"]
     if model_path.suffix == ".safetensors":

@@ -1,0 +1,118 @@
+"""Synthetic long-context evaluation of the showcase model: passkey retrieval.
+
+``python -m nsa.evals passkey --checkpoint RUN_DIR [--lengths 2048,4096,...] [--depths ...]``
+
+A prompt of exactly L bytes is filler text with one needle, "The pass key is 31415. Remember it.
+31415 is the pass key.", placed so that it starts at fraction ``depth`` of the filler, and ends
+with "What is the pass key? The pass key is". The model continues it greedily for as many bytes
+as the key has; a trial is correct when they are the key. The report is the accuracy per
+(context length, depth): a model that only uses its local window answers at chance (about 0 for
+5-digit keys) once the needle is farther back than its window; NSA's compressed and selected
+branches are what can reach it. Lengths past the training length test extrapolation (the model
+sees the whole prompt: ``generate(..., max_context=L)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .model import LanguageModel, generate
+
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+QUESTION = " What is the pass key? The pass key is "
+
+
+def needle(key: str) -> str:
+    return f" The pass key is {key}. Remember it. {key} is the pass key. "
+
+
+def passkey_prompt(length: int, depth: float, key: str) -> bytes:
+    """A prompt of exactly ``length`` bytes with the needle starting at fraction ``depth`` (0 =
+    the start, 1 = just before the question) of the filler."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"passkey_prompt: depth must be in [0, 1], got {depth}")
+    fill = length - len(needle(key)) - len(QUESTION)
+    if fill < 0:
+        raise ValueError(f"passkey_prompt: length {length} is shorter than the needle and the question "
+                         f"({length - fill} bytes)")
+    filler = (FILLER * (fill // len(FILLER) + 1))[:fill]
+    at = round(depth * fill)
+    return (filler[:at] + needle(key) + filler[at:] + QUESTION).encode()
+
+
+def evaluate_passkey(model: LanguageModel, lengths: Sequence[int], depths: Sequence[float], trials: int,
+                     seed: int = 0, digits: int = 5, log=print) -> Dict[Tuple[int, float], float]:
+    """Accuracy per (length, depth) over ``trials`` random keys of ``digits`` digits."""
+    rng = random.Random(seed)
+    accuracy = {}
+    for length in lengths:
+        for depth in depths:
+            start, correct = time.perf_counter(), 0
+            for _ in range(trials):
+                key = f"{rng.randrange(10 ** digits):0{digits}d}"
+                answer = generate(model, passkey_prompt(length, depth, key), digits, greedy=True, max_context=length)
+                correct += answer == key.encode()
+            accuracy[(length, depth)] = correct / trials
+            log(f"passkey length {length} depth {depth:.2f}: {correct}/{trials} "
+                f"({time.perf_counter() - start:.1f} s)")
+    return accuracy
+
+
+def format_table(accuracy: Dict[Tuple[int, float], float]) -> str:
+    lengths = sorted({length for length, _ in accuracy})
+    depths = sorted({depth for _, depth in accuracy})
+    lines = ["| length | " + " | ".join(f"depth {d:.2f}" for d in depths) + " |",
+             "|---|" + "---|" * len(depths)]
+    for length in lengths:
+        lines.append(f"| {length} | " + " | ".join(f"{accuracy[(length, d)]:.2f}" for d in depths) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nsa.evals", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("passkey", help="passkey retrieval accuracy by context length and depth")
+    p.add_argument("--checkpoint", required=True, help="a run directory or a checkpoint state file")
+    p.add_argument("--lengths", default="2048,4096,8192,16384,32768", help="comma-separated prompt lengths (bytes)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated needle depths in [0, 1]")
+    p.add_argument("--trials", type=int, default=5, help="random keys per (length, depth)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--out-json", help="write {'rows': [{length, depth, accuracy, trials}], ...} here")
+    args = parser.parse_args(argv)
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+        depths = [float(x) for x in args.depths.split(",") if x.strip()]
+    except ValueError:
+        parser.error("--lengths takes integers and --depths numbers, comma-separated")
+    if args.trials < 1 or not lengths or not depths:
+        parser.error("--trials must be >= 1 and --lengths / --depths non-empty")
+
+    import torch
+
+    from .train import load_model
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = load_model(args.checkpoint, device)
+    print(f"passkey: {args.checkpoint} ({model.config.attn} attention, trained at T={model.config.seq_len}) on "
+          f"{device}, {args.trials} trials per cell", flush=True)
+    accuracy = evaluate_passkey(model, lengths, depths, args.trials, args.seed)
+    print(format_table(accuracy))
+    if args.out_json:
+        rows = [dict(length=length, depth=depth, accuracy=acc, trials=args.trials)
+                for (length, depth), acc in sorted(accuracy.items())]
+        Path(args.out_json).write_text(json.dumps({"rows": rows, "checkpoint": args.checkpoint,
+                                                   "attn": model.config.attn,
+                                                   "train_seq_len": model.config.seq_len}, indent=1) + "\n")
+        print(f"wrote {args.out_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

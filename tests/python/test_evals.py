@@ -1,0 +1,72 @@
+"""The passkey evaluation (nsa.evals): prompt construction, scoring, the CLI on a saved run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nsa import evals
+from nsa.model import LanguageModel, ModelConfig
+from nsa.train import TrainConfig, train
+
+TINY = ModelConfig(dim=32, n_layers=1, n_q_heads=2, n_kv_heads=1, head_dim=16, mlp_hidden=64, seq_len=64,
+                   cmp_block=8, cmp_stride=4, sel_block=8, num_selected=4, window=16)
+
+
+@pytest.mark.parametrize("length", [120, 257, 1000])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_prompt_has_the_length_the_needle_at_its_depth_and_the_question_last(length, depth):
+    key = "04217"
+    prompt = evals.passkey_prompt(length, depth, key).decode()
+    assert len(prompt) == length
+    assert prompt.endswith(evals.QUESTION)
+    at = prompt.index(evals.needle(key))
+    filler = length - len(evals.needle(key)) - len(evals.QUESTION)
+    assert abs(at - depth * filler) <= 0.5
+    assert prompt.count(key) == 2  # only the needle holds the key
+
+
+def test_prompt_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="depth"):
+        evals.passkey_prompt(200, 1.5, "12345")
+    with pytest.raises(ValueError, match="shorter than the needle"):
+        evals.passkey_prompt(90, 0.5, "12345")
+
+
+def test_scoring_counts_exact_answers(monkeypatch):
+    """A model that reads the key back scores 1, one that answers a wrong key scores 0."""
+    def reader(_model, prompt, n, **_kwargs):
+        text = prompt.decode()
+        start = text.index("The pass key is ") + len("The pass key is ")
+        return text[start:start + n].encode()
+
+    monkeypatch.setattr(evals, "generate", reader)
+    perfect = evals.evaluate_passkey(None, [120, 300], [0.0, 0.5, 1.0], trials=3, log=lambda _m: None)
+    assert set(perfect) == {(length, depth) for length in (120, 300) for depth in (0.0, 0.5, 1.0)}
+    assert all(acc == 1.0 for acc in perfect.values())
+    monkeypatch.setattr(evals, "generate", lambda _m, _p, n, **_k: b"x" * n)
+    assert all(acc == 0.0 for acc in evals.evaluate_passkey(None, [120], [0.5], 2, log=lambda _m: None).values())
+
+
+def test_random_model_answers_five_bytes_beyond_its_training_length():
+    torch.manual_seed(0)
+    model = LanguageModel(TINY).eval()
+    acc = evals.evaluate_passkey(model, [TINY.seq_len * 2], [0.0, 1.0], trials=1, log=lambda _m: None)
+    assert all(0.0 <= a <= 1.0 for a in acc.values()) and len(acc) == 2
+
+
+def test_cli_on_a_saved_run(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"  # a small corpus: no stdlib token cache to build here
+    corpus.write_text(evals.FILLER * 400)
+    cfg = TrainConfig(preset="test", steps=2, batch_size=2, eval_every=1000, eval_batches=1, ckpt_every=1000,
+                      sample_tokens=0, device="cpu", progress_seconds=1e9, data=str(corpus),
+                      cache_dir=str(tmp_path / "cache"))
+    train(TINY, cfg, tmp_path / "run", log=lambda _m: None)
+    out = tmp_path / "passkey.json"
+    assert evals.main(["passkey", "--checkpoint", str(tmp_path / "run"), "--lengths", "128,160", "--depths", "0,1",
+                       "--trials", "1", "--device", "cpu", "--out-json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["length"], r["depth"]) for r in rows] == [(128, 0.0), (128, 1.0), (160, 0.0), (160, 1.0)]
+    assert "| length | depth 0.00 | depth 1.00 |" in capsys.readouterr().out
