@@ -38,16 +38,7 @@ struct Config {
 
 Config make_config(int64_t cmp_block, int64_t cmp_stride, int64_t sel_block, int64_t num_selected, int64_t num_init,
                    int64_t num_local, int64_t window, double scale, int64_t max_seqlen) {
-  nsa::Config core;
-  core.cmp_block = cmp_block;
-  core.cmp_stride = cmp_stride;
-  core.sel_block = sel_block;
-  core.num_selected = num_selected;
-  core.num_init = num_init;
-  core.num_local = num_local;
-  core.window = window;
-  core.scale = scale;
-  return {core, max_seqlen};
+  return {nsa::Config{cmp_block, cmp_stride, sel_block, num_selected, num_init, num_local, window, scale}, max_seqlen};
 }
 
 // The layout shared by every tensor of one call: padded [B, T, H, D] or packed [total, H, D].

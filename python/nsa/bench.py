@@ -160,23 +160,6 @@ def _median(xs):
     return xs[len(xs) // 2]
 
 
-def time_rotating(fn, sets, iters: int, warmup: int) -> float:
-    """Median ms of fn(sets[i % len(sets)]) with CUDA events, after warm-up."""
-    import torch
-
-    for i in range(warmup):
-        fn(sets[i % len(sets)])
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for i, (a, b) in enumerate(events):
-        s = sets[(warmup + i) % len(sets)]
-        a.record()
-        fn(s)
-        b.record()
-    torch.cuda.synchronize()
-    return _median([a.elapsed_time(b) for a, b in events])
-
-
 def time_after_setup(setup, fn, sets, iters: int, warmup: int) -> float:
     """Median ms of fn(setup(s)) over rotating sets, timing fn only (setup runs before the start event)."""
     import torch
@@ -194,6 +177,11 @@ def time_after_setup(setup, fn, sets, iters: int, warmup: int) -> float:
         times.append((a, b))
     torch.cuda.synchronize()
     return _median([a.elapsed_time(b) for a, b in times])
+
+
+def time_rotating(fn, sets, iters: int, warmup: int) -> float:
+    """Median ms of fn(sets[i % len(sets)]) with CUDA events, after warm-up."""
+    return time_after_setup(lambda s: s, fn, sets, iters, warmup)
 
 
 def num_sets(set_bytes: int, l2_bytes: int, cap: int = 16) -> int:

@@ -109,6 +109,12 @@ inline Status not_compiled(const char* api, int dk, int dv) {
 
 inline TensorRef tensor_ref(const InputTensor& t) { return TensorRef{t.data, t.batch_stride, t.seq_stride, t.head_stride}; }
 
+// The softmax scale: the config's, or 1 / sqrt(Dk) when it is 0.
+template <class P>
+double softmax_scale(const P& p) {
+  return p.config.scale > 0 ? p.config.scale : 1.0 / std::sqrt(static_cast<double>(p.shape.head_dim_qk));
+}
+
 // Shape, config and input fields of ForwardArgs (the rest is the caller's).
 template <class P>
 void fill_common_args(ForwardArgs& a, const P& p) {
@@ -129,8 +135,7 @@ void fill_common_args(ForwardArgs& a, const P& p) {
   a.num_init = static_cast<int>(std::min<int64_t>(c.num_init, c.num_selected));
   a.num_local = static_cast<int>(std::min<int64_t>(c.num_local, c.num_selected));
   a.window = std::min<int64_t>(c.window, s.seqlen);
-  const double scale = c.scale > 0 ? c.scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim_qk));
-  a.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  a.scale_log2 = static_cast<float>(softmax_scale(p) * 1.4426950408889634);
   a.q = tensor_ref(p.q);
   a.k = tensor_ref(p.k);
   a.v = tensor_ref(p.v);

@@ -229,16 +229,7 @@ const char* arg_name(int arg) {
 
 nsa::Config make_config(int64_t l, int64_t d, int64_t l_sel, int64_t n, int64_t n_init, int64_t n_local, int64_t w,
                         double scale) {
-  nsa::Config c;
-  c.cmp_block = l;
-  c.cmp_stride = d;
-  c.sel_block = l_sel;
-  c.num_selected = n;
-  c.num_init = n_init;
-  c.num_local = n_local;
-  c.window = w;
-  c.scale = scale;
-  return c;
+  return nsa::Config{l, d, l_sel, n, n_init, n_local, w, scale};
 }
 
 ProblemSpec padded_spec(int64_t batch, int64_t seqlen, int64_t hq, int64_t hkv, int64_t dk, int64_t dv) {
