@@ -2,9 +2,8 @@
 // validate() for the contract, then what this backend supports), builds the kernel-side
 // ForwardArgs and dispatches on (dtype, Dk, Dv) to the generated instantiations of
 // launch_forward (src/cuda/forward_launch.cuh). Never synchronizes, never allocates.
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <string>
 
 #include "cuda/api_common.h"
