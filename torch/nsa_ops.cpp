@@ -1,6 +1,6 @@
-// The torch ops nsa::forward and nsa::backward: schemas, and the CPU and CUDA implementations
-// that turn tensors into nsa::ForwardParams / BackwardParams, check them (naming the argument)
-// and call the backend. Fake (meta) kernels and autograd are registered in python/nsa/ops.py.
+// The torch ops nsa::forward, nsa::backward and nsa::forward_kvcache (decode / chunked prefill):
+// schemas, and the CPU and CUDA implementations that turn tensors into nsa::ForwardParams /
+// BackwardParams, check them (naming the argument) and call the backend. Fake (meta) kernels and autograd are registered in python/nsa/ops.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -325,6 +325,82 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   return {grad_q, grad_k, grad_v, grad_k_win, grad_v_win, grad_k_cmp, grad_v_cmp, grad_gates};
 }
 
+// Decode / chunked prefill: the m newest tokens of each sequence (q, gates [B, m, ...]) against
+// its KV cache (k_cache, v_cache [B, capacity, Hkv, D], k_cmp_cache, v_cmp_cache
+// [B, cmp_capacity, Hkv, D]), cache_seqlens [B] int32 = keys held after the append
+// (include/nsa/params.h, KvCacheView). Inference only: no autograd. tokens_read, when given,
+// is an int64 [B, 3] accumulator of the key rows each branch gathered.
+std::tuple<Tensor, Tensor> forward_kvcache_impl(
+    const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const std::optional<Tensor>& k_win_cache,
+    const std::optional<Tensor>& v_win_cache, const Tensor& k_cmp_cache, const Tensor& v_cmp_cache,
+    const Tensor& gates, const Tensor& cache_seqlens, const std::optional<Tensor>& tokens_read, int64_t cmp_block,
+    int64_t cmp_stride, int64_t sel_block, int64_t num_selected, int64_t num_init, int64_t num_local, int64_t window,
+    double scale) {
+  const Config config = make_config(cmp_block, cmp_stride, sel_block, num_selected, num_init, num_local, window, scale, 0);
+  check_status(nsa::validate(config.core));
+  to_nsa_dtype(q.scalar_type());
+  TORCH_CHECK(q.dim() == 4, "nsa: q must be [B, m, Hq, Dk] (the m newest tokens of each sequence), got shape ",
+              shape_string(q));
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"k_cache", k_cache},
+                                std::pair<const char*, const Tensor&>{"v_cache", v_cache},
+                                std::pair<const char*, const Tensor&>{"k_cmp_cache", k_cmp_cache},
+                                std::pair<const char*, const Tensor&>{"v_cmp_cache", v_cmp_cache}})
+    TORCH_CHECK(t.dim() == 4, "nsa: ", name, " must be [B, capacity, Hkv, D], got shape ", shape_string(t));
+  const int64_t batch = q.size(0), m = q.size(1), hq = q.size(2), dk = q.size(3);
+  const int64_t hkv = k_cache.size(2), dv = v_cache.size(3);
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "nsa: q has ", hq, " heads, which is not a multiple of the ", hkv,
+              " kv heads of k_cache");
+  const at::ScalarType dtype = q.scalar_type();
+  const Layout queries{false, batch, m, batch * m, 0, 0, q.device(), dtype};
+  const Layout cache{false, batch, k_cache.size(1), 0, 0, k_cmp_cache.size(1), q.device(), dtype};
+  check_tensor("q", q, queries, false, hq, dk, dtype);
+  check_tensor("gates", gates, queries, false, hq, nsa::kNumBranches, dtype);
+  check_tensor("k_cache", k_cache, cache, false, hkv, dk, dtype);
+  check_tensor("v_cache", v_cache, cache, false, hkv, dv, dtype);
+  if (k_win_cache) check_tensor("k_win_cache", *k_win_cache, cache, false, hkv, dk, dtype);
+  if (v_win_cache) check_tensor("v_win_cache", *v_win_cache, cache, false, hkv, dv, dtype);
+  check_tensor("k_cmp_cache", k_cmp_cache, cache, true, hkv, dk, dtype);
+  check_tensor("v_cmp_cache", v_cmp_cache, cache, true, hkv, dv, dtype);
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == batch,
+              "nsa: cache_seqlens must be int32 [", batch, "], got ", cache_seqlens.scalar_type(), " ",
+              shape_string(cache_seqlens));
+  TORCH_CHECK(cache_seqlens.device() == q.device(), "nsa: cache_seqlens is on ", cache_seqlens.device(),
+              " but q is on ", q.device());
+  const Tensor seqlens = cache_seqlens.contiguous();
+  if (tokens_read) {
+    const bool counter_ok = tokens_read->scalar_type() == at::kLong && tokens_read->dim() == 2 &&
+                            tokens_read->size(0) == batch && tokens_read->size(1) == nsa::kNumBranches &&
+                            tokens_read->is_contiguous() && tokens_read->device() == q.device();
+    TORCH_CHECK(counter_ok,
+                "nsa: tokens_read must be a contiguous int64 [", batch, ", 3] tensor on ", q.device(), ", got ",
+                tokens_read->scalar_type(), " ", shape_string(*tokens_read), " on ", tokens_read->device());
+  }
+
+  const auto opts = q.options();
+  Tensor out = at::empty({batch, m, hq, dv}, opts);
+  Tensor lse = at::empty({batch, m, hq, nsa::kNumBranches}, opts.dtype(stats_dtype(dtype)));
+  Tensor indices = at::empty({batch, m, hkv, num_selected}, opts.dtype(at::kInt));
+  nsa::ForwardParams p;
+  p.config = config.core;
+  p.dtype = to_nsa_dtype(dtype);
+  p.shape = {batch, m, hq, hkv, dk, dv};
+  p.q = input_ref(q, false);
+  p.k = input_ref(k_cache, false);
+  p.v = input_ref(v_cache, false);
+  p.k_win = optional_input_ref(k_win_cache, false);
+  p.v_win = optional_input_ref(v_win_cache, false);
+  p.k_cmp = input_ref(k_cmp_cache, false);
+  p.v_cmp = input_ref(v_cmp_cache, false);
+  p.gates = input_ref(gates, false);
+  p.block_indices = indices.data_ptr<int32_t>();
+  p.out = output_ref(out, false);
+  p.lse = lse.data_ptr();
+  p.cache = {seqlens.data_ptr<int32_t>(), k_cache.size(1), k_cmp_cache.size(1)};
+  p.tokens_read = tokens_read ? tokens_read->data_ptr<int64_t>() : nullptr;
+  run_forward(q, p);
+  return {out, indices};
+}
+
 }  // namespace
 
 bool cuda_built() { return NSA_TORCH_WITH_CUDA != 0; }
@@ -343,16 +419,23 @@ TORCH_LIBRARY(nsa, m) {
       "Tensor? cu_seqlens_cmp, SymInt max_seqlen, int cmp_block, int cmp_stride, int sel_block, int num_selected, "
       "int num_init, int num_local, int window, float scale, bool deterministic) -> (Tensor grad_q, Tensor grad_k, "
       "Tensor grad_v, Tensor grad_k_win, Tensor grad_v_win, Tensor grad_k_cmp, Tensor grad_v_cmp, Tensor grad_gates)");
+  m.def(
+      "forward_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? k_win_cache, Tensor? v_win_cache, "
+      "Tensor k_cmp_cache, Tensor v_cmp_cache, Tensor gates, Tensor cache_seqlens, Tensor(a!)? tokens_read, "
+      "int cmp_block, int cmp_stride, int sel_block, int num_selected, int num_init, int num_local, int window, "
+      "float scale) -> (Tensor out, Tensor block_indices)");
 }
 
 TORCH_LIBRARY_IMPL(nsa, CPU, m) {
   m.impl("forward", &forward_impl);
   m.impl("backward", &backward_impl);
+  m.impl("forward_kvcache", &forward_kvcache_impl);
 }
 
 TORCH_LIBRARY_IMPL(nsa, CUDA, m) {
   m.impl("forward", &forward_impl);
   m.impl("backward", &backward_impl);
+  m.impl("forward_kvcache", &forward_kvcache_impl);
 }
 
 }  // namespace nsa_torch

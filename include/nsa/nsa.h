@@ -7,6 +7,7 @@
 #include <cstddef>
 
 #include "nsa/config.h"
+#include "nsa/kv_cache.h"
 #include "nsa/params.h"
 #include "nsa/semantics.h"
 #include "nsa/status.h"
@@ -44,12 +45,14 @@ Status backward(const BackwardParams& params, int num_threads = 0);
 namespace cuda {
 // Whether this library was built with the CUDA backend.
 bool built();
-// Bytes of device workspace forward() needs for these params: 0 when out_branch is given (the
-// branch outputs are staged there), else 2 * rows * Hq * Dv elements of the input dtype.
+// Bytes of device workspace forward() needs for these params: the staged branch outputs when
+// out_branch is null (2 * rows * Hq * Dv elements of the input dtype), and with a KV cache the
+// decode path's split partials and compressed-token scores; 0 when neither applies.
 size_t forward_workspace_bytes(const ForwardParams& params);
 // Enqueues the forward on `stream` (a cudaStream_t; nullptr = the legacy default stream).
-// Never synchronizes and never allocates; workspace must hold forward_workspace_bytes(params)
-// bytes (it may be null when that is 0). Launch errors return kBackendError with CUDA's message.
+// Never synchronizes and never allocates; the workspace (256-byte aligned, e.g. from cudaMalloc)
+// holds forward_workspace_bytes(params) bytes (it may be null when that is 0). Launch errors
+// return kBackendError with CUDA's message.
 Status forward(const ForwardParams& params, void* workspace, size_t workspace_bytes, void* stream);
 // Bytes of device workspace backward() needs for these params (fp32 gradient accumulators,
 // per-branch softmax row terms, the block -> query index of the selection branch); the same for

@@ -51,6 +51,26 @@ struct Varlen {
   int64_t total_cmp_tokens = 0;             // cu_seqlens_cmp[N]
 };
 
+// Decode and chunked prefill (DESIGN section 1): the forward's m = shape.seqlen queries of each
+// sequence sit at the end of that sequence's KV cache. Only the padded layout (varlen.cu_seqlens
+// null). With seqlens set:
+//   q, gates, out, out_branch, lse, block_indices  [B, m, ...] as in prefill (row i = query i);
+//   k, v, k_win, v_win                             [B, capacity, Hkv, D] (the raw cache; any
+//                                                   strides; k_win/v_win null: the window
+//                                                   branch reads k/v);
+//   k_cmp, v_cmp                                   [B, cmp_capacity, Hkv, D].
+// Sequence b holds keys 0 .. seqlens[b]-1 (its m new tokens already appended) and its first
+// num_cmp_tokens(seqlens[b]) compressed tokens; its query i sits at position seqlens[b] - m + i
+// and sees exactly what that position sees in prefill. Requires m <= seqlens[b] <= capacity and
+// num_cmp_tokens(seqlens[b]) <= cmp_capacity: the host validation checks this (it reads seqlens),
+// the CUDA backend cannot without a sync, so there it is the caller's bookkeeping (the KV cache
+// of include/nsa/kv_cache.h keeps it).
+struct KvCacheView {
+  const int32_t* seqlens = nullptr;  // [B] keys held per sequence; null: prefill (no cache)
+  int64_t capacity = 0;              // raw rows per sequence in k, v, k_win, v_win
+  int64_t cmp_capacity = 0;          // compressed rows per sequence in k_cmp, v_cmp
+};
+
 // Statistics (lse) are float for 16-bit and float32 inputs, double for float64 inputs.
 struct ForwardParams {
   Config config;
@@ -79,6 +99,15 @@ struct ForwardParams {
                                // output; may be null (inference); the backward needs it
   void* lse = nullptr;         // [B, T, Hq, 3] contiguous, per-branch log-sum-exp of the scaled
                                // scores; -inf where the branch sees no key (cmp for t < l-1)
+
+  KvCacheView cache;  // decode / chunked prefill; default: prefill
+
+  // [B, 3] int64 contiguous, optional: the forward adds, per sequence and branch (cmp, slc, win),
+  // the key rows it gathered from memory, summed over kv heads. The CPU backend counts per
+  // (query, kv head) the keys each softmax reads; the CUDA backend counts per CTA the key rows
+  // it loads (a CTA serves several positions in prefill, so its union is counted once; in
+  // decode, m = 1, the two agree). Not written by the backward.
+  int64_t* tokens_read = nullptr;
 };
 
 struct BackwardParams {

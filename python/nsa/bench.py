@@ -13,6 +13,13 @@ same shape to get per-stage medians. Writes JSON ({"rows", "ceilings", "meta"}) 
 model (python/nsa/model.py: forward, backward, fused AdamW, bf16 autocast) with NSA and with
 dense attention in steady state (CUDA events after warm-up, median), and with ``--profile`` prints
 the CUDA kernels that take the step's time (torch.profiler).
+
+``python -m nsa.bench decode`` times one decode step (m = 1 new token per sequence) of
+``nsa.ops.nsa_attention_kvcache`` against PyTorch SDPA dense attention of the same query over the
+same cache (cuDNN, flash and efficient backends), per batch size and context length: per-token
+latency, the GB/s NSA achieves on the bytes it must read (``decode_bytes``) against the copy and
+read ceilings, and the key rows the kernels report gathering (``tokens_read``) next to that formula.
+JSON rows and a log-log PNG; ``--device cpu`` (tiny sizes) is a smoke test without a GPU.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ CONFIGS = {
 }
 NSA = dict(cmp_block=32, cmp_stride=16, sel_block=64, num_selected=16, num_init=1, num_local=2, window=512)
 DEFAULT_SEQLENS = "8192,16384,32768,65536,131072"
+DECODE_BATCHES = {"cuda": "1,16,64", "cpu": "1"}
+DECODE_CONTEXTS = {"cuda": "8192,32768,65536,131072", "cpu": "256"}
+DENSE_BACKENDS = ("cudnn", "flash", "efficient")
 STAGES = ("all", "cmp", "select", "slc", "win")
 METHODS = ("nsa", "cudnn", "flash")
 
@@ -100,6 +110,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--iters", type=int, default=10)
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 2 profiled steps")
+    d = sub.add_parser("decode", help="decode step (m = 1) against a KV cache: NSA vs SDPA dense on the same cache")
+    d.add_argument("--configs", default="paper",
+                   help=f"comma-separated, from {', '.join(CONFIGS)} (default paper; their B is not used)")
+    d.add_argument("--batches", help=f"comma-separated B (default {DECODE_BATCHES['cuda']}; "
+                                     f"{DECODE_BATCHES['cpu']} with --device cpu)")
+    d.add_argument("--contexts", help=f"comma-separated context lengths: keys in the cache, the new token's "
+                                      f"included (default {DECODE_CONTEXTS['cuda']}; {DECODE_CONTEXTS['cpu']} "
+                                      "with --device cpu)")
+    d.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    d.add_argument("--iters", type=int, default=100, help="timed decode steps per method (median)")
+    d.add_argument("--warmup", type=int, default=10)
+    d.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: a smoke test of the whole path (wall-clock timing, small ceilings)")
+    d.add_argument("--out", metavar="PATH", help="JSON; default benchmarks/results/decode_<gpu>_<date>.json")
+    d.add_argument("--plot", metavar="PATH", help="PNG; default: the JSON path with .png")
+    d.add_argument("--no-plot", action="store_true", help="do not plot")
+    d.add_argument("--plot-only", metavar="JSON", help="print the table and make the PNG from an existing JSON, exit")
     args = parser.parse_args(argv)
     if args.command == "train-step":
         return args
@@ -107,15 +134,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     for c in args.configs:
         if c not in CONFIGS:
             parser.error(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
-    try:
-        args.seqlens = [int(x) for x in args.seqlens.split(",") if x.strip()]
-    except ValueError:
-        parser.error(f"--seqlens must be comma-separated integers, got {args.seqlens!r}")
-    if not args.seqlens or min(args.seqlens) < 1:
-        parser.error("--seqlens must be positive")
+    if args.command == "decode":
+        args.batches = _positive_ints(parser, "--batches", args.batches or DECODE_BATCHES[args.device])
+        args.contexts = _positive_ints(parser, "--contexts", args.contexts or DECODE_CONTEXTS[args.device])
+    else:
+        args.seqlens = _positive_ints(parser, "--seqlens", args.seqlens)
     if args.iters < 1 or args.warmup < 0:
         parser.error("--iters must be >= 1 and --warmup >= 0")
     return args
+
+
+def _positive_ints(parser, flag: str, text: str) -> list:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"{flag} must be comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        parser.error(f"{flag} must be positive")
+    return values
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,10 +196,23 @@ def _median(xs):
     return xs[len(xs) // 2]
 
 
-def time_after_setup(setup, fn, sets, iters: int, warmup: int) -> float:
-    """Median ms of fn(setup(s)) over rotating sets, timing fn only (setup runs before the start event)."""
+def time_after_setup(setup, fn, sets, iters: int, warmup: int, device: str = "cuda") -> float:
+    """Median ms of fn(setup(s)) over rotating sets, timing fn only (setup runs before the start event).
+    device "cpu": wall clock (time.perf_counter) per run instead of CUDA events."""
     import torch
 
+    if device == "cpu":
+        import time
+
+        for i in range(warmup):
+            fn(setup(sets[i % len(sets)]))
+        cpu_times = []
+        for i in range(iters):
+            state = setup(sets[(warmup + i) % len(sets)])
+            start = time.perf_counter()
+            fn(state)
+            cpu_times.append((time.perf_counter() - start) * 1e3)
+        return _median(cpu_times)
     for i in range(warmup):
         fn(setup(sets[i % len(sets)]))
     torch.cuda.synchronize()
@@ -179,9 +228,30 @@ def time_after_setup(setup, fn, sets, iters: int, warmup: int) -> float:
     return _median([a.elapsed_time(b) for a, b in times])
 
 
-def time_rotating(fn, sets, iters: int, warmup: int) -> float:
-    """Median ms of fn(sets[i % len(sets)]) with CUDA events, after warm-up."""
-    return time_after_setup(lambda s: s, fn, sets, iters, warmup)
+def time_rotating(fn, sets, iters: int, warmup: int, device: str = "cuda") -> float:
+    """Median ms of fn(sets[i % len(sets)]) with CUDA events (device "cpu": wall clock), after warm-up."""
+    return time_after_setup(lambda s: s, fn, sets, iters, warmup, device)
+
+
+def time_graphs(fn, sets, iters: int, warmup: int) -> float:
+    """Median ms of replaying a CUDA graph of fn(s) per set (rotating), CUDA events around each replay:
+    the GPU time of a step without the host's launch overhead, as a serving loop that captures its
+    decode step sees it."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream before capture, as torch.cuda.graph asks
+        for s in sets:
+            fn(s)
+    torch.cuda.current_stream().wait_stream(stream)
+    graphs = []
+    for s in sets:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(s)
+        graphs.append(graph)
+    return time_rotating(lambda g: g.replay(), graphs, iters, warmup)
 
 
 def num_sets(set_bytes: int, l2_bytes: int, cap: int = 16) -> int:
@@ -205,15 +275,35 @@ def measure_ceilings(iters: int = 20) -> dict:
     ms = time_rotating(mm, mats, iters, 3)
     matmul_tflops = 2.0 * n ** 3 / (ms * 1e-3) / 1e12
     del mats, outs
-    nbytes = 2 << 30  # 2 GiB copied: 4 GiB moved
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
-    dst = torch.empty_like(src)
-    cms = time_rotating(lambda s: dst.copy_(s), [src], iters, 3)
-    del src, dst
-    torch.cuda.empty_cache()
     return {"matmul_bf16_tflops": matmul_tflops, "matmul_shape": [n, n, n], "matmul_ms": ms,
-            "copy_gbps": 2.0 * nbytes / (cms * 1e-3) / 1e9, "copy_bytes": nbytes, "copy_ms": cms,
+            **measure_copy(iters)}
+
+
+def measure_copy(iters: int = 20, nbytes: int = 2 << 30, device: str = "cuda") -> dict:
+    """Copy ceiling: a device-to-device copy of nbytes (default 2 GiB copied: 4 GiB moved)."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    cms = time_rotating(lambda s: dst.copy_(s), [src], iters, 3, device)
+    del src, dst
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"copy_gbps": 2.0 * nbytes / (cms * 1e-3) / 1e9, "copy_bytes": nbytes, "copy_ms": cms,
             "copy_note": "device-to-device copy, bytes read + written"}
+
+
+def measure_read(iters: int = 20, nbytes: int = 2 << 30, device: str = "cuda") -> dict:
+    """Read ceiling: torch.sum over an nbytes bf16 tensor (read once, a scalar written)."""
+    import torch
+
+    x = torch.randn(nbytes // 2, dtype=torch.bfloat16, device=device)
+    rms = time_rotating(lambda s: torch.sum(s), [x], iters, 3, device)
+    del x
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"read_gbps": nbytes / (rms * 1e-3) / 1e9, "read_bytes": nbytes, "read_ms": rms,
+            "read_note": "torch.sum over a bf16 tensor, bytes read"}
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -349,39 +439,65 @@ def gpu_tag(name: str) -> str:
     return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")).lower()
 
 
-def run_prefill(args) -> int:
+def import_runtime(device: str = "cuda", no_gpu_hint: str = "use --plot-only JSON on machines without a GPU",
+                   load_errors=(ImportError,)):
+    """(torch, nsa), or None after printing why the benchmark cannot run (no torch, no GPU for device
+    "cuda", the ops library not loadable or, for "cuda", built without CUDA)."""
     try:
         import torch
     except ImportError:
         print("nsa.bench: torch is not importable", file=sys.stderr)
-        return 2
-    if not torch.cuda.is_available():
-        print("nsa.bench: no CUDA device visible; use --plot-only JSON on machines without a GPU", file=sys.stderr)
-        return 2
+        return None
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"nsa.bench: no CUDA device visible; {no_gpu_hint}", file=sys.stderr)
+        return None
     try:
         import nsa
-    except ImportError as e:
+    except load_errors as e:
         print(f"nsa.bench: cannot import nsa (set NSA_OPS_LIBRARY and PYTHONPATH=python): {e}", file=sys.stderr)
-        return 2
-    if not nsa.cuda_built():
+        return None
+    if device == "cuda" and not nsa.cuda_built():
         print("nsa.bench: the nsa ops library was built without CUDA (nsa.cuda_built() is False); "
               f"library: {nsa._library.LIBRARY_PATH}", file=sys.stderr)
+        return None
+    return torch, nsa
+
+
+def run_meta(torch, args, device: str = "cuda") -> dict:
+    """The fields every benchmark JSON's meta starts with: device, versions, date, command, dtype, iters."""
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        dev = {"gpu": props.name, "sms": props.multi_processor_count,
+               "l2_bytes": int(getattr(props, "L2_cache_size", 0) or 50 << 20), "gpu_memory_bytes": props.total_memory}
+    else:
+        dev = {"gpu": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    return {**dev, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if device == "cuda" else None,
+            "date": datetime.date.today().isoformat(), "python": platform.python_version(),
+            "command": " ".join(["python -m nsa.bench"] + sys.argv[1:]), "dtype": args.dtype,
+            "iters": args.iters, "warmup": args.warmup}
+
+
+def write_json(path: Path, result) -> None:
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def run_prefill(args) -> int:
+    runtime = import_runtime()
+    if runtime is None:
         return 2
+    torch, _ = runtime
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     props = torch.cuda.get_device_properties(0)
-    l2 = int(getattr(props, "L2_cache_size", 0) or 50 << 20)
-    today = datetime.date.today().isoformat()
-    meta = {"gpu": props.name, "sms": props.multi_processor_count, "l2_bytes": l2,
-            "gpu_memory_bytes": props.total_memory, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(), "date": today, "python": platform.python_version(),
-            "command": " ".join(["python -m nsa.bench"] + sys.argv[1:]), "dtype": args.dtype,
-            "iters": args.iters, "warmup": args.warmup, "nsa_config": NSA,
-            "nsa_inputs": "k_win/v_win not given (window branch reads k/v), random gates in (0,1), "
-                          "random k_cmp/v_cmp; forward timed without grad (no branch outputs saved), backward "
-                          "timed on the saved outputs of a forward with save_branch_outputs",
-            "timing": "CUDA events per run, median of iters after warmup, rotating input sets "
-                      "(>= 2, together > 2x L2)",
-            "stage_bench": args.stage_bench, "validation": {}}
+    meta = run_meta(torch, args)
+    l2, today = meta["l2_bytes"], meta["date"]
+    meta.update({"nsa_config": NSA,
+                 "nsa_inputs": "k_win/v_win not given (window branch reads k/v), random gates in (0,1), "
+                               "random k_cmp/v_cmp; forward timed without grad (no branch outputs saved), "
+                               "backward timed on the saved outputs of a forward with save_branch_outputs",
+                 "timing": "CUDA events per run, median of iters after warmup, rotating input sets "
+                           "(>= 2, together > 2x L2)",
+                 "stage_bench": args.stage_bench, "validation": {}})
     print(f"nsa.bench prefill: {props.name}, torch {torch.__version__}, L2 {l2 >> 20} MiB, {today}", flush=True)
     ceilings = measure_ceilings()
     print(f"ceilings: bf16 matmul 8192^3 {ceilings['matmul_bf16_tflops']:.0f} TFLOP/s, "
@@ -454,8 +570,8 @@ def run_prefill(args) -> int:
                 print(f"    note: {note}", flush=True)
             print("    " + _fmt_row(row), flush=True)
             rows.append(row)
-            out_json.write_text(json.dumps(result, indent=1) + "\n")  # after each row: a cut-off run keeps its rows
-    out_json.write_text(json.dumps(result, indent=1) + "\n")
+            write_json(out_json, result)  # after each row: a cut-off run keeps its rows
+    write_json(out_json, result)
     print(f"wrote {out_json}")
     print_table(result)
     if not args.no_png:
@@ -516,7 +632,8 @@ def print_table(result) -> None:
                          _f(r.get("bwd_ratio_vs_flash")), _f(r.get("nsa_bwd_tflops"), ".0f")))
 
 
-def plot(result, path: Path) -> bool:
+def _pyplot():
+    """matplotlib.pyplot (Agg backend), or None after printing that the plot is skipped."""
     try:
         import matplotlib
 
@@ -524,6 +641,21 @@ def plot(result, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print("plot skipped: matplotlib is not importable")
+        return None
+    return plt
+
+
+def _save_figure(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def plot(result, path: Path) -> bool:
+    plt = _pyplot()
+    if plt is None:
         return False
     rows = result["rows"]
     configs = list(dict.fromkeys(r["config"] for r in rows))
@@ -555,11 +687,7 @@ def plot(result, path: Path) -> bool:
         ax.legend(fontsize=8)
     m = result["meta"]
     fig.suptitle(f"Prefill forward and backward, {m.get('gpu')}, torch {m.get('torch')}, {m.get('dtype')}, {m.get('date')}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    _save_figure(plt, fig, path)
     return True
 
 
@@ -612,10 +740,337 @@ def run_train_step(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# Decode: one step (m = 1) against a KV cache
+
+DECODE_BYTES_NOTE = ("nsa_bytes: per sequence and kv head, (compressed tokens visible at the last position "
+                     "+ selected keys (n*l' clipped to the keys held, less the unfilled tail of the query's "
+                     "own block) + min(w, context)) * (Dk + Dv) * elt, plus q, gates, out and the int32 block "
+                     "indices; dense_bytes: context * (Dk + Dv) * elt per sequence and kv head, plus q and out")
+
+
+def decode_tokens(context: int, cmp_block: int = 32, cmp_stride: int = 16, sel_block: int = 64,
+                  num_selected: int = 16, num_init: int = 1, num_local: int = 2, window: int = 512,
+                  **_unused) -> dict:
+    """Key rows one decode step must read per sequence and kv head, per branch, for the query at
+    position context - 1 (context: keys held, the new token's included).
+
+    cmp: all num_cmp_tokens(context) compressed tokens (visible at the last position; the scoring
+    pass reads the same keys); slc: every key when the sequence has at most n blocks of l', else the
+    n selected blocks less the unfilled tail of the query's own block (always selected when
+    num_local >= 1; with num_local = 0, n*l' is an upper bound); win: min(w, context).
+    """
+    blocks = -(-context // sel_block)
+    if blocks <= num_selected:
+        slc = context
+    else:
+        slc = num_selected * sel_block - (blocks * sel_block - context if num_local >= 1 else 0)
+    return {"cmp": num_cmp_tokens(context, cmp_block, cmp_stride), "slc": slc, "win": min(window, context)}
+
+
+def decode_bytes(B: int, context: int, Hq: int, Hkv: int, Dk: int, Dv: int, elt: int = 2, **nsa_config) -> dict:
+    """Bytes one decode step of B sequences must move (DECODE_BYTES_NOTE), NSA and dense, and the
+    formula's key rows per branch summed over the batch and kv heads (the units of tokens_read)."""
+    tokens = decode_tokens(context, **nsa_config)
+    row_bytes = (Dk + Dv) * elt
+    nsa_kv = B * Hkv * sum(tokens.values()) * row_bytes
+    nsa_io = B * Hq * (Dk + 3 + Dv) * elt + B * Hkv * nsa_config.get("num_selected", 16) * 4
+    dense_kv = B * Hkv * context * row_bytes
+    dense_io = B * Hq * (Dk + Dv) * elt
+    return {"formula_tokens": {k: B * Hkv * v for k, v in tokens.items()}, "nsa_kv_bytes": nsa_kv,
+            "nsa_bytes": nsa_kv + nsa_io, "dense_kv_bytes": dense_kv, "dense_bytes": dense_kv + dense_io}
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def decode_row(config_name: str, cfg: dict, B: int, context: int, dtype: str, meta: dict, ceilings: dict,
+               ours_ms=None, dense=None, tokens_read=None, ours_graph_ms=None, dense_graph=None, **extra) -> dict:
+    """One JSON row from the measurements: dense = {backend: ms or None}; tokens_read = {cmp, slc, win}
+    key rows the op reported, summed over the batch and kv heads; *_graph: the same steps replayed as
+    CUDA graphs (GPU time without launch overhead); extra fields are kept as given."""
+    elt = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[dtype]
+    nbytes = decode_bytes(B, context, cfg["Hq"], cfg["Hkv"], cfg["Dk"], cfg["Dv"], elt, **NSA)
+    dense = dict(dense or {})
+    ran = {b: ms for b, ms in dense.items() if ms}
+    best = min(ran, key=ran.get) if ran else None
+    dense_ms = ran.get(best)
+    copy_gbps, read_gbps = ceilings.get("copy_gbps"), ceilings.get("read_gbps")
+    gbps = nbytes["nsa_bytes"] / (ours_ms * 1e-3) / 1e9 if ours_ms else None
+    dense_gbps = nbytes["dense_bytes"] / (dense_ms * 1e-3) / 1e9 if dense_ms else None
+    formula = nbytes["formula_tokens"]
+    graphed = {b: ms for b, ms in (dense_graph or {}).items() if ms}
+    best_graph = min(graphed, key=graphed.get) if graphed else None
+    dense_graph_ms = graphed.get(best_graph)
+    gbps_graph = nbytes["nsa_bytes"] / (ours_graph_ms * 1e-3) / 1e9 if ours_graph_ms else None
+    row = dict(config=config_name, B=B, context=context, Hq=cfg["Hq"], Hkv=cfg["Hkv"], Dk=cfg["Dk"], Dv=cfg["Dv"],
+               dtype=dtype, gpu=meta.get("gpu"), torch=meta.get("torch"), date=meta.get("date"),
+               ours_ms=ours_ms, dense_ms=dense_ms, dense_backend=best,
+               **{f"{b}_ms": dense.get(b) for b in DENSE_BACKENDS},
+               speedup_vs_dense=_ratio(dense_ms, ours_ms),
+               nsa_bytes=nbytes["nsa_bytes"], gbps=gbps, bw_fraction=_ratio(gbps, copy_gbps),
+               read_bw_fraction=_ratio(gbps, read_gbps), copy_gbps=copy_gbps, read_gbps=read_gbps,
+               dense_bytes=nbytes["dense_bytes"], dense_gbps=dense_gbps,
+               dense_bw_fraction=_ratio(dense_gbps, copy_gbps),
+               ours_graph_ms=ours_graph_ms, dense_graph_ms=dense_graph_ms, dense_graph_backend=best_graph,
+               speedup_vs_dense_graph=_ratio(dense_graph_ms, ours_graph_ms), gbps_graph=gbps_graph,
+               bw_fraction_graph=_ratio(gbps_graph, copy_gbps),
+               tokens_read=tokens_read, formula_tokens=formula,
+               tokens_read_over_formula=({k: _ratio(tokens_read.get(k), formula[k]) for k in formula}
+                                         if tokens_read else None),
+               notes=[])
+    row.update(extra)
+    return row
+
+
+def _sdpa_decode(F, s, mode):
+    if mode == "enable_gqa":
+        return F.scaled_dot_product_attention(s["q_heads"], s["k_dense"], s["v_dense"], enable_gqa=True)
+    return F.scaled_dot_product_attention(s["q_grouped"], s["k_dense"], s["v_dense"])
+
+
+def bench_decode(nsa, cfg: dict, B: int, context: int, dtype, iters: int, warmup: int, device: str,
+                 l2=None) -> dict:
+    """Measurements of one (B, context): ours_ms, dense {backend: ms}, dense_modes, tokens_read,
+    cache_sets, ours_finite, notes. Allocates the caches (capacity = context, random contents) and
+    frees them. On CUDA, rotates among cache sets when what NSA reads per step is under twice the L2
+    size (the rotation is capped by free memory); raises MemoryError when one set does not fit."""
+    import warnings
+
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    Hq, Hkv, Dk, Dv = cfg["Hq"], cfg["Hkv"], cfg["Dk"], cfg["Dv"]
+    elt = torch.finfo(dtype).bits // 8
+    cmp_cap = max(1, num_cmp_tokens(context, NSA["cmp_block"], NSA["cmp_stride"]))
+    set_bytes = elt * B * ((context + cmp_cap) * Hkv * (Dk + Dv) + Hq * (Dk + 3))
+    notes = []
+    n = 1
+    if device == "cuda":
+        read = decode_bytes(B, context, Hq, Hkv, Dk, Dv, elt, **NSA)["nsa_bytes"]
+        n = 1 if read >= 2 * l2 else num_sets(read, l2, cap=32)
+        budget = torch.cuda.mem_get_info()[0] - (2 << 30)  # headroom for outputs and SDPA workspaces
+        if set_bytes > budget:
+            raise MemoryError(f"the caches need {set_bytes / 2**30:.1f} GiB, {max(budget, 0) / 2**30:.1f} GiB "
+                              "free (less 2 GiB headroom)")
+        if n * set_bytes > budget:
+            notes.append(f"rotation cut to {budget // set_bytes} of {n} cache sets by free memory")
+            n = int(budget // set_bytes)
+    sets = []
+    for _ in range(n):
+        s = dict(k=torch.randn(B, context, Hkv, Dk, device=device, dtype=dtype),
+                 v=torch.randn(B, context, Hkv, Dv, device=device, dtype=dtype),
+                 k_cmp=torch.randn(B, cmp_cap, Hkv, Dk, device=device, dtype=dtype),
+                 v_cmp=torch.randn(B, cmp_cap, Hkv, Dv, device=device, dtype=dtype),
+                 q=torch.randn(B, 1, Hq, Dk, device=device, dtype=dtype),
+                 gates=torch.sigmoid(torch.randn(B, 1, Hq, 3, device=device, dtype=dtype)),
+                 seqlens=torch.full((B,), context, dtype=torch.int32, device=device))
+        # Dense views of the same cache: [B, Hkv, context, D] (strided), q as [B, Hq, 1, D] for
+        # enable_gqa, or as [B, Hkv, Hq/Hkv, D] (a kv head's query heads as rows, no mask needed).
+        s.update(k_dense=s["k"][:, :context].transpose(1, 2), v_dense=s["v"][:, :context].transpose(1, 2),
+                 q_heads=s["q"].transpose(1, 2), q_grouped=s["q"].view(B, Hkv, Hq // Hkv, Dk))
+        sets.append(s)
+    config = nsa.ops.NSAConfig(**NSA)
+    last = {}
+
+    def ours(s, tokens_read=None):
+        last["out"], last["indices"] = nsa.ops.nsa_attention_kvcache(
+            s["q"], s["k"], s["v"], s["k_cmp"], s["v_cmp"], s["gates"], s["seqlens"], config, tokens_read=tokens_read)
+
+    result = {"cache_sets": n, "notes": notes, "dense_modes": {}}
+    with torch.no_grad():
+        result["ours_ms"] = time_rotating(ours, sets, iters, warmup, device)
+        if device == "cuda":
+            result["ours_graph_ms"] = time_graphs(ours, sets, iters, warmup)
+        tokens_read = torch.zeros(B, 3, dtype=torch.int64, device=device)
+        ours(sets[0], tokens_read)
+        result["tokens_read"] = dict(zip(("cmp", "slc", "win"), tokens_read.sum(0).tolist()))
+        result["ours_finite"] = bool(torch.isfinite(last["out"]).all().item())
+        if not result["ours_finite"]:
+            notes.append("NSA output not finite")
+        del last["out"], last["indices"]
+        backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                    "efficient": SDPBackend.EFFICIENT_ATTENTION}
+        dense, dense_graph = {}, {}
+        for name in DENSE_BACKENDS:
+            modes, graph_modes, errors = {}, {}, []
+            for mode in ("enable_gqa", "grouped"):
+                try:
+                    with sdpa_kernel(backends[name]), warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # "<backend> not used because ..." on refusal
+                        modes[mode] = time_rotating(lambda s, mode=mode: _sdpa_decode(F, s, mode), sets, iters,
+                                                    warmup, device)
+                        if device == "cuda":
+                            graph_modes[mode] = time_graphs(lambda s, mode=mode: _sdpa_decode(F, s, mode), sets,
+                                                            iters, warmup)
+                except Exception as e:  # noqa: BLE001  (no available kernel for this shape / device)
+                    if _is_oom(e):
+                        raise
+                    errors.append(f"{mode}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}")
+            result["dense_modes"][name] = modes
+            dense[name] = min(modes.values()) if modes else None
+            dense_graph[name] = min(graph_modes.values()) if graph_modes else None
+            if not modes:
+                same = len(set(e.split(": ", 1)[-1] for e in errors)) == 1
+                notes.append(f"{name} unavailable: {errors[0].split(': ', 1)[-1] if same else '; '.join(errors)}")
+        result["dense"] = dense
+        result["dense_graph"] = dense_graph
+    del sets
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def run_decode(args) -> int:
+    runtime = import_runtime(args.device, "for a smoke test run with --device cpu (tiny sizes: --batches 1 "
+                             "--contexts 256); --plot-only JSON needs no GPU", (ImportError, OSError, RuntimeError))
+    if runtime is None:
+        return 2
+    torch, nsa = runtime
+    if not (hasattr(torch.ops.nsa, "forward_kvcache") and hasattr(nsa.ops, "nsa_attention_kvcache")):
+        print(f"nsa.bench decode: the ops library {nsa._library.LIBRARY_PATH} has no nsa::forward_kvcache "
+              "(or nsa.ops has no nsa_attention_kvcache); rebuild it", file=sys.stderr)
+        return 2
+    device = args.device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    meta = run_meta(torch, args, device)
+    l2, today = meta.get("l2_bytes"), meta["date"]
+    meta.update({"nsa_config": NSA, "device": device, "bytes": DECODE_BYTES_NOTE,
+                 "inputs": "m = 1 new token per sequence at position context-1; caches of capacity = context "
+                           "(k_win/v_win not given: the window branch reads k/v), random bf16 contents, random "
+                           "gates in (0,1), cache_seqlens = context; dense: SDPA (no mask) of the same q over "
+                           "the same cache viewed as [B, Hkv, context, D], enable_gqa=True or q grouped as "
+                           "[B, Hkv, Hq/Hkv, D] (the faster kept per backend)",
+                 "timing": ("CUDA events per call, median of iters after warmup, rotating cache sets while "
+                            "what NSA reads per step is under 2x L2 (cache_sets per row); *_graph: the same call "
+                            "captured as one CUDA graph per set and replayed (no host launch overhead)"
+                            if device == "cuda" else
+                            "wall clock per call (CPU smoke test: not a performance number)")})
+    print(f"nsa.bench decode: {meta['gpu']}, torch {torch.__version__}"
+          + (f", L2 {l2 >> 20} MiB" if l2 else "") + f", {args.dtype}, {today}", flush=True)
+    ceiling_bytes = (2 << 30) if device == "cuda" else (64 << 20)
+    ceilings = {**measure_copy(20, ceiling_bytes, device), **measure_read(20, ceiling_bytes, device)}
+    print(f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s (read + write of {ceiling_bytes >> 20} MiB), "
+          f"read {ceilings['read_gbps']:.0f} GB/s (torch.sum)", flush=True)
+    rows = []
+    result = {"rows": rows, "ceilings": ceilings, "meta": meta}
+    out_json = Path(args.out or f"benchmarks/results/decode_{gpu_tag(meta['gpu'])}_{today}.json")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for cname in args.configs:
+        cfg = CONFIGS[cname]
+        for B in args.batches:
+            for context in sorted(args.contexts):
+                print(f"[{cname}] B={B} context={context}", flush=True)
+                try:
+                    measured = bench_decode(nsa, cfg, B, context, dtype, args.iters, args.warmup, device, l2)
+                except Exception as e:  # noqa: BLE001
+                    skipped = isinstance(e, MemoryError) or _is_oom(e)
+                    failed += not skipped
+                    measured = {"notes": [f"skipped: does not fit in memory ({e})" if isinstance(e, MemoryError) else
+                                          "skipped: out of memory" if skipped else
+                                          f"failed: {type(e).__name__}: {str(e)[:300]}"]}
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                row = decode_row(cname, cfg, B, context, args.dtype, meta, ceilings, **measured)
+                failed += row.get("ours_finite") is False
+                for note in row["notes"]:
+                    print(f"    note: {note}", flush=True)
+                print("    " + _fmt_decode_row(row), flush=True)
+                rows.append(row)
+                write_json(out_json, result)  # after each row: a cut-off run keeps its rows
+    write_json(out_json, result)
+    print(f"wrote {out_json}")
+    print_decode_table(result)
+    if not args.no_plot:
+        plot_decode(result, Path(args.plot) if args.plot else out_json.with_suffix(".png"))
+    return 1 if failed or not any(r.get("ours_ms") for r in rows) else 0
+
+
+def _tokens(t, r) -> str:
+    """cmp/slc/win key rows per sequence and kv head (t is summed over the batch and kv heads)."""
+    return "-" if not t else "/".join(f"{t[k] / (r['B'] * r['Hkv']):.0f}" for k in ("cmp", "slc", "win"))
+
+
+def _fmt_decode_row(r) -> str:
+    frac = r.get("bw_fraction")
+    return (f"ours {_f(r.get('ours_ms'), '.4f')} ms ({_f(r.get('gbps'), '.0f')} GB/s, "
+            f"{'-' if frac is None else f'{100 * frac:.0f}'}% of copy)  dense {_f(r.get('dense_ms'), '.4f')} ms "
+            f"({r.get('dense_backend') or '-'}, {_f(r.get('dense_gbps'), '.0f')} GB/s)  "
+            + "  ".join(f"{b} {_f(r.get(f'{b}_ms'), '.4f')}" for b in DENSE_BACKENDS)
+            + f"  speedup {_f(r.get('speedup_vs_dense'))}x  graphs: ours {_f(r.get('ours_graph_ms'), '.4f')} dense "
+              f"{_f(r.get('dense_graph_ms'), '.4f')} speedup {_f(r.get('speedup_vs_dense_graph'))}x"
+              f"  keys read per sequence and kv head cmp/slc/win "
+              f"{_tokens(r.get('tokens_read'), r)} (formula {_tokens(r.get('formula_tokens'), r)})")
+
+
+def print_decode_table(result) -> None:
+    m, c = result["meta"], result["ceilings"]
+    print(f"\ndecode step (m = 1), {m['gpu']}, torch {m['torch']}, {m['dtype']}, {m['date']}, median ms of "
+          f"{m['iters']}; ceilings: copy {_f(c.get('copy_gbps'), '.0f')} GB/s, read {_f(c.get('read_gbps'), '.0f')} GB/s")
+    print("(graph: the step replayed as a CUDA graph, GPU time without launch overhead)")
+    hdr = ("config", "B", "context", "ours ms", "dense ms", "backend", "speedup", "graph ours", "graph dense",
+           "speedup", "GB/s", "%copy", "dense GB/s", "read/head c/s/w", "formula/head")
+    fmt = "{:<10} {:>4} {:>8} {:>9} {:>9} {:>9} {:>7} {:>10} {:>11} {:>7} {:>6} {:>5} {:>10} {:>18} {:>18}"
+    print(fmt.format(*hdr))
+    for r in result["rows"]:
+        frac = r.get("bw_fraction_graph") or r.get("bw_fraction")
+        print(fmt.format(r["config"], r["B"], r["context"], _f(r.get("ours_ms"), ".4f"), _f(r.get("dense_ms"), ".4f"),
+                         r.get("dense_backend") or "-", _f(r.get("speedup_vs_dense")),
+                         _f(r.get("ours_graph_ms"), ".4f"), _f(r.get("dense_graph_ms"), ".4f"),
+                         _f(r.get("speedup_vs_dense_graph")), _f(r.get("gbps_graph") or r.get("gbps"), ".0f"),
+                         "-" if frac is None else f"{100 * frac:.0f}", _f(r.get("dense_gbps"), ".0f"),
+                         _tokens(r.get("tokens_read"), r), _tokens(r.get("formula_tokens"), r)))
+
+
+def plot_decode(result, path: Path) -> bool:
+    """Per-token latency (ms per decode step) vs context, log-log: one colour per B, ours solid, dense dashed."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    rows = [r for r in result["rows"] if r.get("ours_ms") or r.get("dense_ms")]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    if not configs:
+        print("plot skipped: no rows")
+        return False
+    fig, axes = plt.subplots(1, len(configs), figsize=(max(7.5, 5.5 * len(configs)), 4.8), squeeze=False)
+    for ax, cname in zip(axes[0], configs):
+        rs = [r for r in rows if r["config"] == cname]
+        for i, B in enumerate(sorted({r["B"] for r in rs})):
+            color = f"C{i}"
+            pts = sorted((r["context"], r) for r in rs if r["B"] == B)
+            for key, label, style in (("ours_ms", "NSA (ours)", "o-"), ("dense_ms", "dense SDPA (best)", "s--")):
+                xy = [(ctx, r[key]) for ctx, r in pts if r.get(key)]
+                if xy:
+                    ax.plot(*zip(*xy), style, color=color, label=f"B={B} {label}")
+        r0 = rs[0]
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{cname}: Hq={r0['Hq']} Hkv={r0['Hkv']} Dk={r0['Dk']} Dv={r0['Dv']}")
+        ax.set_xlabel("context (keys in the cache)")
+        ax.set_ylabel("ms per decode step (per-token latency)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    m = result["meta"]
+    fig.suptitle(f"Decode step (m = 1), {m.get('gpu')}, torch {m.get('torch')}, {m.get('dtype')}, {m.get('date')}",
+                 fontsize=10)
+    _save_figure(plt, fig, path)
+    return True
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "train-step":
         return run_train_step(args)
+    if args.command == "decode":
+        if args.plot_only:
+            result = json.loads(Path(args.plot_only).read_text())
+            print_decode_table(result)
+            ok = plot_decode(result, Path(args.plot) if args.plot else Path(args.plot_only).with_suffix(".png"))
+            return 0 if ok else 1
+        return run_decode(args)
     if args.plot_only:
         result = json.loads(Path(args.plot_only).read_text())
         print_table(result)

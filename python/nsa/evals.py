@@ -9,7 +9,7 @@ as the key has; a trial is correct when they are the key. The report is the accu
 (context length, depth): a model that only uses its local window answers at chance (about 0 for
 5-digit keys) once the needle is farther back than its window; NSA's compressed and selected
 branches are what can reach it. Lengths past the training length test extrapolation (the model
-sees the whole prompt: ``generate(..., max_context=L)``).
+sees the whole prompt and its answer so far: ``generate(..., max_context=L + digits)``).
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def evaluate_passkey(model: LanguageModel, lengths: Sequence[int], depths: Seque
             start, correct = time.perf_counter(), 0
             for _ in range(trials):
                 key = f"{rng.randrange(10 ** digits):0{digits}d}"
-                answer = generate(model, passkey_prompt(length, depth, key), digits, greedy=True, max_context=length)
+                answer = generate(model, passkey_prompt(length, depth, key), digits, greedy=True,
+                                  max_context=length + digits)
                 correct += answer == key.encode()
             accuracy[(length, depth)] = correct / trials
             log(f"passkey length {length} depth {depth:.2f}: {correct}/{trials} "

@@ -14,20 +14,23 @@ The LM head is untied from the token embedding: at a vocabulary of 256 tying sav
 parameters (0.2M at dim 768), and untied weights save to safetensors without shared storage.
 
 ``PRESETS`` names the model shapes and training defaults that ``python -m nsa.train --preset``
-offers (docs/training.md has the table). ``generate`` samples bytes from a prompt.
+offers (docs/training.md has the table). ``generate`` samples bytes from a prompt through a KV
+cache: ``model.new_cache(batch, capacity)`` holds one ``KVCache`` per layer and
+``model(tokens, cache=cache)`` continues the cached sequences (docs/decode.md).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .cache import KVCache
 from .module import STAT_NAMES, NSAAttention, apply_rope, rope_cos_sin
 
 ATTN_KINDS = ("nsa", "dense")
@@ -106,7 +109,9 @@ class DenseAttention(nn.Module):
     """Causal GQA self-attention through torch SDPA; projections and RoPE as in ``NSAAttention``.
 
     q_proj: dim -> Hq*D and o_proj: Hq*D -> dim have NSAAttention's shapes; kv_proj: dim -> Hkv*2D
-    (keys then values) is NSAAttention's with one branch instead of three.
+    (keys then values) is NSAAttention's with one branch instead of three. Incremental mode as in
+    NSAAttention: ``new_cache`` (a plain KVCache: keys and values only) and ``forward(x, cache=...,
+    slots=...)``.
     """
 
     def __init__(self, dim: int, num_q_heads: int, num_kv_heads: int, head_dim: int, rope_theta: float):
@@ -117,16 +122,49 @@ class DenseAttention(nn.Module):
         self.kv_proj = nn.Linear(dim, 2 * num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_q_heads * head_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(x.shape[1], device=x.device)
+    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+        """RoPE'd q [..., Hq, D], k [..., Hkv, D] and v [..., Hkv, D] at ``positions`` (x's leading dims)."""
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)
         q = apply_rope(self.q_proj(x).unflatten(-1, (self.num_q_heads, self.head_dim)), cos, sin)
         k, v = self.kv_proj(x).unflatten(-1, (2 * self.num_kv_heads, self.head_dim)).chunk(2, dim=-2)
-        k = apply_rope(k, cos, sin)
+        return q, apply_rope(k, cos, sin), v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **mask) -> torch.Tensor:
         # SDPA wants [B, H, T, D]; enable_gqa lets the Hkv heads serve groups of Hq/Hkv query heads.
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=True)
+                                             enable_gqa=True, **mask)
         return self.o_proj(out.transpose(1, 2).flatten(-2))
+
+    def forward(self, x: torch.Tensor, *, cache: Optional[KVCache] = None,
+                slots: Optional[Sequence[int]] = None) -> torch.Tensor:
+        if cache is not None:
+            return self.forward_cached(x, cache, slots)
+        q, k, v = self._project(x, torch.arange(x.shape[1], device=x.device))
+        return self._attend(q, k, v, is_causal=True)
+
+    def new_cache(self, num_slots: int, capacity: int, *, dtype: Optional[torch.dtype] = None,
+                  device=None) -> KVCache:
+        """A plain KVCache (keys and values) for this layer; dtype/device default to the parameters'."""
+        weight = self.q_proj.weight
+        return KVCache(num_slots, capacity, self.num_kv_heads, self.head_dim, dtype=dtype or weight.dtype,
+                       device=weight.device if device is None else device)
+
+    @torch.no_grad()
+    def forward_cached(self, x: torch.Tensor, cache: KVCache, slots: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """x [B, m, dim]: the next m tokens of the sequences in ``slots`` (default 0 .. B-1), appended
+        to ``cache``; each query attends to its sequence's keys up to its own position."""
+        if cache.compressed:
+            raise ValueError(f"DenseAttention: cache must be a plain KVCache (new_cache), got {cache}")
+        slots = list(range(x.shape[0])) if slots is None else list(slots)
+        start = cache.seqlens(slots)  # [B] int32: tokens held before this call
+        positions = start[:, None].to(torch.int64) + torch.arange(x.shape[1], device=x.device)  # [B, m]
+        q, k, v = self._project(x, positions)
+        cache.append(slots, k, v)
+        # Only the rows up to the longest slot hold keys (a host-side length: no device sync).
+        held = max(cache.lengths()[slot] for slot in slots)
+        view = cache.view(slots)
+        visible = torch.arange(held, device=x.device) <= positions[:, None, :, None]  # [B, 1, m, held]
+        return self._attend(q, view.k[:, :held], view.v[:, :held], attn_mask=visible)
 
 
 class SwiGLU(nn.Module):
@@ -159,13 +197,34 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
         self.mlp = SwiGLU(c.dim, c.mlp_hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
+                slots: Optional[Sequence[int]] = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache=cache, slots=slots)
         return x + self.mlp(self.mlp_norm(x))
+
+
+class ModelCache:
+    """The KV caches of a LanguageModel, one ``KVCache`` per block, all over the same slots."""
+
+    def __init__(self, layers: Sequence[KVCache]):
+        self.layers: List[KVCache] = list(layers)
+
+    def lengths(self) -> List[int]:
+        """Tokens held per slot (host ints; every layer holds the same)."""
+        return self.layers[0].lengths()
+
+    def reset(self, slot: int) -> None:
+        """Empties ``slot`` in every layer for another sequence."""
+        for layer in self.layers:
+            layer.reset(slot)
 
 
 class LanguageModel(nn.Module):
     """Byte-level decoder LM. forward(tokens [B, T] int64) -> logits [B, T, vocab].
+
+    With ``cache`` (from ``new_cache``): tokens [B, m] are the next m tokens of the sequences in
+    ``slots`` (default 0 .. B-1); they are appended to every layer's cache and the logits are those
+    the full forward of each sequence gives at these positions (inference only, no autograd).
 
     ``checkpoint_activations``: recompute each block in the backward instead of keeping its
     activations (torch.utils.checkpoint, non-reentrant), trading about one extra forward for
@@ -197,12 +256,27 @@ class LanguageModel(nn.Module):
             for linear in (block.attn.o_proj, block.mlp.w_out):
                 nn.init.normal_(linear.weight, std=residual_std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: Optional[ModelCache] = None,
+                slots: Optional[Sequence[int]] = None) -> torch.Tensor:
         x = self.tok_emb(tokens)
+        if cache is not None:
+            if len(cache.layers) != len(self.blocks):
+                raise ValueError(f"LanguageModel: cache has {len(cache.layers)} layers, the model "
+                                 f"{len(self.blocks)}; make it with new_cache")
+            for block, layer_cache in zip(self.blocks, cache.layers):
+                x = block(x, layer_cache, slots)
+            return self.lm_head(self.norm(x))
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return self.lm_head(self.norm(x))
+
+    def new_cache(self, num_slots: int, capacity: int, *, dtype: Optional[torch.dtype] = None,
+                  device=None) -> ModelCache:
+        """Per-layer KV caches for ``num_slots`` sequences of initial ``capacity`` tokens (grown on
+        demand). dtype/device default to the parameters'; under autocast pass the autocast dtype."""
+        return ModelCache(block.attn.new_cache(num_slots, capacity, dtype=dtype, device=device)
+                          for block in self.blocks)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -217,49 +291,69 @@ class LanguageModel(nn.Module):
         return {name: sum(s[name] for s in stats) / len(stats) for name in STAT_NAMES}
 
 
+def _sample(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+            generator: torch.Generator) -> torch.Tensor:
+    """The next token [1] from logits [vocab]: the argmax when temperature == 0, else a sample of
+    softmax(logits / temperature) restricted to the top_k most likely tokens (all when None)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.numel():
+        cutoff = logits.topk(top_k).values[-1]
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+
+
 @torch.no_grad()
 def generate(model: LanguageModel, prompt_bytes: bytes, max_new_tokens: int, temperature: float = 1.0,
              top_k: Optional[int] = None, greedy: bool = False, seed: Optional[int] = None,
              max_context: Optional[int] = None) -> bytes:
     """Continues ``prompt_bytes`` by ``max_new_tokens`` bytes; returns only the new bytes.
 
-    The model sees the last ``max_context`` bytes (default its training ``seq_len``; the passkey
-    evaluation passes longer contexts to measure retrieval beyond the training length).
+    Through a KV cache (docs/decode.md): one chunked prefill of the prompt, then one decode step
+    per new byte. The model sees at most ``max_context`` bytes (default its training ``seq_len``;
+    the passkey evaluation passes longer contexts to measure retrieval beyond the training length):
+    the prompt is cropped to its last max_context bytes, and when the context is full the cache is
+    refilled with the last max_context // 2 bytes (one prefill per max_context // 2 new bytes, so a
+    step costs O(1) amortized instead of a forward over the whole context).
 
     Sampling: softmax(logits / temperature) restricted to the ``top_k`` most likely bytes (all
-    when None); ``greedy`` takes the argmax instead. ``seed`` seeds a private generator, so the
-    sample does not touch the global RNG (and a resumed run stays exact).
-
-    No KV cache yet: every new token reruns the full forward over the context (the last
-    ``seq_len`` tokens), O(seq_len) work per token instead of O(1) steps of decode. A cache with
-    NSA's decode path (compressed-token append, incremental selection) comes with a later issue.
+    when None); ``greedy`` or temperature == 0 takes the argmax instead. ``seed`` seeds a private
+    generator, so the sample does not touch the global RNG (and a resumed run stays exact).
     """
     if not prompt_bytes:
         raise ValueError("generate: prompt_bytes must hold at least one byte")
-    if not greedy and temperature <= 0:
-        raise ValueError(f"generate: temperature must be > 0 (or greedy=True), got {temperature}")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0 (0: greedy), got {temperature}")
+    context = max_context or model.config.seq_len
+    if context < 2:
+        raise ValueError(f"generate: max_context must be >= 2, got {context}")
+    temperature = 0.0 if greedy else temperature
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     if seed is not None:
         generator.manual_seed(seed)
     else:
         generator.seed()
-    tokens = torch.tensor(list(prompt_bytes), dtype=torch.long, device=device)[None]
+    # Under autocast (CUDA) the projections, and so the cache, are bfloat16.
+    autocast = device.type == "cuda"
+    dtype = torch.bfloat16 if autocast else next(model.parameters()).dtype
+    tokens = torch.tensor(list(prompt_bytes), dtype=torch.long, device=device)[None, -context:]
+    prompt_length = tokens.shape[1]
+    cache = model.new_cache(1, min(context, prompt_length + max_new_tokens), dtype=dtype)
     was_training = model.training
     model.eval()
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            step_input = tokens
             for _ in range(max_new_tokens):
-                logits = model(tokens[:, -(max_context or model.config.seq_len):])[0, -1].float()
-                if greedy:
-                    next_token = logits.argmax(dim=-1, keepdim=True)
-                else:
-                    logits = logits / temperature
-                    if top_k is not None and top_k < logits.numel():
-                        cutoff = logits.topk(top_k).values[-1]
-                        logits = logits.masked_fill(logits < cutoff, float("-inf"))
-                    next_token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+                next_token = _sample(model(step_input, cache=cache)[0, -1].float(), temperature, top_k, generator)
                 tokens = torch.cat((tokens, next_token[None]), dim=1)
+                if cache.lengths()[0] < context:
+                    step_input = next_token[None]
+                else:  # full: continue from the newest half of the context
+                    cache.reset(0)
+                    step_input = tokens[:, -(context // 2):]
     finally:
         model.train(was_training)
-    return bytes(tokens[0, len(prompt_bytes):].tolist())
+    return bytes(tokens[0, prompt_length:].tolist())

@@ -13,17 +13,25 @@ Data flow of one forward, with H = Hkv, padded shapes [B, T, ...] (packed: [tota
       gate    -> sigmoid(gate_proj(x)) [B, T, Hq, 3]  (cmp, slc, win)
       nsa_attention(q, k_slc, v_slc, k_cmp, v_cmp, gates, k_win, v_win) -> [B, T, Hq, Dv]
       o_proj  -> [B, T, dim]
+
+Incremental mode (decode and chunked prefill, docs/decode.md): ``forward(x, cache=..., slots=...)``
+with x [B, m, dim] the next m tokens of the sequences in ``slots`` of a ``KVCache``. The same
+projections run at positions ``length + 0 .. m-1``; the keys and values are appended to the cache,
+phi compresses the l raw tokens of every compressed token that became due (the cache keeps phi's
+input for the last l tokens), and ``nsa_attention_kvcache`` attends the new queries to the cache:
+the prefill result at those positions.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .ops import cmp_seqlens, nsa_attention, num_cmp_tokens
+from .cache import KVCache
+from .ops import NSAConfig, cmp_seqlens, nsa_attention, nsa_attention_kvcache, num_cmp_tokens
 
 PHI_KINDS = ("avg", "linear", "mlp")
 STAT_NAMES = ("gate_mean_cmp", "gate_mean_slc", "gate_mean_win", "gate_entropy", "forced_fraction",
@@ -146,6 +154,9 @@ class NSAAttention(nn.Module):
 
     RoPE (rotate-half, positions 0-based per sequence) is applied to q and to the keys of every
     branch before the op; phi compresses the RoPE'd raw keys of the cmp branch.
+
+    Incremental mode: ``new_cache`` makes a ``KVCache`` for this layer; ``forward(x, cache=cache,
+    slots=slots)`` continues those sequences (module docstring, docs/decode.md).
     """
 
     def __init__(self, dim: int, num_q_heads: int, num_kv_heads: int, head_dim_qk: Optional[int] = None,
@@ -255,16 +266,33 @@ class NSAAttention(nn.Module):
         values = values.unflatten(-1, (nb * h, self.head_dim_v))
         return list(keys.split(h, dim=-2)), list(values.split(h, dim=-2))
 
+    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+        """At integer ``positions`` (x's leading dims): RoPE'd q [..., Hq, Dk], the per-branch keys and
+        values of ``_keys_values`` and the gate logits [..., Hq, 3]."""
+        cos, sin = rope_cos_sin(positions, self.head_dim_qk, self.rope_theta, x.dtype)
+        q = apply_rope(self.q_proj(x).unflatten(-1, (self.num_q_heads, self.head_dim_qk)), cos, sin)
+        keys, values = self._keys_values(x, cos, sin)
+        gate_logits = self.gate_proj(x).unflatten(-1, (self.num_q_heads, 3))
+        return q, keys, values, gate_logits
+
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
-                max_seqlen: Optional[int] = None) -> torch.Tensor:
+                max_seqlen: Optional[int] = None, *, cache: Optional[KVCache] = None,
+                slots: Optional[Sequence[int]] = None) -> torch.Tensor:
         """x [B, T, dim] (padded: every row a sequence of T tokens) -> [B, T, dim]; or packed
         x [total, dim] with cu_seqlens int32 [N+1] (sequence b is rows cu_seqlens[b] ..
-        cu_seqlens[b+1]-1) -> [total, dim].
+        cu_seqlens[b+1]-1) -> [total, dim]; or, with ``cache``, the next m tokens x [B, m, dim] of
+        the sequences in ``slots`` (see ``forward_cached``).
 
         The padded path makes no host sync (and traces with torch.compile(fullgraph=True)); the
         packed path reads cu_seqlens on the host once per call, to size the compressed tokens.
         ``max_seqlen`` (packed only) is checked against, not trusted blindly.
         """
+        if cache is not None:
+            if cu_seqlens is not None:
+                raise ValueError("NSAAttention: cache and cu_seqlens cannot be combined (a cache holds padded slots)")
+            return self.forward_cached(x, cache, slots)
+        if slots is not None:
+            raise ValueError("NSAAttention: slots were given without a cache")
         if cu_seqlens is None:
             if x.dim() != 3:
                 raise ValueError(f"NSAAttention: x must be [B, T, dim] (or [total, dim] with cu_seqlens), "
@@ -279,13 +307,10 @@ class NSAAttention(nn.Module):
                 cu_seqlens, x.shape[0], max_seqlen)
             varlen = dict(cu_seqlens=cu_seqlens, cu_seqlens_cmp=cu_seqlens_cmp, max_seqlen=max_seqlen)
 
-        cos, sin = rope_cos_sin(positions, self.head_dim_qk, self.rope_theta, x.dtype)
-        q = apply_rope(self.q_proj(x).unflatten(-1, (self.num_q_heads, self.head_dim_qk)), cos, sin)
-        keys, values = self._keys_values(x, cos, sin)
+        q, keys, values, gate_logits = self._project(x, positions)
         k_cmp = self.compress_k(gather_blocks(keys[0], gather_index))
         v_cmp = self.compress_v(gather_blocks(values[0], gather_index))
         k_win, v_win = (None, None) if self.share_window_kv else (keys[2], values[2])
-        gate_logits = self.gate_proj(x).unflatten(-1, (self.num_q_heads, 3))
         gates = torch.sigmoid(gate_logits)
 
         result = nsa_attention(q, keys[1], values[1], k_cmp, v_cmp, gates, k_win, v_win, **self.op_config,
@@ -297,6 +322,56 @@ class NSAAttention(nn.Module):
             out = result
         return self.o_proj(out.flatten(-2))
 
+    # ---- incremental mode: decode and chunked prefill ----------------------------------------
+
+    @property
+    def nsa_config(self) -> NSAConfig:
+        """The op's config as an NSAConfig (what the KV cache and nsa_attention_kvcache take)."""
+        return NSAConfig(**self.op_config)
+
+    def new_cache(self, num_slots: int, capacity: int, *, dtype: Optional[torch.dtype] = None,
+                  device=None) -> KVCache:
+        """A KVCache for this layer: ``num_slots`` sequences of initial ``capacity`` tokens (grown on
+        demand). dtype/device default to the layer's parameters'; under autocast pass the autocast
+        dtype (the cache stores what the projections return)."""
+        weight = self.q_proj.weight
+        return KVCache(num_slots, capacity, self.num_kv_heads, self.head_dim_qk, self.head_dim_v,
+                       config=self.nsa_config, separate_window=not self.share_window_kv,
+                       dtype=dtype or weight.dtype, device=weight.device if device is None else device)
+
+    @torch.no_grad()
+    def forward_cached(self, x: torch.Tensor, cache: KVCache, slots: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """x [B, m, dim]: the next m tokens of the sequences in ``slots`` (B distinct slots of
+        ``cache``; default 0 .. B-1), which may hold different lengths. Appends them to the cache and
+        returns [B, m, dim]: what the prefill of each whole sequence gives at those positions.
+
+        Inference only (runs without autograd). No device sync: the positions come from the cache's
+        host-side lengths.
+        """
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"NSAAttention: cache must be an nsa.KVCache, got {type(cache).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"NSAAttention: with a cache, x must be [B, m, dim], got shape {tuple(x.shape)}")
+        slots = list(range(x.shape[0])) if slots is None else list(slots)
+        if len(slots) != x.shape[0]:
+            raise ValueError(f"NSAAttention: slots lists {len(slots)} slots but x has {x.shape[0]} rows")
+        if cache.config != self.nsa_config or cache.separate_window != (not self.share_window_kv):
+            raise ValueError(f"NSAAttention: the cache was made for another layer configuration ({cache}); "
+                             f"make it with new_cache")
+        start = cache.seqlens(slots)  # [B] int32: tokens held before this call
+        positions = start[:, None].to(torch.int64) + torch.arange(x.shape[1], device=x.device)  # [B, m]
+        q, keys, values, gate_logits = self._project(x, positions)
+        k_win, v_win = (None, None) if self.share_window_kv else (keys[2], values[2])
+        due = cache.append(slots, keys[1], values[1], k_win, v_win, k_cmp_raw=keys[0], v_cmp_raw=values[0])
+        if due.num_due:
+            cache.append_cmp(self.compress_k(due.k_blocks), self.compress_v(due.v_blocks))
+        view = cache.view(slots)
+        out, indices = nsa_attention_kvcache(q, view.k, view.v, view.k_cmp, view.v_cmp, torch.sigmoid(gate_logits),
+                                             start + x.shape[1], self.nsa_config, view.k_win, view.v_win)
+        if self.collect_stats:
+            self._record_stats(gate_logits, indices, positions)
+        return self.o_proj(out.flatten(-2))
+
     # ---- statistics --------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -304,7 +379,7 @@ class NSAAttention(nn.Module):
         """Stores the statistics of one forward as one tensor (no host sync; ``last_stats`` reads it).
 
         gate_logits [..., T, Hq, 3]; indices [..., T, Hkv, n] int32 (-1 padded); positions [T] (packed:
-        [total], with indices [total, Hkv, n]).
+        [total], with indices [total, Hkv, n]; incremental: [B, m], with indices [B, m, Hkv, n]).
         """
         z = gate_logits.detach().double()
         gates = torch.sigmoid(z)
@@ -312,7 +387,7 @@ class NSAAttention(nn.Module):
         entropy = gates * nn.functional.softplus(-z) + (1 - gates) * nn.functional.softplus(z)
         gate_means = gates.flatten(0, -2).mean(dim=0)  # (cmp, slc, win)
 
-        current = (positions // self.op_config["sel_block"])[:, None, None]  # block of t, [T, 1, 1]
+        current = (positions // self.op_config["sel_block"])[..., None, None]  # block of t, [..., T, 1, 1]
         forced = (indices < self.op_config["num_init"]) | (indices > current - self.op_config["num_local"])
         valid = indices >= 0
         num_valid = valid.sum().clamp(min=1).double()

@@ -95,6 +95,21 @@ def _backward(ctx, grad_out, _grad_out_branch, _grad_lse, _grad_indices):
 torch.library.register_autograd("nsa::forward", _backward, setup_context=_setup_context)
 
 
+def _autocast(tensors: dict, device_type: str) -> dict:
+    """Under autocast, floating inputs cast to the autocast dtype (float64 stays, as in torch's own autocast)."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return {name: t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
+            for name, t in tensors.items()}
+
+
+def _check_config_ints(caller: str, config: dict) -> None:
+    for name, value in config.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{caller}: {name} must be an int, got {value!r}")
+
+
 def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
                   gates: torch.Tensor, k_win: Optional[torch.Tensor] = None, v_win: Optional[torch.Tensor] = None,
                   block_indices: Optional[torch.Tensor] = None, *, cmp_block: int = 32, cmp_stride: int = 16,
@@ -123,20 +138,14 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torc
     for name, tensor in tensors.items():
         if tensor is not None and not isinstance(tensor, torch.Tensor):
             raise TypeError(f"nsa_attention: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    for name, value in (("cmp_block", cmp_block), ("cmp_stride", cmp_stride), ("sel_block", sel_block),
-                        ("num_selected", num_selected), ("num_init", num_init), ("num_local", num_local),
-                        ("window", window)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"nsa_attention: {name} must be an int, got {value!r}")
+    _check_config_ints("nsa_attention", dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
+                                              num_selected=num_selected, num_init=num_init, num_local=num_local,
+                                              window=window))
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     elif not isinstance(deterministic, bool):
         raise TypeError(f"nsa_attention: deterministic must be a bool or None, got {deterministic!r}")
-    device_type = q.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        tensors = {name: t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                   else t for name, t in tensors.items()}  # float64 stays, as in torch's own autocast
+    tensors = _autocast(tensors, q.device.type)
     if cu_seqlens is not None:
         if cu_seqlens_cmp is None:
             cu_seqlens_cmp = cmp_seqlens(cu_seqlens, cmp_block, cmp_stride)
@@ -153,3 +162,51 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torc
         cmp_stride, sel_block, num_selected, num_init, num_local, window, float(scale or 0.0), save_branch_outputs,
         deterministic)
     return (out, indices) if return_indices else out
+
+
+@torch.library.register_fake("nsa::forward_kvcache")
+def _forward_kvcache_fake(q, k_cache, v_cache, k_win_cache, v_win_cache, k_cmp_cache, v_cmp_cache, gates,
+                          cache_seqlens, tokens_read, cmp_block, cmp_stride, sel_block, num_selected, num_init,
+                          num_local, window, scale):
+    batch, m, num_q_heads = q.shape[0], q.shape[1], q.shape[2]
+    out = q.new_empty((batch, m, num_q_heads, v_cache.shape[-1]))
+    indices = q.new_empty((batch, m, k_cache.shape[2], num_selected), dtype=torch.int32)
+    return out, indices
+
+
+def nsa_attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_cmp_cache: torch.Tensor,
+                          v_cmp_cache: torch.Tensor, gates: torch.Tensor, cache_seqlens: torch.Tensor,
+                          config: Optional[NSAConfig] = None, k_win_cache: Optional[torch.Tensor] = None,
+                          v_win_cache: Optional[torch.Tensor] = None, tokens_read: Optional[torch.Tensor] = None):
+    """NSA attention of the m newest tokens of each sequence against its KV cache (decode: m = 1).
+
+    Shapes: q [B, m, Hq, Dk] and gates [B, m, Hq, 3] for the new tokens; k_cache, k_win_cache
+    [B, capacity, Hkv, Dk]; v_cache, v_win_cache [B, capacity, Hkv, Dv] (RoPE'd raw keys and values,
+    the new tokens already appended; any strides with a contiguous last dim, e.g. a slot view of a
+    larger cache); k_cmp_cache [B, cmp_capacity, Hkv, Dk], v_cmp_cache [B, cmp_capacity, Hkv, Dv];
+    cache_seqlens [B] int32 on q's device: keys held per sequence after the append, so query i of
+    sequence b sits at position cache_seqlens[b] - m + i, and the cache must hold that sequence's
+    first num_cmp_tokens(cache_seqlens[b]) compressed tokens. Gives exactly what prefill gives at
+    those positions (same selected blocks). tokens_read: optional int64 [B, 3] accumulator of the
+    key rows each branch (cmp, slc, win) gathered, summed over kv heads. Returns out
+    [B, m, Hq, Dv] and the selected block indices [B, m, Hkv, n] (int32, ascending, -1 padded).
+    Inference only: no gradient flows through this op.
+    """
+    config = NSAConfig() if config is None else config
+    if not isinstance(config, NSAConfig):
+        raise TypeError(f"nsa_attention_kvcache: config must be an NSAConfig, got {type(config).__name__}")
+    _check_config_ints("nsa_attention_kvcache", dict(cmp_block=config.cmp_block, cmp_stride=config.cmp_stride,
+                                                      sel_block=config.sel_block, num_selected=config.num_selected,
+                                                      num_init=config.num_init, num_local=config.num_local,
+                                                      window=config.window))
+    tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k_win_cache": k_win_cache,
+               "v_win_cache": v_win_cache, "k_cmp_cache": k_cmp_cache, "v_cmp_cache": v_cmp_cache, "gates": gates,
+               "cache_seqlens": cache_seqlens}
+    for name, tensor in tensors.items():
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"nsa_attention_kvcache: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    new_tokens = _autocast({"q": q, "gates": gates}, q.device.type)
+    return torch.ops.nsa.forward_kvcache(
+        new_tokens["q"], k_cache, v_cache, k_win_cache, v_win_cache, k_cmp_cache, v_cmp_cache, new_tokens["gates"],
+        cache_seqlens, tokens_read, config.cmp_block, config.cmp_stride, config.sel_block, config.num_selected,
+        config.num_init, config.num_local, config.window, float(config.scale or 0.0))

@@ -1,7 +1,7 @@
 // Validation of ForwardParams / BackwardParams against the contract, shared by every backend.
 // Each failure returns kInvalidArgument with a message naming the argument, what was expected
-// and what was given. Host-side only: device-resident contents (cu_seqlens, block_indices on a
-// GPU) are checked by the backend that can read them.
+// and what was given. Host-side only: device-resident contents (cu_seqlens, cache.seqlens,
+// block_indices on a GPU) are checked by the backend that can read them, if at all.
 #include <cmath>
 #include <sstream>
 #include <string>
@@ -105,21 +105,60 @@ Status check_output(const char* name, const OutputTensor& t, const Extent& e, bo
   return check_tensor_strides(name, t.batch_stride, t.seq_stride, t.head_stride, e, varlen, true);
 }
 
-// Extents of the raw-token and compressed-token tensors for this layout.
+// Extents of the query-row, raw-key and compressed-key tensors for this layout.
 struct Extents {
   bool varlen;
-  int64_t rows_batch, rows_seq;  // raw tokens: (B, T) or (1, total)
-  int64_t cmp_batch, cmp_seq;    // compressed tokens: (B, Tc) or (1, total_cmp)
+  int64_t rows_batch, rows_seq;  // query rows (q, gates, outputs): (B, T), (1, total) or, a cache, (B, m)
+  int64_t key_batch, key_seq;    // raw keys (k, v, k_win, v_win): the query rows or (B, capacity)
+  int64_t cmp_batch, cmp_seq;    // compressed keys: (B, Tc), (1, total_cmp) or (B, cmp_capacity)
 };
 
+// Decode / chunked prefill: the m = shape.seqlen queries of each sequence against its KV cache
+// (params.h, KvCacheView). With MemorySpace::kDevice seqlens lives on the GPU and is not read here.
+Status check_cache(const Config& c, const Shape& s, const Varlen& v, const KvCacheView& cache, MemorySpace space,
+                   Extents* out) {
+  if (v.cu_seqlens != nullptr || v.cu_seqlens_cmp != nullptr)
+    return invalid("cache.seqlens (decode / chunked prefill) needs the padded layout: varlen.cu_seqlens and "
+                   "varlen.cu_seqlens_cmp must be null");
+  const int64_t m = s.seqlen;
+  if (cache.capacity < m)
+    return invalid("cache.capacity must be >= shape.seqlen (m, the queries per sequence) = ", m, ", got ",
+                   cache.capacity);
+  // Every sequence holds at least its m query positions, hence at least their compressed tokens.
+  const int64_t min_cmp = num_cmp_tokens(m, c.cmp_block, c.cmp_stride);
+  if (cache.cmp_capacity < min_cmp)
+    return invalid("cache.cmp_capacity must be >= num_cmp_tokens(shape.seqlen) = ", min_cmp,
+                   " (and >= 0), got ", cache.cmp_capacity);
+  *out = {false, s.batch, m, s.batch, cache.capacity, s.batch, cache.cmp_capacity};
+  if (space == MemorySpace::kDevice) return Status::Ok();
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int64_t len = cache.seqlens[b];
+    if (len < m)
+      return invalid("cache.seqlens[", b, "] must be >= shape.seqlen (m, the queries per sequence) = ", m, ", got ",
+                     len);
+    if (len > cache.capacity)
+      return invalid("cache.seqlens[", b, "] must be <= cache.capacity = ", cache.capacity, ", got ", len);
+    const int64_t cmp_len = num_cmp_tokens(len, c.cmp_block, c.cmp_stride);
+    if (cmp_len > cache.cmp_capacity)
+      return invalid("cache.cmp_capacity must hold the ", cmp_len, " compressed tokens of cache.seqlens[", b,
+                     "] = ", len, ", got ", cache.cmp_capacity);
+  }
+  return Status::Ok();
+}
+
 // With MemorySpace::kDevice the offsets live on the GPU and their contents are not read here.
-Status check_layout(const Config& c, const Shape& s, const Varlen& v, MemorySpace space, Extents* out) {
+Status check_layout(const Config& c, const Shape& s, const Varlen& v, const KvCacheView& cache, MemorySpace space,
+                    Extents* out) {
+  if (cache.seqlens != nullptr) return check_cache(c, s, v, cache, space, out);
+  if (cache.capacity != 0 || cache.cmp_capacity != 0)
+    return invalid("cache.capacity or cache.cmp_capacity is set but cache.seqlens is null (a cache needs seqlens), "
+                   "got capacity ", cache.capacity, ", cmp_capacity ", cache.cmp_capacity);
   out->varlen = v.cu_seqlens != nullptr;
   if (!out->varlen) {
     if (v.cu_seqlens_cmp != nullptr)
       return invalid("varlen.cu_seqlens_cmp is set but varlen.cu_seqlens is null (packed layout needs both)");
-    out->rows_batch = s.batch;
-    out->rows_seq = s.seqlen;
+    out->rows_batch = out->key_batch = s.batch;
+    out->rows_seq = out->key_seq = s.seqlen;
     out->cmp_batch = s.batch;
     out->cmp_seq = num_cmp_tokens(s.seqlen, c.cmp_block, c.cmp_stride);
     return Status::Ok();
@@ -128,8 +167,8 @@ Status check_layout(const Config& c, const Shape& s, const Varlen& v, MemorySpac
     return invalid("varlen.cu_seqlens_cmp must not be null when varlen.cu_seqlens is set");
   if (v.total_tokens < 0) return invalid("varlen.total_tokens must be >= 0, got ", v.total_tokens);
   if (v.total_cmp_tokens < 0) return invalid("varlen.total_cmp_tokens must be >= 0, got ", v.total_cmp_tokens);
-  out->rows_batch = 1;
-  out->rows_seq = v.total_tokens;
+  out->rows_batch = out->key_batch = 1;
+  out->rows_seq = out->key_seq = v.total_tokens;
   out->cmp_batch = 1;
   out->cmp_seq = v.total_cmp_tokens;
   if (space == MemorySpace::kDevice) return Status::Ok();
@@ -158,29 +197,33 @@ Status check_layout(const Config& c, const Shape& s, const Varlen& v, MemorySpac
   return Status::Ok();
 }
 
-// The checks shared by forward and backward: config, shape, layout and the input tensors.
+// The checks shared by forward and backward: config, shape, layout and the input tensors. The
+// backward has no cache (it gets an empty KvCacheView).
 template <class P>
-Status check_common(const P& p, MemorySpace space, Extents* ext) {
+Status check_common(const P& p, const KvCacheView& cache, MemorySpace space, Extents* ext) {
   NSA_RETURN_IF_ERROR(check_config(p.config));
   NSA_RETURN_IF_ERROR(check_shape(p.shape, p.dtype));
-  NSA_RETURN_IF_ERROR(check_layout(p.config, p.shape, p.varlen, space, ext));
+  NSA_RETURN_IF_ERROR(check_layout(p.config, p.shape, p.varlen, cache, space, ext));
   const Shape& s = p.shape;
   const bool vl = ext->varlen;
-  const int64_t B = ext->rows_batch, T = ext->rows_seq, Bc = ext->cmp_batch, Tc = ext->cmp_seq;
+  const int64_t B = ext->rows_batch, T = ext->rows_seq, Bk = ext->key_batch, Tk = ext->key_seq;
+  const int64_t Bc = ext->cmp_batch, Tc = ext->cmp_seq;
   const bool has_cmp = Tc > 0 && Bc > 0;
   NSA_RETURN_IF_ERROR(check_input("q", p.q, {B, T, s.num_q_heads, s.head_dim_qk}, vl, true));
-  NSA_RETURN_IF_ERROR(check_input("k", p.k, {B, T, s.num_kv_heads, s.head_dim_qk}, vl, true));
-  NSA_RETURN_IF_ERROR(check_input("v", p.v, {B, T, s.num_kv_heads, s.head_dim_v}, vl, true));
-  NSA_RETURN_IF_ERROR(check_input("k_win", p.k_win, {B, T, s.num_kv_heads, s.head_dim_qk}, vl, false));
-  NSA_RETURN_IF_ERROR(check_input("v_win", p.v_win, {B, T, s.num_kv_heads, s.head_dim_v}, vl, false));
+  NSA_RETURN_IF_ERROR(check_input("k", p.k, {Bk, Tk, s.num_kv_heads, s.head_dim_qk}, vl, true));
+  NSA_RETURN_IF_ERROR(check_input("v", p.v, {Bk, Tk, s.num_kv_heads, s.head_dim_v}, vl, true));
+  NSA_RETURN_IF_ERROR(check_input("k_win", p.k_win, {Bk, Tk, s.num_kv_heads, s.head_dim_qk}, vl, false));
+  NSA_RETURN_IF_ERROR(check_input("v_win", p.v_win, {Bk, Tk, s.num_kv_heads, s.head_dim_v}, vl, false));
   NSA_RETURN_IF_ERROR(check_input("k_cmp", p.k_cmp, {Bc, Tc, s.num_kv_heads, s.head_dim_qk}, vl, has_cmp));
   NSA_RETURN_IF_ERROR(check_input("v_cmp", p.v_cmp, {Bc, Tc, s.num_kv_heads, s.head_dim_v}, vl, has_cmp));
   NSA_RETURN_IF_ERROR(check_input("gates", p.gates, {B, T, s.num_q_heads, kNumBranches}, vl, true));
   return Status::Ok();
 }
 
-// Row offset and length of sequence b in the raw-token layout.
-void sequence_rows(const Shape& s, const Varlen& v, int64_t b, int64_t* first_row, int64_t* length) {
+// Query rows of sequence b (offset and count) and the position of its first query: 0 in
+// prefill, seqlens[b] - m with a cache.
+void sequence_rows(const Shape& s, const Varlen& v, const KvCacheView& cache, int64_t b, int64_t* first_row,
+                   int64_t* length, int64_t* first_position) {
   if (v.cu_seqlens == nullptr) {
     *first_row = b * s.seqlen;
     *length = s.seqlen;
@@ -188,18 +231,21 @@ void sequence_rows(const Shape& s, const Varlen& v, int64_t b, int64_t* first_ro
     *first_row = v.cu_seqlens[b];
     *length = int64_t{v.cu_seqlens[b + 1]} - v.cu_seqlens[b];
   }
+  *first_position = cache.seqlens != nullptr ? cache.seqlens[b] - s.seqlen : 0;
 }
 
-Status check_block_indices(const Config& c, const Shape& s, const Varlen& v, const int32_t* block_indices) {
+Status check_block_indices(const Config& c, const Shape& s, const Varlen& v, const KvCacheView& cache,
+                           const int32_t* block_indices) {
   const int64_t n = c.num_selected;
   std::vector<int32_t> seen;
   for (int64_t b = 0; b < s.batch; ++b) {
-    int64_t first_row = 0, length = 0;
-    sequence_rows(s, v, b, &first_row, &length);
-    for (int64_t t = 0; t < length; ++t) {
+    int64_t first_row = 0, length = 0, first_position = 0;
+    sequence_rows(s, v, cache, b, &first_row, &length, &first_position);
+    for (int64_t i = 0; i < length; ++i) {
+      const int64_t t = first_position + i;
       const int64_t eligible = num_eligible_blocks(t, c.sel_block);
       for (int64_t h = 0; h < s.num_kv_heads; ++h) {
-        const int32_t* row = block_indices + ((first_row + t) * s.num_kv_heads + h) * n;
+        const int32_t* row = block_indices + ((first_row + i) * s.num_kv_heads + h) * n;
         seen.clear();
         for (int64_t slot = 0; slot < n; ++slot) {
           const int32_t j = row[slot];
@@ -228,25 +274,25 @@ Status validate(const Config& config, const Shape& shape, const Varlen& varlen) 
   if (shape.batch <= 0) return invalid("shape.batch must be positive, got ", shape.batch);
   if (shape.seqlen <= 0) return invalid("shape.seqlen must be positive, got ", shape.seqlen);
   Extents ext{};
-  return check_layout(config, shape, varlen, MemorySpace::kHost, &ext);
+  return check_layout(config, shape, varlen, KvCacheView{}, MemorySpace::kHost, &ext);
 }
 
 Status validate(const ForwardParams& p, MemorySpace space) {
   Extents ext{};
-  NSA_RETURN_IF_ERROR(check_common(p, space, &ext));
+  NSA_RETURN_IF_ERROR(check_common(p, p.cache, space, &ext));
   const Shape& s = p.shape;
   NSA_RETURN_IF_ERROR(check_output("out", p.out, {ext.rows_batch, ext.rows_seq, s.num_q_heads, s.head_dim_v},
                                    ext.varlen, true));
   if (p.lse == nullptr) return invalid("lse must not be null");
   if (p.block_indices == nullptr) return invalid("block_indices must not be null");
   if (p.block_indices_given && space == MemorySpace::kHost)
-    return check_block_indices(p.config, s, p.varlen, p.block_indices);
+    return check_block_indices(p.config, s, p.varlen, p.cache, p.block_indices);
   return Status::Ok();
 }
 
 Status validate(const BackwardParams& p, MemorySpace space) {
   Extents ext{};
-  NSA_RETURN_IF_ERROR(check_common(p, space, &ext));
+  NSA_RETURN_IF_ERROR(check_common(p, KvCacheView{}, space, &ext));
   const Shape& s = p.shape;
   const bool vl = ext.varlen;
   const int64_t B = ext.rows_batch, T = ext.rows_seq, Bc = ext.cmp_batch, Tc = ext.cmp_seq;
@@ -271,7 +317,7 @@ Status validate(const BackwardParams& p, MemorySpace space) {
   NSA_RETURN_IF_ERROR(check_output("grad_v_cmp", p.grad_v_cmp, {Bc, Tc, s.num_kv_heads, s.head_dim_v}, vl, has_cmp));
   NSA_RETURN_IF_ERROR(check_output("grad_gates", p.grad_gates, {B, T, s.num_q_heads, kNumBranches}, vl, true));
   if (space == MemorySpace::kDevice) return Status::Ok();
-  return check_block_indices(p.config, s, p.varlen, p.block_indices);
+  return check_block_indices(p.config, s, p.varlen, KvCacheView{}, p.block_indices);
 }
 
 }  // namespace nsa

@@ -36,8 +36,10 @@ Status backward(const BackwardParams& p, int num_threads) {
   if (!status.ok()) return status;
   const Config& c = p.config;
   const Shape& s = p.shape;
-  const Inputs in(p);
-  const int64_t rows = total_rows(s, p.varlen), cmp_rows = total_cmp_rows(c, s, p.varlen);
+  // The backward is prefill only: a sequence's key rows are its query rows.
+  const std::vector<SequenceRows> sequences = sequence_table(c, s, p.varlen, KvCacheView{});
+  const Inputs in(p, sequences);
+  const int64_t rows = total_rows(s, p.varlen), cmp_rows = total_rows(sequences, RowKind::kCmp);
   const bool varlen = p.varlen.cu_seqlens != nullptr;
   const int64_t per_batch = varlen ? 0 : s.seqlen;
   const int64_t cmp_per_batch = varlen ? 0 : num_cmp_tokens(s.seqlen, c.cmp_block, c.cmp_stride);
@@ -47,16 +49,14 @@ Status backward(const BackwardParams& p, int num_threads) {
   const double scale = softmax_scale(c, s);
   const int threads = resolve_num_threads(num_threads);
 
-  const Dense grad_out = gather(p.dtype, p.grad_out, rows, per_batch, s.num_q_heads, Dv);
+  const Dense grad_out = gather(p.dtype, p.grad_out, sequences, varlen, RowKind::kQuery, s.num_q_heads, Dv);
   Dense lse(rows, s.num_q_heads, kNumBranches), out_branch(rows, s.num_q_heads * kNumBranches, Dv);
   for (size_t e = 0; e < lse.data.size(); ++e) lse.data[e] = load_element(stats_dtype(p.dtype), p.lse, int64_t(e));
   for (size_t e = 0; e < out_branch.data.size(); ++e)
     out_branch.data[e] = load_element(p.dtype, p.out_branch, int64_t(e));
 
-  std::vector<SequenceRows> sequences;
   std::vector<int64_t> row_to_seq(static_cast<size_t>(rows)), cmp_row_to_seq(static_cast<size_t>(cmp_rows));
   for (int64_t b = 0; b < s.batch; ++b) {
-    sequences.push_back(sequence_rows(c, s, p.varlen, b));
     for (int64_t t = 0; t < sequences[b].length; ++t) row_to_seq[sequences[b].first_row + t] = b;
     for (int64_t i = 0; i < sequences[b].num_cmp; ++i) cmp_row_to_seq[sequences[b].first_cmp_row + i] = b;
   }
@@ -85,7 +85,7 @@ Status backward(const BackwardParams& p, int num_threads) {
         delta.at(row, head)[branch] = branch_delta;
         const Dense& keys = in.branch_keys(branch);
         const Dense& values = in.branch_values(branch);
-        const int64_t first = branch == kBranchCmp ? seq.first_cmp_row : seq.first_row;
+        const int64_t first = branch == kBranchCmp ? seq.first_cmp_row : seq.first_key_row;
         branch_spans(branch, t, c, blocks, &spans);
         for (const KeySpan& span : spans)
           for (int64_t key = span.begin; key < span.end; ++key) {

@@ -1,6 +1,9 @@
 // CPU reference forward: for each (sequence, query position, kv head) task, compressed
 // attention for the G query heads, block scores (Eqs. 8-10) and top-n, selected attention,
-// window attention, and the gated combine. float64 throughout.
+// window attention, and the gated combine. float64 throughout. Prefill, decode and chunked
+// prefill are one path: a query row knows its position and where its sequence's keys start
+// (sequence_table), and reads exactly the keys that position sees.
+#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -48,7 +51,8 @@ Status forward(const ForwardParams& p, int num_threads) {
   if (!status.ok()) return status;
   const Config& c = p.config;
   const Shape& s = p.shape;
-  const Inputs in(p);
+  const std::vector<SequenceRows> sequences = sequence_table(c, s, p.varlen, p.cache);
+  const Inputs in(p, sequences);
   const int64_t rows = total_rows(s, p.varlen);
   const int64_t group = s.num_q_heads / s.num_kv_heads;
   const int64_t n = c.num_selected;
@@ -56,20 +60,21 @@ Status forward(const ForwardParams& p, int num_threads) {
   const DType stats = stats_dtype(p.dtype);
   Dense out(rows, s.num_q_heads, s.head_dim_v);
 
-  // Task = (row, kv head); the row's sequence is found by a search over sequence starts.
-  std::vector<SequenceRows> sequences;
-  for (int64_t b = 0; b < s.batch; ++b) sequences.push_back(sequence_rows(c, s, p.varlen, b));
+  // Task = (query row, kv head); the row's sequence is found through row_to_seq.
   std::vector<int64_t> row_to_seq(static_cast<size_t>(rows));
   for (int64_t b = 0; b < s.batch; ++b)
-    for (int64_t t = 0; t < sequences[b].length; ++t) row_to_seq[sequences[b].first_row + t] = b;
+    for (int64_t i = 0; i < sequences[b].length; ++i) row_to_seq[sequences[b].first_row + i] = b;
+  // Keys each branch's softmax reads, per task: summed into tokens_read after the parallel loop
+  // so that the sum needs no atomics and its order is fixed.
+  std::vector<int64_t> keys_read(p.tokens_read ? static_cast<size_t>(rows * s.num_kv_heads * kNumBranches) : 0);
 
   parallel_for(rows * s.num_kv_heads, resolve_num_threads(num_threads), [&](int64_t task) {
     const int64_t row = task / s.num_kv_heads, kv_head = task % s.num_kv_heads;
     const SequenceRows& seq = sequences[row_to_seq[row]];
-    const int64_t t = row - seq.first_row;
+    const int64_t t = seq.first_position + (row - seq.first_row);  // the query's position
     std::vector<double> scores, probs, block_score;
     std::vector<int64_t> blocks;
-    std::vector<KeySpan> spans;
+    std::array<std::vector<KeySpan>, kNumBranches> spans;  // the keys of each branch at t
     std::vector<std::vector<double>> branch_out(kNumBranches, std::vector<double>(s.head_dim_v));
     std::vector<double> lse(static_cast<size_t>(group * kNumBranches));
     int32_t* selection = p.block_indices + (row * s.num_kv_heads + kv_head) * n;
@@ -77,11 +82,11 @@ Status forward(const ForwardParams& p, int num_threads) {
     // Compressed branch first: its probabilities are the block scores (Eqs. 8-10).
     std::vector<std::vector<double>> cmp_out(group, std::vector<double>(s.head_dim_v));
     block_score.assign(static_cast<size_t>(num_eligible_blocks(t, c.sel_block)), 0.0);
-    branch_spans(kBranchCmp, t, c, blocks, &spans);
+    branch_spans(kBranchCmp, t, c, blocks, &spans[kBranchCmp]);
     for (int64_t g = 0; g < group; ++g) {
       const int64_t head = kv_head * group + g;
       lse[g * kNumBranches + kBranchCmp] = attend(in.q.at(row, head), in.k_cmp, in.v_cmp, seq.first_cmp_row, kv_head,
-                                                  spans, scale, &scores, cmp_out[g].data(), &probs);
+                                                  spans[kBranchCmp], scale, &scores, cmp_out[g].data(), &probs);
       for (size_t i = 0; i < probs.size(); ++i) {
         const int64_t cmp_index = static_cast<int64_t>(i);
         const int64_t first_block = cmp_index * c.cmp_stride / c.sel_block;
@@ -93,16 +98,18 @@ Status forward(const ForwardParams& p, int num_threads) {
     }
     if (!p.block_indices_given) select_top_blocks(block_score, t, c, selection);
     selected_blocks(selection, n, &blocks);
+    for (int branch : {kBranchSlc, kBranchWin}) branch_spans(branch, t, c, blocks, &spans[branch]);
+    if (p.tokens_read)
+      for (int branch = 0; branch < kNumBranches; ++branch)
+        keys_read[task * kNumBranches + branch] = num_keys(spans[branch]);
 
     for (int64_t g = 0; g < group; ++g) {
       const int64_t head = kv_head * group + g;
       branch_out[kBranchCmp] = cmp_out[g];
-      for (int branch : {kBranchSlc, kBranchWin}) {
-        branch_spans(branch, t, c, blocks, &spans);
+      for (int branch : {kBranchSlc, kBranchWin})
         lse[g * kNumBranches + branch] = attend(in.q.at(row, head), in.branch_keys(branch), in.branch_values(branch),
-                                                seq.first_row, kv_head, spans, scale, &scores,
+                                                seq.first_key_row, kv_head, spans[branch], scale, &scores,
                                                 branch_out[branch].data(), nullptr);
-      }
       double* combined = out.at(row, head);
       const double* gate = in.gates.at(row, head);
       for (int branch = 0; branch < kNumBranches; ++branch) {
@@ -116,6 +123,11 @@ Status forward(const ForwardParams& p, int num_threads) {
     }
   });
   scatter(p.dtype, out, p.out, rows, p.varlen.cu_seqlens ? 0 : s.seqlen);
+  if (p.tokens_read)
+    for (int64_t task = 0; task < rows * s.num_kv_heads; ++task)
+      for (int branch = 0; branch < kNumBranches; ++branch)
+        p.tokens_read[row_to_seq[task / s.num_kv_heads] * kNumBranches + branch] +=
+            keys_read[task * kNumBranches + branch];
   return Status::Ok();
 }
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "nsa/params.h"
@@ -93,30 +94,70 @@ inline void store_element(DType dtype, void* base, int64_t offset, double value)
 // Statistics are float64 for float64 inputs, float32 otherwise.
 inline DType stats_dtype(DType dtype) { return dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32; }
 
-// Where sequence b's rows start and how many there are, for raw and compressed tokens.
+// Which rows of a sequence a tensor holds: query rows (q, gates, grad_out), raw keys, compressed keys.
+enum class RowKind { kQuery, kKey, kCmp };
+
+// Where sequence b's rows lie in the dense arrays, and the position of its first query.
+// Prefill: the queries are the sequence's tokens, so the key rows are the query rows, the first
+// position is 0, and in the packed layout dense rows are the packed rows. Decode / chunked
+// prefill (KvCacheView): query rows b*m .. b*m+m-1 at positions seqlens[b]-m .., keys packed
+// sequence after sequence (only the rows < seqlens[b], so a large capacity costs nothing).
 struct SequenceRows {
-  int64_t first_row, length, first_cmp_row, num_cmp;
+  int64_t first_row, length;        // query rows: q, gates, out, lse, block_indices
+  int64_t first_position;           // the position of query row first_row in its sequence
+  int64_t first_key_row, num_keys;  // dense rows of k, v, k_win, v_win
+  int64_t first_cmp_row, num_cmp;   // dense rows of k_cmp, v_cmp
+
+  // (first dense row, count) of the rows of `kind`.
+  std::pair<int64_t, int64_t> rows(RowKind kind) const {
+    switch (kind) {
+      case RowKind::kQuery: return {first_row, length};
+      case RowKind::kKey: return {first_key_row, num_keys};
+      case RowKind::kCmp: return {first_cmp_row, num_cmp};
+    }
+    return {0, 0};
+  }
 };
 
-inline SequenceRows sequence_rows(const Config& config, const Shape& shape, const Varlen& varlen, int64_t b) {
-  if (varlen.cu_seqlens == nullptr) {
-    const int64_t num_cmp = num_cmp_tokens(shape.seqlen, config.cmp_block, config.cmp_stride);
-    return {b * shape.seqlen, shape.seqlen, b * num_cmp, num_cmp};
+inline std::vector<SequenceRows> sequence_table(const Config& config, const Shape& shape, const Varlen& varlen,
+                                                const KvCacheView& cache) {
+  std::vector<SequenceRows> table;
+  int64_t key_row = 0, cmp_row = 0;
+  for (int64_t b = 0; b < shape.batch; ++b) {
+    SequenceRows seq{};
+    if (varlen.cu_seqlens != nullptr) {  // prefill only (no cache in the packed layout)
+      seq.first_row = seq.first_key_row = varlen.cu_seqlens[b];
+      seq.length = seq.num_keys = int64_t{varlen.cu_seqlens[b + 1]} - varlen.cu_seqlens[b];
+      seq.first_cmp_row = varlen.cu_seqlens_cmp[b];
+      seq.num_cmp = int64_t{varlen.cu_seqlens_cmp[b + 1]} - varlen.cu_seqlens_cmp[b];
+    } else {
+      seq.first_row = b * shape.seqlen;
+      seq.length = shape.seqlen;
+      seq.first_key_row = key_row;
+      seq.num_keys = cache.seqlens != nullptr ? cache.seqlens[b] : shape.seqlen;
+      seq.first_cmp_row = cmp_row;
+      seq.num_cmp = num_cmp_tokens(seq.num_keys, config.cmp_block, config.cmp_stride);
+    }
+    seq.first_position = seq.num_keys - seq.length;
+    key_row += seq.num_keys;
+    cmp_row += seq.num_cmp;
+    table.push_back(seq);
   }
-  return {varlen.cu_seqlens[b], int64_t{varlen.cu_seqlens[b + 1]} - varlen.cu_seqlens[b], varlen.cu_seqlens_cmp[b],
-          int64_t{varlen.cu_seqlens_cmp[b + 1]} - varlen.cu_seqlens_cmp[b]};
+  return table;
 }
 
-// Total raw and compressed rows of the layout (B*T and B*Tc when padded).
+// Query rows of the layout (B*T when padded, B*m with a cache).
 inline int64_t total_rows(const Shape& shape, const Varlen& varlen) {
   return varlen.cu_seqlens ? varlen.total_tokens : shape.batch * shape.seqlen;
 }
-inline int64_t total_cmp_rows(const Config& config, const Shape& shape, const Varlen& varlen) {
-  return varlen.cu_seqlens ? varlen.total_cmp_tokens
-                           : shape.batch * num_cmp_tokens(shape.seqlen, config.cmp_block, config.cmp_stride);
+// Dense rows of `kind` of a sequence table (sequences are laid out one after the other).
+inline int64_t total_rows(const std::vector<SequenceRows>& table, RowKind kind) {
+  if (table.empty()) return 0;
+  const auto [first, count] = table.back().rows(kind);
+  return first + count;
 }
 
-// A dense float64 [rows, heads, dim] array; row = b * T + t (padded) or cu_seqlens[b] + t.
+// A dense float64 [rows, heads, dim] array, rows as in SequenceRows.
 struct Dense {
   std::vector<double> data;
   int64_t heads = 0, dim = 0;
@@ -135,16 +176,24 @@ inline int64_t strided_offset(int64_t batch_stride, int64_t seq_stride, int64_t 
   return (row / rows_per_batch) * batch_stride + (row % rows_per_batch) * seq_stride + head * head_stride;
 }
 
-inline Dense gather(DType dtype, const InputTensor& t, int64_t rows, int64_t rows_per_batch, int64_t heads,
-                    int64_t dim) {
-  Dense dense(rows, heads, dim);
+// Converts each sequence's rows of `kind` of a strided tensor to a dense array laid out as the
+// table says. A sequence starts at batch entry b (padded layout, a cache) or at its packed row,
+// which is its dense row (varlen); rows past what the table lists (a cache's rows >=
+// seqlens[b]) are never read.
+inline Dense gather(DType dtype, const InputTensor& t, const std::vector<SequenceRows>& table, bool varlen,
+                    RowKind kind, int64_t heads, int64_t dim) {
+  Dense dense(total_rows(table, kind), heads, dim);
   if (t.data == nullptr) return dense;
-  for (int64_t row = 0; row < rows; ++row)
-    for (int64_t head = 0; head < heads; ++head) {
-      const int64_t offset = strided_offset(t.batch_stride, t.seq_stride, t.head_stride, rows_per_batch, row, head);
-      double* dst = dense.at(row, head);
-      for (int64_t e = 0; e < dim; ++e) dst[e] = load_element(dtype, t.data, offset + e);
-    }
+  for (size_t b = 0; b < table.size(); ++b) {
+    const auto [first, count] = table[b].rows(kind);
+    const int64_t base = varlen ? first * t.seq_stride : static_cast<int64_t>(b) * t.batch_stride;
+    for (int64_t row = 0; row < count; ++row)
+      for (int64_t head = 0; head < heads; ++head) {
+        const int64_t offset = base + row * t.seq_stride + head * t.head_stride;
+        double* dst = dense.at(first + row, head);
+        for (int64_t e = 0; e < dim; ++e) dst[e] = load_element(dtype, t.data, offset + e);
+      }
+  }
   return dense;
 }
 

@@ -35,28 +35,29 @@ inline double softmax_scale(const Config& config, const Shape& shape) {
   return config.scale > 0 ? config.scale : 1.0 / std::sqrt(static_cast<double>(shape.head_dim_qk));
 }
 
-// The attention inputs of either params struct, as dense float64 [rows, heads, dim] arrays.
+// The attention inputs of either params struct, as dense float64 [rows, heads, dim] arrays laid
+// out as `table` (sequence_table) says: q and gates by query row, the keys by key row.
 struct Inputs {
   Dense q, k, v, k_win, v_win, k_cmp, v_cmp, gates;
   bool has_k_win = false, has_v_win = false;
 
   template <class Params>
-  explicit Inputs(const Params& p) {
+  Inputs(const Params& p, const std::vector<SequenceRows>& table) {
     const Shape& s = p.shape;
-    const int64_t rows = total_rows(s, p.varlen), cmp_rows = total_cmp_rows(p.config, s, p.varlen);
     const bool varlen = p.varlen.cu_seqlens != nullptr;
-    const int64_t per_batch = varlen ? 0 : s.seqlen;
-    const int64_t cmp_per_batch = varlen ? 0 : num_cmp_tokens(s.seqlen, p.config.cmp_block, p.config.cmp_stride);
     has_k_win = p.k_win.data != nullptr;
     has_v_win = p.v_win.data != nullptr;
-    q = gather(p.dtype, p.q, rows, per_batch, s.num_q_heads, s.head_dim_qk);
-    k = gather(p.dtype, p.k, rows, per_batch, s.num_kv_heads, s.head_dim_qk);
-    v = gather(p.dtype, p.v, rows, per_batch, s.num_kv_heads, s.head_dim_v);
-    if (has_k_win) k_win = gather(p.dtype, p.k_win, rows, per_batch, s.num_kv_heads, s.head_dim_qk);
-    if (has_v_win) v_win = gather(p.dtype, p.v_win, rows, per_batch, s.num_kv_heads, s.head_dim_v);
-    k_cmp = gather(p.dtype, p.k_cmp, cmp_rows, cmp_per_batch, s.num_kv_heads, s.head_dim_qk);
-    v_cmp = gather(p.dtype, p.v_cmp, cmp_rows, cmp_per_batch, s.num_kv_heads, s.head_dim_v);
-    gates = gather(p.dtype, p.gates, rows, per_batch, s.num_q_heads, kNumBranches);
+    auto convert = [&](const InputTensor& t, RowKind kind, int64_t heads, int64_t dim) {
+      return gather(p.dtype, t, table, varlen, kind, heads, dim);
+    };
+    q = convert(p.q, RowKind::kQuery, s.num_q_heads, s.head_dim_qk);
+    gates = convert(p.gates, RowKind::kQuery, s.num_q_heads, kNumBranches);
+    k = convert(p.k, RowKind::kKey, s.num_kv_heads, s.head_dim_qk);
+    v = convert(p.v, RowKind::kKey, s.num_kv_heads, s.head_dim_v);
+    if (has_k_win) k_win = convert(p.k_win, RowKind::kKey, s.num_kv_heads, s.head_dim_qk);
+    if (has_v_win) v_win = convert(p.v_win, RowKind::kKey, s.num_kv_heads, s.head_dim_v);
+    k_cmp = convert(p.k_cmp, RowKind::kCmp, s.num_kv_heads, s.head_dim_qk);
+    v_cmp = convert(p.v_cmp, RowKind::kCmp, s.num_kv_heads, s.head_dim_v);
   }
 
   const Dense& branch_keys(int branch) const {
@@ -71,6 +72,13 @@ struct Inputs {
 struct KeySpan {
   int64_t begin, end;
 };
+
+// Keys in a list of spans.
+inline int64_t num_keys(const std::vector<KeySpan>& spans) {
+  int64_t count = 0;
+  for (const KeySpan& span : spans) count += span.end - span.begin;
+  return count;
+}
 
 // The selected blocks of one (t, kv head) row, ascending, without -1 entries.
 inline void selected_blocks(const int32_t* row, int64_t num_selected, std::vector<int64_t>* blocks) {

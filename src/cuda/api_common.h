@@ -128,13 +128,23 @@ void fill_common_args(ForwardArgs& a, const P& p) {
   a.cmp_per_seq = num_cmp_tokens(s.seqlen, c.cmp_block, c.cmp_stride);
   a.cu_seqlens = p.varlen.cu_seqlens;
   a.cu_seqlens_cmp = p.varlen.cu_seqlens_cmp;
+  a.cache_seqlens = nullptr;
+  a.key_extent = s.seqlen;
+  a.tokens_read = nullptr;
+  if constexpr (std::is_same_v<P, ForwardParams>) {
+    if (p.cache.seqlens != nullptr) {
+      a.cache_seqlens = p.cache.seqlens;
+      a.key_extent = p.cache.capacity;
+    }
+    a.tokens_read = p.tokens_read;
+  }
   a.cmp_block = static_cast<int>(c.cmp_block);
   a.cmp_stride = static_cast<int>(c.cmp_stride);
   a.sel_block = static_cast<int>(c.sel_block);
   a.num_selected = static_cast<int>(c.num_selected);
   a.num_init = static_cast<int>(std::min<int64_t>(c.num_init, c.num_selected));
   a.num_local = static_cast<int>(std::min<int64_t>(c.num_local, c.num_selected));
-  a.window = std::min<int64_t>(c.window, s.seqlen);
+  a.window = std::min<int64_t>(c.window, a.key_extent);
   a.scale_log2 = static_cast<float>(softmax_scale(p) * 1.4426950408889634);
   a.q = tensor_ref(p.q);
   a.k = tensor_ref(p.k);
@@ -145,7 +155,7 @@ void fill_common_args(ForwardArgs& a, const P& p) {
   a.v_cmp = tensor_ref(p.v_cmp);
   a.gates = tensor_ref(p.gates);
   // The selected-block union of a query-major CTA: positions covered by 64 rows, n blocks each.
-  const int64_t max_blocks = (s.seqlen + c.sel_block - 1) / c.sel_block;
+  const int64_t max_blocks = (a.key_extent + c.sel_block - 1) / c.sel_block;
   const int64_t positions = std::min<int64_t>(64, 63 / a.group + 2);
   a.union_words = static_cast<int>((max_blocks + 31) / 32);
   a.union_capacity = static_cast<int>(std::min<int64_t>(positions * c.num_selected, max_blocks));

@@ -29,7 +29,7 @@ inline constexpr int kAttnThreads = 128;
 
 // One of the thread's two rows (group and group + 8 of its warp's 16).
 struct RowState {
-  int t;     // position in the sequence, -1 past the sequence end
+  int t;     // position in the sequence, -1 past the sequence end (query row: t - SeqInfo::pos0)
   int tl;    // t - t_lo: the row's bit in the slc masks
   int nvis;  // compressed tokens visible to t
   int head;  // query head
@@ -63,7 +63,7 @@ struct CmpTiles {
 struct WinTiles {
   int lo;  // max(0, t_lo - w + 1)
   int t_hi;
-  int window;  // clamped to seqlen on the host
+  int window;  // clamped to the key extent on the host
   __device__ int num_tiles() const { return (t_hi + 1 - lo + 63) / 64; }
   __device__ TileInfo info(int k) const {
     TileInfo ti;
@@ -103,6 +103,33 @@ struct SlcTiles {
   __device__ bool warp_skips(const TileInfo& ti, uint64_t warp_positions) const {
     return (ti.rows & warp_positions) == 0;
   }
+};
+
+// The key tiles begin .. begin+count-1 of a branch's tile set: one split of the decode path.
+template <class Tiles>
+struct SplitTiles {
+  Tiles all;
+  int begin, count;
+  __device__ int num_tiles() const { return count; }
+  __device__ TileInfo info(int k) const { return all.info(begin + k); }
+  __device__ bool valid(const TileInfo& ti, const RowState& r, int key) const { return all.valid(ti, r, key); }
+  __device__ bool warp_skips(const TileInfo& ti, uint64_t warp_positions) const {
+    return all.warp_skips(ti, warp_positions);
+  }
+};
+
+// Split `split` of `num_splits` of a tile set (consecutive, near-equal ranges; may be empty).
+template <class Tiles>
+__device__ __forceinline__ SplitTiles<Tiles> split_tiles(const Tiles& tiles, int split, int num_splits) {
+  const int n = tiles.num_tiles(), per = (n + num_splits - 1) / num_splits;
+  const int begin = min(n, split * per);
+  return SplitTiles<Tiles>{tiles, begin, min(per, n - begin)};
+}
+
+// Where softmax_tile puts the scaled scores of valid (row, key) pairs: nowhere (prefill), or the
+// decode path's cmp score buffer.
+struct NoScoreSink {
+  __device__ void operator()(const RowState&, int, float) const {}
 };
 
 // A fragment (k-step ks) of the warp's 16 query rows starting at row `row0` of a shared-memory
@@ -179,20 +206,27 @@ __device__ __forceinline__ void accumulate_ptile(float (&acc)[D / 8][4], const f
   }
 }
 
-// One key tile of a sweep for the warp's 16 rows: S = Q K^T, mask, online softmax, O += P V.
-template <class T, int Dk, int Dv, class Tiles, class QSource>
+// One key tile of a sweep for the warp's 16 rows: S = Q K^T, mask, online softmax, O += P V. The
+// warp takes the NB * 8 keys key0 .. key0 + NB*8 - 1 of the 64-key tile (all of them, or a quarter
+// when the warps of a decode CTA share its 16 rows).
+template <class T, int Dk, int Dv, int NB = 8, class Tiles, class QSource, class ScoreSink = NoScoreSink>
 __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo& ti, const T* tk, const T* tv,
                                              const QSource& qf, float scale_log2, const RowState (&rows)[2],
-                                             float (&acc)[Dv / 8][4], float (&m)[2], float (&l)[2]) {
+                                             float (&acc)[Dv / 8][4], float (&m)[2], float (&l)[2],
+                                             const ScoreSink& sink = {}, int key0 = 0) {
   const int lane = threadIdx.x & 31, tig = lane & 3;
-  float s[8][4];
-  qk_tile<T, Dk>(qf, tk, s);
+  float s[NB][4];
+  qk_tile<T, Dk, NB>(qf, tk + key0 * (Dk + 8), s);
 #pragma unroll
-  for (int nb = 0; nb < 8; ++nb)
+  for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       float x = s[nb][e] * scale_log2;
-      if (!tiles.valid(ti, rows[e >> 1], nb * 8 + tig * 2 + (e & 1))) x = neg_inf();
+      const int key = key0 + nb * 8 + tig * 2 + (e & 1);
+      if (tiles.valid(ti, rows[e >> 1], key))
+        sink(rows[e >> 1], ti.key0 + key, x);
+      else
+        x = neg_inf();
       s[nb][e] = x;
     }
 
@@ -200,7 +234,7 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
   for (int r = 0; r < 2; ++r) {
     float mx = neg_inf();
 #pragma unroll
-    for (int nb = 0; nb < 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
+    for (int nb = 0; nb < NB; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float m_new = fmaxf(m[r], mx);
@@ -209,7 +243,7 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
     m[r] = m_new;
     float sum = 0.f;
 #pragma unroll
-    for (int nb = 0; nb < 8; ++nb) {
+    for (int nb = 0; nb < NB; ++nb) {
       s[nb][2 * r] = fast_exp2(s[nb][2 * r] - m_use);
       s[nb][2 * r + 1] = fast_exp2(s[nb][2 * r + 1] - m_use);
       sum += s[nb][2 * r] + s[nb][2 * r + 1];
@@ -222,18 +256,25 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
     }
   }
 
-  accumulate_ptile<T, Dv>(acc, s, tv);
+  accumulate_ptile<T, Dv, NB>(acc, s, tv + key0 * (Dv + 8));
 }
 
 // The key-tile loop of a branch: tiles k = 0 .. num_tiles-1 of K ([*, Dk], row stride kstride)
 // and V are loaded with cp.async into the double buffers sK / sV, and body(tiles, ti, tile_k,
-// tile_v) runs on each tile the warp does not skip (a warp-uniform test). Every thread of the CTA calls it (it synchronizes).
+// tile_v) runs on each tile the warp does not skip (a warp-uniform test). Every thread of the CTA
+// calls it (it synchronizes). keys_read (optional): gets the key rows the CTA loads added.
 template <class T, int Dk, int Dv, class Tiles, class Body>
 __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kbase, int64_t kstride, const T* vbase,
-                                                int64_t vstride, T* sK, T* sV, uint64_t warp_positions, Body&& body) {
+                                                int64_t vstride, T* sK, T* sV, uint64_t warp_positions,
+                                                int64_t* keys_read, Body&& body) {
   constexpr int64_t kKElems = AttentionSmem::k_elems(Dk), kVElems = AttentionSmem::v_elems(Dv);
   const int tid = threadIdx.x;
   const int num_tiles = tiles.num_tiles();
+  if (keys_read != nullptr && tid == 0) {
+    long long keys = 0;
+    for (int k = 0; k < num_tiles; ++k) keys += tiles.info(k).count;
+    if (keys > 0) atomicAdd(reinterpret_cast<unsigned long long*>(keys_read), static_cast<unsigned long long>(keys));
+  }
   if (num_tiles <= 0) return;
 
   auto issue = [&](int k) {
@@ -262,23 +303,27 @@ struct RowTile {
   uint64_t warp_positions;
 };
 
-__device__ __forceinline__ RowTile make_row_tile(const ForwardArgs& a, int kv_head, int m0, int len) {
-  const int G = a.group, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, group = lane >> 2;
+// row_warp: the warp whose 16 rows the thread computes (its own, or 0 when the warps share rows).
+__device__ __forceinline__ RowTile make_row_tile(const ForwardArgs& a, int kv_head, int m0, const SeqInfo& seq,
+                                                 int row_warp) {
+  const int G = a.group, lane = threadIdx.x & 31, warp = row_warp, group = lane >> 2;
+  const int len = static_cast<int>(seq.len), pos0 = static_cast<int>(seq.pos0);
+  const int i_lo = m0 / G, i_hi = min(len - 1, (m0 + 63) / G);  // query rows of the tile
   RowTile rt;
-  rt.t_lo = m0 / G;
-  rt.t_hi = min(len - 1, (m0 + 63) / G);
+  rt.t_lo = pos0 + i_lo;
+  rt.t_hi = pos0 + i_hi;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int R = m0 + warp * 16 + group + 8 * r;
-    const int t = R / G;
-    rt.rows[r].t = t < len ? t : -1;
-    rt.rows[r].tl = t - rt.t_lo;
-    rt.rows[r].nvis = num_visible_cmp(min(t, len - 1), a.cmp_block, a.cmp_stride);
+    const int i = R / G;
+    rt.rows[r].t = i < len ? pos0 + i : -1;
+    rt.rows[r].tl = pos0 + i - rt.t_lo;
+    rt.rows[r].nvis = num_visible_cmp(pos0 + min(i, len - 1), a.cmp_block, a.cmp_stride);
     rt.rows[r].head = kv_head * G + R % G;
   }
   // Rows past the sequence end have no position.
   rt.warp_positions = 0;
-  const int first = (m0 + warp * 16) / G - rt.t_lo, last = min((m0 + warp * 16 + 15) / G, rt.t_hi) - rt.t_lo;
+  const int first = (m0 + warp * 16) / G - i_lo, last = min((m0 + warp * 16 + 15) / G, i_hi) - i_lo;
   for (int tl = first; tl <= last; ++tl) rt.warp_positions |= 1ull << tl;
   return rt;
 }
@@ -316,7 +361,7 @@ __device__ __forceinline__ void finish_row(float m, float l, float* inv, float* 
   *lse = l > 0.f ? (m + log2f(l)) * kLn2 : neg_inf();
 }
 
-// Union of the blocks selected for positions t_lo .. t_hi of kv head kv_head: ascending in
+// Union of the blocks selected for positions t_lo .. t_hi (query rows t - seq.pos0) of kv head kv_head: ascending in
 // blocks[0 .. *count), with masks[u] bit tl set iff position t_lo + tl selected blocks[u].
 // Entries outside [0, t / l'] (and -1 padding) are ignored; repeats count once.
 __device__ __forceinline__ void build_block_union(const ForwardArgs& a, const SeqInfo& seq, int kv_head, int t_lo,
@@ -334,7 +379,7 @@ __device__ __forceinline__ void build_block_union(const ForwardArgs& a, const Se
   for (int w = tid; w < words; w += kAttnThreads) bits[w] = 0u;
   __syncthreads();
   const int64_t row_stride = int64_t{a.num_kv_heads} * n;
-  const int32_t* idx = a.block_indices + ((seq.row0 + t_lo) * a.num_kv_heads + kv_head) * n;
+  const int32_t* idx = a.block_indices + ((seq.row0 + t_lo - seq.pos0) * a.num_kv_heads + kv_head) * n;
   for (int e = tid; e < nt * n; e += kAttnThreads) {
     const int tl = e / n, slot = e % n;
     const int j = idx[tl * row_stride + slot];
@@ -386,30 +431,36 @@ __device__ __forceinline__ void build_block_union(const ForwardArgs& a, const Se
 
 // The key-tile loop of branch kBranch for the rows of `rt` (sequence b, kv head kv_head): builds
 // the branch's tile set (for slc from the selected-block union in `union_smem`, which every
-// thread must reach) and runs sweep_key_tiles with its keys and values.
-template <class T, int Dk, int Dv, int kBranch, class Body>
+// thread must reach) and runs sweep_key_tiles with its keys and values. keys_read: as there.
+// kSplit: only the tiles of split `split` of the branch's a.branch_splits (the decode path).
+template <class T, int Dk, int Dv, int kBranch, bool kSplit = false, class Body>
 __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const SeqInfo& seq, int kv_head,
                                              const RowTile& rt, unsigned char* union_smem, T* sK, T* sV,
-                                             Body&& body) {
+                                             int64_t* keys_read, Body&& body, int split = 0) {
+  auto sweep = [&](const auto& tiles, const T* kbase, int64_t kstride, const T* vbase, int64_t vstride) {
+    if constexpr (kSplit) {
+      sweep_key_tiles<T, Dk, Dv>(split_tiles(tiles, split, a.branch_splits[kBranch]), kbase, kstride, vbase,
+                                 vstride, sK, sV, rt.warp_positions, keys_read, body);
+    } else {
+      sweep_key_tiles<T, Dk, Dv>(tiles, kbase, kstride, vbase, vstride, sK, sV, rt.warp_positions, keys_read, body);
+    }
+  };
   if constexpr (kBranch == kBranchCmp) {
     const CmpTiles tiles{num_visible_cmp(rt.t_hi, a.cmp_block, a.cmp_stride)};
-    sweep_key_tiles<T, Dk, Dv>(tiles, seq_head_ptr<T>(a.k_cmp, a, b, seq.cmp_row0, kv_head), a.k_cmp.seq_stride,
-                               seq_head_ptr<T>(a.v_cmp, a, b, seq.cmp_row0, kv_head), a.v_cmp.seq_stride, sK, sV,
-                               rt.warp_positions, body);
+    sweep(tiles, seq_head_ptr<T>(a.k_cmp, a, b, seq.cmp_row0, kv_head), a.k_cmp.seq_stride,
+          seq_head_ptr<T>(a.v_cmp, a, b, seq.cmp_row0, kv_head), a.v_cmp.seq_stride);
   } else if constexpr (kBranch == kBranchSlc) {
     int union_size = 0;
     uint64_t* union_masks = nullptr;
     int* union_blocks = nullptr;
     build_block_union(a, seq, kv_head, rt.t_lo, rt.t_hi, union_smem, &union_size, &union_masks, &union_blocks);
     const SlcTiles tiles{union_blocks, union_masks, union_size, (a.sel_block + 63) / 64, a.sel_block, rt.t_hi};
-    sweep_key_tiles<T, Dk, Dv>(tiles, seq_head_ptr<T>(a.k, a, b, seq.row0, kv_head), a.k.seq_stride,
-                               seq_head_ptr<T>(a.v, a, b, seq.row0, kv_head), a.v.seq_stride, sK, sV,
-                               rt.warp_positions, body);
+    sweep(tiles, seq_head_ptr<T>(a.k, a, b, seq.row0, kv_head), a.k.seq_stride,
+          seq_head_ptr<T>(a.v, a, b, seq.row0, kv_head), a.v.seq_stride);
   } else {
     const WinTiles tiles{max(0, rt.t_lo - static_cast<int>(a.window) + 1), rt.t_hi, static_cast<int>(a.window)};
-    sweep_key_tiles<T, Dk, Dv>(tiles, seq_head_ptr<T>(a.k_win, a, b, seq.row0, kv_head), a.k_win.seq_stride,
-                               seq_head_ptr<T>(a.v_win, a, b, seq.row0, kv_head), a.v_win.seq_stride, sK, sV,
-                               rt.warp_positions, body);
+    sweep(tiles, seq_head_ptr<T>(a.k_win, a, b, seq.row0, kv_head), a.k_win.seq_stride,
+          seq_head_ptr<T>(a.v_win, a, b, seq.row0, kv_head), a.v_win.seq_stride);
   }
 }
 
@@ -420,12 +471,63 @@ __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const 
 template <int Dk, int kBranch>
 inline constexpr int kAttnMinBlocks = (Dk > 128 || kBranch == kBranchSlc) ? 2 : 3;
 
-template <class T, int Dk, int Dv, int kBranch>
-__global__ void __launch_bounds__(kAttnThreads, (kAttnMinBlocks<Dk, kBranch>)) attention_kernel(const ForwardArgs a) {
+
+// With kWarpSplit (m * G <= 16, so the first warp's 16 rows hold every query) the four warps
+// compute those rows against a quarter of each tile's keys each, instead of three warps computing
+// rows that do not exist; fold_warps then merges their states into the first warp's registers.
+// Every thread calls it (it synchronizes; the tile buffers must be free).
+template <int Dv>
+__device__ __forceinline__ void fold_warps(unsigned char* smem, float (&acc)[Dv / 8][4], float (&m)[2],
+                                           float (&l)[2]) {
+  constexpr int kPerThread = Dv / 2 + 4;  // acc, m, l
+  float* state = reinterpret_cast<float*>(smem);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __syncthreads();
+  if (warp > 0) {
+    float* dst = state + ((warp - 1) * 32 + lane) * kPerThread;
+#pragma unroll
+    for (int nb = 0; nb < Dv / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dst[nb * 4 + e] = acc[nb][e];
+    dst[Dv / 2 + 0] = m[0];
+    dst[Dv / 2 + 1] = m[1];
+    dst[Dv / 2 + 2] = l[0];
+    dst[Dv / 2 + 3] = l[1];
+  }
+  __syncthreads();
+  if (warp == 0) {
+    for (int w = 0; w < 3; ++w) {
+      const float* src = state + (w * 32 + lane) * kPerThread;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float m_other = src[Dv / 2 + r], m_new = fmaxf(m[r], m_other);
+        const float ref = m_new == neg_inf() ? 0.f : m_new;
+        const float self_scale = fast_exp2(m[r] - ref), other_scale = fast_exp2(m_other - ref);
+        l[r] = l[r] * self_scale + src[Dv / 2 + 2 + r] * other_scale;
+#pragma unroll
+        for (int nb = 0; nb < Dv / 8; ++nb)
+#pragma unroll
+          for (int c = 0; c < 2; ++c)
+            acc[nb][2 * r + c] = acc[nb][2 * r + c] * self_scale + src[nb * 4 + 2 * r + c] * other_scale;
+        m[r] = m_new;
+      }
+    }
+  }
+  __syncthreads();  // the states are read before the buffers are reused
+}
+
+// kSplit (the decode path, src/cuda/decode.cuh; one row tile per (sequence, kv head)): CTA
+// blockIdx.x sweeps split blockIdx.x of the branch's key tiles and writes its unnormalized partial
+// output and (max, sum) to split_acc / split_ml for the decode kernels to merge; the cmp kernel
+// also stores its scaled scores to cmp_scores.
+// The CTA (tile_x: its row tile, or with kSplit its split; blockIdx.y, blockIdx.z: kv head and
+// sequence) of attention_kernel, also run by the decode path's paired kernel (decode.cuh).
+template <class T, int Dk, int Dv, int kBranch, bool kSplit, bool kWarpSplit>
+__device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, unsigned char* smem) {
   static_assert(Dk % 16 == 0 && Dv % 16 == 0, "head dims");
   static_assert(kBranch == kBranchCmp || kBranch == kBranchSlc || kBranch == kBranchWin, "branch");
+  static_assert(kSplit || !kWarpSplit, "the warps share rows only in the decode path");
   using Tr = TypeTraits<T>;
-  extern __shared__ __align__(16) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + 2 * AttentionSmem::k_elems(Dk);
   T* sQ = sK;  // until the Q fragments are in registers (AttentionSmem)
@@ -433,20 +535,21 @@ __global__ void __launch_bounds__(kAttnThreads, (kAttnMinBlocks<Dk, kBranch>)) a
   const int b = blockIdx.z, kv_head = blockIdx.y;
   const SeqInfo seq = seq_info(a, b);
   // 32-bit row arithmetic (the host checks seqlen * G < 2^31 - 128): no 64-bit divisions.
-  const int m0 = static_cast<int>(blockIdx.x) * 64;
-  const int len = static_cast<int>(seq.len);
+  const int m0 = kSplit ? 0 : tile_x * 64;
   if (int64_t{m0} >= seq.len * a.group) return;  // uniform over the CTA
+  if (kSplit && tile_x >= a.branch_splits[kBranch]) return;
   const int warp = threadIdx.x >> 5, tig = threadIdx.x & 3;
+  const int row_warp = kWarpSplit ? 0 : warp;
 
   load_head_rows_async<T, Dk>(sQ, a.q, a, b, seq, kv_head, m0);
   cp_async_commit();
-  const RowTile rt = make_row_tile(a, kv_head, m0, len);
+  const RowTile rt = make_row_tile(a, kv_head, m0, seq, row_warp);
   const RowState(&rows)[2] = rt.rows;
 
   cp_async_wait<0>();
   __syncthreads();
   QInRegisters<T, Dk> qf;
-  qf.load(sQ, warp * 16);
+  qf.load(sQ, row_warp * 16);
   __syncthreads();  // the first K tile overwrites the Q tile
 
   float acc[Dv / 8][4], m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
@@ -454,48 +557,91 @@ __global__ void __launch_bounds__(kAttnThreads, (kAttnMinBlocks<Dk, kBranch>)) a
   for (int nb = 0; nb < Dv / 8; ++nb)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[nb][e] = 0.f;
-  sweep_branch<T, Dk, Dv, kBranch>(a, b, seq, kv_head, rt, smem + AttentionSmem::tiles_bytes(Dk, Dv), sK, sV,
-                                   [&](const auto& tiles, const TileInfo& ti, const T* tk, const T* tv) {
-                                     softmax_tile<T, Dk, Dv>(tiles, ti, tk, tv, qf, a.scale_log2, rows, acc, m, l);
-                                   });
-
-  // Epilogue: the branch output rounded to T, its lse; the win kernel also combines (Eq. 5) the
-  // T-rounded branch outputs, reading o_cmp and o_slc back from their buffers.
+  int64_t* keys_read = a.tokens_read != nullptr ? a.tokens_read + int64_t{b} * kNumBranches + kBranch : nullptr;
   const int H = a.num_q_heads;
+  const auto to_scores = [&](const RowState& row, int key, float x) {
+    if constexpr (kSplit && kBranch == kBranchCmp) {
+      const int64_t grow = seq.row0 + row.t - seq.pos0;
+      a.cmp_scores[(grow * H + row.head) * a.cmp_score_stride + key] = x;
+    }
+  };
+  sweep_branch<T, Dk, Dv, kBranch, kSplit>(
+      a, b, seq, kv_head, rt, smem + AttentionSmem::tiles_bytes(Dk, Dv), sK, sV, keys_read,
+      [&](const auto& tiles, const TileInfo& ti, const T* tk, const T* tv) {
+        if constexpr (kWarpSplit)
+          softmax_tile<T, Dk, Dv, 2>(tiles, ti, tk, tv, qf, a.scale_log2, rows, acc, m, l, to_scores, warp * 16);
+        else
+          softmax_tile<T, Dk, Dv>(tiles, ti, tk, tv, qf, a.scale_log2, rows, acc, m, l, to_scores);
+      },
+      tile_x);
+
+  // Rows this warp writes: with kWarpSplit only the first warp's, which holds the merged state.
+  RowState out_rows[2] = {rows[0], rows[1]};
+  if constexpr (kWarpSplit) {
+    fold_warps<Dv>(smem, acc, m, l);
+    if (warp > 0) out_rows[0].t = out_rows[1].t = -1;
+  }
+
+  if constexpr (kSplit) {
+    // This split's partial result: unnormalized output, running max (log2 domain) and row sum.
+    const int64_t plane = (int64_t{kBranch} * a.num_splits + tile_x) * (int64_t{a.batch} * a.seqlen);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float inv, lse;
-    finish_row(m[r], l[r], &inv, &lse);
-    if (rows[r].t < 0) continue;
-    const int t = rows[r].t, head = rows[r].head;
-    const int64_t grow = seq.row0 + t;
-    if (tig == 0) a.lse[(grow * H + head) * 3 + kBranch] = lse;
-    if constexpr (kBranch != kBranchWin) {
-      T* dst = branch_row<T>(kBranch == kBranchCmp ? a.cmp_out : a.slc_out, a, grow, head);
+    for (int r = 0; r < 2; ++r) {
+      float row_sum = l[r];
+      row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 1);
+      row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 2);
+      if (out_rows[r].t < 0) continue;
+      const int64_t slot = (plane + seq.row0 + out_rows[r].t - seq.pos0) * H + out_rows[r].head;
+      if (tig == 0) a.split_ml[slot] = make_float2(m[r], row_sum);
+      float* dst = a.split_acc + slot * Dv;
 #pragma unroll
       for (int nb = 0; nb < Dv / 8; ++nb)
-        *reinterpret_cast<uint32_t*>(dst + nb * 8 + tig * 2) = Tr::pack(acc[nb][2 * r] * inv, acc[nb][2 * r + 1] * inv);
-    } else {
-      const T* gate = seq_head_ptr<T>(a.gates, a, b, seq.row0, head) + int64_t{t} * a.gates.seq_stride;
-      const float g_cmp = Tr::to_float(gate[0]), g_slc = Tr::to_float(gate[1]), g_win = Tr::to_float(gate[2]);
-      const T* o_cmp = branch_row<T>(a.cmp_out, a, grow, head);
-      const T* o_slc = branch_row<T>(a.slc_out, a, grow, head);
-      T* o_win = a.win_out != nullptr ? branch_row<T>(a.win_out, a, grow, head) : nullptr;
-      const int64_t out_base = a.cu_seqlens != nullptr ? seq.row0 * a.out_seq_stride : int64_t{b} * a.out_batch_stride;
-      T* out = static_cast<T*>(a.out) + out_base + int64_t{t} * a.out_seq_stride + int64_t{head} * a.out_head_stride;
+        *reinterpret_cast<float2*>(dst + nb * 8 + tig * 2) = make_float2(acc[nb][2 * r], acc[nb][2 * r + 1]);
+    }
+  } else {
+    // Epilogue: the branch output rounded to T, its lse; the win kernel also combines (Eq. 5) the
+    // T-rounded branch outputs, reading o_cmp and o_slc back from their buffers.
 #pragma unroll
-      for (int nb = 0; nb < Dv / 8; ++nb) {
-        const int col = nb * 8 + tig * 2;
-        const uint32_t win_packed = Tr::pack(acc[nb][2 * r] * inv, acc[nb][2 * r + 1] * inv);
-        const float2 ow = Tr::unpack(win_packed);
-        const float2 os = Tr::unpack(*reinterpret_cast<const uint32_t*>(o_slc + col));
-        const float2 oc = Tr::unpack(*reinterpret_cast<const uint32_t*>(o_cmp + col));
-        *reinterpret_cast<uint32_t*>(out + col) = Tr::pack(g_cmp * oc.x + g_slc * os.x + g_win * ow.x,
-                                                           g_cmp * oc.y + g_slc * os.y + g_win * ow.y);
-        if (o_win) *reinterpret_cast<uint32_t*>(o_win + col) = win_packed;
+    for (int r = 0; r < 2; ++r) {
+      float inv, lse;
+      finish_row(m[r], l[r], &inv, &lse);
+      if (out_rows[r].t < 0) continue;
+      const int t = out_rows[r].t - static_cast<int>(seq.pos0), head = out_rows[r].head;  // the query row
+      const int64_t grow = seq.row0 + t;
+      if (tig == 0) a.lse[(grow * H + head) * 3 + kBranch] = lse;
+      if constexpr (kBranch != kBranchWin) {
+        T* dst = branch_row<T>(kBranch == kBranchCmp ? a.cmp_out : a.slc_out, a, grow, head);
+#pragma unroll
+        for (int nb = 0; nb < Dv / 8; ++nb)
+          *reinterpret_cast<uint32_t*>(dst + nb * 8 + tig * 2) = Tr::pack(acc[nb][2 * r] * inv, acc[nb][2 * r + 1] * inv);
+      } else {
+        const T* gate = seq_head_ptr<T>(a.gates, a, b, seq.row0, head) + int64_t{t} * a.gates.seq_stride;
+        const float g_cmp = Tr::to_float(gate[0]), g_slc = Tr::to_float(gate[1]), g_win = Tr::to_float(gate[2]);
+        const T* o_cmp = branch_row<T>(a.cmp_out, a, grow, head);
+        const T* o_slc = branch_row<T>(a.slc_out, a, grow, head);
+        T* o_win = a.win_out != nullptr ? branch_row<T>(a.win_out, a, grow, head) : nullptr;
+        const int64_t out_base = a.cu_seqlens != nullptr ? seq.row0 * a.out_seq_stride : int64_t{b} * a.out_batch_stride;
+        T* out = static_cast<T*>(a.out) + out_base + int64_t{t} * a.out_seq_stride + int64_t{head} * a.out_head_stride;
+#pragma unroll
+        for (int nb = 0; nb < Dv / 8; ++nb) {
+          const int col = nb * 8 + tig * 2;
+          const uint32_t win_packed = Tr::pack(acc[nb][2 * r] * inv, acc[nb][2 * r + 1] * inv);
+          const float2 ow = Tr::unpack(win_packed);
+          const float2 os = Tr::unpack(*reinterpret_cast<const uint32_t*>(o_slc + col));
+          const float2 oc = Tr::unpack(*reinterpret_cast<const uint32_t*>(o_cmp + col));
+          *reinterpret_cast<uint32_t*>(out + col) = Tr::pack(g_cmp * oc.x + g_slc * os.x + g_win * ow.x,
+                                                             g_cmp * oc.y + g_slc * os.y + g_win * ow.y);
+          if (o_win) *reinterpret_cast<uint32_t*>(o_win + col) = win_packed;
+        }
       }
     }
   }
+}
+
+template <class T, int Dk, int Dv, int kBranch, bool kSplit = false, bool kWarpSplit = false>
+__global__ void __launch_bounds__(kAttnThreads, (kAttnMinBlocks<Dk, kBranch>)) attention_kernel(const ForwardArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  attention_cta<T, Dk, Dv, kBranch, kSplit, kWarpSplit>(a, static_cast<int>(blockIdx.x), smem);
 }
 
 }  // namespace nsa::cuda_detail

@@ -146,7 +146,6 @@ __global__ void __launch_bounds__(kAttnThreads) dq_kernel(const BackwardArgs a) 
   const int b = blockIdx.z, kv_head = blockIdx.y;
   const SeqInfo seq = seq_info(a, b);
   const int m0 = static_cast<int>(blockIdx.x) * 64;
-  const int len = static_cast<int>(seq.len);
   if (int64_t{m0} >= seq.len * a.group) return;  // uniform over the CTA
   const int warp = threadIdx.x >> 5, tig = threadIdx.x & 3;
   const int H = a.num_q_heads;
@@ -154,7 +153,7 @@ __global__ void __launch_bounds__(kAttnThreads) dq_kernel(const BackwardArgs a) 
   load_head_rows_async<T, Dk>(sQ, a.q, a, b, seq, kv_head, m0);
   load_head_rows_async<T, Dv>(sDo, a.grad_out, a, b, seq, kv_head, m0);
   cp_async_commit();
-  const RowTile rt = make_row_tile(a, kv_head, m0, len);
+  const RowTile rt = make_row_tile(a, kv_head, m0, seq, static_cast<int>(threadIdx.x >> 5));
   const RowState(&rows)[2] = rt.rows;
   BranchRows br[3];
 #pragma unroll
@@ -187,9 +186,9 @@ __global__ void __launch_bounds__(kAttnThreads) dq_kernel(const BackwardArgs a) 
       dq_tile<T, Dk, Dv>(tiles, ti, tk, tv, qf, dof, a.scale_log2, rows, rows_c, dq);
     };
   };
-  sweep_branch<T, Dk, Dv, kBranchCmp>(a, b, seq, kv_head, rt, union_smem, sK, sV, body(br[kBranchCmp]));
-  sweep_branch<T, Dk, Dv, kBranchSlc>(a, b, seq, kv_head, rt, union_smem, sK, sV, body(br[kBranchSlc]));
-  sweep_branch<T, Dk, Dv, kBranchWin>(a, b, seq, kv_head, rt, union_smem, sK, sV, body(br[kBranchWin]));
+  sweep_branch<T, Dk, Dv, kBranchCmp>(a, b, seq, kv_head, rt, union_smem, sK, sV, nullptr, body(br[kBranchCmp]));
+  sweep_branch<T, Dk, Dv, kBranchSlc>(a, b, seq, kv_head, rt, union_smem, sK, sV, nullptr, body(br[kBranchSlc]));
+  sweep_branch<T, Dk, Dv, kBranchWin>(a, b, seq, kv_head, rt, union_smem, sK, sV, nullptr, body(br[kBranchWin]));
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

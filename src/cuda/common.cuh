@@ -116,15 +116,18 @@ __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000);
 // ------------------------------------------------------------------------------------------------
 // Sequences and offsets.
 
+// Query rows row0 .. row0+len-1 hold positions pos0 .. pos0+len-1 (pos0 = 0 but with a KV cache).
 struct SeqInfo {
-  int64_t row0;      // first packed raw row (padded: b * T)
-  int64_t len;       // raw tokens
+  int64_t row0;      // first packed query row (padded: b * T)
+  int64_t len;       // query rows (prefill: the raw tokens)
   int64_t cmp_row0;  // first packed compressed row
   int64_t num_cmp;   // compressed tokens
+  int64_t pos0;      // position of query row row0
 };
 
 __device__ __forceinline__ SeqInfo seq_info(const ForwardArgs& a, int b) {
   SeqInfo s;
+  s.pos0 = 0;
   if (a.cu_seqlens != nullptr) {
     s.row0 = a.cu_seqlens[b];
     s.len = int64_t{a.cu_seqlens[b + 1]} - s.row0;
@@ -135,6 +138,11 @@ __device__ __forceinline__ SeqInfo seq_info(const ForwardArgs& a, int b) {
     s.len = a.seqlen;
     s.cmp_row0 = int64_t{b} * a.cmp_per_seq;
     s.num_cmp = a.cmp_per_seq;
+    if (a.cache_seqlens != nullptr) {
+      const int64_t held = a.cache_seqlens[b];
+      s.pos0 = held - a.seqlen;
+      s.num_cmp = held >= a.cmp_block ? (held - a.cmp_block) / a.cmp_stride + 1 : 0;
+    }
   }
   return s;
 }

@@ -17,6 +17,88 @@
 namespace nsa::cuda_detail {
 namespace {
 
+// The decode path (src/cuda/decode.cuh) is taken with a KV cache when all the queries of a
+// (sequence, kv head) fit one 64-row tile; the key tiles are then split until about
+// kDecodeTargetCtas CTAs run per branch (B = 1 and Hkv = 4: 64 splits, capped by the compressed
+// tiles of the capacity), so that small batches still fill the GPU.
+constexpr int64_t kDecodeTargetCtas = 256;
+constexpr int64_t kDecodeScoreSmemBytes = 48 * 1024;  // no opt-in needed
+
+struct DecodePlan {
+  int num_splits = 0;  // 0: the prefill kernels
+  int branch_splits[kNumBranches] = {0, 0, 0};
+  bool warp_split = false;
+  int64_t score_stride = 0;
+  int blocks = 0;
+  int score_blocks = 0;
+};
+
+DecodePlan decode_plan(const ForwardParams& p) {
+  DecodePlan plan;
+  const Shape& s = p.shape;
+  const Config& c = p.config;
+  if (p.cache.seqlens == nullptr || s.num_kv_heads <= 0 || s.seqlen * (s.num_q_heads / s.num_kv_heads) > 64)
+    return plan;
+  const int64_t blocks = (p.cache.capacity + c.sel_block - 1) / c.sel_block;
+  const int64_t cmp_capacity = num_cmp_tokens(p.cache.capacity, c.cmp_block, c.cmp_stride);
+  // The scoring CTAs: about kDecodeTargetCtas * 4 of them, each 128 .. 2048 compressed tokens (its
+  // blocks' tokens' head-summed probabilities stay in shared memory).
+  const int64_t tokens_per_block = c.sel_block / c.cmp_stride, overlap = c.cmp_block / c.cmp_stride;
+  const int64_t per_seq = std::max<int64_t>(1, 4 * kDecodeTargetCtas / std::max<int64_t>(1, s.batch * s.num_kv_heads));
+  const int64_t score_blocks = std::clamp<int64_t>((blocks + per_seq - 1) / per_seq, std::max<int64_t>(1, 128 / tokens_per_block),
+                                                   std::max<int64_t>(1, 2048 / tokens_per_block));
+  if (4 * (score_blocks * tokens_per_block + overlap) > kDecodeScoreSmemBytes) return plan;
+  // Upper bounds of each branch's key tiles (the device knows the exact counts): the compressed
+  // tokens of the capacity; the union of the m queries' n blocks; the window of the m queries.
+  const int64_t m = s.seqlen;
+  const int64_t branch_tiles[kNumBranches] = {
+      std::max<int64_t>(1, (cmp_capacity + 63) / 64),
+      std::max<int64_t>(1, std::min(m * c.num_selected, blocks) * ((c.sel_block + 63) / 64)),
+      (std::min(c.window, p.cache.capacity) + m - 1 + 63) / 64 + 1};
+  const int64_t ctas = std::max<int64_t>(1, s.batch * s.num_kv_heads);
+  const int64_t splits = std::min<int64_t>({branch_tiles[kBranchCmp], kDecodeMaxSplits, (kDecodeTargetCtas + ctas - 1) / ctas});
+  plan.num_splits = static_cast<int>(std::max<int64_t>(1, splits));
+  for (int branch = 0; branch < kNumBranches; ++branch)
+    plan.branch_splits[branch] = static_cast<int>(std::min<int64_t>(plan.num_splits, branch_tiles[branch]));
+  plan.warp_split = m * (s.num_q_heads / s.num_kv_heads) <= 16;
+  plan.score_stride = std::max<int64_t>(1, cmp_capacity);
+  plan.blocks = static_cast<int>(blocks);
+  plan.score_blocks = static_cast<int>(score_blocks);
+  return plan;
+}
+
+// Workspace layout (byte offsets, 256-aligned): the staged o_cmp / o_slc planes when out_branch
+// is null, then the decode path's split partials and cmp scores.
+struct WorkspaceLayout {
+  size_t split_acc = 0, split_ml = 0, cmp_scores = 0, block_scores = 0, total = 0;
+};
+
+size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+WorkspaceLayout workspace_layout(const ForwardParams& p) {
+  WorkspaceLayout w;
+  const int64_t rows = total_rows(p);
+  const size_t row_heads = static_cast<size_t>(std::max<int64_t>(0, rows * p.shape.num_q_heads));
+  size_t offset = 0;
+  if (p.out_branch == nullptr)
+    offset = align256(2 * row_heads * static_cast<size_t>(p.shape.head_dim_v * dtype_size(p.dtype)));
+  const DecodePlan plan = decode_plan(p);
+  if (plan.num_splits > 0) {
+    w.cmp_scores = offset;
+    offset += align256(row_heads * static_cast<size_t>(plan.score_stride) * sizeof(float));
+    const size_t partials = static_cast<size_t>(kNumBranches) * static_cast<size_t>(plan.num_splits) * row_heads;
+    w.split_acc = offset;
+    offset += align256(partials * static_cast<size_t>(p.shape.head_dim_v) * sizeof(float));
+    w.split_ml = offset;
+    offset += align256(partials * 2 * sizeof(float));
+    w.block_scores = offset;
+    const size_t row_kv_heads = static_cast<size_t>(std::max<int64_t>(0, rows * p.shape.num_kv_heads));
+    offset += align256(row_kv_heads * static_cast<size_t>(plan.blocks) * sizeof(float));
+  }
+  w.total = offset;
+  return w;
+}
+
 Status check_supported(const ForwardParams& p) {
   Status st = check_common_supported(p, "nsa::cuda::forward");
   if (!st.ok()) return st;
@@ -26,6 +108,10 @@ Status check_supported(const ForwardParams& p) {
     return Status::Unsupported("nsa::cuda::forward: out must be 4-byte aligned with even strides");
   if (!aligned(p.out_branch, 4) || !aligned(p.lse, 4) || !aligned(p.block_indices, 4))
     return Status::Unsupported("nsa::cuda::forward: out_branch, lse and block_indices must be 4-byte aligned");
+  if (p.cache.seqlens != nullptr && p.cache.capacity > (int64_t{1} << 30))
+    return Status::Unsupported(cat("nsa::cuda::forward: cache.capacity must be <= 2^30, got ", p.cache.capacity));
+  if (!aligned(p.tokens_read, 8))
+    return Status::Unsupported("nsa::cuda::forward: tokens_read must be 8-byte aligned");
   return Status::Ok();
 }
 
@@ -57,11 +143,27 @@ ForwardArgs make_args(const ForwardParams& p, void* workspace) {
     a.branch_head_stride = s.head_dim_v;
   }
   a.lse = static_cast<float*>(p.lse);
+  const DecodePlan plan = decode_plan(p);
+  a.num_splits = plan.num_splits;
+  a.warp_split = plan.warp_split;
+  for (int branch = 0; branch < kNumBranches; ++branch) a.branch_splits[branch] = plan.branch_splits[branch];
+  if (plan.num_splits > 0) {
+    const WorkspaceLayout w = workspace_layout(p);
+    char* base = static_cast<char*>(workspace);
+    a.split_acc = reinterpret_cast<float*>(base + w.split_acc);
+    a.split_ml = reinterpret_cast<float2*>(base + w.split_ml);
+    a.cmp_scores = reinterpret_cast<float*>(base + w.cmp_scores);
+    a.cmp_score_stride = plan.score_stride;
+    a.block_scores = reinterpret_cast<float*>(base + w.block_scores);
+    a.decode_blocks = plan.blocks;
+    a.score_blocks = plan.score_blocks;
+    a.topn_in_smem = int64_t{16} * plan.blocks <= kDecodeScoreSmemBytes;
+  }
   // Selection CTA: P = max(1, 64 / G) positions with all G heads, in 64-row chunks.
   a.select_t_per_cta = std::max(1, 64 / a.group);
   a.select_chunks = (a.select_t_per_cta * a.group + 63) / 64;
   // Block scores of every eligible block per selection position (launch_forward shrinks P to fit).
-  a.select_blocks = static_cast<int>((s.seqlen + c.sel_block - 1) / c.sel_block);
+  a.select_blocks = static_cast<int>((a.key_extent + c.sel_block - 1) / c.sel_block);
   return a;
 }
 
@@ -81,9 +183,9 @@ Status forward_stages(const ForwardParams& p, void* workspace, size_t workspace_
   Status st = validate(p, MemorySpace::kDevice);
   if (!st.ok()) return st;
   const size_t needed = nsa::cuda::forward_workspace_bytes(p);
-  if (needed > 0 && (workspace == nullptr || workspace_bytes < needed || !aligned(workspace, 4)))
-    return Status::Invalid(cat("nsa::cuda::forward: out_branch is null, so the workspace must hold ", needed,
-                               " bytes (4-byte aligned); got ", workspace_bytes, " bytes at ", workspace));
+  if (needed > 0 && (workspace == nullptr || workspace_bytes < needed || !aligned(workspace, 256)))
+    return Status::Invalid(cat("nsa::cuda::forward: the workspace must hold forward_workspace_bytes(params) = ", needed,
+                               " bytes (256-byte aligned); got ", workspace_bytes, " bytes at ", workspace));
   st = check_supported(p);
   if (!st.ok()) return st;
   if (total_rows(p) == 0) return Status::Ok();
@@ -101,12 +203,7 @@ namespace nsa::cuda {
 
 bool built() { return true; }
 
-size_t forward_workspace_bytes(const ForwardParams& p) {
-  if (p.out_branch != nullptr) return 0;
-  const int64_t rows = p.varlen.cu_seqlens != nullptr ? p.varlen.total_tokens : p.shape.batch * p.shape.seqlen;
-  const int64_t bytes = 2 * rows * p.shape.num_q_heads * p.shape.head_dim_v * dtype_size(p.dtype);
-  return bytes > 0 ? static_cast<size_t>(bytes) : 0;
-}
+size_t forward_workspace_bytes(const ForwardParams& p) { return cuda_detail::workspace_layout(p).total; }
 
 Status forward(const ForwardParams& p, void* workspace, size_t workspace_bytes, void* stream) {
   return cuda_detail::forward_stages(p, workspace, workspace_bytes, stream, cuda_detail::kStageAll);

@@ -24,6 +24,11 @@ struct ForwardArgs {
   int64_t cmp_per_seq;              // Tc of a padded sequence (unused for varlen)
   const int32_t* cu_seqlens;        // [N+1] device; null: padded layout
   const int32_t* cu_seqlens_cmp;    // [N+1] device
+  // Decode / chunked prefill (padded layout): keys held per sequence [B]; the seqlen = m queries of
+  // sequence b sit at positions cache_seqlens[b] - m .. cache_seqlens[b] - 1. Null: prefill.
+  const int32_t* cache_seqlens;
+  int64_t key_extent;               // bound on key positions + 1: seqlen, or the cache capacity
+  int64_t* tokens_read;             // [B, 3] optional: key rows gathered per branch (atomics)
 
   // Config (validated and range-checked on the host).
   int cmp_block, cmp_stride, sel_block, num_selected, num_init, num_local;
@@ -47,13 +52,30 @@ struct ForwardArgs {
   int64_t branch_row_stride, branch_head_stride;
   float* lse;  // [rows, Hq, 3] contiguous
 
+  // Decode path (src/cuda/decode.cuh): a KV cache with m * G <= 64, so one 64-row tile per
+  // (sequence, kv head) holds all its queries. num_splits == 0: not taken (prefill kernels).
+  int num_splits;            // CTAs per (kv head, sequence) and branch: the grid's x (flash-decoding)
+  int branch_splits[3];      // of which each branch uses (its key tiles in as many ranges)
+  bool warp_split;           // m * G <= 16: the four warps share the 16 rows, each takes 16 keys of a tile
+  float* split_acc;          // [3][num_splits][rows][Hq][Dv] unnormalized partial outputs
+  float2* split_ml;          // [3][num_splits][rows][Hq] (running max of scores * scale * log2 e, sum)
+  float* cmp_scores;         // [rows][Hq][cmp_score_stride] cmp scores * scale * log2(e), visible keys
+  int64_t cmp_score_stride;  // num_cmp_tokens(cache capacity)
+  float* block_scores;       // [rows][Hkv][decode_blocks] Eq. 10 scores, then marked by the top-n
+  int decode_blocks;         // ceil(capacity / l')
+  int score_blocks;          // blocks per decode scoring CTA (128 .. 2048 compressed tokens)
+  bool topn_in_smem;         // the top-n kernel copies the scores to shared memory (16 * decode_blocks bytes fit)
+
   // Derived tiling (host-computed).
   int select_t_per_cta;   // positions per selection CTA: max(1, 64 / G), halved while its smem does not fit
   int select_chunks;      // 64-row chunks per selection CTA: ceil(select_t_per_cta * G / 64)
-  int select_blocks;      // block scores per position in the selection kernel: ceil(seqlen / l')
-  int union_words;        // 32-bit words of the selected-block bitmap (ceil(ceil(seqlen/l')/32))
+  int select_blocks;      // block scores per position in the selection kernel: ceil(key_extent / l')
+  int union_words;        // 32-bit words of the selected-block bitmap (ceil(ceil(key_extent/l')/32))
   int union_capacity;     // max distinct selected blocks per attention CTA
 };
+
+// The decode path's most splits per branch (the combine kernel keeps a weight per split).
+inline constexpr int kDecodeMaxSplits = 256;
 
 // Shared-memory layout sizes, shared by the host (launch) and the kernels.
 struct AttentionSmem {
@@ -74,12 +96,13 @@ struct AttentionSmem {
 
 struct SelectSmem {
   // Q [chunks*64][Dk+8] and K double buffer [2][64][Dk+8] (2-byte elements); P [64][68] float (not
-  // for G = 16); pg [max(tpc, 4)][64] float; lse2 [chunks*64] float; block scores [tpc][blocks] float.
-  static constexpr int kRows = 64, kKeys = 64, kPad = 8, kPStride = 68;
+  // for G = 16); pg [max(tpc, 4)][64] float; lse2 [chunks*64] float; block scores [tpc][blocks] float;
+  // the top-n histograms [4 warps][256] uint32.
+  static constexpr int kRows = 64, kKeys = 64, kPad = 8, kPStride = 68, kHistBins = 256;
   NSA_HOST_DEVICE static constexpr int64_t bytes(int dk, int chunks, int tpc, int blocks, bool g16) {
     return 2 * (int64_t{chunks} * kRows * (dk + kPad) + 2 * int64_t{kKeys} * (dk + kPad)) +
            4 * ((g16 ? 0 : int64_t{kRows} * kPStride) + int64_t{tpc < 4 ? 4 : tpc} * kKeys + int64_t{chunks} * kRows +
-                int64_t{tpc} * blocks);
+                int64_t{tpc} * blocks + 4 * kHistBins);
   }
 };
 

@@ -4,10 +4,12 @@
 //   2. select_kernel:          scores + top-n             grid (ceil(T/P), Hkv, B), P <= max(1, 64/G)
 //   3. attention_kernel<slc>:  selected attention         grid as 1
 //   4. attention_kernel<win>:  window attention + gated combine, grid as 1.
+// The decode path (ForwardArgs::num_splits > 0) launches the kernels of src/cuda/decode.cuh instead.
 // Included only by the generated instantiation files.
 #pragma once
 
 #include "cuda/attention.cuh"
+#include "cuda/decode.cuh"
 #include "cuda/launch_common.cuh"
 #include "cuda/stages.h"
 #include "cuda/forward_launch.h"
@@ -17,11 +19,50 @@ namespace nsa::cuda_detail {
 
 constexpr const char* kForwardApi = "nsa::cuda::forward";
 
+// The decode path (src/cuda/decode.cuh): every stage, the attention kernels split over
+// a.num_splits CTAs per (kv head, sequence), with the warps sharing the rows when kWarpSplit.
+template <class T, int Dk, int Dv, bool kWarpSplit>
+Status launch_decode(const ForwardArgs& a, cudaStream_t stream, int max_smem) {
+  const int64_t attn_smem = AttentionSmem::tiles_bytes(Dk, Dv);
+  const int64_t slc_smem = attn_smem + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
+  const int64_t score_win_smem = std::max<int64_t>(attn_smem, int64_t{4} * score_tokens(a));
+  const int64_t topn_smem = a.topn_in_smem ? int64_t{4} * (kDecodeThreads / 32) * a.decode_blocks : 0;
+  const auto cmp_kernel = attention_kernel<T, Dk, Dv, kBranchCmp, true, kWarpSplit>;
+  const auto slc_kernel = attention_kernel<T, Dk, Dv, kBranchSlc, true, kWarpSplit>;
+  const auto score_win_kernel = decode_score_win_kernel<T, Dk, Dv, kWarpSplit>;
+  Status st = prepare_kernel(kForwardApi, cmp_kernel, attn_smem, max_smem, "the decode cmp kernel");
+  if (st.ok()) st = prepare_kernel(kForwardApi, slc_kernel, slc_smem, max_smem, "the decode slc kernel");
+  if (st.ok())
+    st = prepare_kernel(kForwardApi, score_win_kernel, score_win_smem, max_smem, "the decode scoring + win kernel");
+  if (st.ok()) st = prepare_kernel(kForwardApi, decode_topn_kernel<T>, topn_smem, max_smem, "the decode top-n kernel");
+  if (!st.ok()) return st;
+  const unsigned heads = static_cast<unsigned>(a.num_kv_heads), batch = static_cast<unsigned>(a.batch);
+  const int score_ctas = a.indices_given ? 0 : (a.decode_blocks + a.score_blocks - 1) / a.score_blocks;
+  const dim3 attn_grid(static_cast<unsigned>(a.num_splits), heads, batch);
+  const dim3 score_win_grid(static_cast<unsigned>(score_ctas + a.branch_splits[kBranchWin]), heads, batch);
+  cmp_kernel<<<attn_grid, kAttnThreads, attn_smem, stream>>>(a);
+  if (!(st = launch_status(kForwardApi, "launching the decode cmp kernel")).ok()) return st;
+  score_win_kernel<<<score_win_grid, kAttnThreads, score_win_smem, stream>>>(a, score_ctas);
+  if (!(st = launch_status(kForwardApi, "launching the decode scoring + win kernel")).ok()) return st;
+  if (!a.indices_given) {
+    decode_topn_kernel<T><<<dim3(heads, batch), kDecodeThreads, topn_smem, stream>>>(a);
+    if (!(st = launch_status(kForwardApi, "launching the decode top-n kernel")).ok()) return st;
+  }
+  slc_kernel<<<attn_grid, kAttnThreads, slc_smem, stream>>>(a);
+  if (!(st = launch_status(kForwardApi, "launching the decode slc kernel")).ok()) return st;
+  const unsigned combine_ctas = static_cast<unsigned>(int64_t{a.batch} * a.seqlen * a.num_q_heads);
+  decode_combine_kernel<T, Dv><<<combine_ctas, kCombineThreads, 0, stream>>>(a);
+  return launch_status(kForwardApi, "launching the decode combine kernel");
+}
+
 template <class T, int Dk, int Dv>
 Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages) {
   int max_smem = 0;
   Status st = max_dynamic_smem(kForwardApi, &max_smem);
   if (!st.ok()) return st;
+  if (a.num_splits > 0)
+    return a.warp_split ? launch_decode<T, Dk, Dv, true>(a, stream, max_smem)
+                        : launch_decode<T, Dk, Dv, false>(a, stream, max_smem);
 
   const int64_t attn_smem = AttentionSmem::tiles_bytes(Dk, Dv);
   const int64_t slc_smem = attn_smem + AttentionSmem::union_bytes(a.union_words, a.union_capacity);

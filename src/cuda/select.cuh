@@ -25,6 +25,7 @@
 
 #include "cuda/attention.cuh"
 #include "cuda/common.cuh"
+#include "cuda/top_n.cuh"
 
 namespace nsa::cuda_detail {
 
@@ -52,9 +53,10 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
   const int G = a.group, tpc = a.select_t_per_cta, chunks = a.select_chunks, NBs = a.select_blocks;
   const int n = a.num_selected, ls = a.sel_block, lc = a.cmp_block, dc = a.cmp_stride;
   const int bm = ls / dc, bq = lc / dc;  // l' and l in units of d
-  const int t0 = blockIdx.x * tpc;
-  if (t0 >= seq.len) return;  // uniform over the CTA
-  const int nt = static_cast<int>(min64(tpc, seq.len - t0));
+  const int q0 = blockIdx.x * tpc;  // first query row (of the sequence's)
+  if (q0 >= seq.len) return;        // uniform over the CTA
+  const int nt = static_cast<int>(min64(tpc, seq.len - q0));
+  const int t0 = static_cast<int>(seq.pos0) + q0;  // its position
   const int t_hi = t0 + nt - 1, nrows = nt * G;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, group = lane >> 2, tig = lane & 3;
   constexpr int kPS = SelectSmem::kPStride;
@@ -66,6 +68,7 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
   float* sPg = sP + (kG16 ? 0 : 64 * kPS);                          // [max(tpc, 4)][64]
   float* sLse2 = sPg + max(tpc, 4) * 64;                            // [chunks * 64]
   float* const sBS = sLse2 + chunks * 64;                           // [tpc][NBs]
+  uint32_t* const sHist = reinterpret_cast<uint32_t*>(sBS + tpc * NBs);  // [4 warps][256] top-n scratch
   const int nb_cta = t_hi / ls + 1;                                 // blocks eligible for some position
 
   constexpr float kLog2e = 1.4426950408889634f;
@@ -75,7 +78,7 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
     for (int idx = tid; idx < chunks * 64 * kChunks; idx += kSelectThreads) {
       const int r = idx / kChunks, c = idx % kChunks;
       const bool valid = r < nrows;
-      const T* src = valid ? qbase + int64_t{t0 + r / G} * a.q.seq_stride + int64_t{r % G} * a.q.head_stride + c * 8
+      const T* src = valid ? qbase + int64_t{q0 + r / G} * a.q.seq_stride + int64_t{r % G} * a.q.head_stride + c * 8
                            : qbase;
       cp_async_16(sQ + r * (Dk + 8) + c * 8, src, valid);
     }
@@ -83,7 +86,7 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
     for (int r = tid; r < chunks * 64; r += kSelectThreads) {
       float v = neg_inf();
       if (r < nrows) {
-        const int64_t grow = seq.row0 + t0 + r / G;
+        const int64_t grow = seq.row0 + q0 + r / G;
         v = a.lse[(grow * a.num_q_heads + kv_head * G + r % G) * 3 + 0] * kLog2e;
       }
       sLse2[r] = v;
@@ -239,74 +242,10 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
   cp_async_wait<0>();
   __syncthreads();
 
-  // Top-n, one warp per position: forced blocks, then the best free ones (ties to the lower block).
-  for (int tl = warp; tl < nt; tl += kSelectThreads / 32) {
-    const int t = t0 + tl, last = t / ls, eligible = last + 1;
-    float* const bs = sBS + tl * NBs;
-    const int n_init = min(a.num_init, eligible);                     // forced: 0 .. n_init-1
-    const int free_hi = min(eligible, max(a.num_init, eligible - a.num_local));  // and free_hi .. last
-    const int forced = n_init + (eligible - free_hi);
-    const int free_avail = free_hi - n_init;                             // free: n_init .. free_hi-1
-    const int take = min(n - forced, free_avail);
-    const bool all = take >= free_avail;
-    if (!all) {
-      // Lane-local best over the lane's strided subset of the free blocks.
-      auto lane_best = [&](float& bv, int& bj) {
-        bv = neg_inf();
-        bj = 0x7fffffff;
-        for (int j = n_init + lane; j < free_hi; j += 32) {
-          const float v = bs[j];
-          if (v > bv) {  // ascending j: ties keep the lower block
-            bv = v;
-            bj = j;
-          }
-        }
-      };
-      float bv;
-      int bj;
-      lane_best(bv, bj);
-      for (int round = 0; round < take; ++round) {
-        float v = bv;
-        int j = bj;
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-          const float ov = __shfl_xor_sync(0xffffffffu, v, off);
-          const int oj = __shfl_xor_sync(0xffffffffu, j, off);
-          if (ov > v || (ov == v && oj < j)) {
-            v = ov;
-            j = oj;
-          }
-        }
-        // j is the winner (exists: take < free_avail, unless scores are NaN). Mark it; its lane rescans.
-        if (j == 0x7fffffff) break;
-        if (lane == (j - n_init) % 32) {
-          bs[j] = -1.f;  // scores are >= 0; -1 marks "selected"
-          float nbv = neg_inf();
-          int nbj = 0x7fffffff;
-          for (int jj = n_init + lane; jj < free_hi; jj += 32) {
-            const float vv = bs[jj];
-            if (vv >= 0.f && vv > nbv) {
-              nbv = vv;
-              nbj = jj;
-            }
-          }
-          bv = nbv;
-          bj = nbj;
-        }
-        __syncwarp();
-      }
-    }
-    int32_t* out = a.block_indices + ((seq.row0 + t) * a.num_kv_heads + kv_head) * n;
-    int k = 0;
-    for (int base = 0; base < eligible; base += 32) {
-      const int j = base + lane;
-      const bool sel = j < eligible && (j < n_init || j >= free_hi || all || bs[j] < 0.f);
-      const unsigned mask = __ballot_sync(0xffffffffu, sel);
-      if (sel) out[k + __popc(mask & ((1u << lane) - 1u))] = j;
-      k += __popc(mask);
-    }
-    for (int x = k + lane; x < n; x += 32) out[x] = -1;
-  }
+  // Top-n, one warp per position.
+  for (int tl = warp; tl < nt; tl += kSelectThreads / 32)
+    pick_top_n(a, sBS + tl * NBs, t0 + tl, a.block_indices + ((seq.row0 + q0 + tl) * a.num_kv_heads + kv_head) * n,
+               sHist + warp * kTopNHistBins);
 }
 
 }  // namespace nsa::cuda_detail

@@ -5,36 +5,23 @@
 //   - outputs well formed: no NaN/inf, lse -inf exactly where a branch has no key, every element
 //     written, nothing outside the strided outputs written; two runs bitwise identical;
 //   - top-n: the GPU's block_indices are a selection the contract allows up to score rounding
-//     (indices_within_ties, against fp64 scores computed here);
+//     (indices_within_ties, against fp64 scores);
 //   - outputs: the CPU reference in fp64 on the same dtype-rounded inputs, fed the GPU's indices
-//     (block_indices_given), is `ref`; `naive` is the plain same-dtype implementation below; then
-//     max|gpu - ref| <= 2 max|naive - ref| + 1e-5 for out and out_branch, cosine(gpu, ref) > 0.9999,
-//     and max|lse_gpu - lse_ref| <= 2 max|lse_naive - lse_ref| + 1e-4 (fp32 statistics; the GPU
-//     uses ex2.approx / lg2.approx), -inf entries identical.
-//
-// The naive implementation is what a bf16/fp16 kernel must compute at least: scores q.k in fp32
-// from the 16-bit inputs, softmax in fp32 relative to the row max, the probabilities rounded to
-// the dtype before they multiply V (the tensor-core P.V product takes 16-bit operands), fp32
-// accumulation, each branch output rounded to the dtype (it is stored as such in out_branch),
-// and the gated sum of the rounded branch outputs in fp32, rounded to the dtype.
+//     (block_indices_given), is `ref`; `naive` is the plain same-dtype implementation
+//     (naive_forward in test_util.h); then max|gpu - ref| <= 2 max|naive - ref| + 1e-5 for out
+//     and out_branch, cosine(gpu, ref) > 0.9999, and max|lse_gpu - lse_ref| <= 2 max|lse_naive -
+//     lse_ref| + 1e-4 (fp32 statistics; the GPU uses ex2.approx / lg2.approx), -inf entries
+//     identical (expect_16bit_forward_matches_reference).
 //
 // Without a CUDA device (or a build without CUDA) the GPU tests are skipped; the API checks
 // that need no device still run.
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <array>
 #include <cctype>
-#include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <functional>
-#include <iostream>
-#include <limits>
-#include <sstream>
 #include <ostream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "nsa/nsa.h"
@@ -44,8 +31,6 @@ namespace nsa_test {
 namespace {
 
 using nsa::DType;
-
-constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // A small problem's params with host pointers, for the checks that never reach a kernel.
 struct HostParams {
@@ -104,169 +89,6 @@ TEST(CudaForwardApi, InvalidParamsAndWorkspace) {
   const nsa::Status st = nsa::cuda::forward(p, nullptr, 0, nullptr);
   EXPECT_EQ(st.code, nsa::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message.find("workspace"), std::string::npos) << st.message;
-}
-
-// ------------------------------------------------------------------------------------------------
-// Host-side comparisons.
-
-template <class Fn>
-void parallel_rows(int64_t rows, Fn fn) {
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(rows, std::thread::hardware_concurrency()));
-  std::vector<std::thread> pool;
-  for (int64_t w = 0; w < threads; ++w)
-    pool.emplace_back([&, w] {
-      for (int64_t r = w; r < rows; r += threads) fn(r);
-    });
-  for (auto& th : pool) th.join();
-}
-
-const double* row_ptr(const Problem& p, int arg, int64_t row, int64_t head) {
-  return p.data[arg].data() + (row * p.heads(arg) + head) * p.dim(arg);
-}
-
-// The plain same-dtype forward described at the top of this file, on the given indices.
-Outputs naive_forward(const Problem& p, const std::vector<int32_t>& indices) {
-  const ProblemSpec& s = p.spec;
-  const nsa::Config& c = s.config;
-  const DType dt = s.dtype;
-  const int64_t hq = s.hq, hkv = s.hkv, G = hq / hkv, dk = s.dk, dv = s.dv, n = c.num_selected;
-  const float scale = static_cast<float>(c.scale > 0 ? c.scale : 1.0 / std::sqrt(static_cast<double>(dk)));
-  Outputs o;
-  o.out.assign(static_cast<size_t>(p.rows() * hq * dv), 0.0);
-  o.out_branch.assign(static_cast<size_t>(p.rows() * hq * 3 * dv), 0.0);
-  o.lse.assign(static_cast<size_t>(p.rows() * hq * 3), -kInf);
-  o.indices = indices;
-  const int kwin = p.has(kKWin) ? kKWin : kK, vwin = p.has(kVWin) ? kVWin : kV;
-  parallel_rows(p.rows(), [&](int64_t row) {
-    const auto [b, t] = p.locate(row);
-    std::vector<float> q(static_cast<size_t>(dk)), scores, acc(static_cast<size_t>(dv));
-    std::vector<int64_t> keys;  // packed rows of the branch's keys
-    for (int64_t h = 0; h < hq; ++h) {
-      const int64_t kvh = h / G;
-      for (int64_t e = 0; e < dk; ++e) q[e] = static_cast<float>(row_ptr(p, kQ, row, h)[e]);
-      float branch_out[3][256];
-      for (int br = 0; br < 3; ++br) {
-        keys.clear();
-        int karg = kK, varg = kV;
-        if (br == nsa::kBranchCmp) {
-          karg = kKCmp;
-          varg = kVCmp;
-          const int64_t vis = nsa::num_visible_cmp_tokens(t, c.cmp_block, c.cmp_stride);
-          for (int64_t i = 0; i < vis; ++i) keys.push_back(p.cmp_begin[b] + i);
-        } else if (br == nsa::kBranchSlc) {
-          std::vector<int64_t> blocks;
-          for (int64_t x = 0; x < n; ++x) {
-            const int32_t j = indices[(row * hkv + kvh) * n + x];
-            if (j >= 0) blocks.push_back(j);
-          }
-          std::sort(blocks.begin(), blocks.end());
-          for (int64_t j : blocks)
-            for (int64_t k = j * c.sel_block; k < std::min((j + 1) * c.sel_block, t + 1); ++k)
-              keys.push_back(p.row_begin[b] + k);
-        } else {
-          karg = kwin;
-          varg = vwin;
-          for (int64_t k = std::max<int64_t>(0, t - c.window + 1); k <= t; ++k) keys.push_back(p.row_begin[b] + k);
-        }
-        scores.assign(keys.size(), 0.f);
-        float mx = -std::numeric_limits<float>::infinity();
-        for (size_t x = 0; x < keys.size(); ++x) {
-          const double* kr = row_ptr(p, karg, keys[x], kvh);
-          float dot = 0.f;
-          for (int64_t e = 0; e < dk; ++e) dot += q[e] * static_cast<float>(kr[e]);
-          scores[x] = dot * scale;
-          mx = std::max(mx, scores[x]);
-        }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        float sum = 0.f;
-        for (size_t x = 0; x < keys.size(); ++x) {
-          const float pr = std::exp(scores[x] - mx);
-          sum += pr;
-          const float pr16 = static_cast<float>(round_to_dtype(pr, dt));
-          const double* vr = row_ptr(p, varg, keys[x], kvh);
-          for (int64_t e = 0; e < dv; ++e) acc[e] += pr16 * static_cast<float>(vr[e]);
-        }
-        const int64_t stat = (row * hq + h) * 3 + br;
-        for (int64_t e = 0; e < dv; ++e) {
-          const float v = keys.empty() ? 0.f : static_cast<float>(round_to_dtype(acc[e] / sum, dt));
-          branch_out[br][e] = v;
-          o.out_branch[stat * dv + e] = v;
-        }
-        o.lse[stat] = keys.empty() ? -kInf : static_cast<double>(mx + std::log(sum));
-      }
-      const double* gate = row_ptr(p, kGates, row, h);
-      const float g0 = static_cast<float>(gate[0]), g1 = static_cast<float>(gate[1]), g2 = static_cast<float>(gate[2]);
-      for (int64_t e = 0; e < dv; ++e)
-        o.out[(row * hq + h) * dv + e] =
-            round_to_dtype(g0 * branch_out[0][e] + g1 * branch_out[1][e] + g2 * branch_out[2][e], dt);
-    }
-  });
-  return o;
-}
-
-// P(t, j, kv head) of Eqs. 8-10 in fp64 (section 2.4), -inf for ineligible blocks; laid out as
-// Outputs::scores for indices_within_ties.
-Outputs reference_scores(const Problem& p) {
-  const ProblemSpec& s = p.spec;
-  const nsa::Config& c = s.config;
-  const int64_t hq = s.hq, hkv = s.hkv, G = hq / hkv, dk = s.dk, nb = p.num_blocks();
-  const double scale = c.scale > 0 ? c.scale : 1.0 / std::sqrt(static_cast<double>(dk));
-  Outputs o;
-  o.scores.assign(static_cast<size_t>(p.rows() * hkv * nb), -kInf);
-  parallel_rows(p.rows(), [&](int64_t row) {
-    const auto [b, t] = p.locate(row);
-    const int64_t vis = nsa::num_visible_cmp_tokens(t, c.cmp_block, c.cmp_stride);
-    std::vector<double> z(static_cast<size_t>(vis));
-    for (int64_t kvh = 0; kvh < hkv; ++kvh) {
-      double* P = &o.scores[(row * hkv + kvh) * nb];
-      for (int64_t j = 0; j <= t / c.sel_block; ++j) P[j] = 0.0;
-      for (int64_t g = 0; g < G; ++g) {
-        if (vis == 0) break;
-        double mx = -kInf;
-        for (int64_t i = 0; i < vis; ++i) {
-          const double* q = row_ptr(p, kQ, row, kvh * G + g);
-          const double* k = row_ptr(p, kKCmp, p.cmp_begin[b] + i, kvh);
-          double dot = 0;
-          for (int64_t e = 0; e < dk; ++e) dot += q[e] * k[e];
-          z[i] = scale * dot;
-          mx = std::max(mx, z[i]);
-        }
-        double sum = 0;
-        for (int64_t i = 0; i < vis; ++i) sum += std::exp(z[i] - mx);
-        for (int64_t i = 0; i < vis; ++i) {
-          const double pr = std::exp(z[i] - mx) / sum;
-          for (int64_t j = i * c.cmp_stride / c.sel_block; j <= (i * c.cmp_stride + c.cmp_block - 1) / c.sel_block; ++j)
-            P[j] += pr * static_cast<double>(nsa::overlap_weight(i, j, c.cmp_block, c.cmp_stride, c.sel_block));
-        }
-      }
-    }
-  });
-  return o;
-}
-
-// Names element i of an output for messages, e.g. "[seq 0, t 17, head 3, branch 1, elem 5]".
-using Describe = std::function<std::string(size_t)>;
-
-// DESIGN.md section 2: max|gpu - ref| <= 2 max|naive - ref| + slack (and cosine for outputs).
-::testing::AssertionResult within_rule(const char* name, const std::vector<double>& gpu,
-                                       const std::vector<double>& naive, const std::vector<double>& ref, double slack,
-                                       bool check_cosine, const Describe& describe = nullptr) {
-  if (gpu.size() != ref.size() || naive.size() != ref.size())
-    return ::testing::AssertionFailure() << name << ": sizes " << gpu.size() << " / " << naive.size() << " / "
-                                         << ref.size();
-  const ErrorStats g = error_stats(gpu, ref), nv = error_stats(naive, ref);
-  const double bound = 2 * nv.max_abs + slack;
-  auto msg = [&](::testing::AssertionResult r) {
-    r << name << ": max|gpu-ref| " << g.max_abs << ", max|naive-ref| " << nv.max_abs << ", bound " << bound
-      << ", cosine " << g.cosine() << ", inf/NaN mismatches " << g.mismatched_inf;
-    if (describe && g.max_abs > bound)
-      r << "; worst at " << describe(g.worst) << ": gpu " << gpu[g.worst] << " ref " << ref[g.worst] << " naive "
-        << naive[g.worst];
-    return r;
-  };
-  if (g.mismatched_inf != 0 || !(g.max_abs <= bound) || (check_cosine && !(g.cosine() > 0.9999)))
-    return msg(::testing::AssertionFailure());
-  return msg(::testing::AssertionSuccess());
 }
 
 // The test's own oracles against the CPU reference (no device needed): the naive same-dtype
@@ -351,70 +173,7 @@ void check_case(const GpuCase& c) {
     EXPECT_TRUE(outputs_identical(problem, again, gpu));
   }
 
-  const nsa::Config& cfg = c.spec.config;
-  if (c.given_indices) {
-    EXPECT_EQ(gpu.indices, given) << "given block_indices must be left alone";
-  } else {
-    const double eps = 2e-5 * static_cast<double>(c.spec.hq / c.spec.hkv) *
-                           static_cast<double>(cfg.cmp_block / cfg.cmp_stride) + 1e-7;
-    EXPECT_TRUE(indices_within_ties(problem, gpu.indices, reference_scores(problem), eps));
-  }
-
-  // The reference in fp64 on the same (rounded) values and the GPU's indices.
-  Problem p64 = problem;
-  p64.spec.dtype = DType::kFloat64;
-  RunOptions ro;
-  ro.given_indices = &gpu.indices;
-  const Outputs ref = reference_forward(p64, ro);
-  ASSERT_FALSE(ref.out.empty());
-  const Outputs naive = naive_forward(problem, gpu.indices);
-  const int64_t hq = c.spec.hq, hkv = c.spec.hkv, dv = c.spec.dv, n = cfg.num_selected;
-  // Element names: index -> (row, head, branch, elem), with the row's selected blocks.
-  auto describe = [&](size_t i, int64_t branches, int64_t dim) {
-    const int64_t e = static_cast<int64_t>(i);
-    const int64_t x = e % dim, br = (e / dim) % branches, h = e / dim / branches % hq, row = e / dim / branches / hq;
-    const auto [b, t] = problem.locate(row);
-    std::ostringstream os;
-    os << "[seq " << b << ", t " << t << ", head " << h;
-    if (branches > 1) os << ", branch " << br;
-    if (dim > 1) os << ", elem " << x;
-    os << "] blocks";
-    for (int64_t k = 0; k < n; ++k) os << " " << gpu.indices[(row * hkv + h / (hq / hkv)) * n + k];
-    return os.str();
-  };
-  const auto out_ok = within_rule("out", gpu.out, naive.out, ref.out, 1e-5, true,
-                                  [&](size_t i) { return describe(i, 1, dv); });
-  const auto branch_ok = c.with_out_branch ? within_rule("out_branch", gpu.out_branch, naive.out_branch,
-                                                         ref.out_branch, 1e-5, true)
-                                           : ::testing::AssertionSuccess();
-  const auto lse_ok = within_rule("lse", gpu.lse, naive.lse, ref.lse, 1e-4, false);
-  EXPECT_TRUE(out_ok);
-  EXPECT_TRUE(branch_ok);
-  EXPECT_TRUE(lse_ok);
-  if (out_ok && branch_ok && lse_ok) return;
-  // Diagnostics: the same rule per branch, naming the worst element and its row's blocks.
-  for (int br = 0; br < 3; ++br) {
-    auto slice = [&](const std::vector<double>& v, int64_t dim) {
-      std::vector<double> part;
-      if (v.empty()) return part;
-      for (int64_t row = 0; row < problem.rows() * hq; ++row)
-        part.insert(part.end(), v.begin() + (row * 3 + br) * dim, v.begin() + (row * 3 + br + 1) * dim);
-      return part;
-    };
-    const std::string tag = std::string("[") + (br == 0 ? "cmp" : br == 1 ? "slc" : "win") + "]";
-    if (c.with_out_branch) {
-      std::cout << "  diagnostic "
-                << within_rule(("out_branch" + tag).c_str(), slice(gpu.out_branch, dv), slice(naive.out_branch, dv),
-                               slice(ref.out_branch, dv), 1e-5, true, [&](size_t i) { return describe(i, 1, dv); })
-                       .message()
-                << "\n";
-    }
-    std::cout << "  diagnostic "
-              << within_rule(("lse" + tag).c_str(), slice(gpu.lse, 1), slice(naive.lse, 1), slice(ref.lse, 1), 1e-4,
-                             false, [&](size_t i) { return describe(i, 1, 1); })
-                     .message()
-              << "\n";
-  }
+  expect_16bit_forward_matches_reference(problem, gpu, c.given_indices ? &given : nullptr);
 }
 
 class CudaForward : public ::testing::TestWithParam<GpuCase> {};

@@ -4,11 +4,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iostream>
 #include <limits>
 #include <memory>
 #include <random>
 #include <sstream>
 #include <stdexcept>
+#include <thread>
 
 #if NSA_TEST_WITH_CUDA
 #include <cuda_runtime.h>
@@ -216,6 +218,21 @@ std::string where(const Problem& p, const char* name, int64_t row, int64_t head,
                                          << msg.str();
   }
   return ::testing::AssertionSuccess() << "max |diff| " << worst;
+}
+
+template <class Fn>
+void parallel_rows(int64_t rows, Fn fn) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(rows, std::thread::hardware_concurrency()));
+  std::vector<std::thread> pool;
+  for (int64_t w = 0; w < threads; ++w)
+    pool.emplace_back([&, w] {
+      for (int64_t r = w; r < rows; r += threads) fn(r);
+    });
+  for (auto& th : pool) th.join();
+}
+
+const double* row_ptr(const Problem& p, int arg, int64_t row, int64_t head) {
+  return p.data[arg].data() + (row * p.heads(arg) + head) * p.dim(arg);
 }
 
 }  // namespace
@@ -495,6 +512,44 @@ Buffers make_buffers(const Problem& problem, const Layout& input_layout, const L
   return b;
 }
 
+Buffers make_cache_buffers(const Problem& problem, int64_t m, int64_t capacity, int64_t cmp_capacity,
+                           const Layout& input_layout, const Layout& output_layout) {
+  Buffers b;
+  b.spec = problem.spec;
+  b.spec.seqlens.assign(static_cast<size_t>(problem.num_seqs()), m);
+  b.spec.varlen = false;
+  b.input_layout = input_layout;
+  b.output_layout = output_layout;
+  // Sequence b owns rows b*rows_per_seq .. of a tensor.
+  auto every = [&](int64_t rows_per_seq) {
+    std::vector<int64_t> begin;
+    for (int64_t seq = 0; seq <= problem.num_seqs(); ++seq) begin.push_back(seq * rows_per_seq);
+    return begin;
+  };
+  b.row_begin = every(m);
+  b.cmp_begin = every(cmp_capacity);
+  const std::vector<int64_t> no_rows = every(0), cache_rows = every(capacity);
+  const nsa::DType dtype = problem.spec.dtype;
+  for (int arg = 0; arg < kNumArgs; ++arg) {
+    const bool query_rows = arg == kQ || arg == kGates || arg == kGradOut;
+    const auto& begin = !problem.has(arg)     ? no_rows
+                        : problem.is_cmp(arg) ? b.cmp_begin
+                        : query_rows          ? b.row_begin
+                                              : cache_rows;
+    b.in[arg] = make_tensor(b.spec, begin, problem.heads(arg), problem.dim(arg), input_layout, dtype);
+    b.in[arg].buf.fill(kNaN);
+  }
+  b.out = make_tensor(b.spec, b.row_begin, problem.spec.hq, problem.spec.dv, output_layout, dtype);
+  const int64_t rows = b.rows();
+  b.out_branch = TypedBuffer(dtype, rows * problem.spec.hq * 3 * problem.spec.dv);
+  b.lse = TypedBuffer(stats_dtype(dtype), rows * problem.spec.hq * 3);
+  b.block_indices.assign(static_cast<size_t>(rows * problem.spec.hkv * problem.spec.config.num_selected), -1);
+  b.cache_seqlens.assign(static_cast<size_t>(problem.num_seqs()), static_cast<int32_t>(m));
+  b.cache_capacity = capacity;
+  b.cache_cmp_capacity = cmp_capacity;
+  return b;
+}
+
 void Buffers::upload(const Problem& problem) {
   if (problem.row_begin != row_begin || problem.cmp_begin != cmp_begin)
     throw std::invalid_argument("nsa_test: Buffers::upload with a problem of another shape");
@@ -535,6 +590,8 @@ nsa::ForwardParams Buffers::forward_params() {
   p.out = out.output();
   p.out_branch = with_out_branch ? out_branch.data() : nullptr;
   p.lse = lse.data();
+  if (!cache_seqlens.empty()) p.cache = {cache_seqlens.data(), cache_capacity, cache_cmp_capacity};
+  p.tokens_read = tokens_read.empty() ? nullptr : tokens_read.data();
   return p;
 }
 
@@ -928,6 +985,218 @@ std::string describe_grad_element(const Problem& p, int arg, size_t i) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Judging a 16-bit forward.
+
+Outputs naive_forward(const Problem& p, const std::vector<int32_t>& indices) {
+  const ProblemSpec& s = p.spec;
+  const nsa::Config& c = s.config;
+  const nsa::DType dt = s.dtype;
+  const int64_t hq = s.hq, hkv = s.hkv, G = hq / hkv, dk = s.dk, dv = s.dv, n = c.num_selected;
+  const float scale = static_cast<float>(c.scale > 0 ? c.scale : 1.0 / std::sqrt(static_cast<double>(dk)));
+  Outputs o;
+  o.out.assign(static_cast<size_t>(p.rows() * hq * dv), 0.0);
+  o.out_branch.assign(static_cast<size_t>(p.rows() * hq * 3 * dv), 0.0);
+  o.lse.assign(static_cast<size_t>(p.rows() * hq * 3), -kInf);
+  o.indices = indices;
+  const int kwin = p.has(kKWin) ? kKWin : kK, vwin = p.has(kVWin) ? kVWin : kV;
+  parallel_rows(p.rows(), [&](int64_t row) {
+    const auto [b, t] = p.locate(row);
+    std::vector<float> q(static_cast<size_t>(dk)), scores, acc(static_cast<size_t>(dv));
+    std::vector<int64_t> keys;  // packed rows of the branch's keys
+    for (int64_t h = 0; h < hq; ++h) {
+      const int64_t kvh = h / G;
+      for (int64_t e = 0; e < dk; ++e) q[e] = static_cast<float>(row_ptr(p, kQ, row, h)[e]);
+      float branch_out[3][256];
+      for (int br = 0; br < 3; ++br) {
+        keys.clear();
+        int karg = kK, varg = kV;
+        if (br == nsa::kBranchCmp) {
+          karg = kKCmp;
+          varg = kVCmp;
+          const int64_t vis = nsa::num_visible_cmp_tokens(t, c.cmp_block, c.cmp_stride);
+          for (int64_t i = 0; i < vis; ++i) keys.push_back(p.cmp_begin[b] + i);
+        } else if (br == nsa::kBranchSlc) {
+          std::vector<int64_t> blocks;
+          for (int64_t x = 0; x < n; ++x) {
+            const int32_t j = indices[(row * hkv + kvh) * n + x];
+            if (j >= 0) blocks.push_back(j);
+          }
+          std::sort(blocks.begin(), blocks.end());
+          for (int64_t j : blocks)
+            for (int64_t k = j * c.sel_block; k < std::min((j + 1) * c.sel_block, t + 1); ++k)
+              keys.push_back(p.row_begin[b] + k);
+        } else {
+          karg = kwin;
+          varg = vwin;
+          for (int64_t k = std::max<int64_t>(0, t - c.window + 1); k <= t; ++k) keys.push_back(p.row_begin[b] + k);
+        }
+        scores.assign(keys.size(), 0.f);
+        float mx = -std::numeric_limits<float>::infinity();
+        for (size_t x = 0; x < keys.size(); ++x) {
+          const double* kr = row_ptr(p, karg, keys[x], kvh);
+          float dot = 0.f;
+          for (int64_t e = 0; e < dk; ++e) dot += q[e] * static_cast<float>(kr[e]);
+          scores[x] = dot * scale;
+          mx = std::max(mx, scores[x]);
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        float sum = 0.f;
+        for (size_t x = 0; x < keys.size(); ++x) {
+          const float pr = std::exp(scores[x] - mx);
+          sum += pr;
+          const float pr16 = static_cast<float>(round_to_dtype(pr, dt));
+          const double* vr = row_ptr(p, varg, keys[x], kvh);
+          for (int64_t e = 0; e < dv; ++e) acc[e] += pr16 * static_cast<float>(vr[e]);
+        }
+        const int64_t stat = (row * hq + h) * 3 + br;
+        for (int64_t e = 0; e < dv; ++e) {
+          const float v = keys.empty() ? 0.f : static_cast<float>(round_to_dtype(acc[e] / sum, dt));
+          branch_out[br][e] = v;
+          o.out_branch[stat * dv + e] = v;
+        }
+        o.lse[stat] = keys.empty() ? -kInf : static_cast<double>(mx + std::log(sum));
+      }
+      const double* gate = row_ptr(p, kGates, row, h);
+      const float g0 = static_cast<float>(gate[0]), g1 = static_cast<float>(gate[1]), g2 = static_cast<float>(gate[2]);
+      for (int64_t e = 0; e < dv; ++e)
+        o.out[(row * hq + h) * dv + e] =
+            round_to_dtype(g0 * branch_out[0][e] + g1 * branch_out[1][e] + g2 * branch_out[2][e], dt);
+    }
+  });
+  return o;
+}
+
+Outputs reference_scores(const Problem& p) {
+  const ProblemSpec& s = p.spec;
+  const nsa::Config& c = s.config;
+  const int64_t hq = s.hq, hkv = s.hkv, G = hq / hkv, dk = s.dk, nb = p.num_blocks();
+  const double scale = c.scale > 0 ? c.scale : 1.0 / std::sqrt(static_cast<double>(dk));
+  Outputs o;
+  o.scores.assign(static_cast<size_t>(p.rows() * hkv * nb), -kInf);
+  parallel_rows(p.rows(), [&](int64_t row) {
+    const auto [b, t] = p.locate(row);
+    const int64_t vis = nsa::num_visible_cmp_tokens(t, c.cmp_block, c.cmp_stride);
+    std::vector<double> z(static_cast<size_t>(vis));
+    for (int64_t kvh = 0; kvh < hkv; ++kvh) {
+      double* P = &o.scores[(row * hkv + kvh) * nb];
+      for (int64_t j = 0; j <= t / c.sel_block; ++j) P[j] = 0.0;
+      for (int64_t g = 0; g < G; ++g) {
+        if (vis == 0) break;
+        double mx = -kInf;
+        for (int64_t i = 0; i < vis; ++i) {
+          const double* q = row_ptr(p, kQ, row, kvh * G + g);
+          const double* k = row_ptr(p, kKCmp, p.cmp_begin[b] + i, kvh);
+          double dot = 0;
+          for (int64_t e = 0; e < dk; ++e) dot += q[e] * k[e];
+          z[i] = scale * dot;
+          mx = std::max(mx, z[i]);
+        }
+        double sum = 0;
+        for (int64_t i = 0; i < vis; ++i) sum += std::exp(z[i] - mx);
+        for (int64_t i = 0; i < vis; ++i) {
+          const double pr = std::exp(z[i] - mx) / sum;
+          for (int64_t j = i * c.cmp_stride / c.sel_block; j <= (i * c.cmp_stride + c.cmp_block - 1) / c.sel_block; ++j)
+            P[j] += pr * static_cast<double>(nsa::overlap_weight(i, j, c.cmp_block, c.cmp_stride, c.sel_block));
+        }
+      }
+    }
+  });
+  return o;
+}
+
+::testing::AssertionResult within_rule(const char* name, const std::vector<double>& gpu,
+                                       const std::vector<double>& naive, const std::vector<double>& ref, double slack,
+                                       bool check_cosine, const Describe& describe) {
+  if (gpu.size() != ref.size() || naive.size() != ref.size())
+    return ::testing::AssertionFailure() << name << ": sizes " << gpu.size() << " / " << naive.size() << " / "
+                                         << ref.size();
+  const ErrorStats g = error_stats(gpu, ref), nv = error_stats(naive, ref);
+  const double bound = 2 * nv.max_abs + slack;
+  auto msg = [&](::testing::AssertionResult r) {
+    r << name << ": max|gpu-ref| " << g.max_abs << ", max|naive-ref| " << nv.max_abs << ", bound " << bound
+      << ", cosine " << g.cosine() << ", inf/NaN mismatches " << g.mismatched_inf;
+    if (describe && g.max_abs > bound)
+      r << "; worst at " << describe(g.worst) << ": gpu " << gpu[g.worst] << " ref " << ref[g.worst] << " naive "
+        << naive[g.worst];
+    return r;
+  };
+  if (g.mismatched_inf != 0 || !(g.max_abs <= bound) || (check_cosine && !(g.cosine() > 0.9999)))
+    return msg(::testing::AssertionFailure());
+  return msg(::testing::AssertionSuccess());
+}
+
+void expect_16bit_forward_matches_reference(const Problem& problem, const Outputs& gpu,
+                                            const std::vector<int32_t>* given) {
+  const nsa::Config& cfg = problem.spec.config;
+  const bool with_out_branch = !gpu.out_branch.empty();
+  if (given) {
+    EXPECT_EQ(gpu.indices, *given) << "given block_indices must be left alone";
+  } else {
+    // Scores summed in fp32 over G heads and l/d compressed tokens per block.
+    const double eps = 2e-5 * static_cast<double>(problem.spec.hq / problem.spec.hkv) *
+                           static_cast<double>(cfg.cmp_block / cfg.cmp_stride) + 1e-7;
+    EXPECT_TRUE(indices_within_ties(problem, gpu.indices, reference_scores(problem), eps));
+  }
+
+  // The reference in fp64 on the same (rounded) values and the GPU's indices.
+  Problem p64 = problem;
+  p64.spec.dtype = nsa::DType::kFloat64;
+  RunOptions ro;
+  ro.given_indices = &gpu.indices;
+  const Outputs ref = reference_forward(p64, ro);
+  ASSERT_FALSE(ref.out.empty());
+  const Outputs naive = naive_forward(problem, gpu.indices);
+  const int64_t hq = problem.spec.hq, hkv = problem.spec.hkv, dv = problem.spec.dv, n = cfg.num_selected;
+  // Element names: index -> (row, head, branch, elem), with the row's selected blocks.
+  auto describe = [&](size_t i, int64_t branches, int64_t dim) {
+    const int64_t e = static_cast<int64_t>(i);
+    const int64_t x = e % dim, br = (e / dim) % branches, h = e / dim / branches % hq, row = e / dim / branches / hq;
+    const auto [b, t] = problem.locate(row);
+    std::ostringstream os;
+    os << "[seq " << b << ", t " << t << ", head " << h;
+    if (branches > 1) os << ", branch " << br;
+    if (dim > 1) os << ", elem " << x;
+    os << "] blocks";
+    for (int64_t k = 0; k < n; ++k) os << " " << gpu.indices[(row * hkv + h / (hq / hkv)) * n + k];
+    return os.str();
+  };
+  const auto out_ok = within_rule("out", gpu.out, naive.out, ref.out, 1e-5, true,
+                                  [&](size_t i) { return describe(i, 1, dv); });
+  const auto branch_ok = with_out_branch ? within_rule("out_branch", gpu.out_branch, naive.out_branch,
+                                                         ref.out_branch, 1e-5, true)
+                                           : ::testing::AssertionSuccess();
+  const auto lse_ok = within_rule("lse", gpu.lse, naive.lse, ref.lse, 1e-4, false);
+  EXPECT_TRUE(out_ok);
+  EXPECT_TRUE(branch_ok);
+  EXPECT_TRUE(lse_ok);
+  if (out_ok && branch_ok && lse_ok) return;
+  // Diagnostics: the same rule per branch, naming the worst element and its row's blocks.
+  for (int br = 0; br < 3; ++br) {
+    auto slice = [&](const std::vector<double>& v, int64_t dim) {
+      std::vector<double> part;
+      if (v.empty()) return part;
+      for (int64_t row = 0; row < problem.rows() * hq; ++row)
+        part.insert(part.end(), v.begin() + (row * 3 + br) * dim, v.begin() + (row * 3 + br + 1) * dim);
+      return part;
+    };
+    const std::string tag = std::string("[") + (br == 0 ? "cmp" : br == 1 ? "slc" : "win") + "]";
+    if (with_out_branch) {
+      std::cout << "  diagnostic "
+                << within_rule(("out_branch" + tag).c_str(), slice(gpu.out_branch, dv), slice(naive.out_branch, dv),
+                               slice(ref.out_branch, dv), 1e-5, true, [&](size_t i) { return describe(i, 1, dv); })
+                       .message()
+                << "\n";
+    }
+    std::cout << "  diagnostic "
+              << within_rule(("lse" + tag).c_str(), slice(gpu.lse, 1), slice(naive.lse, 1), slice(ref.lse, 1), 1e-4,
+                             false, [&](size_t i) { return describe(i, 1, 1); })
+                     .message()
+              << "\n";
+  }
+}
+
+
+// ------------------------------------------------------------------------------------------------
 // CUDA runners.
 
 #if NSA_TEST_WITH_CUDA
@@ -965,7 +1234,8 @@ class DeviceMirror {
     entries_.push_back(std::move(entry));
     return true;
   }
-  // Every host buffer of `hb`: inputs, grad_out, outputs, statistics, indices, grads, offsets.
+  // Every host buffer of `hb`: inputs, grad_out, outputs, statistics, indices, grads, offsets,
+  // cache seqlens, tokens_read.
   bool add_all(const Buffers& hb) {
     bool ok = true;
     for (const StridedTensor& t : hb.in) ok = ok && add(t.buf.data(), bytes_of(t.buf));
@@ -974,7 +1244,9 @@ class DeviceMirror {
          add(hb.lse.data(), bytes_of(hb.lse)) &&
          add(hb.block_indices.data(), hb.block_indices.size() * sizeof(int32_t)) &&
          add(hb.cu_seqlens.data(), hb.cu_seqlens.size() * sizeof(int32_t)) &&
-         add(hb.cu_seqlens_cmp.data(), hb.cu_seqlens_cmp.size() * sizeof(int32_t));
+         add(hb.cu_seqlens_cmp.data(), hb.cu_seqlens_cmp.size() * sizeof(int32_t)) &&
+         add(hb.cache_seqlens.data(), hb.cache_seqlens.size() * sizeof(int32_t)) &&
+         add(hb.tokens_read.data(), hb.tokens_read.size() * sizeof(int64_t));
     return ok;
   }
   // The device address of a host address inside a mirrored buffer (null stays null). An address
@@ -1022,6 +1294,8 @@ class DeviceMirror {
   void retarget(nsa::ForwardParams& p) const {
     retarget_common(p);
     p.out.data = device(p.out.data);
+    p.cache.seqlens = device(p.cache.seqlens);
+    p.tokens_read = device(p.tokens_read);
   }
   void retarget(nsa::BackwardParams& p) const {
     retarget_common(p);
@@ -1089,6 +1363,7 @@ Outputs run_cuda_forward(Buffers& hb, nsa::Status* status) {
   bool ok = mirror.download(hb.out.buf.data()) && mirror.download(hb.lse.data()) &&
             mirror.download(hb.block_indices.data());
   if (p.out_branch != nullptr) ok = ok && mirror.download(hb.out_branch.data());
+  ok = ok && mirror.download(hb.tokens_read.data());
   if (!ok) {
     ADD_FAILURE() << "device to host copy failed";
     return {};

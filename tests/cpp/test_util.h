@@ -167,6 +167,12 @@ struct Buffers {
   bool with_out_branch = true;                          // false: out_branch = nullptr in the params
   std::array<StridedTensor, kNumForwardInputs> grad;    // output_layout; grad[kKWin] etc. only if separate
 
+  // Decode / chunked prefill (make_cache_buffers): tokens held per sequence, set by the caller
+  // before each run; empty: prefill.
+  std::vector<int32_t> cache_seqlens;
+  int64_t cache_capacity = 0, cache_cmp_capacity = 0;
+  std::vector<int64_t> tokens_read;  // [B, 3]; empty: params.tokens_read = nullptr (the forward adds to it)
+
   nsa::DType dtype() const { return spec.dtype; }
   int64_t rows() const { return row_begin.back(); }
   // Rewrites the inputs (and grad_out) from a problem of the same shape.
@@ -183,6 +189,14 @@ struct Buffers {
 };
 
 Buffers make_buffers(const Problem& problem, const Layout& input_layout = {}, const Layout& output_layout = {});
+// Buffers of a decode / chunked-prefill forward over the sequences of `problem` (its lengths only
+// bound what fits): q, gates, grad_out and the outputs hold m rows per sequence (row b*m + i);
+// k, v, k_win, v_win are caches of `capacity` rows per sequence (row b*capacity + s) and k_cmp,
+// v_cmp of `cmp_capacity` (row b*cmp_capacity + i), all in input_layout and all NaN: the caller
+// writes the rows a call holds (tests/cpp/decode_util.h) and sets cache_seqlens. No grads (the
+// backward has no cache).
+Buffers make_cache_buffers(const Problem& problem, int64_t m, int64_t capacity, int64_t cmp_capacity,
+                           const Layout& input_layout = {}, const Layout& output_layout = {});
 
 // ------------------------------------------------------------------------------------------------
 // Running.
@@ -272,15 +286,47 @@ bool cuda_device_available();
     if (!::nsa_test::cuda_device_available()) GTEST_SKIP() << "no CUDA device";     \
   } while (0)
 
-// Runs nsa::cuda::forward on device copies of `buffers` (inputs and offsets; out, out_branch, lse
-// and, unless given, block_indices poisoned first; workspace filled with 0xFF bytes), copies the
-// outputs back into `buffers`, checks the gaps of out and returns them. `status` receives the
-// forward's status (a launch error found by the synchronization after it included).
+// Runs nsa::cuda::forward on device copies of `buffers` (inputs, offsets, cache seqlens and
+// tokens_read; out, out_branch, lse and, unless given, block_indices poisoned first; workspace
+// filled with 0xFF bytes), copies the outputs (and tokens_read) back into `buffers`, checks the
+// gaps of out and returns them. `status` receives the forward's status (a launch error found by
+// the synchronization after it included).
 Outputs run_cuda_forward(Buffers& buffers, nsa::Status* status);
 // Runs nsa::cuda::backward (with `deterministic`) on device copies of `buffers`: inputs, grad_out,
 // and block_indices / out_branch / lse as they are in `buffers` (run_cuda_forward leaves the GPU
 // forward's there); every grad poisoned with NaN, the workspace with 0xFF bytes. Copies the grads
 // back, checks their gaps and that no read-only buffer changed, and returns them.
 Grads run_cuda_backward(Buffers& buffers, bool deterministic, nsa::Status* status);
+
+// ------------------------------------------------------------------------------------------------
+// Judging a 16-bit forward (the CUDA backend's) by DESIGN.md section 2. No device needed.
+//
+// The naive implementation is what a bf16/fp16 kernel must compute at least: scores q.k in fp32
+// from the 16-bit inputs, softmax in fp32 relative to the row max, the probabilities rounded to
+// the dtype before they multiply V (the tensor-core P.V product takes 16-bit operands), fp32
+// accumulation, each branch output rounded to the dtype (it is stored as such in out_branch),
+// and the gated sum of the rounded branch outputs in fp32, rounded to the dtype.
+
+// The naive same-dtype forward of `problem` on the given indices ([rows, Hkv, n]).
+Outputs naive_forward(const Problem& problem, const std::vector<int32_t>& indices);
+// P(t, j, kv head) of Eqs. 8-10 in fp64, -inf for ineligible blocks; laid out as Outputs::scores
+// for indices_within_ties.
+Outputs reference_scores(const Problem& problem);
+
+// Names element i of an output for messages, e.g. "[seq 0, t 17, head 3, branch 1, elem 5]".
+using Describe = std::function<std::string(size_t)>;
+// max|got - ref| <= 2 max|naive - ref| + slack, no inf/NaN mismatch, and (check_cosine)
+// cosine(got, ref) > 0.9999.
+::testing::AssertionResult within_rule(const char* name, const std::vector<double>& got,
+                                       const std::vector<double>& naive, const std::vector<double>& ref, double slack,
+                                       bool check_cosine, const Describe& describe = nullptr);
+
+// Section 2 for 16-bit forward outputs `got` of `problem` (all rows): the selection is one the
+// contract allows up to score rounding (or equals `given`, the block_indices the forward was
+// given); then, with `ref` the fp64 CPU reference fed got.indices and `naive` naive_forward on
+// them, within_rule for out and out_branch (slack 1e-5, cosine) and lse (slack 1e-4: fp32
+// statistics from approximate exp2/log2). Records failures, with per-branch diagnostics.
+void expect_16bit_forward_matches_reference(const Problem& problem, const Outputs& got,
+                                            const std::vector<int32_t>* given = nullptr);
 
 }  // namespace nsa_test

@@ -1,0 +1,123 @@
+// Decode and chunked prefill on the CUDA forward (nsa::cuda::forward with a KvCacheView) against
+// the CPU reference, DESIGN.md sections 1 and 2. The decode_util cases (test_decode.cpp runs them
+// on the CPU) in bfloat16 with Dk = Dv = 64, the head dims every CUDA build has: each call runs on
+// device copies of a cache that grows call by call (rows past the lengths NaN), and the outputs,
+// assembled in prefill row order, are judged as a prefill's are in test_cuda_forward.cpp:
+//   - the selection is one the contract allows up to score rounding (ties), or the given one;
+//   - out, out_branch, lse against the fp64 reference fed the GPU's indices, by the rule
+//     max|gpu - ref| <= 2 max|naive - ref| + slack (expect_16bit_forward_matches_reference);
+//   - with m = 1 the key rows the GPU counts in tokens_read are the keys each softmax reads.
+// Without a device the GPU tests skip; the API checks run in every build with CUDA.
+#include <gtest/gtest.h>
+
+#include <cctype>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "decode_util.h"
+#include "nsa/nsa.h"
+#include "test_util.h"
+
+namespace nsa_test {
+namespace {
+
+using nsa::DType;
+
+// A valid bfloat16 decode call (B = 2 sequences holding 40 and 64 tokens, m = 1) with host
+// pointers, for the checks that never reach a kernel.
+struct HostCacheCall {
+  Problem problem;
+  Buffers buffers;
+  nsa::ForwardParams params;
+  HostCacheCall()
+      : problem(make_problem([] {
+          ProblemSpec spec = padded_spec(2, 64, 4, 2, 64, 64);
+          spec.dtype = DType::kBFloat16;
+          return spec;
+        }())),
+        buffers(make_cache_buffers(problem, 1, 64, nsa::num_cmp_tokens(64, 32, 16))) {
+    buffers.cache_seqlens = {40, 64};
+    params = buffers.forward_params();
+  }
+};
+
+// The cache params are validated before anything reaches the device (what needs seqlens' contents
+// cannot be: the CUDA backend does not read device memory on the host).
+TEST(CudaDecodeApi, InvalidCacheParams) {
+  if (!nsa::cuda::built()) GTEST_SKIP() << "built without CUDA";
+  {
+    HostCacheCall call;
+    static const int32_t offsets[] = {0, 1, 2};
+    static const int32_t cmp_offsets[] = {0, 0, 0};
+    call.params.varlen = {offsets, cmp_offsets, 2, 0};
+    const nsa::Status st = nsa::cuda::forward(call.params, nullptr, 0, nullptr);
+    EXPECT_EQ(st.code, nsa::StatusCode::kInvalidArgument);
+    EXPECT_NE(st.message.find("cache.seqlens (decode / chunked prefill) needs the padded layout"), std::string::npos)
+        << st.message;
+  }
+  {
+    HostCacheCall call;
+    call.params.cache.capacity = 0;
+    const nsa::Status st = nsa::cuda::forward(call.params, nullptr, 0, nullptr);
+    EXPECT_EQ(st.code, nsa::StatusCode::kInvalidArgument);
+    EXPECT_NE(st.message.find("cache.capacity must be >= shape.seqlen"), std::string::npos) << st.message;
+  }
+}
+
+#if NSA_TEST_WITH_CUDA
+
+class CudaDecode : public ::testing::TestWithParam<DecodeCase> {};
+
+TEST_P(CudaDecode, MatchesReference) {
+  NSA_SKIP_WITHOUT_DEVICE();
+  const DecodeCase& c = GetParam();
+  const Problem problem = make_problem(c.spec);
+  const std::vector<int32_t> given = given_indices_of(c, problem);
+  const std::vector<DecodeCall> schedule = schedule_of(c, problem);
+  const DecodeResult decoded =
+      run_decode(problem, schedule, run_cuda_forward, options_of(c, given), poison_check_of(c));
+  ASSERT_TRUE(decoded.ok);
+  // Given indices come back in the caller's order; the rest of the form is checked by the rule.
+  if (!c.given_indices) {
+    EXPECT_TRUE(outputs_well_formed(problem, decoded.outputs));
+  }
+  expect_16bit_forward_matches_reference(problem, decoded.outputs, c.given_indices ? &given : nullptr);
+  // With m > 1 the GPU counts each CTA's union of key rows (params.h), not per query.
+  if (c.chunk == 1) {
+    EXPECT_TRUE(tokens_read_as_expected(problem, schedule, decoded));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, CudaDecode, ::testing::ValuesIn(decode_cases(DType::kBFloat16, 64, 4096)),
+                         [](const ::testing::TestParamInfo<DecodeCase>& param_info) {
+                           std::string name = param_info.param.name;
+                           for (char& ch : name)
+                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           return name;
+                         });
+
+// The batches of the table (different cache lengths in every call) match the reference above;
+// each of their sequences decoded alone does too, so batch and alone agree within the rule.
+TEST(CudaDecodeProperties, EachSequenceAloneMatchesReference) {
+  NSA_SKIP_WITHOUT_DEVICE();
+  int64_t batches = 0;
+  for (const DecodeCase& c : decode_cases(DType::kBFloat16, 64, 4096)) {
+    if (c.stagger.empty()) continue;
+    ++batches;
+    const Problem problem = make_problem(c.spec);
+    for (int64_t b = 0; b < problem.num_seqs(); ++b) {
+      SCOPED_TRACE(c.name + " sequence " + std::to_string(b));
+      const Problem alone = extract_sequence(problem, b);
+      const DecodeResult single = run_decode(alone, chunked_schedule(alone, c.chunk), run_cuda_forward);
+      ASSERT_TRUE(single.ok);
+      expect_16bit_forward_matches_reference(alone, single.outputs);
+    }
+  }
+  EXPECT_GE(batches, 2);
+}
+
+#endif  // NSA_TEST_WITH_CUDA
+
+}  // namespace
+}  // namespace nsa_test
