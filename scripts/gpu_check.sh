@@ -8,13 +8,15 @@
 #
 #   bash scripts/gpu_check.sh            (from the repository root, on a machine with a GPU)
 #
-# Logs go to $OUT (default ./gpu_check_out), at most 8 files: env.txt build.log tests.log
-# pytest.log sanitizer.log bench.log bench_prefill.json summary.txt.
+# Logs go to $OUT (default ./gpu_check_out), at most 9 files: env.txt build.log tests.log
+# pytest.log sanitizer.log bench.log bench_prefill.json bench_decode.json summary.txt.
 # Environment: NSA_CUDA_ARCH (default 90), NSA_BENCH_SEQLENS (default 8192,32768,65536),
 # NSA_CHECK_BUDGET (seconds for the whole script, default 1800; later steps shrink to fit),
 # NSA_CHECK_BUILD_DIR (default build/gpu-check), NSA_CHECK_SKIP_SDPA=1 (skip the harness; the C++
 # per-stage timing runs alone), NSA_CHECK_SKIP_SANITIZER=1,
-# NSA_CHECK_SANITIZER_FILTER (gtest filter for compute-sanitizer, default CudaForwardSanitizer.*:CudaBackwardSanitizer.*),
+# NSA_CHECK_SANITIZER_FILTER (gtest filter for compute-sanitizer, default CudaForwardSanitizer.*:CudaBackwardSanitizer.*:
+# CudaDecodeSanitizer.*), NSA_BENCH_DECODE_BATCHES / NSA_BENCH_DECODE_CONTEXTS (decode benchmark, default 1,16,64 /
+# 8192,32768,65536,131072), NSA_CHECK_SKIP_DECODE_BENCH=1,
 # NSA_CHECK_SKIP_LARGE=1 (skip the single T = 256k forward).
 # After the harness, nsa_gather_ceiling (the selected branch's K/V block reads alone: a floor for
 # the slc kernel) appends to bench.log; NSA_CHECK_NCU=1 also appends an Nsight Compute profile of
@@ -29,6 +31,7 @@ SEQLENS=${NSA_BENCH_SEQLENS:-8192,32768,65536}
 JOBS=$(nproc)
 BUDGET=${NSA_CHECK_BUDGET:-1800}  # seconds for the whole script; later steps shrink or are skipped
 declare -A R  # summary rows
+DECODE_LOG=$(mktemp)  # this run's decode harness output, for the summary
 
 # limit N: N seconds, or what is left of the budget (minus 15 s for the summary) if that is less.
 limit() {
@@ -138,6 +141,20 @@ else
   R[prefill]="not run (no _nsa_ops.so, or NSA_CHECK_SKIP_SDPA=1)"
 fi
 
+section "decode harness: NSA decode step vs PyTorch SDPA on the same cache (eager and CUDA graphs)"
+if [ -f "$BUILD/_nsa_ops.so" ] && [ "${NSA_CHECK_SKIP_DECODE_BENCH:-0}" != 1 ]; then
+  start=$SECONDS
+  env NSA_OPS_LIBRARY="$PWD/$BUILD/_nsa_ops.so" PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
+    timeout "$(limit 300)" python3 -m nsa.bench decode --batches "${NSA_BENCH_DECODE_BATCHES:-1,16,64}" \
+    --contexts "${NSA_BENCH_DECODE_CONTEXTS:-8192,32768,65536,131072}" --iters 50 --warmup 5 \
+    --out "$OUT/bench_decode.json" --no-plot 2>&1 | tee -a "$OUT/bench.log" | tee "$DECODE_LOG" |
+    grep -vE "^ +(ours|note)"
+  rc=${PIPESTATUS[0]}
+  R[decode]="rc $rc ($((SECONDS - start))s)$([ -f "$OUT/bench_decode.json" ] && echo ", bench_decode.json written")"
+else
+  R[decode]="not run (no _nsa_ops.so, or NSA_CHECK_SKIP_DECODE_BENCH=1)"
+fi
+
 section "gather ceiling: the selected branch's K/V block reads alone (nsa_gather_ceiling)"
 if [ -x "$BUILD/nsa_gather_ceiling" ]; then
   start=$SECONDS
@@ -183,7 +200,7 @@ if [ "${NSA_CHECK_SKIP_SANITIZER:-0}" = 1 ] || [ -z "$SAN" ] || [ ! -x "$BUILD/n
   R[initcheck]="not run"
 else
   : > "$OUT/sanitizer.log"
-  filter=${NSA_CHECK_SANITIZER_FILTER:-CudaForwardSanitizer.*:CudaBackwardSanitizer.*}
+  filter=${NSA_CHECK_SANITIZER_FILTER:-CudaForwardSanitizer.*:CudaBackwardSanitizer.*:CudaDecodeSanitizer.*}
   for tool in memcheck racecheck initcheck; do
     echo "--- $tool ($filter)" >> "$OUT/sanitizer.log"
     elapsed timeout "$(limit 150)" "$SAN" --tool "$tool" --error-exitcode 3 --print-limit 20 "$BUILD/nsa_tests" \
@@ -201,12 +218,13 @@ section summary
   printf "%-10s %s\n" build "${R[build]}" spills "${R[spills]}" tests "${R[tests]}" pytest "${R[pytest]}" \
     memcheck "${R[memcheck]}" \
     racecheck "${R[racecheck]}" initcheck "${R[initcheck]}" T=256k "${R[large]}"
-  printf "%-10s %s\n" prefill "${R[prefill]}" bench "${R[bench]}"
+  printf "%-10s %s\n" prefill "${R[prefill]}" decode "${R[decode]}" bench "${R[bench]}"
   printf "%-10s %s\n" gather "${R[gather]}" ncu "${R[ncu]}"
   if [ "$HARNESS" = 1 ]; then
-    # the harness's tables (forward, backward): from its first table to the gather / ncu output
-    sed -n '/^prefill forward, /,/^nsa_gather_ceiling:\|^--- ncu/p' "$OUT/bench.log" |
-      grep -v '^nsa_gather_ceiling:\|^--- ncu\|^wrote\|^plot skipped'
+    # the harnesses' tables (prefill forward and backward; decode): each from its first table line
+    sed -n '/^prefill forward, /,/^nsa.bench decode:\|^nsa_gather_ceiling:\|^--- ncu/p' "$OUT/bench.log" |
+      grep -v '^nsa.bench decode:\|^nsa_gather_ceiling:\|^--- ncu\|^wrote\|^plot skipped'
+    sed -n '/^decode step (m = 1)/,$p' "$DECODE_LOG"
   else
     echo "forward (B=1 Hq=64 Hkv=4 D=128 bf16, paper config; C++ nsa_bench_forward, median ms):"
     grep -E "^ *[0-9]+ (all|cmp|select|slc|win) " "$OUT/bench.log" 2>/dev/null

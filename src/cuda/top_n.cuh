@@ -36,6 +36,7 @@ __device__ __forceinline__ void pick_top_n(const ForwardArgs& a, const float* bs
     for (int shift = 24; shift >= 0; shift -= 8) {
       for (int bin = lane; bin < kTopNHistBins; bin += 32) hist[bin] = 0u;
       __syncwarp();
+#pragma unroll 4
       for (int j = n_init + lane; j < free_hi; j += 32) {
         const uint32_t key = score_key(bs[j]);
         if ((key & prefix_mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
@@ -79,6 +80,7 @@ __device__ __forceinline__ void pick_top_n(const ForwardArgs& a, const float* bs
     need = rank;
   }
   int k = 0, ties = 0;
+#pragma unroll 4
   for (int base = 0; base < eligible; base += 32) {
     const int j = base + lane;
     const bool is_free = j >= n_init && j < free_hi;

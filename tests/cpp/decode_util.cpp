@@ -273,6 +273,10 @@ std::vector<DecodeCase> decode_cases(nsa::DType dtype, int64_t head_dim, int64_t
     DecodeCase& c = add("chunk" + std::to_string(chunk), padded_spec(2, 1000, 4, 2, D, D), tight, chunk);
     c.spec.separate_window = chunk != 64;  // both window modes
   }
+  // All queries of a (sequence, kv head) in one 64-row tile with more than 16 rows: the CUDA decode
+  // path without the warps sharing rows (m * G = 21 and 48).
+  add("chunk7_G3", padded_spec(2, 700, 6, 2, D, D), tight, 7);
+  add("chunk3_G16", padded_spec(1, 700, 16, 1, D, D), tight, 3);
   // Batches whose sequences hold different numbers of tokens in every call, with cache rows past
   // the longest sequence (NaN like every row past a sequence's length).
   {

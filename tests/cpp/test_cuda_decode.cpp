@@ -97,6 +97,24 @@ INSTANTIATE_TEST_SUITE_P(Cases, CudaDecode, ::testing::ValuesIn(decode_cases(DTy
                            return name;
                          });
 
+// A small case for compute-sanitizer (scripts/gpu_check.sh filters on it): the decode path with
+// the warps sharing rows (m = 1, G = 16) and without (m = 7, G = 3), a batch of two.
+TEST(CudaDecodeSanitizer, Small) {
+  NSA_SKIP_WITHOUT_DEVICE();
+  const nsa::Config tight = make_config(32, 16, 64, 4, 1, 2, 100);
+  for (const auto& [heads, chunk] : {std::pair<int64_t, int64_t>{16, 1}, std::pair<int64_t, int64_t>{3, 7}}) {
+    SCOPED_TRACE("G " + std::to_string(heads) + " chunk " + std::to_string(chunk));
+    ProblemSpec spec = padded_spec(2, 150, heads, 1, 64, 64);
+    spec.config = tight;
+    spec.dtype = DType::kBFloat16;
+    spec.seed = 77;
+    const Problem problem = make_problem(spec);
+    const DecodeResult decoded = run_decode(problem, chunked_schedule(problem, chunk), run_cuda_forward);
+    ASSERT_TRUE(decoded.ok);
+    expect_16bit_forward_matches_reference(problem, decoded.outputs);
+  }
+}
+
 // The batches of the table (different cache lengths in every call) match the reference above;
 // each of their sequences decoded alone does too, so batch and alone agree within the rule.
 TEST(CudaDecodeProperties, EachSequenceAloneMatchesReference) {
