@@ -1,6 +1,7 @@
 // The torch ops nsa::forward, nsa::backward and nsa::forward_kvcache (decode / chunked prefill):
 // schemas, and the CPU and CUDA implementations that turn tensors into nsa::ForwardParams /
-// BackwardParams, check them (naming the argument) and call the backend. Fake (meta) kernels and autograd are registered in python/nsa/ops.py.
+// BackwardParams, check them (naming the argument) and call the backend. Fake (meta) kernels and
+// autograd are registered in python/nsa/ops.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -336,7 +337,8 @@ std::tuple<Tensor, Tensor> forward_kvcache_impl(
     const Tensor& gates, const Tensor& cache_seqlens, const std::optional<Tensor>& tokens_read, int64_t cmp_block,
     int64_t cmp_stride, int64_t sel_block, int64_t num_selected, int64_t num_init, int64_t num_local, int64_t window,
     double scale) {
-  const Config config = make_config(cmp_block, cmp_stride, sel_block, num_selected, num_init, num_local, window, scale, 0);
+  const Config config =
+      make_config(cmp_block, cmp_stride, sel_block, num_selected, num_init, num_local, window, scale, 0);
   check_status(nsa::validate(config.core));
   to_nsa_dtype(q.scalar_type());
   TORCH_CHECK(q.dim() == 4, "nsa: q must be [B, m, Hq, Dk] (the m newest tokens of each sequence), got shape ",

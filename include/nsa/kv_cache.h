@@ -113,7 +113,8 @@ class KvCacheBook {
 
  private:
   Status check_slot(const std::string& name, int64_t slot) const;
-  // The plan's slots hold exactly what they held when it was made (`appended`: plus its tokens).
+  // The plan's slots hold exactly what they held when it was made (`appended`: plus its tokens);
+  // before its append, the storage holds the rows it writes.
   Status check_plan_state(const KvAppendPlan& plan, bool appended) const;
 
   Config config_;

@@ -15,8 +15,8 @@ from .cache import KVCache
 from .module import NSAAttention
 from .ops import NSAConfig, cmp_seqlens, nsa_attention, nsa_attention_kvcache, num_cmp_tokens
 
-__all__ = ["__version__", "KVCache", "NSAAttention", "NSAConfig", "cmp_seqlens", "cuda_built", "nsa_attention", "nsa_attention_kvcache",
-           "num_cmp_tokens"]
+__all__ = ["__version__", "KVCache", "NSAAttention", "NSAConfig", "cmp_seqlens", "cuda_built", "nsa_attention",
+           "nsa_attention_kvcache", "num_cmp_tokens"]
 
 
 def cuda_built() -> bool:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .cache import KVCache
-from .module import STAT_NAMES, NSAAttention, apply_rope, rope_cos_sin
+from .module import STAT_NAMES, NSAAttention, apply_rope, cached_positions, rope_cos_sin
 
 ATTN_KINDS = ("nsa", "dense")
 
@@ -155,9 +155,7 @@ class DenseAttention(nn.Module):
         to ``cache``; each query attends to its sequence's keys up to its own position."""
         if cache.compressed:
             raise ValueError(f"DenseAttention: cache must be a plain KVCache (new_cache), got {cache}")
-        slots = list(range(x.shape[0])) if slots is None else list(slots)
-        start = cache.seqlens(slots)  # [B] int32: tokens held before this call
-        positions = start[:, None].to(torch.int64) + torch.arange(x.shape[1], device=x.device)  # [B, m]
+        slots, _, positions = cached_positions(cache, x, slots, "DenseAttention")
         q, k, v = self._project(x, positions)
         cache.append(slots, k, v)
         # Only the rows up to the longest slot hold keys (a host-side length: no device sync).

@@ -117,6 +117,24 @@ class Compressor(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# Incremental mode (decode and chunked prefill), shared with DenseAttention (model.py).
+
+
+def cached_positions(cache: KVCache, x: torch.Tensor, slots: Optional[Sequence[int]], caller: str):
+    """Where the next m tokens x [B, m, dim] of the sequences in ``slots`` (default 0 .. B-1) of
+    ``cache`` go: (slots as a list, start [B] int32 = tokens held before them, positions [B, m]
+    int64), without a device sync (the lengths are the cache's host-side ones)."""
+    if x.dim() != 3:
+        raise ValueError(f"{caller}: with a cache, x must be [B, m, dim], got shape {tuple(x.shape)}")
+    slots = list(range(x.shape[0])) if slots is None else list(slots)
+    if len(slots) != x.shape[0]:
+        raise ValueError(f"{caller}: slots lists {len(slots)} slots but x has {x.shape[0]} rows")
+    start = cache.seqlens(slots)
+    positions = start[:, None].to(torch.int64) + torch.arange(x.shape[1], device=x.device)
+    return slots, start, positions
+
+
+# --------------------------------------------------------------------------------------------
 # The layer.
 
 
@@ -350,16 +368,10 @@ class NSAAttention(nn.Module):
         """
         if not isinstance(cache, KVCache):
             raise TypeError(f"NSAAttention: cache must be an nsa.KVCache, got {type(cache).__name__}")
-        if x.dim() != 3:
-            raise ValueError(f"NSAAttention: with a cache, x must be [B, m, dim], got shape {tuple(x.shape)}")
-        slots = list(range(x.shape[0])) if slots is None else list(slots)
-        if len(slots) != x.shape[0]:
-            raise ValueError(f"NSAAttention: slots lists {len(slots)} slots but x has {x.shape[0]} rows")
         if cache.config != self.nsa_config or cache.separate_window != (not self.share_window_kv):
             raise ValueError(f"NSAAttention: the cache was made for another layer configuration ({cache}); "
                              f"make it with new_cache")
-        start = cache.seqlens(slots)  # [B] int32: tokens held before this call
-        positions = start[:, None].to(torch.int64) + torch.arange(x.shape[1], device=x.device)  # [B, m]
+        slots, start, positions = cached_positions(cache, x, slots, "NSAAttention")
         q, keys, values, gate_logits = self._project(x, positions)
         k_win, v_win = (None, None) if self.share_window_kv else (keys[2], values[2])
         due = cache.append(slots, keys[1], values[1], k_win, v_win, k_cmp_raw=keys[0], v_cmp_raw=values[0])

@@ -113,8 +113,10 @@ Status KvCacheBook::grow(int64_t new_capacity) {
 }
 
 Status KvCacheBook::check_plan_state(const KvAppendPlan& plan, bool appended) const {
-  if (plan.slots.empty() || plan.first_positions.size() != plan.slots.size())
+  if (plan.slots.empty() || plan.first_positions.size() != plan.slots.size() || plan.count < 1 ||
+      plan.count > max_capacity())
     return invalid("the plan is empty or malformed; make it with plan_append");
+  int64_t needed = 0;  // raw rows per slot the append writes up to
   for (size_t b = 0; b < plan.slots.size(); ++b) {
     const int64_t slot = plan.slots[b];
     const Status slot_status = check_slot("plan.slots[" + std::to_string(b) + "]", slot);
@@ -127,7 +129,13 @@ Status KvCacheBook::check_plan_state(const KvAppendPlan& plan, bool appended) co
       return invalid("the plan is stale: slot ", slot, " holds ", length, " tokens (", cmp_length,
                      " compressed), the plan expects ", expected, " (", cmp_expected, " compressed)",
                      appended ? " after its append" : " before its append");
+    needed = std::max(needed, first + plan.count);
   }
+  // Before the append the rows must fit: counted from the plan's positions, not taken from its
+  // required_capacity, so that no plan makes raw_rows point past a slot.
+  if (!appended && needed > capacity_)
+    return invalid("the plan needs capacity ", needed, " but the storage holds ", capacity_,
+                   " rows per slot; grow it first");
   return Status::Ok();
 }
 
@@ -135,9 +143,6 @@ Status KvCacheBook::raw_rows(const KvAppendPlan& plan, std::vector<int64_t>* row
   if (rows == nullptr) return invalid("rows must not be null");
   const Status state = check_plan_state(plan, false);
   if (!state.ok()) return state;
-  if (plan.required_capacity > capacity_)
-    return invalid("the plan needs capacity ", plan.required_capacity, " but the storage holds ", capacity_,
-                   " rows per slot; grow it first");
   rows->clear();
   for (size_t b = 0; b < plan.slots.size(); ++b)
     for (int64_t j = 0; j < plan.count; ++j) rows->push_back(plan.slots[b] * capacity_ + plan.first_positions[b] + j);
@@ -147,9 +152,6 @@ Status KvCacheBook::raw_rows(const KvAppendPlan& plan, std::vector<int64_t>* row
 Status KvCacheBook::commit_append(const KvAppendPlan& plan) {
   const Status state = check_plan_state(plan, false);
   if (!state.ok()) return state;
-  if (plan.required_capacity > capacity_)
-    return invalid("the plan needs capacity ", plan.required_capacity, " but the storage holds ", capacity_,
-                   " rows per slot; grow it first");
   for (const int64_t slot : plan.slots) lengths_[static_cast<size_t>(slot)] += plan.count;
   return Status::Ok();
 }

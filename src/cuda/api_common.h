@@ -129,12 +129,15 @@ void fill_common_args(ForwardArgs& a, const P& p) {
   a.cu_seqlens = p.varlen.cu_seqlens;
   a.cu_seqlens_cmp = p.varlen.cu_seqlens_cmp;
   a.cache_seqlens = nullptr;
+  a.cache_max_held = 0;
   a.key_extent = s.seqlen;
   a.tokens_read = nullptr;
   if constexpr (std::is_same_v<P, ForwardParams>) {
     if (p.cache.seqlens != nullptr) {
       a.cache_seqlens = p.cache.seqlens;
       a.key_extent = p.cache.capacity;
+      // num_cmp_tokens(held) <= cmp_capacity  <=>  held <= cmp_capacity * d + l - 1
+      a.cache_max_held = std::min(p.cache.capacity, p.cache.cmp_capacity * c.cmp_stride + c.cmp_block - 1);
     }
     a.tokens_read = p.tokens_read;
   }

@@ -139,7 +139,9 @@ __device__ __forceinline__ SeqInfo seq_info(const ForwardArgs& a, int b) {
     s.cmp_row0 = int64_t{b} * a.cmp_per_seq;
     s.num_cmp = a.cmp_per_seq;
     if (a.cache_seqlens != nullptr) {
-      const int64_t held = a.cache_seqlens[b];
+      // Clamped to what the cache can hold (m <= held <= max_held, params.h): a length the host
+      // could not validate without a sync gives wrong values, never reads outside the cache.
+      const int64_t held = min64(max64(a.cache_seqlens[b], a.seqlen), a.cache_max_held);
       s.pos0 = held - a.seqlen;
       s.num_cmp = held >= a.cmp_block ? (held - a.cmp_block) / a.cmp_stride + 1 : 0;
     }

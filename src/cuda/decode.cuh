@@ -85,27 +85,26 @@ __global__ void __launch_bounds__(kAttnThreads, (kAttnMinBlocks<Dk, kBranchWin>)
     attention_cta<T, Dk, Dv, kBranchWin, true, kWarpSplit>(a, x - score_ctas, smem);
 }
 
-// Top-n of every query of one (kv head, sequence) from its block scores; a warp per query, on a
-// copy of the scores in shared memory when 4 * decode_blocks floats fit (topn_in_smem).
+// Top-n of every query of one (kv head, sequence) from its block scores, the CTA's four warps per
+// query, on a copy of the scores in shared memory when decode_blocks floats fit (topn_in_smem).
 template <class T>
 __global__ void __launch_bounds__(kDecodeThreads) decode_topn_kernel(const ForwardArgs a) {
-  extern __shared__ float sScores[];  // [4 warps][decode_blocks] when topn_in_smem
-  __shared__ uint32_t sHist[kDecodeThreads / 32][kTopNHistBins];
-  const int b = blockIdx.y, kv_head = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  extern __shared__ float sScores[];  // [decode_blocks] when topn_in_smem
+  __shared__ TopNScratch scratch;
+  const int b = blockIdx.y, kv_head = blockIdx.x;
   const SeqInfo seq = seq_info(a, b);
-  const int t_last = static_cast<int>(seq.pos0 + seq.len) - 1;
-  for (int i = warp; i < seq.len; i += kDecodeThreads / 32) {
+  for (int i = 0; i < seq.len; ++i) {
+    const int t = static_cast<int>(seq.pos0) + i;
     const int64_t row = (seq.row0 + i) * a.num_kv_heads + kv_head;
     const float* scores = a.block_scores + row * a.decode_blocks;
+    __syncthreads();  // the previous query's top-n is done with the copy and the scratch
     if (a.topn_in_smem) {
-      float* copy = sScores + warp * a.decode_blocks;
-#pragma unroll 8
-      for (int j = lane; j <= t_last / a.sel_block; j += 32) copy[j] = scores[j];
-      __syncwarp();
-      scores = copy;
+#pragma unroll 4
+      for (int j = threadIdx.x; j <= t / a.sel_block; j += kDecodeThreads) sScores[j] = scores[j];
+      __syncthreads();
+      scores = sScores;
     }
-    pick_top_n(a, scores, static_cast<int>(seq.pos0) + i, a.block_indices + row * a.num_selected, sHist[warp]);
-    __syncwarp();
+    pick_top_n<kDecodeThreads / 32>(a, scores, t, a.block_indices + row * a.num_selected, scratch);
   }
 }
 

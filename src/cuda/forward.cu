@@ -157,7 +157,7 @@ ForwardArgs make_args(const ForwardParams& p, void* workspace) {
     a.block_scores = reinterpret_cast<float*>(base + w.block_scores);
     a.decode_blocks = plan.blocks;
     a.score_blocks = plan.score_blocks;
-    a.topn_in_smem = int64_t{16} * plan.blocks <= kDecodeScoreSmemBytes;
+    a.topn_in_smem = int64_t{4} * plan.blocks <= kDecodeScoreSmemBytes;
   }
   // Selection CTA: P = max(1, 64 / G) positions with all G heads, in 64-row chunks.
   a.select_t_per_cta = std::max(1, 64 / a.group);

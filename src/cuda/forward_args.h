@@ -27,6 +27,7 @@ struct ForwardArgs {
   // Decode / chunked prefill (padded layout): keys held per sequence [B]; the seqlen = m queries of
   // sequence b sit at positions cache_seqlens[b] - m .. cache_seqlens[b] - 1. Null: prefill.
   const int32_t* cache_seqlens;
+  int64_t cache_max_held;           // the most keys the cache's raw and compressed capacities allow
   int64_t key_extent;               // bound on key positions + 1: seqlen, or the cache capacity
   int64_t* tokens_read;             // [B, 3] optional: key rows gathered per branch (atomics)
 
@@ -64,7 +65,7 @@ struct ForwardArgs {
   float* block_scores;       // [rows][Hkv][decode_blocks] Eq. 10 scores, then marked by the top-n
   int decode_blocks;         // ceil(capacity / l')
   int score_blocks;          // blocks per decode scoring CTA (128 .. 2048 compressed tokens)
-  bool topn_in_smem;         // the top-n kernel copies the scores to shared memory (16 * decode_blocks bytes fit)
+  bool topn_in_smem;         // the top-n kernel copies the scores to shared memory (4 * decode_blocks bytes fit)
 
   // Derived tiling (host-computed).
   int select_t_per_cta;   // positions per selection CTA: max(1, 64 / G), halved while its smem does not fit
@@ -76,6 +77,15 @@ struct ForwardArgs {
 
 // The decode path's most splits per branch (the combine kernel keeps a weight per split).
 inline constexpr int kDecodeMaxSplits = 256;
+
+// Shared-memory scratch of one top-n (src/cuda/top_n.cuh): a histogram of 8-bit digits, the
+// per-warp counts of the output pass, the chosen digit and rank.
+struct TopNScratch {
+  static constexpr int kBins = 256;
+  uint32_t hist[kBins];
+  int warp_counts[2][32];  // per warp: blocks chosen outright, blocks tied at the threshold
+  int digit, rank;
+};
 
 // Shared-memory layout sizes, shared by the host (launch) and the kernels.
 struct AttentionSmem {
@@ -97,12 +107,13 @@ struct AttentionSmem {
 struct SelectSmem {
   // Q [chunks*64][Dk+8] and K double buffer [2][64][Dk+8] (2-byte elements); P [64][68] float (not
   // for G = 16); pg [max(tpc, 4)][64] float; lse2 [chunks*64] float; block scores [tpc][blocks] float;
-  // the top-n histograms [4 warps][256] uint32.
-  static constexpr int kRows = 64, kKeys = 64, kPad = 8, kPStride = 68, kHistBins = 256;
+  // a top-n scratch per warp [4] TopNScratch.
+  static constexpr int kRows = 64, kKeys = 64, kPad = 8, kPStride = 68;
   NSA_HOST_DEVICE static constexpr int64_t bytes(int dk, int chunks, int tpc, int blocks, bool g16) {
     return 2 * (int64_t{chunks} * kRows * (dk + kPad) + 2 * int64_t{kKeys} * (dk + kPad)) +
            4 * ((g16 ? 0 : int64_t{kRows} * kPStride) + int64_t{tpc < 4 ? 4 : tpc} * kKeys + int64_t{chunks} * kRows +
-                int64_t{tpc} * blocks + 4 * kHistBins);
+                int64_t{tpc} * blocks) +
+           4 * static_cast<int64_t>(sizeof(TopNScratch));
   }
 };
 

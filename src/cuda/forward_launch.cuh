@@ -26,7 +26,7 @@ Status launch_decode(const ForwardArgs& a, cudaStream_t stream, int max_smem) {
   const int64_t attn_smem = AttentionSmem::tiles_bytes(Dk, Dv);
   const int64_t slc_smem = attn_smem + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
   const int64_t score_win_smem = std::max<int64_t>(attn_smem, int64_t{4} * score_tokens(a));
-  const int64_t topn_smem = a.topn_in_smem ? int64_t{4} * (kDecodeThreads / 32) * a.decode_blocks : 0;
+  const int64_t topn_smem = a.topn_in_smem ? int64_t{4} * a.decode_blocks : 0;
   const auto cmp_kernel = attention_kernel<T, Dk, Dv, kBranchCmp, true, kWarpSplit>;
   const auto slc_kernel = attention_kernel<T, Dk, Dv, kBranchSlc, true, kWarpSplit>;
   const auto score_win_kernel = decode_score_win_kernel<T, Dk, Dv, kWarpSplit>;

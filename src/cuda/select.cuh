@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
   float* sPg = sP + (kG16 ? 0 : 64 * kPS);                          // [max(tpc, 4)][64]
   float* sLse2 = sPg + max(tpc, 4) * 64;                            // [chunks * 64]
   float* const sBS = sLse2 + chunks * 64;                           // [tpc][NBs]
-  uint32_t* const sHist = reinterpret_cast<uint32_t*>(sBS + tpc * NBs);  // [4 warps][256] top-n scratch
+  TopNScratch* const sTopN = reinterpret_cast<TopNScratch*>(sBS + tpc * NBs);  // [4 warps]
   const int nb_cta = t_hi / ls + 1;                                 // blocks eligible for some position
 
   constexpr float kLog2e = 1.4426950408889634f;
@@ -244,8 +244,8 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
 
   // Top-n, one warp per position.
   for (int tl = warp; tl < nt; tl += kSelectThreads / 32)
-    pick_top_n(a, sBS + tl * NBs, t0 + tl, a.block_indices + ((seq.row0 + q0 + tl) * a.num_kv_heads + kv_head) * n,
-               sHist + warp * kTopNHistBins);
+    pick_top_n<1>(a, sBS + tl * NBs, t0 + tl, a.block_indices + ((seq.row0 + q0 + tl) * a.num_kv_heads + kv_head) * n,
+                  sTopN[warp]);
 }
 
 }  // namespace nsa::cuda_detail

@@ -428,12 +428,7 @@ std::vector<BwdCase> gpu_cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, CudaBackward, ::testing::ValuesIn(gpu_cases()),
-                         [](const ::testing::TestParamInfo<BwdCase>& param_info) {
-                           std::string name = param_info.param.name;
-                           for (char& ch : name)
-                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return name;
-                         });
+                         case_name<BwdCase>);
 
 // A small case for compute-sanitizer (scripts/gpu_check.sh can filter on it): varlen with a
 // length-1 sequence and T < l, G = 3, separate window keys; then padded, shared keys, fp16.

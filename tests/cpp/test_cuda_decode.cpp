@@ -90,12 +90,7 @@ TEST_P(CudaDecode, MatchesReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, CudaDecode, ::testing::ValuesIn(decode_cases(DType::kBFloat16, 64, 4096)),
-                         [](const ::testing::TestParamInfo<DecodeCase>& param_info) {
-                           std::string name = param_info.param.name;
-                           for (char& ch : name)
-                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return name;
-                         });
+                         case_name<DecodeCase>);
 
 // A small case for compute-sanitizer (scripts/gpu_check.sh filters on it): the decode path with
 // the warps sharing rows (m = 1, G = 16) and without (m = 7, G = 3), a batch of two.

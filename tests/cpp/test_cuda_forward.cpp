@@ -287,12 +287,7 @@ std::vector<GpuCase> gpu_cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, CudaForward, ::testing::ValuesIn(gpu_cases()),
-                         [](const ::testing::TestParamInfo<GpuCase>& param_info) {
-                           std::string name = param_info.param.name;
-                           for (char& ch : name)
-                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return name;
-                         });
+                         case_name<GpuCase>);
 
 // A small case for compute-sanitizer (scripts/gpu_check.sh filters on it): varlen, G = 3,
 // computed and given indices, workspace path.

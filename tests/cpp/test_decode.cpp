@@ -1,15 +1,13 @@
 // Decode and chunked prefill on the CPU reference (DESIGN.md section 1): queries at the end of a KV
 // cache give exactly what prefill gives at their positions (same selected blocks, outputs within
 // float64 noise), whatever the chunking, the batch, the cache capacity (rows past a sequence's
-// length hold NaN) and the window keys; tokens_read counts the keys each softmax reads; the cache
-// params are validated.
+// length hold NaN) and the window keys; tokens_read counts the keys each softmax reads. (The
+// validation of the cache params: test_validation.cpp.)
 #include <gtest/gtest.h>
 
 #include <array>
 #include <cctype>
-#include <cmath>
 #include <cstdint>
-#include <functional>
 #include <string>
 #include <vector>
 
@@ -47,12 +45,7 @@ TEST_P(Decode, MatchesPrefill) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, Decode, ::testing::ValuesIn(decode_cases(DType::kFloat64, 16, kLongSeqlen)),
-                         [](const ::testing::TestParamInfo<DecodeCase>& param_info) {
-                           std::string name = param_info.param.name;
-                           for (char& ch : name)
-                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return name;
-                         });
+                         case_name<DecodeCase>);
 
 // Each sequence of a batch with different cache lengths decodes bit for bit as it does alone.
 TEST(DecodeProperties, BatchEqualsEachSequenceAlone) {
@@ -178,116 +171,6 @@ TEST(DecodeTokensRead, PrefillCountsEveryQuery) {
       EXPECT_EQ(total, once) << "chunk " << chunk;
     }
   }
-}
-
-// ------------------------------------------------------------------------------------------------
-// Validation of the cache params.
-
-// A valid float32 decode call: B = 2 sequences holding 40 and 70 tokens, m = 3 queries each,
-// capacity 70, 7 compressed rows (num_cmp_tokens(70) with l = 16, d = 8), outputs poisoned.
-struct CacheCall {
-  static constexpr int64_t kM = 3, kCapacity = 70, kCmpCapacity = 7;
-  Problem problem;
-  Buffers buffers;
-  nsa::ForwardParams params;
-
-  static ProblemSpec spec() {
-    ProblemSpec spec = padded_spec(2, kCapacity, 4, 2, 8, 6);
-    spec.config = make_config(16, 8, 32, 3, 1, 1, 20);
-    spec.dtype = DType::kFloat32;
-    spec.seed = 93;
-    return spec;
-  }
-
-  CacheCall() : problem(make_problem(spec())), buffers(make_cache_buffers(problem, kM, kCapacity, kCmpCapacity)) {
-    buffers.cache_seqlens = {40, 70};
-    buffers.poison_forward();
-    params = buffers.forward_params();
-  }
-};
-
-bool all_nan(const TypedBuffer& values) {
-  for (int64_t e = 0; e < values.numel(); ++e)
-    if (!std::isnan(values.get(e))) return false;
-  return true;
-}
-
-// Applies `mutate` to a valid call and expects kInvalidArgument with `expected` in the message,
-// and the outputs untouched.
-void expect_cache_error(const std::function<void(CacheCall&)>& mutate, const std::string& expected) {
-  CacheCall call;
-  const nsa::Status valid = nsa::validate(call.params);
-  ASSERT_TRUE(valid.ok()) << valid.message;
-  mutate(call);
-  const nsa::Status status = nsa::cpu::forward(call.params);
-  EXPECT_EQ(status.code, nsa::StatusCode::kInvalidArgument);
-  EXPECT_NE(status.message.find(expected), std::string::npos)
-      << "message \"" << status.message << "\" lacks \"" << expected << "\"";
-  EXPECT_TRUE(all_nan(call.buffers.out.buf));
-  EXPECT_TRUE(all_nan(call.buffers.lse));
-}
-
-TEST(DecodeValidation, CacheParams) {
-  expect_cache_error(
-      [](CacheCall& c) {
-        static const int32_t offsets[] = {0, 3, 6};
-        static const int32_t cmp_offsets[] = {0, 0, 0};
-        c.params.varlen = {offsets, cmp_offsets, 6, 0};
-      },
-      "cache.seqlens (decode / chunked prefill) needs the padded layout: varlen.cu_seqlens");
-  expect_cache_error([](CacheCall& c) { c.buffers.cache_seqlens[1] = 2; },
-                     "cache.seqlens[1] must be >= shape.seqlen (m, the queries per sequence) = 3, got 2");
-  expect_cache_error([](CacheCall& c) { c.buffers.cache_seqlens[0] = 71; },
-                     "cache.seqlens[0] must be <= cache.capacity = 70, got 71");
-  // num_cmp_tokens(40) = (40 - 16) / 8 + 1 = 4.
-  expect_cache_error([](CacheCall& c) { c.params.cache.cmp_capacity = 3; },
-                     "cache.cmp_capacity must hold the 4 compressed tokens of cache.seqlens[0] = 40, got 3");
-  expect_cache_error([](CacheCall& c) { c.params.cache.capacity = 2; },
-                     "cache.capacity must be >= shape.seqlen (m, the queries per sequence) = 3, got 2");
-  expect_cache_error([](CacheCall& c) { c.params.cache.cmp_capacity = -1; },
-                     "cache.cmp_capacity must be >= num_cmp_tokens(shape.seqlen) = 0");
-  expect_cache_error([](CacheCall& c) { c.params.cache.seqlens = nullptr; },
-                     "cache.capacity or cache.cmp_capacity is set but cache.seqlens is null");
-  expect_cache_error([](CacheCall& c) { c.params.k_cmp.data = nullptr; }, "k_cmp must not be null");
-  expect_cache_error([](CacheCall& c) { c.params.v.seq_stride = -1; }, "v: strides must be >= 0");
-}
-
-// The host cannot check a device-resident seqlens: device validation accepts what host validation
-// rejects.
-TEST(DecodeValidation, DeviceSpaceDoesNotReadSeqlens) {
-  CacheCall call;
-  call.buffers.cache_seqlens[0] = 1000;
-  EXPECT_FALSE(nsa::validate(call.params, nsa::MemorySpace::kHost).ok());
-  const nsa::Status device = nsa::validate(call.params, nsa::MemorySpace::kDevice);
-  EXPECT_TRUE(device.ok()) << device.message;
-}
-
-// Given block indices are checked against each query's position, not its row: query 0 of
-// sequence 0 sits at t = 40 - 3 = 37, where blocks 0 and 1 are eligible (l' = 32).
-TEST(DecodeValidation, GivenBlockIndicesByPosition) {
-  const int64_t n = 3, hkv = 2;
-  auto given = [&](int32_t second_block) {
-    return [second_block](CacheCall& c) {
-      std::fill(c.buffers.block_indices.begin(), c.buffers.block_indices.end(), -1);
-      for (size_t e = 0; e < c.buffers.block_indices.size(); e += n) c.buffers.block_indices[e] = 0;
-      c.buffers.block_indices[1] = second_block;  // row (b 0, query 0), kv head 0, slot 1
-      c.params.block_indices_given = true;
-    };
-  };
-  {
-    CacheCall call;
-    given(1)(call);
-    const nsa::Status status = nsa::cpu::forward(call.params);
-    EXPECT_TRUE(status.ok()) << status.message;
-  }
-  expect_cache_error(given(2), "block_indices[sequence 0, t=37, kv head 0, slot 1] = 2 is out of range");
-  // Sequence 1, query 0 (t = 67, blocks 0 .. 2 eligible): block 3 is out of range.
-  expect_cache_error(
-      [&](CacheCall& c) {
-        given(1)(c);
-        c.buffers.block_indices[(CacheCall::kM * hkv) * n + 1] = 3;
-      },
-      "block_indices[sequence 1, t=67, kv head 0, slot 1] = 3 is out of range");
 }
 
 }  // namespace

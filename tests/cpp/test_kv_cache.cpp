@@ -161,6 +161,10 @@ TEST(KvCacheBook, GrowthDoublesAndKeepsLengths) {
   std::vector<int64_t> rows;
   expect_invalid(book.raw_rows(plan, &rows), {"capacity 5", "holds 4", "grow it first"});
   expect_invalid(book.commit_append(plan), {"capacity 5", "grow it first"});
+  // The rows the plan writes decide, not the capacity it claims to need.
+  nsa::KvAppendPlan understated = plan;
+  understated.required_capacity = 1;
+  expect_invalid(book.raw_rows(understated, &rows), {"capacity 5", "holds 4", "grow it first"});
   EXPECT_EQ(book.grown_capacity(5), 8);    // doubling
   EXPECT_EQ(book.grown_capacity(20), 20);  // a bigger jump is taken as is
   expect_invalid(book.grow(3), {"new_capacity", "[4", "got 3"});

@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <cctype>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -74,6 +75,16 @@ struct Problem {
   std::vector<double>& operator[](int arg) { return data[arg]; }
   const std::vector<double>& operator[](int arg) const { return data[arg]; }
 };
+
+// gtest's name of a parameterized case: the case's `name` with every non-alphanumeric character
+// replaced by '_'.
+template <class Case>
+std::string case_name(const ::testing::TestParamInfo<Case>& info) {
+  std::string name = info.param.name;
+  for (char& ch : name)
+    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+  return name;
+}
 
 // Random problem: N(0, 1) values (never exactly 0), gates uniform in (0.05, 0.95); seeded.
 Problem make_problem(const ProblemSpec& spec);

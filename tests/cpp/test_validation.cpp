@@ -1,10 +1,12 @@
-// Every validation error of the API is reachable, returns kInvalidArgument with a message that
-// names the argument, and leaves all outputs untouched.
+// Every validation error of the API (prefill and the KV-cache params of decode / chunked
+// prefill) is reachable, returns kInvalidArgument with a message that names the argument, and
+// leaves all outputs untouched.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -13,11 +15,18 @@
 
 namespace {
 
+// The forward a ValidProblem sets up. kDecode: m = kDecodeM queries per sequence at the end of a
+// KV cache of capacity T (the problem's length) and num_cmp_tokens(T) = 7 compressed rows, the
+// two sequences holding kDecodeSeqlens tokens (ForwardParams::cache; the cache rows are NaN).
+enum class Mode { kPrefill, kDecode };
+
 // A valid padded float32 problem (B=2, T=70, Hq=4, Hkv=2, Dk=8, Dv=6, l=16, d=8, l'=32, n=3,
 // num_init=1, num_local=1, w=20), outputs poisoned, with forward and backward params pointing at
-// its buffers (tests/cpp/test_util.h).
+// its buffers (tests/cpp/test_util.h). The backward params are for kPrefill only.
 struct ValidProblem {
   static constexpr int64_t B = 2, T = 70, Hq = 4, Hkv = 2, Dk = 8, Dv = 6;
+  static constexpr int64_t kDecodeM = 3, kDecodeCmpCapacity = 7;
+  static constexpr int32_t kDecodeSeqlens[B] = {40, 70};
   nsa_test::Problem problem;
   nsa_test::Buffers buffers;
   std::vector<int32_t>& block_indices;
@@ -38,10 +47,13 @@ struct ValidProblem {
     return spec;
   }
 
-  ValidProblem()
+  explicit ValidProblem(Mode mode = Mode::kPrefill)
       : problem(nsa_test::make_problem(spec())),
-        buffers(nsa_test::make_buffers(problem)),
+        buffers(mode == Mode::kDecode
+                    ? nsa_test::make_cache_buffers(problem, kDecodeM, T, kDecodeCmpCapacity)
+                    : nsa_test::make_buffers(problem)),
         block_indices(buffers.block_indices) {
+    if (mode == Mode::kDecode) buffers.cache_seqlens.assign(std::begin(kDecodeSeqlens), std::end(kDecodeSeqlens));
     buffers.poison_forward();
     fwd = buffers.forward_params();
   }
@@ -61,8 +73,9 @@ bool all_nan(const nsa_test::TypedBuffer& values) {
 }
 
 // Applies `mutate` to a valid forward and expects the error `expected` (a message fragment).
-void expect_forward_error(const std::function<void(ValidProblem&)>& mutate, const std::string& expected) {
-  ValidProblem problem;
+void expect_forward_error(const std::function<void(ValidProblem&)>& mutate, const std::string& expected,
+                          Mode mode = Mode::kPrefill) {
+  ValidProblem problem(mode);
   ASSERT_TRUE(nsa::validate(problem.fwd).ok());
   mutate(problem);
   const std::vector<int32_t> indices_before = problem.block_indices;
@@ -257,6 +270,80 @@ TEST(Validation, GivenBlockIndices) {
                        "block_indices[sequence 0, t=40, kv head 1] repeats block 0");
   // The backward checks the indices it is given too.
   expect_backward_error([](ValidProblem& p) { p.block_indices[5 * n] = 3; }, "is out of range");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Decode / chunked prefill: the KV-cache params (ForwardParams::cache).
+
+TEST(CacheValidation, ValidCachePasses) {
+  ValidProblem problem(Mode::kDecode);
+  const nsa::Status status = nsa::cpu::forward(problem.fwd);
+  EXPECT_TRUE(status.ok()) << status.message;
+}
+
+TEST(CacheValidation, CacheParams) {
+  auto expect_error = [](const std::function<void(ValidProblem&)>& mutate, const std::string& expected) {
+    expect_forward_error(mutate, expected, Mode::kDecode);
+  };
+  expect_error(
+      [](ValidProblem& p) {
+        static const int32_t offsets[] = {0, 3, 6};
+        static const int32_t cmp_offsets[] = {0, 0, 0};
+        p.fwd.varlen = {offsets, cmp_offsets, 6, 0};
+      },
+      "cache.seqlens (decode / chunked prefill) needs the padded layout: varlen.cu_seqlens");
+  expect_error([](ValidProblem& p) { p.buffers.cache_seqlens[1] = 2; },
+               "cache.seqlens[1] must be >= shape.seqlen (m, the queries per sequence) = 3, got 2");
+  expect_error([](ValidProblem& p) { p.buffers.cache_seqlens[0] = 71; },
+               "cache.seqlens[0] must be <= cache.capacity = 70, got 71");
+  // num_cmp_tokens(40) = (40 - 16) / 8 + 1 = 4.
+  expect_error([](ValidProblem& p) { p.fwd.cache.cmp_capacity = 3; },
+               "cache.cmp_capacity must hold the 4 compressed tokens of cache.seqlens[0] = 40, got 3");
+  expect_error([](ValidProblem& p) { p.fwd.cache.capacity = 2; },
+               "cache.capacity must be >= shape.seqlen (m, the queries per sequence) = 3, got 2");
+  expect_error([](ValidProblem& p) { p.fwd.cache.cmp_capacity = -1; },
+               "cache.cmp_capacity must be >= num_cmp_tokens(shape.seqlen) = 0");
+  expect_error([](ValidProblem& p) { p.fwd.cache.seqlens = nullptr; },
+               "cache.capacity or cache.cmp_capacity is set but cache.seqlens is null");
+  expect_error([](ValidProblem& p) { p.fwd.k_cmp.data = nullptr; }, "k_cmp must not be null");
+  expect_error([](ValidProblem& p) { p.fwd.v.seq_stride = -1; }, "v: strides must be >= 0");
+}
+
+// The host cannot check a device-resident seqlens: device validation accepts what host validation
+// rejects.
+TEST(CacheValidation, DeviceSpaceDoesNotReadSeqlens) {
+  ValidProblem problem(Mode::kDecode);
+  problem.buffers.cache_seqlens[0] = 1000;
+  EXPECT_FALSE(nsa::validate(problem.fwd, nsa::MemorySpace::kHost).ok());
+  const nsa::Status device = nsa::validate(problem.fwd, nsa::MemorySpace::kDevice);
+  EXPECT_TRUE(device.ok()) << device.message;
+}
+
+// Given block indices are checked against each query's position, not its row: query 0 of
+// sequence 0 sits at t = 40 - 3 = 37, where blocks 0 and 1 are eligible (l' = 32).
+TEST(CacheValidation, GivenBlockIndicesByPosition) {
+  const int64_t n = 3;
+  // Block 0 in every (query row, kv head) row, and `second_block` in slot 1 of row `row`
+  // (query row * Hkv + kv head).
+  auto given = [](int64_t row, int32_t second_block) {
+    return [row, second_block](ValidProblem& p) {
+      for (size_t e = 0; e < p.block_indices.size(); ++e) p.block_indices[e] = e % n == 0 ? 0 : -1;
+      p.block_indices[row * n + 1] = second_block;
+      p.fwd.block_indices_given = true;
+    };
+  };
+  {
+    ValidProblem problem(Mode::kDecode);
+    given(0, 1)(problem);
+    const nsa::Status status = nsa::cpu::forward(problem.fwd);
+    EXPECT_TRUE(status.ok()) << status.message;
+  }
+  expect_forward_error(given(0, 2), "block_indices[sequence 0, t=37, kv head 0, slot 1] = 2 is out of range",
+                       Mode::kDecode);
+  // Sequence 1, query 0 (query row 3; t = 67, blocks 0 .. 2 eligible): block 3 is out of range.
+  const int64_t row = ValidProblem::kDecodeM * ValidProblem::Hkv;
+  expect_forward_error(given(row, 3), "block_indices[sequence 1, t=67, kv head 0, slot 1] = 3 is out of range",
+                       Mode::kDecode);
 }
 
 TEST(Validation, StatusNames) {

@@ -403,6 +403,11 @@ def test_bad_inputs_raise_clear_errors():
         module(x, slots=[0])
     with pytest.raises(TypeError, match="cache must be an nsa.KVCache"):
         module(x, cache=object())
+    dense = DenseAttention(DIM, 2, 1, 8, 10000.0).double()
+    with pytest.raises(ValueError, match="DenseAttention: slots lists 2 slots but x has 1 rows"):
+        dense(x, cache=dense.new_cache(2, 8), slots=[0, 1])
+    with pytest.raises(ValueError, match="DenseAttention: cache must be a plain KVCache"):
+        dense(x, cache=module.new_cache(1, 8))
 
 
 # --------------------------------------------------------------------------------------------
