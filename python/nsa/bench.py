@@ -566,22 +566,33 @@ def run_prefill(args) -> int:
             if row.get("stages_ms"):
                 row["stages_tflops"] = {s: flops[s] / (v * 1e-3) / 1e12 for s, v in row["stages_ms"].items()
                                         if v and s in flops}
-            for note in row["notes"]:
-                print(f"    note: {note}", flush=True)
-            print("    " + _fmt_row(row), flush=True)
-            rows.append(row)
-            write_json(out_json, result)  # after each row: a cut-off run keeps its rows
-    write_json(out_json, result)
-    print(f"wrote {out_json}")
-    print_table(result)
-    if not args.no_png:
-        plot(result, Path(args.out_png) if args.out_png else out_json.with_suffix(".png"))
+            add_row(result, row, _fmt_row(row), out_json)
+    finish_run(result, out_json, print_table, None if args.no_png else (
+        lambda: plot(result, Path(args.out_png) if args.out_png else out_json.with_suffix(".png"))))
     bad = [c for c, v in meta["validation"].items() if not v.get("ok")]
     return 1 if bad or not rows else 0
 
 
 # ----------------------------------------------------------------------------------------------
 # Output
+
+def add_row(result: dict, row: dict, line: str, out_json: Path) -> None:
+    """Prints a measured row (its notes, then `line`), adds it to result["rows"] and rewrites the JSON,
+    so that a run cut off midway keeps the rows it measured."""
+    for note in row["notes"]:
+        print(f"    note: {note}", flush=True)
+    print("    " + line, flush=True)
+    result["rows"].append(row)
+    write_json(out_json, result)
+
+
+def finish_run(result: dict, out_json: Path, print_summary, make_plot) -> None:
+    """The end of a harness run: the final JSON, its path, the summary table, the plot (unless None)."""
+    write_json(out_json, result)
+    print(f"wrote {out_json}")
+    print_summary(result)
+    if make_plot is not None:
+        make_plot()
 
 def _f(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
@@ -976,16 +987,9 @@ def run_decode(args) -> int:
                         torch.cuda.empty_cache()
                 row = decode_row(cname, cfg, B, context, args.dtype, meta, ceilings, **measured)
                 failed += row.get("ours_finite") is False
-                for note in row["notes"]:
-                    print(f"    note: {note}", flush=True)
-                print("    " + _fmt_decode_row(row), flush=True)
-                rows.append(row)
-                write_json(out_json, result)  # after each row: a cut-off run keeps its rows
-    write_json(out_json, result)
-    print(f"wrote {out_json}")
-    print_decode_table(result)
-    if not args.no_plot:
-        plot_decode(result, Path(args.plot) if args.plot else out_json.with_suffix(".png"))
+                add_row(result, row, _fmt_decode_row(row), out_json)
+    finish_run(result, out_json, print_decode_table, None if args.no_plot else (
+        lambda: plot_decode(result, Path(args.plot) if args.plot else out_json.with_suffix(".png"))))
     return 1 if failed or not any(r.get("ours_ms") for r in rows) else 0
 
 
