@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import re
 import subprocess
