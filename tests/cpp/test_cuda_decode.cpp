@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <cctype>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -107,6 +108,42 @@ TEST(CudaDecodeSanitizer, Small) {
     const DecodeResult decoded = run_decode(problem, chunked_schedule(problem, chunk), run_cuda_forward);
     ASSERT_TRUE(decoded.ok);
     expect_16bit_forward_matches_reference(problem, decoded.outputs);
+  }
+}
+
+// Cache lengths the device cannot validate (past the capacity, below m) are clamped to the cache
+// in the kernels: the call stays inside the cache (compute-sanitizer runs this case) and a length
+// past the capacity gives what the full cache gives.
+TEST(CudaDecodeSanitizer, LengthsOutsideTheCacheAreClamped) {
+  NSA_SKIP_WITHOUT_DEVICE();
+  constexpr int64_t kLength = 300, kHeads = 16, kDv = 64;
+  ProblemSpec spec = padded_spec(2, kLength, kHeads, 1, 64, kDv);
+  spec.config = make_config(32, 16, 64, 4, 1, 2, 100);
+  spec.dtype = DType::kBFloat16;
+  const Problem problem = make_problem(spec);
+  // One call on the whole cache querying its last position; the other rows are not queried.
+  const std::vector<DecodeCall> full = {DecodeCall{1, {kLength, kLength}}};
+  const auto last_rows = [&](const Outputs& outputs) {
+    std::vector<double> values;
+    for (int64_t b = 0; b < problem.num_seqs(); ++b) {
+      const auto row = outputs.out.begin() + (problem.row_begin[b] + kLength - 1) * kHeads * kDv;
+      values.insert(values.end(), row, row + kHeads * kDv);
+    }
+    return values;
+  };
+  const std::vector<double> valid = last_rows(run_decode(problem, full, run_cuda_forward).outputs);
+  for (const double x : valid) ASSERT_TRUE(std::isfinite(x));
+  for (const int32_t bad_length : {static_cast<int32_t>(kLength + 1000), 0}) {
+    SCOPED_TRACE("cache_seqlens " + std::to_string(bad_length));
+    const auto tampered = [&](Buffers& buffers, nsa::Status* status) {
+      for (int32_t& held : buffers.cache_seqlens) held = bad_length;
+      return run_cuda_forward(buffers, status);
+    };
+    const std::vector<double> clamped = last_rows(run_decode(problem, full, tampered).outputs);
+    for (const double x : clamped) ASSERT_TRUE(std::isfinite(x));
+    if (bad_length > kLength) {
+      EXPECT_EQ(clamped, valid);
+    }
   }
 }
 
