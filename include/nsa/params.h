@@ -62,9 +62,10 @@ struct Varlen {
 // Sequence b holds keys 0 .. seqlens[b]-1 (its m new tokens already appended) and its first
 // num_cmp_tokens(seqlens[b]) compressed tokens; its query i sits at position seqlens[b] - m + i
 // and sees exactly what that position sees in prefill. Requires m <= seqlens[b] <= capacity and
-// num_cmp_tokens(seqlens[b]) <= cmp_capacity: the host validation checks this (it reads seqlens),
-// the CUDA backend cannot without a sync, so there it is the caller's bookkeeping (the KV cache
-// of include/nsa/kv_cache.h keeps it).
+// num_cmp_tokens(seqlens[b]) <= cmp_capacity: the host validation checks this (it reads seqlens);
+// the CUDA backend cannot without a sync, so there it is the caller's bookkeeping (the KV cache of
+// include/nsa/kv_cache.h keeps it), and its kernels clamp each length into the cache: a bad length
+// gives wrong values, never reads outside the cache.
 struct KvCacheView {
   const int32_t* seqlens = nullptr;  // [B] keys held per sequence; null: prefill (no cache)
   int64_t capacity = 0;              // raw rows per sequence in k, v, k_win, v_win
