@@ -4,12 +4,16 @@ dense attention on the corpus of data.py, and reports what it measured.
     python -m nsa.train --preset tiny                 # CPU, a few minutes (docs/training.md)
     python -m nsa.train --preset m7c-125m --steps 300 # one GPU
     torchrun --nproc-per-node 8 -m nsa.train --preset m7c-125m
+    torchrun --nproc-per-node 8 -m nsa.train --preset m7c-125m --parallel fsdp   # FSDP2 instead of DDP
     python -m nsa.train --resume runs/<run>           # continue from its latest checkpoint
     python -m nsa.train --compare --steps 100         # nsa and dense, same seed and data
 
 Settings are layered: the dataclass defaults, then the preset (or, with --resume, the
 settings saved in the checkpoint), then the flags given on the command line. The Python API is
 ``train(model_config, train_config, out_dir, resume=None, ddp=False)``; the tests call it.
+``TrainConfig.parallel`` (``--parallel ddp|fsdp``) picks how a process group is used: DDP
+(replicated weights) or FSDP2 (``fully_shard``: weights, gradients and optimizer state sharded over
+the ranks); checkpoints are the same full files either way.
 
 Outputs (rank 0 only), in --out: config.json, metrics.csv (one row per step), loss_curve.png
 (if matplotlib imports), tb/ (if tensorboard imports), checkpoints/step_NNNNNNN.{safetensors,
@@ -81,11 +85,14 @@ class TrainConfig:
     temperature: float = 0.8
     top_k: int = 40
     progress_seconds: float = 3.0  # a progress line at least this often (and at every evaluation)
+    # With a process group: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2, fully_shard per block
+    # and on the root). "fsdp" without torchrun or a caller's group makes a group of one, like --ddp.
+    parallel: str = "ddp"
 
 
 # Fields that change the sequence of losses; changing one on --resume ends the exact continuation.
 _TRAJECTORY_FIELDS = ("steps", "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "beta1", "beta2",
-                      "grad_clip", "seed", "data", "deterministic")
+                      "grad_clip", "seed", "data", "deterministic", "parallel")
 
 
 @dataclass
@@ -125,7 +132,7 @@ class _Dist:
     rank: int
     world_size: int
     device: torch.device
-    enabled: bool  # DDP in use (a process group exists)
+    enabled: bool  # a process group exists: DDP or FSDP in use
     owns_group: bool  # we created it, so we destroy it
 
 
@@ -171,13 +178,15 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.replace(tmp, path)
 
 
-def _save_checkpoint(ckpt_dir: Path, step: int, model: LanguageModel, state: Dict, keep: int) -> Path:
+def _save_checkpoint(ckpt_dir: Path, step: int, weights: Dict[str, torch.Tensor], model_config: ModelConfig,
+                     state: Dict, keep: int) -> Path:
+    """``weights``: the full (unsharded) state dict of the model, whatever the parallelism."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().contiguous() for k, v in weights.items()}
     if _safetensors is not None:
         model_path = ckpt_dir / f"{name}.safetensors"
-        metadata = {"model_config": json.dumps(asdict(model.config))}
+        metadata = {"model_config": json.dumps(asdict(model_config))}
         _atomic_write(model_path, lambda tmp: _safetensors.save_file(weights, tmp, metadata=metadata))
     else:
         model_path = ckpt_dir / f"{name}.model.pt"
@@ -219,6 +228,10 @@ def load_model(path: str, device: str = "cpu") -> LanguageModel:
 
 
 def _load_model_weights(model: LanguageModel, state_path: Path, state: Dict) -> None:
+    model.load_state_dict(_read_model_weights(state_path, state))
+
+
+def _read_model_weights(state_path: Path, state: Dict) -> Dict[str, torch.Tensor]:
     model_path = state_path.parent / state["model_file"]
     if model_path.suffix == ".safetensors":
         if _safetensors is None:
@@ -226,7 +239,7 @@ def _load_model_weights(model: LanguageModel, state_path: Path, state: Dict) -> 
         weights = _safetensors.load_file(str(model_path))
     else:
         weights = torch.load(model_path, map_location="cpu", weights_only=True)
-    model.load_state_dict(weights)
+    return weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,15 +389,93 @@ def _restore_rank_state(state: Dict, sampler: WindowSampler, device: torch.devic
         torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
+# ---------------------------------------------------------------------------------------------
+# FSDP2 (--parallel fsdp): torch.distributed.fsdp.fully_shard on every block, then on the root
+# (embedding, final norm, head). The parameters become DTensors sharded over the ranks (dim 0);
+# the optimizer, built afterwards, holds only this rank's shards. Checkpoints stay the full files
+# of the other path: the full state dicts are gathered to rank 0 on the CPU and written there,
+# and the optimizer state is stored keyed by parameter index, as optimizer.state_dict() keys it,
+# so a checkpoint resumes under either --parallel (and loads with load_model / nsa.evals).
+
+
+def _fsdp_shard(model: LanguageModel, device: torch.device, world_size: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))  # over the default group (gloo on CPU, NCCL on CUDA)
+    # Mixed precision exactly where train() autocasts to bf16 (CUDA): the all-gathered parameters
+    # are bf16 (fp32 master weights and optimizer state stay sharded), gradients are reduced in
+    # fp32. The autocast context stays on: its casts of the now-bf16 weights are no-ops (nothing is
+    # cast twice) and the ops it runs in fp32 still run in fp32. One difference from DDP + autocast:
+    # the embedding and norm weights are bf16 too, so the residual stream is bf16 instead of fp32.
+    # On CPU (no autocast) no policy: fp32 throughout, the same computation as the DDP path.
+    if device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        policy = MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def _optimizer_param_names(model: LanguageModel, optimizer: torch.optim.Optimizer) -> List[str]:
+    """Parameter names in the order optimizer.state_dict() numbers them (group by group)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _fsdp_full_state(model: LanguageModel, optimizer: torch.optim.Optimizer) -> Tuple[Dict, Dict]:
+    """(model weights, optimizer state dict) in full, on the CPU, on rank 0 ({} on the others). A
+    collective: every rank calls it. The optimizer state comes back keyed by parameter index like
+    a plain optimizer.state_dict()."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    if not optim:  # ranks other than 0
+        return weights, optim
+    index = {name: i for i, name in enumerate(_optimizer_param_names(model, optimizer))}
+    return weights, {"state": {index[name]: value for name, value in optim["state"].items()},
+                     "param_groups": [dict(g, params=[index[name] for name in g["params"]])
+                                      for g in optim["param_groups"]]}
+
+
+def _fsdp_load(model: LanguageModel, optimizer: torch.optim.Optimizer, weights: Dict, optim: Dict) -> None:
+    """Loads full (unsharded) weights and an index-keyed optimizer state dict into the sharded
+    model and optimizer. Every rank reads the checkpoint files itself (as it does for its RNG and
+    sampler state), so each rank slices its shards out of the full tensors locally; no broadcast
+    from rank 0 is needed (broadcast_from_rank0 would save the other ranks the reading)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    names = _optimizer_param_names(model, optimizer)
+    by_name = {"state": {names[i]: value for i, value in optim["state"].items()},
+               "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in optim["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=options)
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    # clip_grad_norm_ over DTensor gradients returns a DTensor norm.
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] = None, resume: Optional[Path] = None,
           ddp: bool = False, log: Callable[[str], None] = print) -> RunResult:
     """Trains (or, with ``resume`` = a state file, continues) one run; returns what it measured.
 
-    ``out_dir`` None writes nothing (no checkpoints, logs or plots). DDP is used when a process
-    group exists or is made here (``ddp`` or WORLD_SIZE > 1); only rank 0 writes and logs.
+    ``out_dir`` None writes nothing (no checkpoints, logs or plots). DDP, or FSDP2 with
+    ``cfg.parallel == "fsdp"``, is used when a process group exists or is made here (``ddp``,
+    ``cfg.parallel == "fsdp"`` or WORLD_SIZE > 1); only rank 0 writes and logs.
     """
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"nsa.train: parallel must be 'ddp' or 'fsdp', got {cfg.parallel!r}")
     wall_start = time.perf_counter()
-    dst = _setup_distributed(ddp, cfg.device)
+    dst = _setup_distributed(ddp or cfg.parallel == "fsdp", cfg.device)
+    fsdp = dst.enabled and cfg.parallel == "fsdp"
     rank0 = dst.rank == 0
     if not rank0:
         log = lambda message: None  # noqa: E731
@@ -398,6 +489,9 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = LanguageModel(model_config, cfg.checkpoint_activations).to(device)
+    num_parameters = model.num_parameters()
+    if fsdp:  # before the optimizer is made: it must hold the sharded parameters
+        _fsdp_shard(model, device, dst.world_size)
 
     # Rank 0 builds the token cache first; the others then find it complete.
     token_files = build_token_files(cfg.data, cfg.cache_dir) if rank0 else None
@@ -419,20 +513,25 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
         if state["world_size"] != dst.world_size:
             raise RuntimeError(f"nsa.train: the checkpoint was written by {state['world_size']} ranks, this run has "
                                f"{dst.world_size}; an exact resume needs the same number (each rank's data stream)")
-        _load_model_weights(model, resume, state)
-        optimizer.load_state_dict(state["optimizer"])
+        if fsdp:
+            _fsdp_load(model, optimizer, _read_model_weights(resume, state), state["optimizer"])
+        else:
+            _load_model_weights(model, resume, state)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _restore_rank_state(state["rank_states"][dst.rank], sampler, device)
         start_step = state["step"]
         log(f"resumed from {resume} at step {start_step}")
+    # FSDP shards `model` in place (its forward gathers the weights), so it is its own net.
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dst.enabled else model
+        if dst.enabled and not fsdp else model
 
     tokens_per_step = cfg.batch_size * seq_len * dst.world_size
     result = RunResult(out_dir=out_dir, steps=start_step, tokens=start_step * tokens_per_step,
-                       num_parameters=model.num_parameters())
+                       num_parameters=num_parameters)
     log(f"model: {model_config.attn} attention, {result.num_parameters / 1e6:.2f}M parameters, "
-        f"{model_config.n_layers} layers, dim {model_config.dim}, seq {seq_len}; device {device} x{dst.world_size}; "
+        f"{model_config.n_layers} layers, dim {model_config.dim}, seq {seq_len}; device {device} x{dst.world_size}"
+        f"{(' (' + cfg.parallel + ')') if dst.enabled else ''}; "
         f"data {token_files.meta['train_tokens']:,} train / {token_files.meta['val_tokens']:,} val tokens "
         f"({token_files.meta['root']}, {token_files.meta['num_files']} files, validation: {token_files.meta['split']})")
 
@@ -453,7 +552,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
         loss = _loss(net, x, y, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = _full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         lr = scheduler.get_last_lr()[0]  # the lr this step uses
         optimizer.step()
         scheduler.step()
@@ -499,12 +598,16 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
             if dst.enabled:
                 rank_states = [None] * dst.world_size
                 dist.all_gather_object(rank_states, _rank_state(sampler, device))
+            if fsdp:  # collective: every rank takes part, rank 0 receives the full tensors
+                weights, optimizer_state = _fsdp_full_state(model, optimizer) if out_dir is not None else ({}, {})
+            else:
+                weights, optimizer_state = model.state_dict(), optimizer.state_dict()
             if writing:
                 state = {"step": step, "world_size": dst.world_size, "model_config": asdict(model_config),
-                         "train_config": asdict(cfg), "optimizer": optimizer.state_dict(),
+                         "train_config": asdict(cfg), "optimizer": optimizer_state,
                          "scheduler": scheduler.state_dict(), "rank_states": rank_states}
-                result.paths["checkpoint"] = str(_save_checkpoint(out_dir / "checkpoints", step, model, state,
-                                                                  cfg.keep_ckpts))
+                result.paths["checkpoint"] = str(_save_checkpoint(out_dir / "checkpoints", step, weights,
+                                                                  model_config, state, cfg.keep_ckpts))
 
     if not result.val_losses:  # nothing trained here (resumed at the last step): still report a val loss
         result.val_losses.append((result.steps, evaluate(model, val_tokens, cfg, seq_len, dst)))
@@ -513,9 +616,14 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
     if device.type == "cuda":
         result.peak_gpu_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
 
-    if rank0 and cfg.sample_tokens > 0:
-        result.sample = generate(model, cfg.prompt.encode(), cfg.sample_tokens, temperature=cfg.temperature,
-                                 top_k=cfg.top_k, seed=cfg.seed)
+    # Under FSDP every forward all-gathers each block's weights, so every rank must run the same
+    # forwards: all ranks sample, with the same seed, prompt and (gathered) weights; generate()
+    # runs a fixed number of forwards whatever bytes it draws, so the collectives stay matched even
+    # if ranks drew different bytes. Rank 0's sample is the one reported. (Verified with one rank.)
+    if (rank0 or fsdp) and cfg.sample_tokens > 0:
+        sample = generate(model, cfg.prompt.encode(), cfg.sample_tokens, temperature=cfg.temperature,
+                          top_k=cfg.top_k, seed=cfg.seed)
+        result.sample = sample if rank0 else b""
         log("sample: " + repr((cfg.prompt.encode() + result.sample).decode("utf-8", errors="replace")))
     if metrics is not None:
         metrics.close()
@@ -595,6 +703,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--resume", help="checkpoint state file or run directory to continue from")
     p.add_argument("--compare", action="store_true", help="train nsa and dense with the same settings, compare")
     p.add_argument("--ddp", action="store_true", help="use DDP even without torchrun (a group of one)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"),
+                   help="with a process group (torchrun, --ddp): ddp (default) or fsdp (FSDP2 fully_shard: "
+                        "sharded weights, gradients and optimizer state; full checkpoints all the same); "
+                        "fsdp without torchrun makes a group of one")
     return p.parse_args(argv)
 
 

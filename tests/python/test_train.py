@@ -7,7 +7,9 @@ is built once per session into a temporary directory.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,6 +41,17 @@ def small_cfg(cache_dir) -> TrainConfig:
 
 def _quiet(_message: str) -> None:
     pass
+
+
+@contextlib.contextmanager
+def _group_of_one(tmp_path: Path):
+    """A gloo process group of one rank (file:// store) that the caller owns, as torchrun would
+    give train() one: train() uses it and leaves it alone."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _csv_losses(path: Path):
@@ -103,15 +116,70 @@ def test_resume_is_exact(small_cfg, tmp_path, monkeypatch, weights):
 def test_ddp_world_size_one(small_cfg, tmp_path):
     cfg = replace(small_cfg, steps=3)
     plain = train(SMALL, cfg, log=_quiet)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
+    with _group_of_one(tmp_path):
         result = train(SMALL, cfg, tmp_path / "ddp", ddp=True, log=_quiet)
         assert dist.is_initialized()  # a group the caller made is left to the caller
-    finally:
-        dist.destroy_process_group()
     state = torch.load(result.paths["checkpoint"], weights_only=True)
     assert state["world_size"] == 1 and len(state["rank_states"]) == 1
     assert result.losses == plain.losses  # one rank: DDP's gradient all-reduce changes nothing
+
+
+def test_fsdp_matches_ddp_world_size_one(small_cfg, tmp_path):
+    """--parallel fsdp (FSDP2 fully_shard) on the tiny preset's model: with one rank it computes
+    what DDP computes (fp32 on CPU), and the end-of-run sample runs through the sharded model."""
+    tiny = ModelConfig(**dict(PRESETS["tiny"]["model"], seq_len=64))
+    cfg = replace(small_cfg, steps=3, sample_tokens=4)
+    with _group_of_one(tmp_path):
+        ddp = train(tiny, cfg, ddp=True, log=_quiet)
+        fsdp = train(tiny, replace(cfg, parallel="fsdp"), log=_quiet)
+        assert dist.is_initialized()
+    assert [s for s, _ in fsdp.losses] == [1, 2, 3]
+    assert all(math.isfinite(loss) for _, loss in fsdp.losses)
+    for (_, a), (_, b) in zip(fsdp.losses, ddp.losses):
+        assert a == pytest.approx(b, rel=1e-6, abs=0)
+    assert fsdp.final_val_loss == pytest.approx(ddp.final_val_loss, rel=1e-6, abs=0)
+    assert len(fsdp.sample) == 4 and fsdp.sample == ddp.sample  # same weights, seed and prompt
+
+
+def test_fsdp_resume_is_exact(small_cfg, tmp_path):
+    k = 3
+    cfg = replace(small_cfg, steps=2 * k, parallel="fsdp")
+    with _group_of_one(tmp_path):
+        uninterrupted = train(SMALL, cfg, tmp_path / "a", log=_quiet)
+        interrupted = train(SMALL, replace(cfg, ckpt_every=k), tmp_path / "b", log=_quiet)
+        assert interrupted.losses == uninterrupted.losses
+        ckpt = tmp_path / "b" / "checkpoints" / f"step_{k:07d}.state.pt"
+        assert torch.load(ckpt, weights_only=True)["train_config"]["parallel"] == "fsdp"
+        torch.manual_seed(12345)  # the global RNG must come from the checkpoint
+        nsa_train.main(["--resume", str(ckpt), "--progress-seconds", "1e9"])  # fsdp again: the saved setting
+        # The checkpoint format does not depend on --parallel: DDP continues it just as well.
+        nsa_train.main(["--resume", str(ckpt), "--parallel", "ddp", "--out", str(tmp_path / "c"),
+                        "--progress-seconds", "1e9"])
+    resumed = _csv_losses(tmp_path / "b" / "metrics.csv")
+    assert [s for s, _ in resumed] == list(range(1, 2 * k + 1))
+    assert resumed == uninterrupted.losses  # bit for bit
+    assert _csv_losses(tmp_path / "c" / "metrics.csv") == uninterrupted.losses[k:]  # a new --out: steps k+1..
+
+
+def test_fsdp_checkpoint_loads_into_plain_model(small_cfg, tmp_path):
+    # No process group given: --parallel fsdp makes a group of one itself (and closes it).
+    cfg = replace(small_cfg, steps=2)
+    fsdp = train(SMALL, replace(cfg, parallel="fsdp"), tmp_path / "fsdp", log=_quiet)
+    assert not dist.is_initialized()
+    plain = train(SMALL, cfg, tmp_path / "plain", log=_quiet)
+    assert fsdp.losses == plain.losses
+    model = nsa_train.load_model(str(tmp_path / "fsdp"))  # what nsa.evals loads
+    assert type(model) is LanguageModel and model.config == SMALL and not model.training
+    reference = nsa_train.load_model(str(tmp_path / "plain")).state_dict()
+    weights = model.state_dict()
+    assert weights.keys() == reference.keys()
+    for name, tensor in weights.items():
+        assert tensor.dtype == torch.float32 and not hasattr(tensor, "full_tensor"), name  # full, not DTensor
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-6, atol=1e-8, msg=name)
+    fsdp_state = torch.load(fsdp.paths["checkpoint"], weights_only=True)["optimizer"]
+    plain_state = torch.load(plain.paths["checkpoint"], weights_only=True)["optimizer"]
+    assert fsdp_state["param_groups"] == plain_state["param_groups"]  # keyed by index, like optimizer.state_dict()
+    assert fsdp_state["state"].keys() == plain_state["state"].keys()
 
 
 def _write_corpus(root: Path, count: int) -> None:
