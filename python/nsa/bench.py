@@ -655,6 +655,17 @@ def _pyplot():
     return plt
 
 
+def _log_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
+    """Log-log axes (x in powers of 2) with a title, labels, grid and legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def _save_figure(plt, fig, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -688,13 +699,8 @@ def plot(result, path: Path) -> bool:
             if pts:
                 ax.plot(*zip(*pts), style, alpha=0.6, label=f"NSA stage {s}")
         r0 = rs[0]
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_title(f"{cname}: B={r0['B']} Hq={r0['Hq']} Hkv={r0['Hkv']} Dk={r0['Dk']} Dv={r0['Dv']}")
-        ax.set_xlabel("sequence length T")
-        ax.set_ylabel("time (ms)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _log_axes(ax, f"{cname}: B={r0['B']} Hq={r0['Hq']} Hkv={r0['Hkv']} Dk={r0['Dk']} Dv={r0['Dv']}",
+                  "sequence length T", "time (ms)")
     m = result["meta"]
     fig.suptitle(f"Prefill forward and backward, {m.get('gpu')}, torch {m.get('torch')}, {m.get('dtype')}, {m.get('date')}", fontsize=10)
     _save_figure(plt, fig, path)
@@ -1049,13 +1055,8 @@ def plot_decode(result, path: Path) -> bool:
                 if xy:
                     ax.plot(*zip(*xy), style, color=color, label=f"B={B} {label}")
         r0 = rs[0]
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_title(f"{cname}: Hq={r0['Hq']} Hkv={r0['Hkv']} Dk={r0['Dk']} Dv={r0['Dv']}")
-        ax.set_xlabel("context (keys in the cache)")
-        ax.set_ylabel("ms per decode step (per-token latency)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _log_axes(ax, f"{cname}: Hq={r0['Hq']} Hkv={r0['Hkv']} Dk={r0['Dk']} Dv={r0['Dv']}",
+                  "context (keys in the cache)", "ms per decode step (per-token latency)")
     m = result["meta"]
     fig.suptitle(f"Decode step (m = 1), {m.get('gpu')}, torch {m.get('torch')}, {m.get('dtype')}, {m.get('date')}",
                  fontsize=10)

@@ -221,11 +221,6 @@ std::vector<DecodeCall> schedule_of(const DecodeCase& decode_case, const Problem
                                      : staggered_schedule(problem, decode_case.chunk, decode_case.stagger);
 }
 
-std::vector<int32_t> given_indices_of(const DecodeCase& decode_case, const Problem& problem) {
-  return decode_case.given_indices ? random_block_indices(problem, decode_case.spec.seed + 7, 0)
-                                   : std::vector<int32_t>{};
-}
-
 DecodeOptions options_of(const DecodeCase& decode_case, const std::vector<int32_t>& given) {
   DecodeOptions options;
   options.extra_capacity = decode_case.extra_capacity;
@@ -235,9 +230,27 @@ DecodeOptions options_of(const DecodeCase& decode_case, const std::vector<int32_
   return options;
 }
 
+namespace {
+
+std::vector<int32_t> given_indices_of(const DecodeCase& decode_case, const Problem& problem) {
+  return decode_case.given_indices ? random_block_indices(problem, decode_case.spec.seed + 7, 0)
+                                   : std::vector<int32_t>{};
+}
+
 std::function<void(const Buffers&)> poison_check_of(const DecodeCase& decode_case) {
   if (decode_case.extra_capacity == 0 && decode_case.extra_cmp_capacity == 0) return nullptr;
   return [](const Buffers& buffers) { EXPECT_TRUE(cache_past_seqlens_is_nan(buffers)); };
+}
+
+}  // namespace
+
+CaseRun run_case(const DecodeCase& decode_case, const Problem& problem, const ForwardRunner& run) {
+  CaseRun case_run;
+  case_run.given = given_indices_of(decode_case, problem);
+  case_run.schedule = schedule_of(decode_case, problem);
+  case_run.result = run_decode(problem, case_run.schedule, run, options_of(decode_case, case_run.given),
+                               poison_check_of(decode_case));
+  return case_run;
 }
 
 std::vector<DecodeCase> decode_cases(nsa::DType dtype, int64_t head_dim, int64_t long_seqlen) {

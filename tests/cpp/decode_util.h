@@ -103,14 +103,19 @@ struct DecodeCase {
 void PrintTo(const DecodeCase& decode_case, std::ostream* os);
 
 std::vector<DecodeCall> schedule_of(const DecodeCase& decode_case, const Problem& problem);
-// Random valid block indices for the problem's rows when the case gives them, else empty.
-std::vector<int32_t> given_indices_of(const DecodeCase& decode_case, const Problem& problem);
 // The case's options, pointing at `given` when the case gives indices.
 DecodeOptions options_of(const DecodeCase& decode_case, const std::vector<int32_t>& given);
-// For run_decode's check_before_run: cases with cache rows past the longest sequence expect every
-// row past a sequence's length to be NaN before each call (so that reading one shows); null for
-// the others (the check costs a pass over the cache per call).
-std::function<void(const Buffers&)> poison_check_of(const DecodeCase& decode_case);
+
+// A case run through run_decode on one backend: its given indices (random valid block indices when
+// the case gives them, else empty), schedule and result. Cases with cache rows past the longest
+// sequence also check before each call that every row past a sequence's length is NaN (so that
+// reading one shows; the others skip the check, a pass over the cache per call).
+struct CaseRun {
+  std::vector<int32_t> given;
+  std::vector<DecodeCall> schedule;
+  DecodeResult result;
+};
+CaseRun run_case(const DecodeCase& decode_case, const Problem& problem, const ForwardRunner& run);
 
 // The cases both backends run, in `dtype` with Dk = Dv = head_dim: token-by-token decode over
 // long sequences for G = 1, 3, 16 (every position, so every compressed-token emission and block

@@ -74,19 +74,17 @@ TEST_P(CudaDecode, MatchesReference) {
   NSA_SKIP_WITHOUT_DEVICE();
   const DecodeCase& c = GetParam();
   const Problem problem = make_problem(c.spec);
-  const std::vector<int32_t> given = given_indices_of(c, problem);
-  const std::vector<DecodeCall> schedule = schedule_of(c, problem);
-  const DecodeResult decoded =
-      run_decode(problem, schedule, run_cuda_forward, options_of(c, given), poison_check_of(c));
+  const CaseRun run = run_case(c, problem, run_cuda_forward);
+  const DecodeResult& decoded = run.result;
   ASSERT_TRUE(decoded.ok);
   // Given indices come back in the caller's order; the rest of the form is checked by the rule.
   if (!c.given_indices) {
     EXPECT_TRUE(outputs_well_formed(problem, decoded.outputs));
   }
-  expect_16bit_forward_matches_reference(problem, decoded.outputs, c.given_indices ? &given : nullptr);
+  expect_16bit_forward_matches_reference(problem, decoded.outputs, c.given_indices ? &run.given : nullptr);
   // With m > 1 the GPU counts each CTA's union of key rows (params.h), not per query.
   if (c.chunk == 1) {
-    EXPECT_TRUE(tokens_read_as_expected(problem, schedule, decoded));
+    EXPECT_TRUE(tokens_read_as_expected(problem, run.schedule, decoded));
   }
 }
 

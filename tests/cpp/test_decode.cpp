@@ -31,17 +31,15 @@ class Decode : public ::testing::TestWithParam<DecodeCase> {};
 TEST_P(Decode, MatchesPrefill) {
   const DecodeCase& c = GetParam();
   const Problem problem = make_problem(c.spec);
-  const std::vector<int32_t> given = given_indices_of(c, problem);
-  const std::vector<DecodeCall> schedule = schedule_of(c, problem);
-  const DecodeResult decoded =
-      run_decode(problem, schedule, cpu_forward_runner, options_of(c, given), poison_check_of(c));
+  const CaseRun run = run_case(c, problem, cpu_forward_runner);
+  const DecodeResult& decoded = run.result;
   ASSERT_TRUE(decoded.ok);
   RunOptions prefill_options;
-  if (c.given_indices) prefill_options.given_indices = &given;
+  if (c.given_indices) prefill_options.given_indices = &run.given;
   const Outputs prefill = reference_forward(problem, prefill_options);
   // Exact indices; out, out_branch and lse within float64 noise (NaN fails).
   EXPECT_TRUE(outputs_near(problem, decoded.outputs, prefill, tolerance_for(c.spec.dtype)));
-  EXPECT_TRUE(tokens_read_as_expected(problem, schedule, decoded));
+  EXPECT_TRUE(tokens_read_as_expected(problem, run.schedule, decoded));
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, Decode, ::testing::ValuesIn(decode_cases(DType::kFloat64, 16, kLongSeqlen)),
