@@ -52,6 +52,7 @@ struct DecodeOptions {
   Layout input_layout, output_layout;
   const std::vector<int32_t>* given_indices = nullptr;  // [problem rows, Hkv, n]: each call is given its rows
   bool with_out_branch = true;
+  bool query_every_row = true;  // false: the schedule may leave rows unqueried (they stay poisoned)
 };
 
 // A forward backend on buffers: poisons the outputs, runs, returns them (read_forward).
@@ -62,7 +63,7 @@ Outputs cpu_forward_runner(Buffers& buffers, nsa::Status* status);
 struct DecodeResult {
   Outputs outputs;  // problem rows, each from the last call that queried it
   std::vector<std::array<int64_t, 3>> tokens_read;  // per call and sequence: call * B + b
-  bool ok = false;  // every call succeeded and every problem row was queried
+  bool ok = false;  // every call succeeded and (query_every_row) every problem row was queried
 };
 
 // Runs the schedule on one cache that grows call by call: before each call the rows each
