@@ -3,9 +3,9 @@
 #include "nsa/kv_cache.h"
 
 #include <algorithm>
-#include <sstream>
 #include <string>
 
+#include "common/message.h"
 #include "nsa/nsa.h"
 
 namespace nsa {
@@ -13,10 +13,7 @@ namespace {
 
 template <class... Parts>
 Status invalid(const Parts&... parts) {
-  std::ostringstream os;
-  os << "KvCache: ";
-  (os << ... << parts);
-  return Status::Invalid(os.str());
+  return Status::Invalid(detail::cat("KvCache: ", parts...));
 }
 
 }  // namespace

@@ -3,10 +3,10 @@
 // and what was given. Host-side only: device-resident contents (cu_seqlens, cache.seqlens,
 // block_indices on a GPU) are checked by the backend that can read them, if at all.
 #include <cmath>
-#include <sstream>
 #include <string>
 #include <vector>
 
+#include "common/message.h"
 #include "nsa/nsa.h"
 
 namespace nsa {
@@ -14,9 +14,7 @@ namespace {
 
 template <class... Parts>
 Status invalid(const Parts&... parts) {
-  std::ostringstream os;
-  (os << ... << parts);
-  return Status::Invalid(os.str());
+  return Status::Invalid(detail::cat(parts...));
 }
 
 #define NSA_RETURN_IF_ERROR(expr)       \

@@ -1,5 +1,4 @@
-// Host-side pieces shared by the CUDA API layers (forward.cu, backward.cu): message building,
-// the checks of what the CUDA backend supports that forward and backward params have in common,
+// Host-side pieces shared by the CUDA API layers (forward.cu, backward.cu): the checks of what the CUDA backend supports that forward and backward params have in common,
 // and the ForwardArgs fields both fill from them (shape, config, inputs). P is ForwardParams or
 // BackwardParams, whose common fields have the same names.
 #pragma once
@@ -8,38 +7,16 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <cstdio>
 #include <string>
-#include <type_traits>
 
+#include "common/message.h"
 #include "cuda/dispatch.h"
 #include "cuda/forward_args.h"
 #include "nsa/nsa.h"
 
 namespace nsa::cuda_detail {
 
-// Message building without iostreams: inside the torch ops library on the GPU machine, an
-// ostringstream in these nvcc-compiled translation units crashed on its first integer
-// (segfault in basic_ostream::_M_insert<long>, seen with a fast build's "not compiled"
-// message); std::to_string and string appends do not touch the stream machinery.
-inline void append_part(std::string& out, const char* part) { out += part; }
-inline void append_part(std::string& out, const std::string& part) { out += part; }
-inline void append_part(std::string& out, const void* part) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%p", part);
-  out += buf;
-}
-template <class T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
-void append_part(std::string& out, T part) {
-  out += std::to_string(part);
-}
-
-template <class... Parts>
-std::string cat(const Parts&... parts) {
-  std::string out;
-  (append_part(out, parts), ...);
-  return out;
-}
+using detail::cat;
 
 template <class P>
 int64_t total_rows(const P& p) {
