@@ -146,7 +146,7 @@ if [ -f "$BUILD/_nsa_ops.so" ] && [ "${NSA_CHECK_SKIP_DECODE_BENCH:-0}" != 1 ]; 
   start=$SECONDS
   env NSA_OPS_LIBRARY="$PWD/$BUILD/_nsa_ops.so" PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
     timeout "$(limit 300)" python3 -m nsa.bench decode --batches "${NSA_BENCH_DECODE_BATCHES:-1,16,64}" \
-    --contexts "${NSA_BENCH_DECODE_CONTEXTS:-8192,32768,65536,131072}" --iters 50 --warmup 5 \
+    --contexts "${NSA_BENCH_DECODE_CONTEXTS:-8192,32768,65536,131072}" --iters 50 --warmup 5 --profile \
     --out "$OUT/bench_decode.json" --no-plot 2>&1 | tee -a "$OUT/bench.log" | tee "$DECODE_LOG" |
     grep -vE "^ +(ours|note)"
   rc=${PIPESTATUS[0]}

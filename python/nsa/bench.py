@@ -125,6 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--out", metavar="PATH", help="JSON; default benchmarks/results/decode_<gpu>_<date>.json")
     d.add_argument("--plot", metavar="PATH", help="PNG; default: the JSON path with .png")
     d.add_argument("--no-plot", action="store_true", help="do not plot")
+    d.add_argument("--profile", action="store_true",
+                   help="also profile 20 of our steps per row (torch.profiler): GPU time per kernel, in the "
+                        "row's kernels_us and printed")
     d.add_argument("--plot-only", metavar="JSON", help="print the table and make the PNG from an existing JSON, exit")
     args = parser.parse_args(argv)
     if args.command == "train-step":
@@ -846,8 +849,34 @@ def _sdpa_decode(F, s, mode):
     return F.scaled_dot_product_attention(s["q_grouped"], s["k_dense"], s["v_dense"])
 
 
+def _kernel_name(name: str) -> str:
+    """A CUDA kernel's demangled name without its namespace, return type and parameter list."""
+    name = re.sub(r"^void ", "", name).split("(")[0]
+    return name.replace("nsa::cuda_detail::", "")
+
+
+def profile_kernels(fn, sets, steps: int = 20) -> dict:
+    """{kernel: mean GPU microseconds per step} over `steps` calls of fn (rotating sets), torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for s in sets[:2]:
+        fn(s)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            fn(sets[i % len(sets)])
+        torch.cuda.synchronize()
+    totals = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
+            key = _kernel_name(e.name)
+            totals[key] = totals.get(key, 0.0) + e.device_time
+    return {k: v / steps for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
 def bench_decode(nsa, cfg: dict, B: int, context: int, dtype, iters: int, warmup: int, device: str,
-                 l2=None) -> dict:
+                 l2=None, profile: bool = False) -> dict:
     """Measurements of one (B, context): ours_ms, dense {backend: ms}, dense_modes, tokens_read,
     cache_sets, ours_finite, notes. Allocates the caches (capacity = context, random contents) and
     frees them. On CUDA, rotates among cache sets when what NSA reads per step is under twice the L2
@@ -900,6 +929,8 @@ def bench_decode(nsa, cfg: dict, B: int, context: int, dtype, iters: int, warmup
         result["ours_ms"] = time_rotating(ours, sets, iters, warmup, device)
         if device == "cuda":
             result["ours_graph_ms"] = time_graphs(ours, sets, iters, warmup)
+            if profile:
+                result["kernels_us"] = profile_kernels(ours, sets)
         tokens_read = torch.zeros(B, 3, dtype=torch.int64, device=device)
         ours(sets[0], tokens_read)
         result["tokens_read"] = dict(zip(("cmp", "slc", "win"), tokens_read.sum(0).tolist()))
@@ -981,7 +1012,8 @@ def run_decode(args) -> int:
             for context in sorted(args.contexts):
                 print(f"[{cname}] B={B} context={context}", flush=True)
                 try:
-                    measured = bench_decode(nsa, cfg, B, context, dtype, args.iters, args.warmup, device, l2)
+                    measured = bench_decode(nsa, cfg, B, context, dtype, args.iters, args.warmup, device, l2,
+                                            profile=args.profile)
                 except Exception as e:  # noqa: BLE001
                     skipped = isinstance(e, MemoryError) or _is_oom(e)
                     failed += not skipped
@@ -993,6 +1025,9 @@ def run_decode(args) -> int:
                 row = decode_row(cname, cfg, B, context, args.dtype, meta, ceilings, **measured)
                 failed += row.get("ours_finite") is False
                 add_row(result, row, _fmt_decode_row(row), out_json)
+                if row.get("kernels_us"):
+                    print("  kernels (us per step): " + ", ".join(f"{k} {v:.1f}" for k, v in row["kernels_us"].items()),
+                          flush=True)
     finish_run(result, out_json, print_decode_table, None if args.no_plot else (
         lambda: plot_decode(result, Path(args.plot) if args.plot else out_json.with_suffix(".png"))))
     return 1 if failed or not any(r.get("ours_ms") for r in rows) else 0
