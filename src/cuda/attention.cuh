@@ -21,6 +21,7 @@
 #pragma once
 
 #include "cuda/common.cuh"
+#include "cuda/decode_merge.cuh"
 #include "nsa/params.h"
 
 namespace nsa::cuda_detail {
@@ -126,10 +127,12 @@ __device__ __forceinline__ SplitTiles<Tiles> split_tiles(const Tiles& tiles, int
   return SplitTiles<Tiles>{tiles, begin, min(per, n - begin)};
 }
 
-// Where softmax_tile puts the scaled scores of valid (row, key) pairs: nowhere (prefill), or the
-// decode path's cmp score buffer.
+// Where softmax_tile hands each tile's masked scaled scores (S[NB][4] in C-fragment layout, -inf
+// where a row does not see a key; key0: the absolute key of the warp's first column): nowhere
+// (prefill), or the decode path's cmp score buffer.
 struct NoScoreSink {
-  __device__ void operator()(const RowState&, int, float) const {}
+  template <int NB>
+  __device__ void operator()(const float (&)[NB][4], int) const {}
 };
 
 // A fragment (k-step ks) of the warp's 16 query rows starting at row `row0` of a shared-memory
@@ -221,14 +224,10 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
   for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      float x = s[nb][e] * scale_log2;
       const int key = key0 + nb * 8 + tig * 2 + (e & 1);
-      if (tiles.valid(ti, rows[e >> 1], key))
-        sink(rows[e >> 1], ti.key0 + key, x);
-      else
-        x = neg_inf();
-      s[nb][e] = x;
+      s[nb][e] = tiles.valid(ti, rows[e >> 1], key) ? s[nb][e] * scale_log2 : neg_inf();
     }
+  sink(s, ti.key0 + key0);
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -260,13 +259,16 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
 }
 
 // The key-tile loop of a branch: tiles k = 0 .. num_tiles-1 of K ([*, Dk], row stride kstride)
-// and V are loaded with cp.async into the double buffers sK / sV, and body(tiles, ti, tile_k,
-// tile_v) runs on each tile the warp does not skip (a warp-uniform test). Every thread of the CTA
-// calls it (it synchronizes). keys_read (optional): gets the key rows the CTA loads added.
-template <class T, int Dk, int Dv, class Tiles, class Body>
+// and V are loaded with cp.async into the Stages-deep ring buffers sK / sV (Stages - 1 tiles in
+// flight while one is computed), and body(tiles, ti, tile_k, tile_v) runs on each tile the warp
+// does not skip (a warp-uniform test). Every thread of the CTA calls it (it synchronizes).
+// keys_read (optional): gets the key rows the CTA loads added. kStream: the loads bypass L1
+// (cp_async_16).
+template <class T, int Dk, int Dv, int Stages, bool kStream, class Tiles, class Body>
 __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kbase, int64_t kstride, const T* vbase,
                                                 int64_t vstride, T* sK, T* sV, uint64_t warp_positions,
                                                 int64_t* keys_read, Body&& body) {
+  static_assert(Stages >= 2, "at least double buffering");
   constexpr int64_t kKElems = AttentionSmem::k_elems(Dk), kVElems = AttentionSmem::v_elems(Dv);
   const int tid = threadIdx.x;
   const int num_tiles = tiles.num_tiles();
@@ -277,21 +279,30 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
   }
   if (num_tiles <= 0) return;
 
+  // One commit group per tile index, empty past the last tile, so that wait<Stages - 1> always
+  // means "tile k has landed".
   auto issue = [&](int k) {
-    const TileInfo ti = tiles.info(k);
-    load_rows_async<T, Dk, 64, kAttnThreads>(sK + (k & 1) * kKElems, kbase, kstride, ti.key0, ti.count, tid);
-    load_rows_async<T, Dv, 64, kAttnThreads>(sV + (k & 1) * kVElems, vbase, vstride, ti.key0, ti.count, tid);
+    if (k < num_tiles) {
+      const TileInfo ti = tiles.info(k);
+      load_rows_async<T, Dk, 64, kAttnThreads, kStream>(sK + (k % Stages) * kKElems, kbase, kstride, ti.key0, ti.count,
+                                                        tid);
+      load_rows_async<T, Dv, 64, kAttnThreads, kStream>(sV + (k % Stages) * kVElems, vbase, vstride, ti.key0, ti.count,
+                                                        tid);
+    }
     cp_async_commit();
   };
-  issue(0);
+#pragma unroll
+  for (int k = 0; k < Stages - 1; ++k) issue(k);
   for (int k = 0; k < num_tiles; ++k) {
-    if (k + 1 < num_tiles) issue(k + 1);
-    cp_async_wait_older(k + 1 < num_tiles);
+    issue(k + Stages - 1);
+    cp_async_wait<Stages - 1>();
     __syncthreads();
     const TileInfo ti = tiles.info(k);
-    if (!tiles.warp_skips(ti, warp_positions)) body(tiles, ti, sK + (k & 1) * kKElems, sV + (k & 1) * kVElems);
-    __syncthreads();  // the buffer of tile k is refilled by the issue of tile k + 2
+    if (!tiles.warp_skips(ti, warp_positions))
+      body(tiles, ti, sK + (k % Stages) * kKElems, sV + (k % Stages) * kVElems);
+    __syncthreads();  // buffer k % Stages is refilled by the issue of tile k + Stages
   }
+  cp_async_wait<0>();  // (only empty groups remain)
 }
 
 // The 64 rows m0 .. m0+63 of the flattened (t, g) space of one (sequence, kv head): row
@@ -344,12 +355,6 @@ __device__ __forceinline__ void load_head_rows_async(T* tile, const TensorRef& r
     const T* src = valid ? base + int64_t{t} * ref.seq_stride + int64_t{g} * ref.head_stride + c * 8 : base;
     cp_async_16(tile + r * (D + 8) + c * 8, src, valid);
   }
-}
-
-// Branch output row (packed row grow, query head) in out_branch or the workspace.
-template <class T>
-__device__ __forceinline__ T* branch_row(void* base, const ForwardArgs& a, int64_t grow, int head) {
-  return static_cast<T*>(base) + grow * a.branch_row_stride + int64_t{head} * a.branch_head_stride;
 }
 
 // Row sums over the quad, normalization factor and natural-log lse of row r after a sweep.
@@ -432,17 +437,20 @@ __device__ __forceinline__ void build_block_union(const ForwardArgs& a, const Se
 // The key-tile loop of branch kBranch for the rows of `rt` (sequence b, kv head kv_head): builds
 // the branch's tile set (for slc from the selected-block union in `union_smem`, which every
 // thread must reach) and runs sweep_key_tiles with its keys and values. keys_read: as there.
-// kSplit: only the tiles of split `split` of the branch's a.branch_splits (the decode path).
+// kSplit: only the tiles of split `split` of the branch's a.branch_splits (the decode path), in
+// decode_stages(Dk, Dv) stages and bypassing L1 (the prefill sweeps double-buffer through L1:
+// docs/decisions/0003).
 template <class T, int Dk, int Dv, int kBranch, bool kSplit = false, class Body>
 __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const SeqInfo& seq, int kv_head,
                                              const RowTile& rt, unsigned char* union_smem, T* sK, T* sV,
                                              int64_t* keys_read, Body&& body, int split = 0) {
   auto sweep = [&](const auto& tiles, const T* kbase, int64_t kstride, const T* vbase, int64_t vstride) {
     if constexpr (kSplit) {
-      sweep_key_tiles<T, Dk, Dv>(split_tiles(tiles, split, a.branch_splits[kBranch]), kbase, kstride, vbase,
-                                 vstride, sK, sV, rt.warp_positions, keys_read, body);
+      sweep_key_tiles<T, Dk, Dv, decode_stages(Dk, Dv), true>(split_tiles(tiles, split, a.branch_splits[kBranch]), kbase,
+                                                        kstride, vbase, vstride, sK, sV, rt.warp_positions, keys_read,
+                                                        body);
     } else {
-      sweep_key_tiles<T, Dk, Dv>(tiles, kbase, kstride, vbase, vstride, sK, sV, rt.warp_positions, keys_read, body);
+      sweep_key_tiles<T, Dk, Dv, 2, false>(tiles, kbase, kstride, vbase, vstride, sK, sV, rt.warp_positions, keys_read, body);
     }
   };
   if constexpr (kBranch == kBranchCmp) {
@@ -516,23 +524,26 @@ __device__ __forceinline__ void fold_warps(unsigned char* smem, float (&acc)[Dv 
   __syncthreads();  // the states are read before the buffers are reused
 }
 
-// kSplit (the decode path, src/cuda/decode.cuh; one row tile per (sequence, kv head)): CTA
-// blockIdx.x sweeps split blockIdx.x of the branch's key tiles and writes its unnormalized partial
-// output and (max, sum) to split_acc / split_ml for the decode kernels to merge; the cmp kernel
-// also stores its scaled scores to cmp_scores.
-// The CTA (tile_x: its row tile, or with kSplit its split; blockIdx.y, blockIdx.z: kv head and
-// sequence) of attention_kernel, also run by the decode path's paired kernel (decode.cuh).
+// kSplit (the decode path, src/cuda/decode.cuh; one row tile per (sequence, kv head)): the CTA
+// sweeps split tile_x of the branch's key tiles and writes its unnormalized partial
+// output and (max, sum) to split_acc / split_ml for the decode kernels to merge (the slc kernel
+// merges itself when every branch ran one split, decode_merge.cuh); the cmp kernel also stores
+// its scaled scores to cmp_scores.
+// The CTA (tile_x: its row tile, or with kSplit its split; kv head kv_head of sequence b) of
+// attention_kernel (grid: tile_x, kv head, sequence), also run by the decode path's cmp + win
+// kernel (decode.cuh).
 template <class T, int Dk, int Dv, int kBranch, bool kSplit, bool kWarpSplit>
-__device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, unsigned char* smem) {
+__device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, int kv_head, int b,
+                                              unsigned char* smem) {
   static_assert(Dk % 16 == 0 && Dv % 16 == 0, "head dims");
   static_assert(kBranch == kBranchCmp || kBranch == kBranchSlc || kBranch == kBranchWin, "branch");
   static_assert(kSplit || !kWarpSplit, "the warps share rows only in the decode path");
   using Tr = TypeTraits<T>;
+  constexpr int kStages = kSplit ? decode_stages(Dk, Dv) : 2;
   T* sK = reinterpret_cast<T*>(smem);
-  T* sV = sK + 2 * AttentionSmem::k_elems(Dk);
+  T* sV = sK + kStages * AttentionSmem::k_elems(Dk);
   T* sQ = sK;  // until the Q fragments are in registers (AttentionSmem)
 
-  const int b = blockIdx.z, kv_head = blockIdx.y;
   const SeqInfo seq = seq_info(a, b);
   // 32-bit row arithmetic (the host checks seqlen * G < 2^31 - 128): no 64-bit divisions.
   const int m0 = kSplit ? 0 : tile_x * 64;
@@ -559,14 +570,28 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
     for (int e = 0; e < 4; ++e) acc[nb][e] = 0.f;
   int64_t* keys_read = a.tokens_read != nullptr ? a.tokens_read + int64_t{b} * kNumBranches + kBranch : nullptr;
   const int H = a.num_q_heads;
-  const auto to_scores = [&](const RowState& row, int key, float x) {
+  // The decode cmp kernel stores every tile's masked scores of its rows (whole tiles: the rows'
+  // stride is a multiple of 64; the scoring reads only the visible keys).
+  float* score_rows[2] = {nullptr, nullptr};
+  if constexpr (kSplit && kBranch == kBranchCmp)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (rows[r].t >= 0)
+        score_rows[r] = a.cmp_scores + ((seq.row0 + rows[r].t - seq.pos0) * H + rows[r].head) * a.cmp_score_stride;
+  const auto to_scores = [&](const auto& scores, int key0) {
     if constexpr (kSplit && kBranch == kBranchCmp) {
-      const int64_t grow = seq.row0 + row.t - seq.pos0;
-      a.cmp_scores[(grow * H + row.head) * a.cmp_score_stride + key] = x;
+      constexpr int NB = sizeof(scores) / sizeof(scores[0]);
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        if (score_rows[r] != nullptr)
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb)
+            *reinterpret_cast<float2*>(score_rows[r] + key0 + nb * 8 + tig * 2) =
+                make_float2(scores[nb][2 * r], scores[nb][2 * r + 1]);
     }
   };
   sweep_branch<T, Dk, Dv, kBranch, kSplit>(
-      a, b, seq, kv_head, rt, smem + AttentionSmem::tiles_bytes(Dk, Dv), sK, sV, keys_read,
+      a, b, seq, kv_head, rt, smem + AttentionSmem::tiles_bytes(Dk, Dv, kStages), sK, sV, keys_read,
       [&](const auto& tiles, const TileInfo& ti, const T* tk, const T* tv) {
         if constexpr (kWarpSplit)
           softmax_tile<T, Dk, Dv, 2>(tiles, ti, tk, tv, qf, a.scale_log2, rows, acc, m, l, to_scores, warp * 16);
@@ -591,6 +616,13 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
       row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 1);
       row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 2);
       if (out_rows[r].t < 0) continue;
+      if constexpr (kBranch == kBranchSlc) {
+        if (a.num_splits == 1) {  // the last branch of a one-split step: merge here, no combine launch
+          combine_one_split<T, Dv>(a, seq.row0 + out_rows[r].t - seq.pos0, out_rows[r].head,
+                                   MergedRow{m[r], row_sum}, acc, r);
+          continue;
+        }
+      }
       const int64_t slot = (plane + seq.row0 + out_rows[r].t - seq.pos0) * H + out_rows[r].head;
       if (tig == 0) a.split_ml[slot] = make_float2(m[r], row_sum);
       float* dst = a.split_acc + slot * Dv;
@@ -641,7 +673,8 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
 template <class T, int Dk, int Dv, int kBranch, bool kSplit = false, bool kWarpSplit = false>
 __global__ void __launch_bounds__(kAttnThreads, (kAttnMinBlocks<Dk, kBranch>)) attention_kernel(const ForwardArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
-  attention_cta<T, Dk, Dv, kBranch, kSplit, kWarpSplit>(a, static_cast<int>(blockIdx.x), smem);
+  attention_cta<T, Dk, Dv, kBranch, kSplit, kWarpSplit>(a, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
+                                                        static_cast<int>(blockIdx.z), smem);
 }
 
 }  // namespace nsa::cuda_detail

@@ -69,13 +69,19 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16-byte asynchronous copy global -> shared; zero-fills the destination when !valid. The .ca
-// form (cached in L1 as well): on an H200 the .cg form moved about 1.5x the requested bytes
-// through L2 and capped block gathers at 6.2 TB/s against 10 TB/s for .ca (tools/
-// nsa_gather_ceiling.cu, docs/decisions/0003-selected-branch-floor.md).
+// 16-byte asynchronous copy global -> shared; zero-fills the destination when !valid. By default
+// the .ca form (cached in L1 as well): on an H200 the .cg form moved about 1.5x the requested
+// bytes through L2 and capped block gathers at 6.2 TB/s against 10 TB/s for .ca (tools/
+// nsa_gather_ceiling.cu, docs/decisions/0003-selected-branch-floor.md). kStream: the .cg form
+// (L2 only), for the decode sweeps, which read each row once from DRAM: their cmp + win kernel
+// went from 203 to 180 us at B = 64, 64k on an H200 (docs/decisions/0005-decode-path.md).
+template <bool kStream = false>
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
   const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+  if constexpr (kStream)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -157,6 +163,12 @@ __device__ __forceinline__ const T* seq_head_ptr(const TensorRef& ref, const For
   return static_cast<const T*>(ref.data) + base + int64_t{head} * ref.head_stride;
 }
 
+// Branch output row (packed row grow, query head) in out_branch or the workspace.
+template <class T>
+__device__ __forceinline__ T* branch_row(void* base, const ForwardArgs& a, int64_t grow, int head) {
+  return static_cast<T*>(base) + grow * a.branch_row_stride + int64_t{head} * a.branch_head_stride;
+}
+
 // Compressed tokens visible to query t: i*d + l - 1 <= t.
 __device__ __forceinline__ int num_visible_cmp(int t, int l, int d) { return t + 1 >= l ? (t + 1 - l) / d + 1 : 0; }
 
@@ -172,9 +184,9 @@ __device__ __forceinline__ bool is_forced(int j, int last_block, int num_init, i
 }
 
 // Loads rows [key0, key0 + count) of a [*, D] tile (row stride `stride` elements) into shared
-// memory rows of D + 8 elements with cp.async, zero-filling rows >= count. All threads of the
-// CTA call it.
-template <class T, int D, int Rows, int Threads>
+// memory rows of D + 8 elements with cp.async (kStream: as cp_async_16), zero-filling rows >=
+// count. All threads of the CTA call it.
+template <class T, int D, int Rows, int Threads, bool kStream = false>
 __device__ __forceinline__ void load_rows_async(T* smem, const T* base, int64_t stride, int key0, int count,
                                                 int tid) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
@@ -183,7 +195,7 @@ __device__ __forceinline__ void load_rows_async(T* smem, const T* base, int64_t 
     const int r = idx / kChunks, c = idx % kChunks;
     const bool valid = r < count;
     const T* src = valid ? base + int64_t{key0 + r} * stride + c * 8 : base;
-    cp_async_16(smem + r * (D + 8) + c * 8, src, valid);
+    cp_async_16<kStream>(smem + r * (D + 8) + c * 8, src, valid);
   }
 }
 

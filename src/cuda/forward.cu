@@ -18,11 +18,14 @@ namespace nsa::cuda_detail {
 namespace {
 
 // The decode path (src/cuda/decode.cuh) is taken with a KV cache when all the queries of a
-// (sequence, kv head) fit one 64-row tile; the key tiles are then split until about
-// kDecodeTargetCtas CTAs run per branch (B = 1 and Hkv = 4: 64 splits, capped by the compressed
-// tiles of the capacity), so that small batches still fill the GPU.
-constexpr int64_t kDecodeTargetCtas = 256;
+// (sequence, kv head) fit one 64-row tile; the compressed key tiles are then split until up to
+// kDecodeTargetCtas CTAs run (B = 1, Hkv = 4, 64k: 32 splits of two tiles), so that small batches
+// still fill the GPU: about two CTAs per SM of an H100 / H200 (132 SMs, the three-stage sweeps'
+// shared memory) less the window branch's, so that the whole cmp + win launch is one wave. (With
+// 256 cmp CTAs the B = 1, 64k launch took 14 us instead of 9: its last CTAs waited for a slot.)
+constexpr int64_t kDecodeTargetCtas = 224;
 constexpr int64_t kDecodeScoreSmemBytes = 48 * 1024;  // no opt-in needed
+constexpr int64_t kDecodeScoreStageBytes = 16 * 1024;  // each of the scoring CTA's two score buffers (decode_scoring.cuh)
 
 struct DecodePlan {
   int num_splits = 0;  // 0: the prefill kernels
@@ -41,10 +44,10 @@ DecodePlan decode_plan(const ForwardParams& p) {
     return plan;
   const int64_t blocks = (p.cache.capacity + c.sel_block - 1) / c.sel_block;
   const int64_t cmp_capacity = num_cmp_tokens(p.cache.capacity, c.cmp_block, c.cmp_stride);
-  // The scoring CTAs: about kDecodeTargetCtas * 4 of them, each 128 .. 2048 compressed tokens (its
+  // The scoring CTAs: about 1024 of them, each 128 .. 2048 compressed tokens (its
   // blocks' tokens' head-summed probabilities stay in shared memory).
   const int64_t tokens_per_block = c.sel_block / c.cmp_stride, overlap = c.cmp_block / c.cmp_stride;
-  const int64_t per_seq = std::max<int64_t>(1, 4 * kDecodeTargetCtas / std::max<int64_t>(1, s.batch * s.num_kv_heads));
+  const int64_t per_seq = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, s.batch * s.num_kv_heads));
   const int64_t score_blocks = std::clamp<int64_t>((blocks + per_seq - 1) / per_seq, std::max<int64_t>(1, 128 / tokens_per_block),
                                                    std::max<int64_t>(1, 2048 / tokens_per_block));
   if (4 * (score_blocks * tokens_per_block + overlap) > kDecodeScoreSmemBytes) return plan;
@@ -55,13 +58,15 @@ DecodePlan decode_plan(const ForwardParams& p) {
       std::max<int64_t>(1, (cmp_capacity + 63) / 64),
       std::max<int64_t>(1, std::min(m * c.num_selected, blocks) * ((c.sel_block + 63) / 64)),
       (std::min(c.window, p.cache.capacity) + m - 1 + 63) / 64 + 1};
+  // Splits of equal tile counts (the largest count the target allows), so that none is empty.
   const int64_t ctas = std::max<int64_t>(1, s.batch * s.num_kv_heads);
-  const int64_t splits = std::min<int64_t>({branch_tiles[kBranchCmp], kDecodeMaxSplits, (kDecodeTargetCtas + ctas - 1) / ctas});
-  plan.num_splits = static_cast<int>(std::max<int64_t>(1, splits));
+  const int64_t target = std::min<int64_t>(kDecodeMaxSplits, std::max<int64_t>(1, kDecodeTargetCtas / ctas));
+  const int64_t tiles_per_split = (branch_tiles[kBranchCmp] + target - 1) / target;
+  plan.num_splits = static_cast<int>((branch_tiles[kBranchCmp] + tiles_per_split - 1) / tiles_per_split);
   for (int branch = 0; branch < kNumBranches; ++branch)
     plan.branch_splits[branch] = static_cast<int>(std::min<int64_t>(plan.num_splits, branch_tiles[branch]));
   plan.warp_split = m * (s.num_q_heads / s.num_kv_heads) <= 16;
-  plan.score_stride = std::max<int64_t>(1, cmp_capacity);
+  plan.score_stride = std::max<int64_t>(1, (cmp_capacity + 63) / 64) * 64;  // whole key tiles
   plan.blocks = static_cast<int>(blocks);
   plan.score_blocks = static_cast<int>(score_blocks);
   return plan;
@@ -70,7 +75,7 @@ DecodePlan decode_plan(const ForwardParams& p) {
 // Workspace layout (byte offsets, 256-aligned): the staged o_cmp / o_slc planes when out_branch
 // is null, then the decode path's split partials and cmp scores.
 struct WorkspaceLayout {
-  size_t split_acc = 0, split_ml = 0, cmp_scores = 0, block_scores = 0, total = 0;
+  size_t split_acc = 0, split_ml = 0, cmp_scores = 0, block_scores = 0, score_counters = 0, total = 0;
 };
 
 size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
@@ -94,6 +99,8 @@ WorkspaceLayout workspace_layout(const ForwardParams& p) {
     w.block_scores = offset;
     const size_t row_kv_heads = static_cast<size_t>(std::max<int64_t>(0, rows * p.shape.num_kv_heads));
     offset += align256(row_kv_heads * static_cast<size_t>(plan.blocks) * sizeof(float));
+    w.score_counters = offset;
+    offset += align256(static_cast<size_t>(std::max<int64_t>(0, p.shape.batch * p.shape.num_kv_heads)) * sizeof(int));
   }
   w.total = offset;
   return w;
@@ -155,8 +162,12 @@ ForwardArgs make_args(const ForwardParams& p, void* workspace) {
     a.cmp_scores = reinterpret_cast<float*>(base + w.cmp_scores);
     a.cmp_score_stride = plan.score_stride;
     a.block_scores = reinterpret_cast<float*>(base + w.block_scores);
+    a.score_counters = reinterpret_cast<int*>(base + w.score_counters);
     a.decode_blocks = plan.blocks;
     a.score_blocks = plan.score_blocks;
+    const int64_t range_tokens = int64_t{plan.score_blocks} * (c.sel_block / c.cmp_stride) + c.cmp_block / c.cmp_stride;
+    a.score_stage_tokens = static_cast<int>(
+        std::clamp<int64_t>(kDecodeScoreStageBytes / (4 * a.group) / 4 * 4, 4, (range_tokens + 3) / 4 * 4 + 4));
     a.topn_in_smem = int64_t{4} * plan.blocks <= kDecodeScoreSmemBytes;
   }
   // Selection CTA: P = max(1, 64 / G) positions with all G heads, in 64-row chunks.

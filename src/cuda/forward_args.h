@@ -60,12 +60,14 @@ struct ForwardArgs {
   bool warp_split;           // m * G <= 16: the four warps share the 16 rows, each takes 16 keys of a tile
   float* split_acc;          // [3][num_splits][rows][Hq][Dv] unnormalized partial outputs
   float2* split_ml;          // [3][num_splits][rows][Hq] (running max of scores * scale * log2 e, sum)
-  float* cmp_scores;         // [rows][Hq][cmp_score_stride] cmp scores * scale * log2(e), visible keys
-  int64_t cmp_score_stride;  // num_cmp_tokens(cache capacity)
+  float* cmp_scores;         // [rows][Hq][cmp_score_stride] cmp scores * scale * log2(e) (-inf: not visible)
+  int64_t cmp_score_stride;  // num_cmp_tokens(cache capacity) rounded up to whole 64-key tiles
   float* block_scores;       // [rows][Hkv][decode_blocks] Eq. 10 scores, then marked by the top-n
   int decode_blocks;         // ceil(capacity / l')
   int score_blocks;          // blocks per decode scoring CTA (128 .. 2048 compressed tokens)
-  bool topn_in_smem;         // the top-n kernel copies the scores to shared memory (4 * decode_blocks bytes fit)
+  int score_stage_tokens;    // tokens of the G heads' scores a scoring CTA stages per buffer (a multiple of 4)
+  int* score_counters;       // [B][Hkv] scoring CTAs done (the last one runs the top-n); zeroed by the cmp kernel
+  bool topn_in_smem;         // the top-n copies the block scores to shared memory (4 * decode_blocks bytes fit)
 
   // Derived tiling (host-computed).
   int select_t_per_cta;   // positions per selection CTA: max(1, 64 / G), halved while its smem does not fit
@@ -89,20 +91,35 @@ struct TopNScratch {
 
 // Shared-memory layout sizes, shared by the host (launch) and the kernels.
 struct AttentionSmem {
-  // K double buffer [2][64][Dk+8] and V double buffer [2][64][Dv+8] (elements of 2 bytes); the Q
-  // tile [64][Dk+8] lives in the first K buffer until its fragments are in registers (it fits:
-  // q_elems <= 2 * k_elems), which keeps a CTA at 70 KB for D = 128 so that three fit on an SM.
+  // K ring buffer [stages][64][Dk+8] and V ring buffer [stages][64][Dv+8] (elements of 2 bytes;
+  // two stages in prefill, decode_stages() in decode); the Q tile [64][Dk+8] lives in the first K
+  // buffer until its fragments are in registers (it fits: q_elems == k_elems), which keeps a
+  // prefill CTA at 70 KB for D = 128 so that three fit on an SM.
   // Then, for the slc kernel, the selected-block union: bitmap and per-word prefix
   // [union_words] uint32 each, blocks [union_capacity] int32, row masks [union_capacity] uint64.
   static constexpr int kRows = 64, kKeys = 64, kPad = 8;
   NSA_HOST_DEVICE static constexpr int64_t q_elems(int dk) { return int64_t{kRows} * (dk + kPad); }
   NSA_HOST_DEVICE static constexpr int64_t k_elems(int dk) { return int64_t{kKeys} * (dk + kPad); }
   NSA_HOST_DEVICE static constexpr int64_t v_elems(int dv) { return int64_t{kKeys} * (dv + kPad); }
-  NSA_HOST_DEVICE static constexpr int64_t tiles_bytes(int dk, int dv) { return 2 * (2 * k_elems(dk) + 2 * v_elems(dv)); }
+  NSA_HOST_DEVICE static constexpr int64_t stage_bytes(int dk, int dv) { return 2 * (k_elems(dk) + v_elems(dv)); }
+  NSA_HOST_DEVICE static constexpr int64_t tiles_bytes(int dk, int dv, int stages = 2) {
+    return stages * stage_bytes(dk, dv);
+  }
   NSA_HOST_DEVICE static constexpr int64_t union_bytes(int words, int capacity) {
     return int64_t{8} * words + int64_t{16} * capacity;  // masks first (8-byte aligned), then ints
   }
 };
+
+// Key/value stages of the decode path's sweeps (attention.cuh, sweep_key_tiles): as many (up to
+// four) as keep two CTAs on an SM (<= 112 KB of tiles each). A decode sweep is one long stream of
+// tiles per CTA: on an H200 (B = 64, 64k, D = 128) the cmp + win kernel took 239 us with two
+// stages and 203 us with three (docs/decisions/0005). Prefill sweeps stay double-buffered
+// (docs/decisions/0003: three stages slowed them).
+NSA_HOST_DEVICE constexpr int decode_stages(int dk, int dv) {
+  return 4 * AttentionSmem::stage_bytes(dk, dv) <= 112 * 1024   ? 4
+         : 3 * AttentionSmem::stage_bytes(dk, dv) <= 112 * 1024 ? 3
+                                                                 : 2;
+}
 
 struct SelectSmem {
   // Q [chunks*64][Dk+8] and K double buffer [2][64][Dk+8] (2-byte elements); P [64][68] float (not

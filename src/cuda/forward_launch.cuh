@@ -8,6 +8,8 @@
 // Included only by the generated instantiation files.
 #pragma once
 
+#include <algorithm>
+
 #include "cuda/attention.cuh"
 #include "cuda/decode.cuh"
 #include "cuda/launch_common.cuh"
@@ -23,33 +25,29 @@ constexpr const char* kForwardApi = "nsa::cuda::forward";
 // a.num_splits CTAs per (kv head, sequence), with the warps sharing the rows when kWarpSplit.
 template <class T, int Dk, int Dv, bool kWarpSplit>
 Status launch_decode(const ForwardArgs& a, cudaStream_t stream, int max_smem) {
-  const int64_t attn_smem = AttentionSmem::tiles_bytes(Dk, Dv);
+  const int64_t attn_smem = AttentionSmem::tiles_bytes(Dk, Dv, decode_stages(Dk, Dv));
   const int64_t slc_smem = attn_smem + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
-  const int64_t score_win_smem = std::max<int64_t>(attn_smem, int64_t{4} * score_tokens(a));
-  const int64_t topn_smem = a.topn_in_smem ? int64_t{4} * a.decode_blocks : 0;
-  const auto cmp_kernel = attention_kernel<T, Dk, Dv, kBranchCmp, true, kWarpSplit>;
+  const int64_t score_smem = int64_t{4} * std::max(score_smem_floats(a), a.topn_in_smem ? a.decode_blocks : 0);
+  const auto cmp_win_kernel = decode_cmp_win_kernel<T, Dk, Dv, kWarpSplit>;
   const auto slc_kernel = attention_kernel<T, Dk, Dv, kBranchSlc, true, kWarpSplit>;
-  const auto score_win_kernel = decode_score_win_kernel<T, Dk, Dv, kWarpSplit>;
-  Status st = prepare_kernel(kForwardApi, cmp_kernel, attn_smem, max_smem, "the decode cmp kernel");
+  Status st = prepare_kernel(kForwardApi, cmp_win_kernel, attn_smem, max_smem, "the decode cmp + win kernel");
   if (st.ok()) st = prepare_kernel(kForwardApi, slc_kernel, slc_smem, max_smem, "the decode slc kernel");
   if (st.ok())
-    st = prepare_kernel(kForwardApi, score_win_kernel, score_win_smem, max_smem, "the decode scoring + win kernel");
-  if (st.ok()) st = prepare_kernel(kForwardApi, decode_topn_kernel<T>, topn_smem, max_smem, "the decode top-n kernel");
+    st = prepare_kernel(kForwardApi, decode_score_topn_kernel<T>, score_smem, max_smem, "the decode scoring kernel");
   if (!st.ok()) return st;
   const unsigned heads = static_cast<unsigned>(a.num_kv_heads), batch = static_cast<unsigned>(a.batch);
-  const int score_ctas = a.indices_given ? 0 : (a.decode_blocks + a.score_blocks - 1) / a.score_blocks;
-  const dim3 attn_grid(static_cast<unsigned>(a.num_splits), heads, batch);
-  const dim3 score_win_grid(static_cast<unsigned>(score_ctas + a.branch_splits[kBranchWin]), heads, batch);
-  cmp_kernel<<<attn_grid, kAttnThreads, attn_smem, stream>>>(a);
-  if (!(st = launch_status(kForwardApi, "launching the decode cmp kernel")).ok()) return st;
-  score_win_kernel<<<score_win_grid, kAttnThreads, score_win_smem, stream>>>(a, score_ctas);
-  if (!(st = launch_status(kForwardApi, "launching the decode scoring + win kernel")).ok()) return st;
+  const unsigned cmp_win_ctas = static_cast<unsigned>(int64_t{a.branch_splits[kBranchCmp] + a.branch_splits[kBranchWin]} *
+                                                      a.num_kv_heads * a.batch);
+  cmp_win_kernel<<<cmp_win_ctas, kAttnThreads, attn_smem, stream>>>(a);
+  if (!(st = launch_status(kForwardApi, "launching the decode cmp + win kernel")).ok()) return st;
   if (!a.indices_given) {
-    decode_topn_kernel<T><<<dim3(heads, batch), kDecodeThreads, topn_smem, stream>>>(a);
-    if (!(st = launch_status(kForwardApi, "launching the decode top-n kernel")).ok()) return st;
+    const unsigned score_ctas = static_cast<unsigned>((a.decode_blocks + a.score_blocks - 1) / a.score_blocks);
+    decode_score_topn_kernel<T><<<dim3(score_ctas, heads, batch), kDecodeThreads, score_smem, stream>>>(a);
+    if (!(st = launch_status(kForwardApi, "launching the decode scoring kernel")).ok()) return st;
   }
-  slc_kernel<<<attn_grid, kAttnThreads, slc_smem, stream>>>(a);
+  slc_kernel<<<dim3(static_cast<unsigned>(a.num_splits), heads, batch), kAttnThreads, slc_smem, stream>>>(a);
   if (!(st = launch_status(kForwardApi, "launching the decode slc kernel")).ok()) return st;
+  if (a.num_splits == 1) return Status::Ok();  // the slc kernel merged (decode_merge.cuh)
   const unsigned combine_ctas = static_cast<unsigned>(int64_t{a.batch} * a.seqlen * a.num_q_heads);
   decode_combine_kernel<T, Dv><<<combine_ctas, kCombineThreads, 0, stream>>>(a);
   return launch_status(kForwardApi, "launching the decode combine kernel");

@@ -290,6 +290,9 @@ std::vector<DecodeCase> decode_cases(nsa::DType dtype, int64_t head_dim, int64_t
   // path without the warps sharing rows (m * G = 21 and 48).
   add("chunk7_G3", padded_spec(2, 700, 6, 2, D, D), tight, 7);
   add("chunk3_G16", padded_spec(1, 700, 16, 1, D, D), tight, 3);
+  // A large n (37 free blocks to take of up to 47), with m * G = 64 (the CUDA decode path's
+  // four-warp top-n without shared rows).
+  add("chunk4_G16_n40", padded_spec(1, 1600, 16, 1, D, D), make_config(32, 16, 32, 40, 1, 2, 100), 4);
   // Batches whose sequences hold different numbers of tokens in every call, with cache rows past
   // the longest sequence (NaN like every row past a sequence's length).
   {

@@ -207,6 +207,9 @@ std::vector<GpuCase> gpu_cases() {
     for (auto [dk, dv] : {std::pair<int64_t, int64_t>{64, 64}, {128, 128}, {192, 128}})
       cases.push_back(make_gpu_case("Dk" + std::to_string(dk) + "_Dv" + std::to_string(dv),
                                     padded_spec(2, 300, 8, 2, dk, dv), tight_config(), dtype, ++seed));
+  // A large n (45 free blocks to take of up to 61).
+  cases.push_back(make_gpu_case("T4096_n48", padded_spec(1, 4096, 4, 2, 64, 64),
+                                make_config(32, 16, 64, 48, 1, 2, 100), DType::kBFloat16, ++seed));
   // The paper's group (G = 16) with n = 16 where it chooses.
   cases.push_back(make_gpu_case("T2048_paper_G16_D128", padded_spec(1, 2048, 16, 1, 128, 128), paper,
                                 DType::kBFloat16, ++seed));
