@@ -46,17 +46,10 @@ __device__ __forceinline__ void pick_top_n(const ForwardArgs& a, const float* bs
     for (int shift = 24; shift >= 0; shift -= 8) {
       for (int bin = tid; bin < TopNScratch::kBins; bin += kThreads) scratch.hist[bin] = 0u;
       top_n_sync<kWarps>();
-      // Scores of similar size share their high digits, so one bin takes most of a pass's
-      // increments: the lanes of a warp with the same bin add once, through their leader.
 #pragma unroll 4
-      for (int base = n_init + (tid & ~31); base < free_hi; base += kThreads) {
-        const int j = base + lane;
-        const uint32_t key = j < free_hi ? score_key(bs[j]) : 0u;
-        const bool counted = j < free_hi && (key & prefix_mask) == prefix;
-        const uint32_t bin = counted ? (key >> shift) & 255u : TopNScratch::kBins;
-        const unsigned peers = __match_any_sync(0xffffffffu, bin);
-        if (counted && lane == __ffs(static_cast<int>(peers)) - 1)
-          atomicAdd(&scratch.hist[bin], static_cast<uint32_t>(__popc(peers)));
+      for (int j = n_init + tid; j < free_hi; j += kThreads) {
+        const uint32_t key = score_key(bs[j]);
+        if ((key & prefix_mask) == prefix) atomicAdd(&scratch.hist[(key >> shift) & 255u], 1u);
       }
       top_n_sync<kWarps>();
       if (warp == 0) {
