@@ -13,7 +13,7 @@
 //   3. attention_kernel<slc, split>  partial o_slc
 //   4. decode_combine_kernel         merges the partials of the three branches (branch outputs,
 //                                    lse) and the gated sum (Eq. 5) of the dtype-rounded outputs;
-//                                    not when every branch ran one split (B * Hkv >= 256): then
+//                                    not when every branch ran one split (B * Hkv > 112): then
 //                                    the slc kernel's epilogue does it (decode_merge.cuh).
 #pragma once
 
