@@ -1,5 +1,6 @@
-// Host-side pieces shared by the CUDA API layers (forward.cu, backward.cu): the checks of what the CUDA backend supports that forward and backward params have in common,
-// and the ForwardArgs fields both fill from them (shape, config, inputs). P is ForwardParams or
+// Host-side pieces shared by the CUDA API layers (forward.cu, backward.cu): the checks of what the
+// CUDA backend supports that forward and backward params have in common, and the ForwardArgs
+// fields both fill from them (shape, config, inputs). P is ForwardParams or
 // BackwardParams, whose common fields have the same names.
 #pragma once
 

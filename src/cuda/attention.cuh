@@ -446,11 +446,12 @@ __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const 
                                              int64_t* keys_read, Body&& body, int split = 0) {
   auto sweep = [&](const auto& tiles, const T* kbase, int64_t kstride, const T* vbase, int64_t vstride) {
     if constexpr (kSplit) {
-      sweep_key_tiles<T, Dk, Dv, decode_stages(Dk, Dv), true>(split_tiles(tiles, split, a.branch_splits[kBranch]), kbase,
-                                                        kstride, vbase, vstride, sK, sV, rt.warp_positions, keys_read,
-                                                        body);
+      sweep_key_tiles<T, Dk, Dv, sweep_stages(true, Dk, Dv), true>(split_tiles(tiles, split, a.branch_splits[kBranch]),
+                                                                   kbase, kstride, vbase, vstride, sK, sV,
+                                                                   rt.warp_positions, keys_read, body);
     } else {
-      sweep_key_tiles<T, Dk, Dv, 2, false>(tiles, kbase, kstride, vbase, vstride, sK, sV, rt.warp_positions, keys_read, body);
+      sweep_key_tiles<T, Dk, Dv, sweep_stages(false, Dk, Dv), false>(tiles, kbase, kstride, vbase, vstride, sK, sV,
+                                                                     rt.warp_positions, keys_read, body);
     }
   };
   if constexpr (kBranch == kBranchCmp) {
@@ -539,7 +540,7 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   static_assert(kBranch == kBranchCmp || kBranch == kBranchSlc || kBranch == kBranchWin, "branch");
   static_assert(kSplit || !kWarpSplit, "the warps share rows only in the decode path");
   using Tr = TypeTraits<T>;
-  constexpr int kStages = kSplit ? decode_stages(Dk, Dv) : 2;
+  constexpr int kStages = sweep_stages(kSplit, Dk, Dv);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kStages * AttentionSmem::k_elems(Dk);
   T* sQ = sK;  // until the Q fragments are in registers (AttentionSmem)

@@ -6,11 +6,7 @@
 
 namespace nsa::cuda_detail {
 
-// Shared-memory floats of the head-summed probabilities of one block range's tokens.
-__host__ __device__ inline int score_tokens(const ForwardArgs& a) {
-  return a.score_blocks * (a.sel_block / a.cmp_stride) + a.cmp_block / a.cmp_stride;
-}
-// score_block_range's shared memory: pg [score_tokens, rounded up to 4], then two buffers of staged
+// score_block_range's shared memory: pg [score_tokens(a), rounded up to 4], then two buffers of staged
 // scores [2][G][score_stage_tokens] (16-byte aligned rows).
 __host__ __device__ inline int score_smem_floats(const ForwardArgs& a) {
   return (score_tokens(a) + 3) / 4 * 4 + 2 * a.group * a.score_stage_tokens;

@@ -24,7 +24,7 @@ namespace {
 // shared memory) less the window branch's, so that the whole cmp + win launch is one wave. (With
 // 256 cmp CTAs the B = 1, 64k launch took 14 us instead of 9: its last CTAs waited for a slot.)
 constexpr int64_t kDecodeTargetCtas = 224;
-constexpr int64_t kDecodeScoreSmemBytes = 48 * 1024;  // no opt-in needed
+constexpr int64_t kDecodeScoreSmemBytes = 48 * 1024;  // bound of the scoring CTA's pg and of the top-n's copy
 constexpr int64_t kDecodeScoreStageBytes = 16 * 1024;  // each of the scoring CTA's two score buffers (decode_scoring.cuh)
 
 struct DecodePlan {
@@ -165,9 +165,8 @@ ForwardArgs make_args(const ForwardParams& p, void* workspace) {
     a.score_counters = reinterpret_cast<int*>(base + w.score_counters);
     a.decode_blocks = plan.blocks;
     a.score_blocks = plan.score_blocks;
-    const int64_t range_tokens = int64_t{plan.score_blocks} * (c.sel_block / c.cmp_stride) + c.cmp_block / c.cmp_stride;
     a.score_stage_tokens = static_cast<int>(
-        std::clamp<int64_t>(kDecodeScoreStageBytes / (4 * a.group) / 4 * 4, 4, (range_tokens + 3) / 4 * 4 + 4));
+        std::clamp<int64_t>(kDecodeScoreStageBytes / (4 * a.group) / 4 * 4, 4, (score_tokens(a) + 3) / 4 * 4 + 4));
     a.topn_in_smem = int64_t{4} * plan.blocks <= kDecodeScoreSmemBytes;
   }
   // Selection CTA: P = max(1, 64 / G) positions with all G heads, in 64-row chunks.

@@ -102,7 +102,7 @@ struct AttentionSmem {
   NSA_HOST_DEVICE static constexpr int64_t k_elems(int dk) { return int64_t{kKeys} * (dk + kPad); }
   NSA_HOST_DEVICE static constexpr int64_t v_elems(int dv) { return int64_t{kKeys} * (dv + kPad); }
   NSA_HOST_DEVICE static constexpr int64_t stage_bytes(int dk, int dv) { return 2 * (k_elems(dk) + v_elems(dv)); }
-  NSA_HOST_DEVICE static constexpr int64_t tiles_bytes(int dk, int dv, int stages = 2) {
+  NSA_HOST_DEVICE static constexpr int64_t tiles_bytes(int dk, int dv, int stages) {
     return stages * stage_bytes(dk, dv);
   }
   NSA_HOST_DEVICE static constexpr int64_t union_bytes(int words, int capacity) {
@@ -119,6 +119,14 @@ NSA_HOST_DEVICE constexpr int decode_stages(int dk, int dv) {
   return 4 * AttentionSmem::stage_bytes(dk, dv) <= 112 * 1024   ? 4
          : 3 * AttentionSmem::stage_bytes(dk, dv) <= 112 * 1024 ? 3
                                                                  : 2;
+}
+// The stages of an attention sweep: the decode path's (kSplit) or the prefill's two.
+NSA_HOST_DEVICE constexpr int sweep_stages(bool decode, int dk, int dv) { return decode ? decode_stages(dk, dv) : 2; }
+
+// Compressed tokens of one decode scoring CTA's block range (src/cuda/decode_scoring.cuh): its
+// score_blocks blocks' tokens and the l / d - 1 before them that overlap the first block.
+NSA_HOST_DEVICE inline int score_tokens(const ForwardArgs& a) {
+  return a.score_blocks * (a.sel_block / a.cmp_stride) + a.cmp_block / a.cmp_stride;
 }
 
 struct SelectSmem {

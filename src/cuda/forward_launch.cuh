@@ -25,7 +25,7 @@ constexpr const char* kForwardApi = "nsa::cuda::forward";
 // a.num_splits CTAs per (kv head, sequence), with the warps sharing the rows when kWarpSplit.
 template <class T, int Dk, int Dv, bool kWarpSplit>
 Status launch_decode(const ForwardArgs& a, cudaStream_t stream, int max_smem) {
-  const int64_t attn_smem = AttentionSmem::tiles_bytes(Dk, Dv, decode_stages(Dk, Dv));
+  const int64_t attn_smem = AttentionSmem::tiles_bytes(Dk, Dv, sweep_stages(true, Dk, Dv));
   const int64_t slc_smem = attn_smem + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
   const int64_t score_smem = int64_t{4} * std::max(score_smem_floats(a), a.topn_in_smem ? a.decode_blocks : 0);
   const auto cmp_win_kernel = decode_cmp_win_kernel<T, Dk, Dv, kWarpSplit>;
@@ -62,7 +62,7 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
     return a.warp_split ? launch_decode<T, Dk, Dv, true>(a, stream, max_smem)
                         : launch_decode<T, Dk, Dv, false>(a, stream, max_smem);
 
-  const int64_t attn_smem = AttentionSmem::tiles_bytes(Dk, Dv);
+  const int64_t attn_smem = AttentionSmem::tiles_bytes(Dk, Dv, sweep_stages(false, Dk, Dv));
   const int64_t slc_smem = attn_smem + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
   // Selection: P positions per CTA keep [P][ceil(T / l')] block scores in shared memory; halve P
   // (down to 1) while that does not fit. G = 16 takes the shuffle path (a warp per position).
