@@ -557,6 +557,9 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   cp_async_commit();
   const RowTile rt = make_row_tile(a, kv_head, m0, seq, row_warp);
   const RowState(&rows)[2] = rt.rows;
+  // The decode slc kernel is chained to the scoring kernel (forward_launch.cuh): the Q tile loads
+  // while that one finishes; the selected blocks and the other branches' partials are read after.
+  if constexpr (kSplit) wait_for_previous_kernel();
 
   cp_async_wait<0>();
   __syncthreads();
@@ -600,6 +603,8 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
           softmax_tile<T, Dk, Dv>(tiles, ti, tk, tv, qf, a.scale_log2, rows, acc, m, l, to_scores);
       },
       tile_x);
+
+  if constexpr (kSplit) allow_next_kernel();  // the decode path's next kernel may launch
 
   // Rows this warp writes: with kWarpSplit only the first warp's, which holds the merged state.
   RowState out_rows[2] = {rows[0], rows[1]};

@@ -1,6 +1,7 @@
 // Device building blocks shared by the forward kernels: 16-bit type traits, the sm_80+ PTX
-// wrappers (cp.async, ldmatrix, mma.sync m16n8k16 with fp32 accumulation), fast exp2, and the
-// per-sequence row arithmetic of the padded and packed layouts.
+// wrappers (cp.async, ldmatrix, mma.sync m16n8k16 with fp32 accumulation), the sm_90 chained
+// launch's wait and trigger, fast exp2, and the per-sequence row arithmetic of the padded and
+// packed layouts.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16, lane = 4 * group + tig):
 //   A (16x16, row major): a[0] = rows group,   cols 2*tig + {0,1};  a[1] = row group + 8, same cols;
@@ -105,6 +106,25 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
+}
+
+// Programmatic dependent launch (sm_90+; nothing on older targets, where launch_chained does not
+// ask for it). A kernel launched with launch_chained may start while the kernel before it in the
+// stream still runs: it must call wait_for_previous_kernel() before it reads anything that kernel
+// (or one before it) writes, and before it writes anything those read. The wait returns once the
+// previous kernel has completed and its writes are visible; without a previous kernel at once.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+// Lets the next kernel, if launched with launch_chained, start once every CTA of this one has
+// called this or exited: call it after the CTA's main loop, so that the next kernel's CTAs do not
+// take the SM slots that this kernel's later CTAs need. Changes no memory ordering.
+__device__ __forceinline__ void allow_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
 }
 
 // 2^x (ex2.approx; 2^-inf = 0).

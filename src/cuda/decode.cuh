@@ -15,6 +15,8 @@
 //                                    lse) and the gated sum (Eq. 5) of the dtype-rounded outputs;
 //                                    not when every branch ran one split (B * Hkv > 112): then
 //                                    the slc kernel's epilogue does it (decode_merge.cuh).
+// Kernels 2-4 are chained launches (launch_chained, sm_90+): each may start while the one before
+// it finishes and waits (wait_for_previous_kernel) before it reads what that one wrote.
 #pragma once
 
 #include "cuda/attention.cuh"
@@ -26,30 +28,6 @@
 namespace nsa::cuda_detail {
 
 inline constexpr int kDecodeThreads = 128;
-
-// Block scores (decode_scoring.cuh) of blocks chunk * score_blocks .. +score_blocks-1 for every
-// query of (kv head blockIdx.y, sequence blockIdx.z), with the merged cmp lse. smem:
-// score_smem_floats(a) floats.
-__device__ __forceinline__ void score_cta(const ForwardArgs& a, int chunk, float* pg) {
-  __shared__ float sLse2[64];  // merged cmp lse of the rows, log2 domain
-  const int b = blockIdx.z, kv_head = blockIdx.y, tid = threadIdx.x;
-  const SeqInfo seq = seq_info(a, b);
-  const int G = a.group, m = static_cast<int>(seq.len);
-  const int j0 = chunk * a.score_blocks, j1 = min(j0 + a.score_blocks, a.decode_blocks);
-  // Run after the first query's first scores are requested, so that their loads overlap.
-  const auto merge_lse = [&] {
-    for (int R = tid >> 5; R < m * G; R += kDecodeThreads / 32) {
-      const float lse2 = merge_row(a, kBranchCmp, seq.row0 + R / G, kv_head * G + R % G).lse2();
-      if ((tid & 31) == 0) sLse2[R] = lse2;
-    }
-  };
-  for (int i = 0; i < m; ++i)
-    score_block_range(a, seq, kv_head, i, sLse2 + i * G, j0, j1, pg,
-                      a.block_scores + ((seq.row0 + i) * a.num_kv_heads + kv_head) * a.decode_blocks + j0,
-                      [&] {
-                        if (i == 0) merge_lse();
-                      });
-}
 
 // The cmp branch's CTAs (branch_splits[cmp] per (kv head, sequence)) and then the window
 // branch's, in one 1-D launch: the cmp CTAs are few (about 256) and long, the window's short, so
@@ -73,36 +51,65 @@ __global__ void __launch_bounds__(kAttnThreads, (kAttnMinBlocks<Dk, kBranchCmp>)
     attention_cta<T, Dk, Dv, kBranchWin, true, kWarpSplit>(a, split, kv_head, b, smem);
 }
 
-// Block scoring and top-n in one launch: CTA x scores blocks x * score_blocks .. for (kv head
-// blockIdx.y, sequence blockIdx.z); the last of the CTAs of a (kv head, sequence) to finish (a
-// counter per pair, zeroed by the cmp kernel) runs the top-n of its queries, the CTA's four warps
-// per query, on a copy of the block scores in shared memory when decode_blocks floats fit
-// (topn_in_smem). One launch fewer than a separate top-n kernel, about as fast (docs/decisions/
-// 0005). smem: the larger of score_smem_floats(a) and decode_blocks floats.
+// Block scoring and top-n in one launch: CTA x scores blocks x * score_blocks .. for each query
+// of (kv head blockIdx.y, sequence blockIdx.z) with the merged cmp lse (decode_scoring.cuh).
+// score_alone (one CTA per pair): the block scores stay in shared memory and the CTA picks each
+// query's blocks as soon as it has scored them. Otherwise every CTA writes its blocks' scores to
+// block_scores and the last of the pair's CTAs to finish (a counter per pair, zeroed by the cmp
+// kernel) runs the top-n of its queries, on a copy of the block scores in shared memory when
+// decode_blocks floats fit (topn_in_smem). The top-n is the CTA's four warps per query. One launch
+// fewer than a separate top-n kernel (docs/decisions/0005). smem: score_smem_floats(a) floats, then
+// with score_alone decode_blocks more; else at least decode_blocks when topn_in_smem.
 // (T: one instantiation per instantiation file, as the other kernels.)
 template <class T>
 __global__ void __launch_bounds__(kDecodeThreads) decode_score_topn_kernel(const ForwardArgs a) {
   extern __shared__ __align__(16) float score_smem[];
   __shared__ TopNScratch scratch;
+  __shared__ float sLse2[64];  // merged cmp lse of the rows, log2 domain
   __shared__ bool last;
-  const int b = blockIdx.z, kv_head = blockIdx.y;
-  score_cta(a, static_cast<int>(blockIdx.x), score_smem);
+  const int b = blockIdx.z, kv_head = blockIdx.y, tid = threadIdx.x;
+  wait_for_previous_kernel();  // chained to the cmp + win kernel: its scores, lse and counters
+  const SeqInfo seq = seq_info(a, b);
+  const int G = a.group, m = static_cast<int>(seq.len);
+  const int j0 = static_cast<int>(blockIdx.x) * a.score_blocks, j1 = min(j0 + a.score_blocks, a.decode_blocks);
+  // Run after the first query's first scores are requested, so that their loads overlap.
+  const auto merge_lse = [&] {
+    for (int R = tid >> 5; R < m * G; R += kDecodeThreads / 32) {
+      const float lse2 = merge_row(a, kBranchCmp, seq.row0 + R / G, kv_head * G + R % G).lse2();
+      if ((tid & 31) == 0) sLse2[R] = lse2;
+    }
+  };
+  float* alone_scores = score_smem + score_smem_floats(a);
+  for (int i = 0; i < m; ++i) {
+    const int64_t row = (seq.row0 + i) * a.num_kv_heads + kv_head;
+    float* out = a.score_alone ? alone_scores : a.block_scores + row * a.decode_blocks + j0;
+    score_block_range(a, seq, kv_head, i, sLse2 + i * G, j0, j1, score_smem, out, [&] {
+      if (i == 0) merge_lse();
+    });
+    if (a.score_alone) {
+      __syncthreads();  // the block scores are complete
+      pick_top_n<kDecodeThreads / 32>(a, alone_scores, static_cast<int>(seq.pos0) + i,
+                                      a.block_indices + row * a.num_selected, scratch);
+      __syncthreads();  // the top-n is done with them and with the scratch
+    }
+  }
+  if (a.score_alone) return;
   __threadfence();  // this CTA's block scores are visible device-wide before it is counted
   __syncthreads();
-  if (threadIdx.x == 0)
+  if (tid == 0)
     last = atomicAdd(a.score_counters + int64_t{b} * a.num_kv_heads + kv_head, 1) == static_cast<int>(gridDim.x) - 1;
   __syncthreads();
+  allow_next_kernel();  // the slc kernel may launch (and load its Q tiles) during the top-n tails
   if (!last) return;
   __threadfence();
-  const SeqInfo seq = seq_info(a, b);
-  for (int i = 0; i < seq.len; ++i) {
+  for (int i = 0; i < m; ++i) {
     const int t = static_cast<int>(seq.pos0) + i;
     const int64_t row = (seq.row0 + i) * a.num_kv_heads + kv_head;
     const float* scores = a.block_scores + row * a.decode_blocks;
     __syncthreads();  // the previous query's top-n is done with the copy and the scratch
     if (a.topn_in_smem) {
 #pragma unroll 4
-      for (int j = threadIdx.x; j <= t / a.sel_block; j += kDecodeThreads) score_smem[j] = __ldcg(scores + j);
+      for (int j = tid; j <= t / a.sel_block; j += kDecodeThreads) score_smem[j] = __ldcg(scores + j);
       __syncthreads();
       scores = score_smem;
     }
@@ -123,6 +130,7 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const F
   const int H = a.num_q_heads, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t grow = blockIdx.x / H;
   const int head = static_cast<int>(blockIdx.x % H);
+  wait_for_previous_kernel();  // chained to the slc kernel
   for (int branch = warp; branch < kNumBranches; branch += kCombineThreads / 32) {
     const MergedRow row = merge_row(a, branch, grow, head);
     for (int s = lane; s < a.branch_splits[branch]; s += 32)

@@ -25,7 +25,7 @@ namespace {
 // 256 cmp CTAs the B = 1, 64k launch took 14 us instead of 9: its last CTAs waited for a slot.)
 constexpr int64_t kDecodeTargetCtas = 224;
 constexpr int64_t kDecodeScoreSmemBytes = 48 * 1024;  // bound of the scoring CTA's pg and of the top-n's copy
-constexpr int64_t kDecodeScoreStageBytes = 16 * 1024;  // each of the scoring CTA's two score buffers (decode_scoring.cuh)
+constexpr int64_t kDecodeScoreStageBytes = 16 * 1024;  // each of the scoring CTA's kDecodeScoreStages score buffers
 
 struct DecodePlan {
   int num_splits = 0;  // 0: the prefill kernels
@@ -44,12 +44,14 @@ DecodePlan decode_plan(const ForwardParams& p) {
     return plan;
   const int64_t blocks = (p.cache.capacity + c.sel_block - 1) / c.sel_block;
   const int64_t cmp_capacity = num_cmp_tokens(p.cache.capacity, c.cmp_block, c.cmp_stride);
-  // The scoring CTAs: about 1024 of them, each 128 .. 2048 compressed tokens (its
-  // blocks' tokens' head-summed probabilities stay in shared memory).
+  // The scoring CTAs: about kDecodeTargetCtas of them (one wave), each 128 .. 8192 compressed
+  // tokens (its blocks' tokens' head-summed probabilities stay in shared memory), so that from
+  // B * Hkv >= kDecodeTargetCtas on one CTA scores all the blocks of its (sequence, kv head) and
+  // picks them without a round trip through block_scores (score_alone).
   const int64_t tokens_per_block = c.sel_block / c.cmp_stride, overlap = c.cmp_block / c.cmp_stride;
-  const int64_t per_seq = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, s.batch * s.num_kv_heads));
+  const int64_t per_seq = std::max<int64_t>(1, kDecodeTargetCtas / std::max<int64_t>(1, s.batch * s.num_kv_heads));
   const int64_t score_blocks = std::clamp<int64_t>((blocks + per_seq - 1) / per_seq, std::max<int64_t>(1, 128 / tokens_per_block),
-                                                   std::max<int64_t>(1, 2048 / tokens_per_block));
+                                                   std::max<int64_t>(1, 8192 / tokens_per_block));
   if (4 * (score_blocks * tokens_per_block + overlap) > kDecodeScoreSmemBytes) return plan;
   // Upper bounds of each branch's key tiles (the device knows the exact counts): the compressed
   // tokens of the capacity; the union of the m queries' n blocks; the window of the m queries.
@@ -168,6 +170,7 @@ ForwardArgs make_args(const ForwardParams& p, void* workspace) {
     a.score_stage_tokens = static_cast<int>(
         std::clamp<int64_t>(kDecodeScoreStageBytes / (4 * a.group) / 4 * 4, 4, (score_tokens(a) + 3) / 4 * 4 + 4));
     a.topn_in_smem = int64_t{4} * plan.blocks <= kDecodeScoreSmemBytes;
+    a.score_alone = plan.score_blocks >= plan.blocks;
   }
   // Selection CTA: P = max(1, 64 / G) positions with all G heads, in 64-row chunks.
   a.select_t_per_cta = std::max(1, 64 / a.group);

@@ -68,6 +68,8 @@ struct ForwardArgs {
   int score_stage_tokens;    // tokens of the G heads' scores a scoring CTA stages per buffer (a multiple of 4)
   int* score_counters;       // [B][Hkv] scoring CTAs done (the last one runs the top-n); zeroed by the cmp kernel
   bool topn_in_smem;         // the top-n copies the block scores to shared memory (4 * decode_blocks bytes fit)
+  bool score_alone;          // one scoring CTA per (kv head, sequence) (score_blocks >= decode_blocks): its
+                             // block scores stay in shared memory and it picks each query's blocks itself
 
   // Derived tiling (host-computed).
   int select_t_per_cta;   // positions per selection CTA: max(1, 64 / G), halved while its smem does not fit
@@ -122,6 +124,10 @@ NSA_HOST_DEVICE constexpr int decode_stages(int dk, int dv) {
 }
 // The stages of an attention sweep: the decode path's (kSplit) or the prefill's two.
 NSA_HOST_DEVICE constexpr int sweep_stages(bool decode, int dk, int dv) { return decode ? decode_stages(dk, dv) : 2; }
+
+// Buffers of staged scores in a decode scoring CTA (decode_scoring.cuh): three chunks in flight
+// while one is summed.
+inline constexpr int kDecodeScoreStages = 4;
 
 // Compressed tokens of one decode scoring CTA's block range (src/cuda/decode_scoring.cuh): its
 // score_blocks blocks' tokens and the l / d - 1 before them that overlap the first block.

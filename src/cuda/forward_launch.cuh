@@ -27,7 +27,9 @@ template <class T, int Dk, int Dv, bool kWarpSplit>
 Status launch_decode(const ForwardArgs& a, cudaStream_t stream, int max_smem) {
   const int64_t attn_smem = AttentionSmem::tiles_bytes(Dk, Dv, sweep_stages(true, Dk, Dv));
   const int64_t slc_smem = attn_smem + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
-  const int64_t score_smem = int64_t{4} * std::max(score_smem_floats(a), a.topn_in_smem ? a.decode_blocks : 0);
+  const int64_t score_smem =
+      int64_t{4} * (a.score_alone ? score_smem_floats(a) + a.decode_blocks
+                                  : std::max(score_smem_floats(a), a.topn_in_smem ? a.decode_blocks : 0));
   const auto cmp_win_kernel = decode_cmp_win_kernel<T, Dk, Dv, kWarpSplit>;
   const auto slc_kernel = attention_kernel<T, Dk, Dv, kBranchSlc, true, kWarpSplit>;
   Status st = prepare_kernel(kForwardApi, cmp_win_kernel, attn_smem, max_smem, "the decode cmp + win kernel");
@@ -38,19 +40,22 @@ Status launch_decode(const ForwardArgs& a, cudaStream_t stream, int max_smem) {
   const unsigned heads = static_cast<unsigned>(a.num_kv_heads), batch = static_cast<unsigned>(a.batch);
   const unsigned cmp_win_ctas = static_cast<unsigned>(int64_t{a.branch_splits[kBranchCmp] + a.branch_splits[kBranchWin]} *
                                                       a.num_kv_heads * a.batch);
+  // The first kernel waits for the stream's earlier work as usual; each later one is chained to
+  // the one before it (launch_chained), so that its launch and prologue overlap that kernel's tail.
   cmp_win_kernel<<<cmp_win_ctas, kAttnThreads, attn_smem, stream>>>(a);
   if (!(st = launch_status(kForwardApi, "launching the decode cmp + win kernel")).ok()) return st;
   if (!a.indices_given) {
     const unsigned score_ctas = static_cast<unsigned>((a.decode_blocks + a.score_blocks - 1) / a.score_blocks);
-    decode_score_topn_kernel<T><<<dim3(score_ctas, heads, batch), kDecodeThreads, score_smem, stream>>>(a);
-    if (!(st = launch_status(kForwardApi, "launching the decode scoring kernel")).ok()) return st;
+    st = launch_chained(kForwardApi, "the decode scoring kernel", decode_score_topn_kernel<T>,
+                        dim3(score_ctas, heads, batch), dim3(kDecodeThreads), score_smem, stream, a);
+    if (!st.ok()) return st;
   }
-  slc_kernel<<<dim3(static_cast<unsigned>(a.num_splits), heads, batch), kAttnThreads, slc_smem, stream>>>(a);
-  if (!(st = launch_status(kForwardApi, "launching the decode slc kernel")).ok()) return st;
-  if (a.num_splits == 1) return Status::Ok();  // the slc kernel merged (decode_merge.cuh)
+  st = launch_chained(kForwardApi, "the decode slc kernel", slc_kernel,
+                      dim3(static_cast<unsigned>(a.num_splits), heads, batch), dim3(kAttnThreads), slc_smem, stream, a);
+  if (!st.ok() || a.num_splits == 1) return st;  // one split: the slc kernel merged (decode_merge.cuh)
   const unsigned combine_ctas = static_cast<unsigned>(int64_t{a.batch} * a.seqlen * a.num_q_heads);
-  decode_combine_kernel<T, Dv><<<combine_ctas, kCombineThreads, 0, stream>>>(a);
-  return launch_status(kForwardApi, "launching the decode combine kernel");
+  return launch_chained(kForwardApi, "the decode combine kernel", decode_combine_kernel<T, Dv>, dim3(combine_ctas),
+                        dim3(kCombineThreads), 0, stream, a);
 }
 
 template <class T, int Dk, int Dv>

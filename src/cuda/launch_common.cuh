@@ -1,5 +1,6 @@
 // Host-side helpers shared by the launchers (forward_launch.cuh, backward_launch.cuh): the
-// backend-error status of a failed CUDA call and the shared-memory check + attribute of a kernel.
+// backend-error status of a failed CUDA call, the shared-memory check + attribute of a kernel, and
+// the chained (programmatic dependent) launch.
 // `api` names the entry point in messages ("nsa::cuda::forward").
 #pragma once
 
@@ -9,6 +10,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <utility>
 
 #include "nsa/status.h"
 
@@ -27,9 +29,33 @@ inline Status launch_status(const char* api, const char* what) {
   return err == cudaSuccess ? Status::Ok() : backend_error(api, what, err);
 }
 
+// What the launchers remember per (device, kernel), so that a decode step does not pay driver
+// calls per kernel: the dynamic shared-memory limit set (only ever raised) and the kernel's machine
+// code version (cudaFuncAttributes::binaryVersion, -1 until queried).
+struct KernelState {
+  int smem_limit = 0;
+  int binary_version = -1;
+};
+
+// Runs update(state) on the remembered state of `kernel` on the current device, under a lock (on
+// a fresh state, not remembered, for device ids past kMaxDevices).
+template <class Kernel, class Update>
+Status with_kernel_state(const char* api, Kernel kernel, Update&& update) {
+  static std::mutex mutex;
+  static std::unordered_map<const void*, KernelState> states[kMaxDevices];
+  int device = 0;
+  const cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return backend_error(api, "cudaGetDevice", err);
+  if (device < 0 || device >= kMaxDevices) {
+    KernelState fresh;
+    return update(fresh);
+  }
+  const std::lock_guard<std::mutex> lock(mutex);
+  return update(states[device][reinterpret_cast<const void*>(kernel)]);
+}
+
 // kUnsupported when the kernel needs more dynamic shared memory than the device allows, else
-// raises the kernel's dynamic shared-memory limit to smem_bytes. The limit only ever grows and is
-// remembered per (device, kernel), so a decode step does not pay a driver call per kernel.
+// raises the kernel's dynamic shared-memory limit to smem_bytes.
 template <class Kernel>
 Status prepare_kernel(const char* api, Kernel kernel, int64_t smem_bytes, int max_smem, const char* name) {
   if (smem_bytes > max_smem) {
@@ -37,23 +63,53 @@ Status prepare_kernel(const char* api, Kernel kernel, int64_t smem_bytes, int ma
                                " bytes of shared memory, the device allows " + std::to_string(max_smem) +
                                " (reduce num_selected, the group size or the sequence length)");
   }
-  static std::mutex mutex;
-  static std::unordered_map<const void*, int> limits[kMaxDevices];  // per device: kernel -> limit set
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return backend_error(api, "cudaGetDevice", err);
-  const bool cached = device >= 0 && device < kMaxDevices;
-  std::unique_lock<std::mutex> lock(mutex, std::defer_lock);
-  int* limit = nullptr;
-  if (cached) {
-    lock.lock();
-    limit = &limits[device][reinterpret_cast<const void*>(kernel)];
-    if (*limit >= smem_bytes) return Status::Ok();
+  return with_kernel_state(api, kernel, [&](KernelState& state) {
+    if (state.smem_limit >= smem_bytes) return Status::Ok();
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+    if (err != cudaSuccess) return backend_error(api, "cudaFuncSetAttribute", err);
+    state.smem_limit = static_cast<int>(smem_bytes);
+    return Status::Ok();
+  });
+}
+
+// Launches kernel<<<grid, block, smem, stream>>>(args...) chained to the kernel before it in the
+// stream (programmatic dependent launch): it may start while that one finishes, and must call
+// wait_for_previous_kernel() (common.cuh) before it touches what that kernel writes or reads.
+// Chained only when the machine code that runs is sm_90 or newer (where that wait exists);
+// otherwise an ordinary launch. `what` names the kernel in errors.
+template <class... Params, class... Args>
+Status launch_chained(const char* api, const char* what, void (*kernel)(Params...), dim3 grid, dim3 block,
+                      size_t smem, cudaStream_t stream, Args&&... args) {
+  bool chain = false;
+  Status st = with_kernel_state(api, kernel, [&](KernelState& state) {
+    if (state.binary_version < 0) {
+      cudaFuncAttributes attributes{};
+      const cudaError_t err = cudaFuncGetAttributes(&attributes, kernel);
+      if (err != cudaSuccess) return backend_error(api, "cudaFuncGetAttributes", err);
+      state.binary_version = attributes.binaryVersion;
+    }
+    chain = state.binary_version >= 90;
+    return Status::Ok();
+  });
+  if (!st.ok()) return st;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = chain ? &attribute : nullptr;
+  config.numAttrs = chain ? 1 : 0;
+  const std::string launching = std::string("launching ") + what;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // the launch error, reported here, is not left for a later check
+    return backend_error(api, launching.c_str(), err);
   }
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
-  if (err != cudaSuccess) return backend_error(api, "cudaFuncSetAttribute", err);
-  if (cached) *limit = static_cast<int>(smem_bytes);
-  return Status::Ok();
+  return launch_status(api, launching.c_str());
 }
 
 // The opt-in shared-memory limit per block of the current device (queried once per device).
