@@ -259,11 +259,13 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
 }
 
 // The key-tile loop of a branch: tiles k = 0 .. num_tiles-1 of K ([*, Dk], row stride kstride)
-// and V are loaded with cp.async into the Stages-deep ring buffers sK / sV (Stages - 1 tiles in
-// flight while one is computed), and body(tiles, ti, tile_k, tile_v) runs on each tile the warp
-// does not skip (a warp-uniform test). Every thread of the CTA calls it (it synchronizes).
-// keys_read (optional): gets the key rows the CTA loads added. kStream: the loads bypass L1
-// (cp_async_16).
+// and V are loaded into the Stages-deep ring buffers sK / sV (Stages - 1 tiles in flight while one
+// is computed), and body(tiles, ti, tile_k, tile_v) runs on each tile the warp does not skip (a
+// warp-uniform test). Every thread of the CTA calls it (it synchronizes). keys_read (optional):
+// gets the key rows the CTA loads added. The loads: cp.async (16 bytes a request); kStream (the
+// decode sweeps, which stream each row once from DRAM) past L1 (cp_async_16), and on sm_90 as one
+// bulk copy per K or V row (a thread each) completing on the stage's mbarrier: with cp.async
+// requests the decode cmp + win kernel held the DRAM at 78% on an H200 (ncu).
 template <class T, int Dk, int Dv, int Stages, bool kStream, class Tiles, class Body>
 __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kbase, int64_t kstride, const T* vbase,
                                                 int64_t vstride, T* sK, T* sV, uint64_t warp_positions,
@@ -279,6 +281,48 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
   }
   if (num_tiles <= 0) return;
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (kStream) {
+    static_assert(kAttnThreads == 128, "a thread per K row and per V row of a 64-row tile");
+    __shared__ uint64_t bars[Stages];  // stage s: the bulk copies of tiles s, s + Stages, ...
+    if (tid == 0) {
+      for (int st = 0; st < Stages; ++st) mbarrier_init(&bars[st], 1);
+      mbarrier_init_fence();
+    }
+    __syncthreads();
+    // Threads 0-63 copy K row tid, 64-127 V row tid - 64; rows past the tile's keys are zeroed
+    // (P V must not meet NaN garbage).
+    const bool is_k = tid < 64;
+    const int row = tid & 63;
+    const int row_bytes = (is_k ? Dk : Dv) * static_cast<int>(sizeof(T));
+    const auto issue = [&](int k) {
+      if (k >= num_tiles) return;
+      const TileInfo ti = tiles.info(k);
+      uint64_t* bar = &bars[k % Stages];
+      T* dst = is_k ? sK + (k % Stages) * kKElems + row * (Dk + 8) : sV + (k % Stages) * kVElems + row * (Dv + 8);
+      if (tid == 0) mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(ti.count * (Dk + Dv) * sizeof(T)));
+      if (row < ti.count) {
+        const T* src = (is_k ? kbase + int64_t{ti.key0 + row} * kstride : vbase + int64_t{ti.key0 + row} * vstride);
+        fence_proxy_async_smem();
+        bulk_copy_to_smem(dst, src, static_cast<uint32_t>(row_bytes), bar);
+      } else {
+        for (int off = 0; off < row_bytes; off += 16) *reinterpret_cast<uint4*>(reinterpret_cast<char*>(dst) + off) = {};
+      }
+    };
+#pragma unroll
+    for (int k = 0; k < Stages - 1; ++k) issue(k);
+    for (int k = 0; k < num_tiles; ++k) {
+      issue(k + Stages - 1);
+      mbarrier_wait(&bars[k % Stages], static_cast<uint32_t>((k / Stages) & 1));
+      __syncthreads();  // the zeroed rows too
+      const TileInfo ti = tiles.info(k);
+      if (!tiles.warp_skips(ti, warp_positions))
+        body(tiles, ti, sK + (k % Stages) * kKElems, sV + (k % Stages) * kVElems);
+      __syncthreads();  // buffer k % Stages is refilled by the issue of tile k + Stages
+    }
+    return;
+  }
+#endif
   // One commit group per tile index, empty past the last tile, so that wait<Stages - 1> always
   // means "tile k has landed".
   auto issue = [&](int k) {

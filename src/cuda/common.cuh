@@ -75,7 +75,8 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 // bytes through L2 and capped block gathers at 6.2 TB/s against 10 TB/s for .ca (tools/
 // nsa_gather_ceiling.cu, docs/decisions/0003-selected-branch-floor.md). kStream: the .cg form
 // (L2 only), for the decode sweeps, which read each row once from DRAM: their cmp + win kernel
-// went from 203 to 180 us at B = 64, 64k on an H200 (docs/decisions/0005-decode-path.md).
+// went from 203 to 180 us at B = 64, 64k on an H200 (docs/decisions/0005-decode-path.md). On
+// sm_90 those sweeps use bulk copies instead (below; sweep_key_tiles in attention.cuh).
 template <bool kStream = false>
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
   const int src_bytes = valid ? 16 : 0;
@@ -88,6 +89,45 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// sm_90 bulk copies (the copy engine) into shared memory, completing on an mbarrier: one
+// instruction moves a whole row, where cp.async needs a 16-byte request per thread and chunk.
+// Callers compile these only for __CUDA_ARCH__ >= 900.
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(arrivals) : "memory");
+}
+// Makes barrier initializations visible to the copy engine (then a CTA barrier for the threads).
+__device__ __forceinline__ void mbarrier_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// This thread's arrival, announcing `bytes` more to come from bulk copies in the current phase.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+// Waits until the phase with the given parity has completed.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  }
+}
+// Orders this thread's earlier shared-memory accesses (ordinary stores, and the loads before the
+// last barrier) before its later bulk copies into the same buffers.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// bytes (a multiple of 16, 16-byte aligned ends) from global src to shared dst; completes on bar.
+__device__ __forceinline__ void bulk_copy_to_smem(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
 }
 
 // Waits until the older of the (at most two) cp.async groups in flight has landed; the newer one

@@ -27,7 +27,9 @@
 
 namespace nsa::cuda_detail {
 
-inline constexpr int kDecodeThreads = 128;
+// Threads of a scoring CTA: eight warps, so that the few CTAs of a large batch (one per sequence
+// and kv head, two per SM) keep enough loads and arithmetic in flight.
+inline constexpr int kDecodeThreads = 256;
 
 // The cmp branch's CTAs (branch_splits[cmp] per (kv head, sequence)) and then the window
 // branch's, in one 1-D launch: the cmp CTAs are few (about 256) and long, the window's short, so
@@ -57,7 +59,7 @@ __global__ void __launch_bounds__(kAttnThreads, (kAttnMinBlocks<Dk, kBranchCmp>)
 // query's blocks as soon as it has scored them. Otherwise every CTA writes its blocks' scores to
 // block_scores and the last of the pair's CTAs to finish (a counter per pair, zeroed by the cmp
 // kernel) runs the top-n of its queries, on a copy of the block scores in shared memory when
-// decode_blocks floats fit (topn_in_smem). The top-n is the CTA's four warps per query. One launch
+// decode_blocks floats fit (topn_in_smem). The top-n is the CTA's eight warps per query. One launch
 // fewer than a separate top-n kernel (docs/decisions/0005). smem: score_smem_floats(a) floats, then
 // with score_alone decode_blocks more; else at least decode_blocks when topn_in_smem.
 // (T: one instantiation per instantiation file, as the other kernels.)

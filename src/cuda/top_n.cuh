@@ -1,6 +1,6 @@
 // Top-n (Eqs. 11-12) of one position from its block scores, shared by the prefill selection
 // kernel (src/cuda/select.cuh: a warp per position) and the decode path (src/cuda/decode.cuh: the
-// CTA's four warps per position).
+// CTA's eight warps per position).
 #pragma once
 
 #include "cuda/common.cuh"
