@@ -1070,7 +1070,8 @@ def print_decode_table(result) -> None:
 
 
 def plot_decode(result, path: Path) -> bool:
-    """Per-token latency (ms per decode step) vs context, log-log: one colour per B, ours solid, dense dashed."""
+    """Per-token latency (ms per decode step) vs context, log-log: one colour per B, ours solid, dense dashed.
+    The CUDA-graph times (GPU time) when every row has them, else the eager ones (a CPU smoke test)."""
     plt = _pyplot()
     if plt is None:
         return False
@@ -1079,19 +1080,22 @@ def plot_decode(result, path: Path) -> bool:
     if not configs:
         print("plot skipped: no rows")
         return False
+    graph = all(r.get("ours_graph_ms") for r in rows)
+    ours_key, dense_key = ("ours_graph_ms", "dense_graph_ms") if graph else ("ours_ms", "dense_ms")
+    timing = "CUDA graph, GPU time" if graph else "eager"
     fig, axes = plt.subplots(1, len(configs), figsize=(max(7.5, 5.5 * len(configs)), 4.8), squeeze=False)
     for ax, cname in zip(axes[0], configs):
         rs = [r for r in rows if r["config"] == cname]
         for i, B in enumerate(sorted({r["B"] for r in rs})):
             color = f"C{i}"
             pts = sorted((r["context"], r) for r in rs if r["B"] == B)
-            for key, label, style in (("ours_ms", "NSA (ours)", "o-"), ("dense_ms", "dense SDPA (best)", "s--")):
+            for key, label, style in ((ours_key, "NSA (ours)", "o-"), (dense_key, "dense SDPA (best)", "s--")):
                 xy = [(ctx, r[key]) for ctx, r in pts if r.get(key)]
                 if xy:
                     ax.plot(*zip(*xy), style, color=color, label=f"B={B} {label}")
         r0 = rs[0]
         _log_axes(ax, f"{cname}: Hq={r0['Hq']} Hkv={r0['Hkv']} Dk={r0['Dk']} Dv={r0['Dv']}",
-                  "context (keys in the cache)", "ms per decode step (per-token latency)")
+                  "context (keys in the cache)", f"ms per decode step ({timing})")
     m = result["meta"]
     fig.suptitle(f"Decode step (m = 1), {m.get('gpu')}, torch {m.get('torch')}, {m.get('dtype')}, {m.get('date')}",
                  fontsize=10)
