@@ -603,6 +603,7 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   const RowState(&rows)[2] = rt.rows;
   // The decode slc kernel is chained to the scoring kernel (forward_launch.cuh): the Q tile loads
   // while that one finishes; the selected blocks and the other branches' partials are read after.
+  // (Split 0 always gets here: the chain's completion order rests on that, decode.cuh.)
   if constexpr (kSplit) wait_for_previous_kernel();
 
   cp_async_wait<0>();

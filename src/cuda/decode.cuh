@@ -16,7 +16,9 @@
 //                                    not when every branch ran one split (B * Hkv > 112): then
 //                                    the slc kernel's epilogue does it (decode_merge.cuh).
 // Kernels 2-4 are chained launches (launch_chained, sm_90+): each may start while the one before
-// it finishes and waits (wait_for_previous_kernel) before it reads what that one wrote.
+// it finishes and waits (wait_for_previous_kernel) before it reads what that one wrote. Each has
+// CTAs that pass that wait before they exit, so a kernel completes only after every earlier one
+// has: the slc and combine kernels read the cmp + win kernel's partials on that ground.
 #pragma once
 
 #include "cuda/attention.cuh"
@@ -95,7 +97,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_score_topn_kernel(const
       __syncthreads();  // the top-n is done with them and with the scratch
     }
   }
-  if (a.score_alone) return;
+  if (a.score_alone) return;  // (the slc kernel launches as these CTAs exit)
   __threadfence();  // this CTA's block scores are visible device-wide before it is counted
   __syncthreads();
   if (tid == 0)

@@ -30,19 +30,28 @@ inline Status launch_status(const char* api, const char* what) {
 }
 
 // What the launchers remember per (device, kernel), so that a decode step does not pay driver
-// calls per kernel: the dynamic shared-memory limit set (only ever raised) and the kernel's machine
-// code version (cudaFuncAttributes::binaryVersion, -1 until queried).
+// calls per kernel: the dynamic shared-memory limit set (only ever raised) and the virtual
+// architecture the kernel's code was compiled for (cudaFuncAttributes::ptxVersion, -1 until
+// queried).
 struct KernelState {
   int smem_limit = 0;
-  int binary_version = -1;
+  int ptx_version = -1;
 };
 
-// Runs update(state) on the remembered state of `kernel` on the current device, under a lock (on
-// a fresh state, not remembered, for device ids past kMaxDevices).
+// The one store of those states, per device, and its lock.
+struct KernelStates {
+  std::mutex mutex;
+  std::unordered_map<const void*, KernelState> per_device[kMaxDevices];
+};
+inline KernelStates& kernel_states() {
+  static KernelStates states;
+  return states;
+}
+
+// Runs update(state) on the remembered state of `kernel` on the current device, under the lock
+// (on a fresh state, not remembered, for device ids past kMaxDevices).
 template <class Kernel, class Update>
 Status with_kernel_state(const char* api, Kernel kernel, Update&& update) {
-  static std::mutex mutex;
-  static std::unordered_map<const void*, KernelState> states[kMaxDevices];
   int device = 0;
   const cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return backend_error(api, "cudaGetDevice", err);
@@ -50,8 +59,9 @@ Status with_kernel_state(const char* api, Kernel kernel, Update&& update) {
     KernelState fresh;
     return update(fresh);
   }
-  const std::lock_guard<std::mutex> lock(mutex);
-  return update(states[device][reinterpret_cast<const void*>(kernel)]);
+  KernelStates& states = kernel_states();
+  const std::lock_guard<std::mutex> lock(states.mutex);
+  return update(states.per_device[device][reinterpret_cast<const void*>(kernel)]);
 }
 
 // kUnsupported when the kernel needs more dynamic shared memory than the device allows, else
@@ -76,20 +86,22 @@ Status prepare_kernel(const char* api, Kernel kernel, int64_t smem_bytes, int ma
 // Launches kernel<<<grid, block, smem, stream>>>(args...) chained to the kernel before it in the
 // stream (programmatic dependent launch): it may start while that one finishes, and must call
 // wait_for_previous_kernel() (common.cuh) before it touches what that kernel writes or reads.
-// Chained only when the machine code that runs is sm_90 or newer (where that wait exists);
-// otherwise an ordinary launch. `what` names the kernel in errors.
+// Chained only when the kernel's code was compiled for compute_90 or newer, where that wait is
+// in it: the virtual architecture (ptxVersion), not the machine code's (binaryVersion), which
+// is the device's also when the driver compiled older PTX (an sm_80-only build on an H100).
+// Otherwise an ordinary launch. `what` names the kernel in errors.
 template <class... Params, class... Args>
 Status launch_chained(const char* api, const char* what, void (*kernel)(Params...), dim3 grid, dim3 block,
                       size_t smem, cudaStream_t stream, Args&&... args) {
   bool chain = false;
   Status st = with_kernel_state(api, kernel, [&](KernelState& state) {
-    if (state.binary_version < 0) {
+    if (state.ptx_version < 0) {
       cudaFuncAttributes attributes{};
       const cudaError_t err = cudaFuncGetAttributes(&attributes, kernel);
       if (err != cudaSuccess) return backend_error(api, "cudaFuncGetAttributes", err);
-      state.binary_version = attributes.binaryVersion;
+      state.ptx_version = attributes.ptxVersion;
     }
-    chain = state.binary_version >= 90;
+    chain = state.ptx_version >= 90;
     return Status::Ok();
   });
   if (!st.ok()) return st;
