@@ -115,13 +115,12 @@ Status launch_chained(const char* api, const char* what, void (*kernel)(Params..
   config.stream = stream;
   config.attrs = chain ? &attribute : nullptr;
   config.numAttrs = chain ? 1 : 0;
-  const std::string launching = std::string("launching ") + what;
-  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // the launch error, reported here, is not left for a later check
-    return backend_error(api, launching.c_str(), err);
-  }
-  return launch_status(api, launching.c_str());
+  cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  // As launch_status, the message built only on failure (no allocation per decode step); a
+  // launch error is cleared so that it is not reported again by a later check.
+  const cudaError_t last = cudaGetLastError();
+  if (err == cudaSuccess) err = last;
+  return err == cudaSuccess ? Status::Ok() : backend_error(api, (std::string("launching ") + what).c_str(), err);
 }
 
 // The opt-in shared-memory limit per block of the current device (queried once per device).
