@@ -36,9 +36,10 @@ struct RowState {
   int head;  // query head
 };
 
-// Every tile is masked element by element (there is no "whole tile valid" shortcut in v0: the
-// one we had, `full = count == 64 && ...`, was evaluated as true for tiles with count < 64 by the
-// compiled code on sm_90 / nvcc 13.0, see docs/decisions/0001-cuda-forward-v0.md).
+// A tile is masked element by element unless every row of the warp sees every key of it
+// (softmax_tile). That test evaluates valid() itself, at the warp's first and last keys: v0's
+// shortcut, `full = count == 64 && ...`, was evaluated as true for tiles with count < 64 by the
+// compiled code on sm_90 / nvcc 13.0 (docs/decisions/0001-cuda-forward-v0.md).
 struct TileInfo {
   int key0;       // first key of the tile (position within the branch's key sequence)
   int count;      // keys of the tile that exist (rows >= count are zero-filled)
@@ -220,13 +221,27 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
   const int lane = threadIdx.x & 31, tig = lane & 3;
   float s[NB][4];
   qk_tile<T, Dk, NB>(qf, tk + key0 * (Dk + 8), s);
+  // The keys a row sees form an interval (in every branch), so a warp whose rows all see its first
+  // and its last key sees all of them and skips the per-element mask. On an H100 (paper config)
+  // this took the slc kernel from 2.80 to 2.54 ms at 8k and from 28.9 to 26.7 ms at 64k; the
+  // same test in the backward's dq tiles slowed them (docs/decisions/0003).
+  const int last = key0 + NB * 8 - 1;
+  const bool all_valid = __all_sync(0xffffffffu, tiles.valid(ti, rows[0], key0) && tiles.valid(ti, rows[0], last) &&
+                                                     tiles.valid(ti, rows[1], key0) && tiles.valid(ti, rows[1], last));
+  if (all_valid) {
 #pragma unroll
-  for (int nb = 0; nb < NB; ++nb)
+    for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int key = key0 + nb * 8 + tig * 2 + (e & 1);
-      s[nb][e] = tiles.valid(ti, rows[e >> 1], key) ? s[nb][e] * scale_log2 : neg_inf();
-    }
+      for (int e = 0; e < 4; ++e) s[nb][e] *= scale_log2;
+  } else {
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key0 + nb * 8 + tig * 2 + (e & 1);
+        s[nb][e] = tiles.valid(ti, rows[e >> 1], key) ? s[nb][e] * scale_log2 : neg_inf();
+      }
+  }
   sink(s, ti.key0 + key0);
 
 #pragma unroll
