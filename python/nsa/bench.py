@@ -7,7 +7,8 @@ its forward outside the events) in one process on one GPU: CUDA events after war
 median of ``--iters`` runs, rotating among input sets larger than the L2 cache. Measures the
 bf16 matmul and copy ceilings first. Optionally runs the C++ ``nsa_bench_forward`` binary for the
 same shape to get per-stage medians. Writes JSON ({"rows", "ceilings", "meta"}) and a PNG.
-``--plot-only JSON`` makes the PNG from an existing JSON and needs no GPU (nor the ops library).
+``--plot-only JSON`` makes the PNG from an existing JSON and needs no GPU (``python -m nsa.bench``
+imports the package, so the ops library of any build must load: ``NSA_OPS_LIBRARY``).
 
 ``python -m nsa.bench train-step --preset m7c-125m`` times one training step of the showcase
 model (python/nsa/model.py: forward, backward, fused AdamW, bf16 autocast) with NSA and with
