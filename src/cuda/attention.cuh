@@ -224,7 +224,8 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
   // The keys a row sees form an interval (in every branch), so a warp whose rows all see its first
   // and its last key sees all of them and skips the per-element mask. On an H100 (paper config)
   // this took the slc kernel from 2.80 to 2.54 ms at 8k and from 28.9 to 26.7 ms at 64k; the
-  // same test in the backward's dq tiles slowed them (docs/decisions/0003).
+  // same test in the backward's dq tiles slowed them (docs/decisions/0003). Two loops, not one with
+  // `all_valid || valid()`: a form that folded them (a lambda over the masked flag) measured slower.
   const int last = key0 + NB * 8 - 1;
   const bool all_valid = __all_sync(0xffffffffu, tiles.valid(ti, rows[0], key0) && tiles.valid(ti, rows[0], last) &&
                                                      tiles.valid(ti, rows[1], key0) && tiles.valid(ti, rows[1], last));

@@ -57,13 +57,13 @@ __global__ void __launch_bounds__(kAttnThreads, (kAttnMinBlocks<Dk, kBranchCmp>)
 
 // Block scoring and top-n in one launch: CTA x scores blocks x * score_blocks .. for each query
 // of (kv head blockIdx.y, sequence blockIdx.z) with the merged cmp lse (decode_scoring.cuh).
-// score_alone (one CTA per pair): the block scores stay in shared memory and the CTA picks each
+// score_alone(a) (one CTA per pair): the block scores stay in shared memory and the CTA picks each
 // query's blocks as soon as it has scored them. Otherwise every CTA writes its blocks' scores to
 // block_scores and the last of the pair's CTAs to finish (a counter per pair, zeroed by the cmp
 // kernel) runs the top-n of its queries, on a copy of the block scores in shared memory when
 // decode_blocks floats fit (topn_in_smem). The top-n is the CTA's eight warps per query. One launch
 // fewer than a separate top-n kernel (docs/decisions/0005). smem: score_smem_floats(a) floats, then
-// with score_alone decode_blocks more; else at least decode_blocks when topn_in_smem.
+// with score_alone(a) decode_blocks more; else at least decode_blocks when topn_in_smem.
 // (T: one instantiation per instantiation file, as the other kernels.)
 template <class T>
 __global__ void __launch_bounds__(kDecodeThreads) decode_score_topn_kernel(const ForwardArgs a) {
@@ -83,21 +83,22 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_score_topn_kernel(const
       if ((tid & 31) == 0) sLse2[R] = lse2;
     }
   };
+  const bool alone = score_alone(a);
   float* alone_scores = score_smem + score_smem_floats(a);
   for (int i = 0; i < m; ++i) {
     const int64_t row = (seq.row0 + i) * a.num_kv_heads + kv_head;
-    float* out = a.score_alone ? alone_scores : a.block_scores + row * a.decode_blocks + j0;
+    float* out = alone ? alone_scores : a.block_scores + row * a.decode_blocks + j0;
     score_block_range(a, seq, kv_head, i, sLse2 + i * G, j0, j1, score_smem, out, [&] {
       if (i == 0) merge_lse();
     });
-    if (a.score_alone) {
+    if (alone) {
       __syncthreads();  // the block scores are complete
       pick_top_n<kDecodeThreads / 32>(a, alone_scores, static_cast<int>(seq.pos0) + i,
                                       a.block_indices + row * a.num_selected, scratch);
       __syncthreads();  // the top-n is done with them and with the scratch
     }
   }
-  if (a.score_alone) return;  // (the slc kernel launches as these CTAs exit)
+  if (alone) return;  // (the slc kernel launches as these CTAs exit)
   __threadfence();  // this CTA's block scores are visible device-wide before it is counted
   __syncthreads();
   if (tid == 0)

@@ -170,7 +170,6 @@ ForwardArgs make_args(const ForwardParams& p, void* workspace) {
     a.score_stage_tokens = static_cast<int>(
         std::clamp<int64_t>(kDecodeScoreStageBytes / (4 * a.group) / 4 * 4, 4, (score_tokens(a) + 3) / 4 * 4 + 4));
     a.topn_in_smem = int64_t{4} * plan.blocks <= kDecodeScoreSmemBytes;
-    a.score_alone = plan.score_blocks >= plan.blocks;
   }
   // Selection CTA: P = max(1, 64 / G) positions with all G heads, in 64-row chunks.
   a.select_t_per_cta = std::max(1, 64 / a.group);

@@ -68,8 +68,6 @@ struct ForwardArgs {
   int score_stage_tokens;    // tokens of the G heads' scores a scoring CTA stages per buffer (a multiple of 4)
   int* score_counters;       // [B][Hkv] scoring CTAs done (the last one runs the top-n); zeroed by the cmp kernel
   bool topn_in_smem;         // the top-n copies the block scores to shared memory (4 * decode_blocks bytes fit)
-  bool score_alone;          // one scoring CTA per (kv head, sequence) (score_blocks >= decode_blocks): its
-                             // block scores stay in shared memory and it picks each query's blocks itself
 
   // Derived tiling (host-computed).
   int select_t_per_cta;   // positions per selection CTA: max(1, 64 / G), halved while its smem does not fit
@@ -128,6 +126,10 @@ NSA_HOST_DEVICE constexpr int sweep_stages(bool decode, int dk, int dv) { return
 // Buffers of staged scores in a decode scoring CTA (decode_scoring.cuh): three chunks in flight
 // while one is summed.
 inline constexpr int kDecodeScoreStages = 4;
+
+// One decode scoring CTA per (kv head, sequence) (its range covers every block): its block scores
+// stay in shared memory and it picks each query's blocks itself (decode.cuh).
+NSA_HOST_DEVICE inline bool score_alone(const ForwardArgs& a) { return a.score_blocks >= a.decode_blocks; }
 
 // Compressed tokens of one decode scoring CTA's block range (src/cuda/decode_scoring.cuh): its
 // score_blocks blocks' tokens and the l / d - 1 before them that overlap the first block.

@@ -28,7 +28,7 @@ Status launch_decode(const ForwardArgs& a, cudaStream_t stream, int max_smem) {
   const int64_t attn_smem = AttentionSmem::tiles_bytes(Dk, Dv, sweep_stages(true, Dk, Dv));
   const int64_t slc_smem = attn_smem + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
   const int64_t score_smem =
-      int64_t{4} * (a.score_alone ? score_smem_floats(a) + a.decode_blocks
+      int64_t{4} * (score_alone(a) ? score_smem_floats(a) + a.decode_blocks
                                   : std::max(score_smem_floats(a), a.topn_in_smem ? a.decode_blocks : 0));
   const auto cmp_win_kernel = decode_cmp_win_kernel<T, Dk, Dv, kWarpSplit>;
   const auto slc_kernel = attention_kernel<T, Dk, Dv, kBranchSlc, true, kWarpSplit>;
