@@ -10,7 +10,7 @@
 #
 # Logs go to $OUT (default ./gpu_check_out), at most 9 files: env.txt build.log tests.log
 # pytest.log sanitizer.log bench.log bench_prefill.json bench_decode.json summary.txt.
-# Environment: NSA_CUDA_ARCH (default 90), NSA_BENCH_SEQLENS (default 8192,32768,65536),
+# Environment: NSA_CUDA_ARCH (default 90a: the wgmma sweeps), NSA_BENCH_SEQLENS (default 8192,32768,65536),
 # NSA_CHECK_BUDGET (seconds for the whole script, default 1800; later steps shrink to fit),
 # NSA_CHECK_BUILD_DIR (default build/gpu-check), NSA_CHECK_SKIP_SDPA=1 (skip the harness; the C++
 # per-stage timing runs alone), NSA_CHECK_SKIP_SANITIZER=1,
@@ -26,7 +26,7 @@ cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 BUILD=${NSA_CHECK_BUILD_DIR:-build/gpu-check}
-ARCH=${NSA_CUDA_ARCH:-90}
+ARCH=${NSA_CUDA_ARCH:-90a}
 SEQLENS=${NSA_BENCH_SEQLENS:-8192,32768,65536}
 JOBS=$(nproc)
 BUDGET=${NSA_CHECK_BUDGET:-1800}  # seconds for the whole script; later steps shrink or are skipped

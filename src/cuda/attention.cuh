@@ -22,6 +22,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/decode_merge.cuh"
+#include "cuda/wgmma.cuh"
 #include "nsa/params.h"
 
 namespace nsa::cuda_detail {
@@ -160,6 +161,14 @@ struct QInRegisters {
   }
 };
 
+// The CTA's Q tile, kept in shared memory in wgmma's swizzled layout (WgmmaTiles reads it through
+// descriptors; no Q registers).
+template <class T>
+struct QInSharedMemory {
+  const T* tile;
+  __device__ __forceinline__ void load(const T* q_tile, int) { tile = q_tile; }
+};
+
 // S = A B^T for the warp's 16 rows of A (a fragment source: Q, or dO, or in the backward K / V)
 // and the NB * 8 rows of a shared-memory tile B ([NB*8][D+8]: K, V, or in the backward Q / dO).
 template <class T, int D, int NB = 8, class Source>
@@ -210,17 +219,91 @@ __device__ __forceinline__ void accumulate_ptile(float (&acc)[D / 8][4], const f
   }
 }
 
+// How a sweep multiplies its rows with the shared-memory K and V tiles. MmaSyncTiles: each warp on
+// its own 16 rows (ldmatrix + mma.sync, padded tiles; every architecture). WgmmaTiles: the CTA's 64
+// rows at once (wgmma, swizzled tiles; sm_90a), which every warp of the CTA must issue together, so
+// only sweeps whose warps take every tile use it (cmp and win of the prefill), with whole tiles
+// (NB = 8, key0 = 0).
+struct MmaSyncTiles {
+  static constexpr bool kSwizzled = false;
+  template <class T, int Dk, int NB, class QSource>
+  static __device__ __forceinline__ void scores(const QSource& qf, const T* tk, int key0, float (&s)[NB][4]) {
+    qk_tile<T, Dk, NB>(qf, tk + key0 * (Dk + 8), s);
+  }
+  template <class T, int Dv, int NB>
+  static __device__ __forceinline__ void accumulate(float (&acc)[Dv / 8][4], const float (&p)[NB][4], const T* tv,
+                                                    int key0) {
+    accumulate_ptile<T, Dv, NB>(acc, p, tv + key0 * (Dv + 8));
+  }
+};
+
+struct WgmmaTiles {
+  static constexpr bool kSwizzled = true;
+  static constexpr uint32_t kAtomBytes = 8 * 128;     // 8 rows of 128 bytes
+  static constexpr uint32_t kPartBytes = 64 * 128;    // 64 rows of 64 elements
+  // S = Q K^T, both from shared memory: the k-step ks reads columns 16 ks .. 16 ks + 15 of the Q
+  // and K tiles, 32 bytes into the swizzle atoms of their part ks / 4. Q comes from shared memory,
+  // not registers: with the loop-invariant Q fragments as the register operand, ptxas (CUDA 13.0)
+  // gave the P fragments of the same tile those registers at Dk = 64 (the PV HGMMA read the
+  // registers LDSM had loaded Q into), and fresh per-tile copies serialized the HGMMAs at Dk = 128.
+  template <class T, int Dk, int NB>
+  static __device__ __forceinline__ void scores(const QInSharedMemory<T>& qs, const T* tk, int, float (&s)[NB][4]) {
+    static_assert(NB == 8, "whole 64-key tiles");
+    wgmma_pin(s);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < Dk / 16; ++ks) {
+      const int offset = (ks / 4) * 64 * 64 + (ks % 4) * 16;
+      wgmma_m64n64k16_ss<T>(s, wgmma_desc(qs.tile + offset, 0, kAtomBytes), wgmma_desc(tk + offset, 0, kAtomBytes),
+                            ks > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_pin(s);
+  }
+  // O += P V: the k-step kk reads keys 16 kk .. 16 kk + 15 (two atoms) of the V tile, transposed;
+  // one instruction per 64 columns of O.
+  template <class T, int Dv, int NB>
+  static __device__ __forceinline__ void accumulate(float (&acc)[Dv / 8][4], const float (&p)[NB][4], const T* tv,
+                                                    int) {
+    static_assert(NB == 8 && (Dv == 64 || Dv == 128), "whole 64-key tiles; one or two 64-column parts");
+    using Tr = TypeTraits<T>;
+    uint32_t a[NB / 2][4];
+#pragma unroll
+    for (int kk = 0; kk < NB / 2; ++kk) {
+      a[kk][0] = Tr::pack(p[2 * kk][0], p[2 * kk][1]);
+      a[kk][1] = Tr::pack(p[2 * kk][2], p[2 * kk][3]);
+      a[kk][2] = Tr::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+      a[kk][3] = Tr::pack(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+      wgmma_pin(a[kk]);
+    }
+    wgmma_pin(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < NB / 2; ++kk) {
+      const T* rows = tv + kk * 16 * 64;
+      wgmma_m64n64k16<T, true, 0>(acc, a[kk], wgmma_desc(rows, kPartBytes, kAtomBytes), true);
+      if constexpr (Dv == 128)
+        wgmma_m64n64k16<T, true, 8>(acc, a[kk], wgmma_desc(rows + 64 * 64, kPartBytes, kAtomBytes), true);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_pin(acc);
+  }
+};
+
 // One key tile of a sweep for the warp's 16 rows: S = Q K^T, mask, online softmax, O += P V. The
 // warp takes the NB * 8 keys key0 .. key0 + NB*8 - 1 of the 64-key tile (all of them, or a quarter
 // when the warps of a decode CTA share its 16 rows).
-template <class T, int Dk, int Dv, int NB = 8, class Tiles, class QSource, class ScoreSink = NoScoreSink>
+template <class T, int Dk, int Dv, int NB = 8, class Mma = MmaSyncTiles, class Tiles, class QSource,
+          class ScoreSink = NoScoreSink>
 __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo& ti, const T* tk, const T* tv,
                                              const QSource& qf, float scale_log2, const RowState (&rows)[2],
                                              float (&acc)[Dv / 8][4], float (&m)[2], float (&l)[2],
                                              const ScoreSink& sink = {}, int key0 = 0) {
   const int lane = threadIdx.x & 31, tig = lane & 3;
   float s[NB][4];
-  qk_tile<T, Dk, NB>(qf, tk + key0 * (Dk + 8), s);
+  Mma::template scores<T, Dk, NB>(qf, tk, key0, s);
   // The keys a row sees form an interval (in every branch), so a warp whose rows all see its first
   // and its last key sees all of them and skips the per-element mask. On an H100 (paper config)
   // this took the slc kernel from 2.80 to 2.54 ms at 8k and from 28.9 to 26.7 ms at 64k; the
@@ -271,7 +354,7 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
     }
   }
 
-  accumulate_ptile<T, Dv, NB>(acc, s, tv + key0 * (Dv + 8));
+  Mma::template accumulate<T, Dv, NB>(acc, s, tv, key0);
 }
 
 // The key-tile loop of a branch: tiles k = 0 .. num_tiles-1 of K ([*, Dk], row stride kstride)
@@ -281,8 +364,9 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
 // gets the key rows the CTA loads added. The loads: cp.async (16 bytes a request); kStream (the
 // decode sweeps, which stream each row once from DRAM) past L1 (cp_async_16), and on sm_90 as one
 // bulk copy per K or V row (a thread each) completing on the stage's mbarrier: with cp.async
-// requests the decode cmp + win kernel held the DRAM at 78% on an H200 (ncu).
-template <class T, int Dk, int Dv, int Stages, bool kStream, class Tiles, class Body>
+// requests the decode cmp + win kernel held the DRAM at 78% on an H200 (ncu). kSwizzled: the tiles
+// in wgmma's layout (tile_chunk_offset), made visible to its reads (the async proxy) before use.
+template <class T, int Dk, int Dv, int Stages, bool kStream, bool kSwizzled, class Tiles, class Body>
 __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kbase, int64_t kstride, const T* vbase,
                                                 int64_t vstride, T* sK, T* sV, uint64_t warp_positions,
                                                 int64_t* keys_read, Body&& body) {
@@ -344,10 +428,10 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
   auto issue = [&](int k) {
     if (k < num_tiles) {
       const TileInfo ti = tiles.info(k);
-      load_rows_async<T, Dk, 64, kAttnThreads, kStream>(sK + (k % Stages) * kKElems, kbase, kstride, ti.key0, ti.count,
-                                                        tid);
-      load_rows_async<T, Dv, 64, kAttnThreads, kStream>(sV + (k % Stages) * kVElems, vbase, vstride, ti.key0, ti.count,
-                                                        tid);
+      load_rows_async<T, Dk, 64, kAttnThreads, kStream, kSwizzled>(sK + (k % Stages) * kKElems, kbase, kstride,
+                                                                   ti.key0, ti.count, tid);
+      load_rows_async<T, Dv, 64, kAttnThreads, kStream, kSwizzled>(sV + (k % Stages) * kVElems, vbase, vstride,
+                                                                   ti.key0, ti.count, tid);
     }
     cp_async_commit();
   };
@@ -356,6 +440,7 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
   for (int k = 0; k < num_tiles; ++k) {
     issue(k + Stages - 1);
     cp_async_wait<Stages - 1>();
+    if constexpr (kSwizzled) fence_proxy_async_smem();
     __syncthreads();
     const TileInfo ti = tiles.info(k);
     if (!tiles.warp_skips(ti, warp_positions))
@@ -400,8 +485,9 @@ __device__ __forceinline__ RowTile make_row_tile(const ForwardArgs& a, int kv_he
 }
 
 // cp.async of rows m0 .. m0+63 (as in RowTile) of a per-query-head tensor (Q, or dO in the
-// backward) into a shared-memory tile [64][D+8]; rows past the sequence are zeros. Not committed.
-template <class T, int D>
+// backward) into a shared-memory tile of 64 rows (layout: tile_chunk_offset); rows past the sequence
+// are zeros. Not committed.
+template <class T, int D, bool kSwizzled = false>
 __device__ __forceinline__ void load_head_rows_async(T* tile, const TensorRef& ref, const ForwardArgs& a, int b,
                                                      const SeqInfo& seq, int kv_head, int m0) {
   const int G = a.group, len = static_cast<int>(seq.len);
@@ -413,7 +499,7 @@ __device__ __forceinline__ void load_head_rows_async(T* tile, const TensorRef& r
     const int t = R / G, g = R % G;
     const bool valid = t < len;
     const T* src = valid ? base + int64_t{t} * ref.seq_stride + int64_t{g} * ref.head_stride + c * 8 : base;
-    cp_async_16(tile + r * (D + 8) + c * 8, src, valid);
+    cp_async_16(tile + tile_chunk_offset<D, 64, kSwizzled>(r, c), src, valid);
   }
 }
 
@@ -500,17 +586,17 @@ __device__ __forceinline__ void build_block_union(const ForwardArgs& a, const Se
 // kSplit: only the tiles of split `split` of the branch's a.branch_splits (the decode path), in
 // decode_stages(Dk, Dv) stages and bypassing L1 (the prefill sweeps double-buffer through L1:
 // docs/decisions/0003).
-template <class T, int Dk, int Dv, int kBranch, bool kSplit = false, class Body>
+template <class T, int Dk, int Dv, int kBranch, bool kSplit = false, bool kSwizzled = false, class Body>
 __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const SeqInfo& seq, int kv_head,
                                              const RowTile& rt, unsigned char* union_smem, T* sK, T* sV,
                                              int64_t* keys_read, Body&& body, int split = 0) {
   auto sweep = [&](const auto& tiles, const T* kbase, int64_t kstride, const T* vbase, int64_t vstride) {
     if constexpr (kSplit) {
-      sweep_key_tiles<T, Dk, Dv, sweep_stages(true, Dk, Dv), true>(split_tiles(tiles, split, a.branch_splits[kBranch]),
+      sweep_key_tiles<T, Dk, Dv, sweep_stages(true, Dk, Dv), true, kSwizzled>(split_tiles(tiles, split, a.branch_splits[kBranch]),
                                                                    kbase, kstride, vbase, vstride, sK, sV,
                                                                    rt.warp_positions, keys_read, body);
     } else {
-      sweep_key_tiles<T, Dk, Dv, sweep_stages(false, Dk, Dv), false>(tiles, kbase, kstride, vbase, vstride, sK, sV,
+      sweep_key_tiles<T, Dk, Dv, sweep_stages(false, Dk, Dv), false, kSwizzled>(tiles, kbase, kstride, vbase, vstride, sK, sV,
                                                                      rt.warp_positions, keys_read, body);
     }
   };
@@ -600,10 +686,23 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   static_assert(kBranch == kBranchCmp || kBranch == kBranchSlc || kBranch == kBranchWin, "branch");
   static_assert(kSplit || !kWarpSplit, "the warps share rows only in the decode path");
   using Tr = TypeTraits<T>;
+  // wgmma where the architecture has it and all four warps take every tile (not slc, whose warps
+  // skip the blocks their positions did not select; not the decode path, whose warps may split a
+  // tile's keys).
+  constexpr bool kWgmma = kHaveWgmma && !kSplit && kBranch != kBranchSlc;
+  using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTiles>;
   constexpr int kStages = sweep_stages(kSplit, Dk, Dv);
+  constexpr int64_t kTilesBytes = AttentionSmem::tiles_bytes(Dk, Dv, kStages);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kStages * AttentionSmem::k_elems(Dk);
-  T* sQ = sK;  // until the Q fragments are in registers (AttentionSmem)
+  // The Q tile: in the first K buffer until its fragments are in registers, or (wgmma) after the
+  // K / V buffers for the whole sweep (AttentionSmem::wgmma_q_bytes; the launch code adds it).
+  T* sQ = kWgmma ? reinterpret_cast<T*>(smem + kTilesBytes) : sK;
+  if constexpr (kWgmma) {
+    uint32_t smem_bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
+    if (smem_bytes < kTilesBytes + AttentionSmem::wgmma_q_bytes(Dk)) __trap();  // the launch sized it for mma.sync
+  }
 
   const SeqInfo seq = seq_info(a, b);
   // 32-bit row arithmetic (the host checks seqlen * G < 2^31 - 128): no 64-bit divisions.
@@ -613,7 +712,7 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   const int warp = threadIdx.x >> 5, tig = threadIdx.x & 3;
   const int row_warp = kWarpSplit ? 0 : warp;
 
-  load_head_rows_async<T, Dk>(sQ, a.q, a, b, seq, kv_head, m0);
+  load_head_rows_async<T, Dk, Mma::kSwizzled>(sQ, a.q, a, b, seq, kv_head, m0);
   cp_async_commit();
   const RowTile rt = make_row_tile(a, kv_head, m0, seq, row_warp);
   const RowState(&rows)[2] = rt.rows;
@@ -623,10 +722,11 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   if constexpr (kSplit) wait_for_previous_kernel();
 
   cp_async_wait<0>();
+  if constexpr (kWgmma) fence_proxy_async_smem();
   __syncthreads();
-  QInRegisters<T, Dk> qf;
+  std::conditional_t<kWgmma, QInSharedMemory<T>, QInRegisters<T, Dk>> qf;
   qf.load(sQ, row_warp * 16);
-  __syncthreads();  // the first K tile overwrites the Q tile
+  if constexpr (!kWgmma) __syncthreads();  // the first K tile overwrites the Q tile
 
   float acc[Dv / 8][4], m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
 #pragma unroll
@@ -655,13 +755,13 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
                 make_float2(scores[nb][2 * r], scores[nb][2 * r + 1]);
     }
   };
-  sweep_branch<T, Dk, Dv, kBranch, kSplit>(
+  sweep_branch<T, Dk, Dv, kBranch, kSplit, Mma::kSwizzled>(
       a, b, seq, kv_head, rt, smem + AttentionSmem::tiles_bytes(Dk, Dv, kStages), sK, sV, keys_read,
       [&](const auto& tiles, const TileInfo& ti, const T* tk, const T* tv) {
         if constexpr (kWarpSplit)
           softmax_tile<T, Dk, Dv, 2>(tiles, ti, tk, tv, qf, a.scale_log2, rows, acc, m, l, to_scores, warp * 16);
         else
-          softmax_tile<T, Dk, Dv>(tiles, ti, tk, tv, qf, a.scale_log2, rows, acc, m, l, to_scores);
+          softmax_tile<T, Dk, Dv, 8, Mma>(tiles, ti, tk, tv, qf, a.scale_log2, rows, acc, m, l, to_scores);
       },
       tile_x);
 
@@ -739,7 +839,8 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
 
 template <class T, int Dk, int Dv, int kBranch, bool kSplit = false, bool kWarpSplit = false>
 __global__ void __launch_bounds__(kAttnThreads, (kAttnMinBlocks<Dk, kBranch>)) attention_kernel(const ForwardArgs a) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  // 1024-byte alignment: wgmma's swizzle atoms (the K / V tiles are multiples of 1024 bytes).
+  extern __shared__ __align__(1024) unsigned char smem[];
   attention_cta<T, Dk, Dv, kBranch, kSplit, kWarpSplit>(a, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
                                                         static_cast<int>(blockIdx.z), smem);
 }

@@ -243,10 +243,25 @@ __device__ __forceinline__ bool is_forced(int j, int last_block, int num_init, i
   return j < num_init || (last_block - j >= 0 && last_block - j < num_local);
 }
 
-// Loads rows [key0, key0 + count) of a [*, D] tile (row stride `stride` elements) into shared
-// memory rows of D + 8 elements with cp.async (kStream: as cp_async_16), zero-filling rows >=
-// count. All threads of the CTA call it.
-template <class T, int D, int Rows, int Threads, bool kStream = false>
+// Element offset of the 16-byte chunk `chunk` (elements 8 chunk .. 8 chunk + 7) of row `row` in a
+// shared-memory tile of Rows rows of D elements. Padded: rows of D + 8 elements (ldmatrix reads
+// them without bank conflicts). kSwizzled: the 128-byte swizzle that wgmma reads
+// ([D / 64][Rows][64], chunk c of a row at c ^ (row % 8) of its 128-byte line: src/cuda/wgmma.cuh),
+// which takes no more room than the padded layout.
+template <int D, int Rows, bool kSwizzled>
+__device__ __forceinline__ int tile_chunk_offset(int row, int chunk) {
+  if constexpr (kSwizzled) {
+    static_assert(D % 64 == 0 && Rows % 8 == 0, "swizzled tiles are made of 8-row, 64-element atoms");
+    return ((chunk >> 3) * Rows + row) * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+  } else {
+    return row * (D + 8) + chunk * 8;
+  }
+}
+
+// Loads rows [key0, key0 + count) of a [*, D] tile (row stride `stride` elements) into a shared
+// memory tile of Rows rows (layout: tile_chunk_offset) with cp.async (kStream: as cp_async_16),
+// zero-filling rows >= count. All threads of the CTA call it.
+template <class T, int D, int Rows, int Threads, bool kStream = false, bool kSwizzled = false>
 __device__ __forceinline__ void load_rows_async(T* smem, const T* base, int64_t stride, int key0, int count,
                                                 int tid) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
@@ -255,7 +270,7 @@ __device__ __forceinline__ void load_rows_async(T* smem, const T* base, int64_t 
     const int r = idx / kChunks, c = idx % kChunks;
     const bool valid = r < count;
     const T* src = valid ? base + int64_t{key0 + r} * stride + c * 8 : base;
-    cp_async_16<kStream>(smem + r * (D + 8) + c * 8, src, valid);
+    cp_async_16<kStream>(smem + tile_chunk_offset<D, Rows, kSwizzled>(r, c), src, valid);
   }
 }
 

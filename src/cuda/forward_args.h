@@ -105,6 +105,9 @@ struct AttentionSmem {
   NSA_HOST_DEVICE static constexpr int64_t tiles_bytes(int dk, int dv, int stages) {
     return stages * stage_bytes(dk, dv);
   }
+  // The prefill cmp and win sweeps with wgmma (sm_90a) keep the Q tile [64][Dk] after the K / V
+  // buffers (wgmma reads it from shared memory for every key tile).
+  NSA_HOST_DEVICE static constexpr int64_t wgmma_q_bytes(int dk) { return int64_t{kRows} * dk * 2; }
   NSA_HOST_DEVICE static constexpr int64_t union_bytes(int words, int capacity) {
     return int64_t{8} * words + int64_t{16} * capacity;  // masks first (8-byte aligned), then ints
   }

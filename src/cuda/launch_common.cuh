@@ -137,4 +137,22 @@ inline Status max_dynamic_smem(const char* api, int* max_smem) {
   return Status::Ok();
 }
 
+// Whether the prefill cmp and win kernels run their wgmma form on the current device (they do
+// where the library carries sm_90a code, NSA_CUDA_SM90A, and the device is a 9.0, which then runs
+// that code): their shared memory then holds the Q tile too (AttentionSmem::wgmma_q_bytes).
+inline Status sweeps_use_wgmma(const char* api, bool* use) {
+  *use = false;
+#if defined(NSA_CUDA_SM90A)
+  int device = 0, major = 0, minor = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err != cudaSuccess) return backend_error(api, "querying the device", err);
+  *use = major == 9 && minor == 0;
+#else
+  (void)api;
+#endif
+  return Status::Ok();
+}
+
 }  // namespace nsa::cuda_detail

@@ -1,0 +1,139 @@
+// Hopper warpgroup MMA (wgmma, sm_90a) for the attention sweeps: the 128 threads of a CTA multiply
+// their 64 rows (A: the Q tile in shared memory, or P from registers in the mma.sync A-fragment
+// layout of each warp's 16 rows) with a 64-key tile in shared memory (B, read through a matrix
+// descriptor), so a tile is read from shared memory once per CTA where four warps' ldmatrix passes
+// read it four times.
+//
+// Shared-memory layout the descriptors describe (the 128-byte swizzle): a 64-row tile of D
+// elements is stored as [D / 64][64 rows][64 elements]; the 16-byte chunk c (0..7) of a row r sits
+// at chunk c ^ (r % 8) of the row's 128-byte line (tile_chunk_offset in common.cuh). Each
+// [64 rows][64 elements] part is a stack of 8-row, 1024-byte swizzle atoms, so every part must
+// start at a multiple of 1024 bytes.
+//
+// Accumulator layout (PTX ISA, wgmma .m64nNk16 with f32 accumulators): warp w of the CTA holds rows
+// 16 w .. 16 w + 15, and within the warp the 8-column block nb of the tile is the mma.sync C
+// fragment d[nb][0..3]. So a [NB][4] fragment array of the mma.sync code is the same registers.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/common.cuh"
+
+namespace nsa::cuda_detail {
+
+// The device pass for sm_90a is the only one that may emit wgmma.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+inline constexpr bool kHaveWgmma = true;
+#else
+inline constexpr bool kHaveWgmma = false;
+#endif
+
+// Matrix descriptor of a swizzled tile part starting at `start` (1024-byte aligned, or offset from
+// such a start by the 32-byte k-steps inside the atom): leading_bytes = stride between 64-element
+// parts along the operand's contiguous dimension (used when one instruction spans several parts),
+// stride_bytes = stride between 8-row atoms.
+__device__ __forceinline__ uint64_t wgmma_desc(const void* start, uint32_t leading_bytes, uint32_t stride_bytes) {
+  constexpr uint64_t kSwizzle128 = 1ull << 62;
+  return uint64_t{(smem_addr(start) & 0x3FFFFu) >> 4} | (uint64_t{(leading_bytes >> 4) & 0x3FFFu} << 16) |
+         (uint64_t{(stride_bytes >> 4) & 0x3FFFu} << 32) | kSwizzle128;
+}
+
+// Keeps the compiler from moving register reads or writes of `x` across the wgmma fence, issue
+// and wait (which it sees as unrelated volatile statements).
+template <int NB>
+__device__ __forceinline__ void wgmma_pin(float (&x)[NB][4]) {
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(x[nb][e])::"memory");
+}
+__device__ __forceinline__ void wgmma_pin(uint32_t (&x)[4]) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(x[e])::"memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+#define NSA_WGMMA_D_OPERANDS(d, o)                                                                                 \
+  "+f"(d[o + 0][0]), "+f"(d[o + 0][1]), "+f"(d[o + 0][2]), "+f"(d[o + 0][3]), "+f"(d[o + 1][0]), "+f"(d[o + 1][1]), \
+      "+f"(d[o + 1][2]), "+f"(d[o + 1][3]), "+f"(d[o + 2][0]), "+f"(d[o + 2][1]), "+f"(d[o + 2][2]),               \
+      "+f"(d[o + 2][3]), "+f"(d[o + 3][0]), "+f"(d[o + 3][1]), "+f"(d[o + 3][2]), "+f"(d[o + 3][3]),               \
+      "+f"(d[o + 4][0]), "+f"(d[o + 4][1]), "+f"(d[o + 4][2]), "+f"(d[o + 4][3]), "+f"(d[o + 5][0]),               \
+      "+f"(d[o + 5][1]), "+f"(d[o + 5][2]), "+f"(d[o + 5][3]), "+f"(d[o + 6][0]), "+f"(d[o + 6][1]),               \
+      "+f"(d[o + 6][2]), "+f"(d[o + 6][3]), "+f"(d[o + 7][0]), "+f"(d[o + 7][1]), "+f"(d[o + 7][2]), "+f"(d[o + 7][3])
+#define NSA_WGMMA_M64N64K16(type)                                                                                 \
+  asm volatile(                                                                                                   \
+      "{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"                                                              \
+      " wgmma.mma_async.sync.aligned.m64n64k16.f32" type type                                                     \
+      " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28," \
+      "%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, %38;\n}\n"                                                   \
+      : NSA_WGMMA_D_OPERANDS(d, NB0)                                                                              \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(static_cast<int>(accumulate)), "n"(kTransB))
+
+#define NSA_WGMMA_M64N64K16_SS(type)                                                                              \
+  asm volatile(                                                                                                   \
+      "{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"                                                              \
+      " wgmma.mma_async.sync.aligned.m64n64k16.f32" type type                                                     \
+      " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28," \
+      "%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                                \
+      : NSA_WGMMA_D_OPERANDS(d, 0)                                                                                \
+      : "l"(a_desc), "l"(b_desc), "r"(static_cast<int>(accumulate)))
+
+// d (+)= A B^T for the CTA's 64 rows, both operands in shared memory and k-contiguous: A = the
+// 64 x 16 operand a_desc points at (Q), B = the 64 x 16 one b_desc points at (K), so d is 64 x 64.
+// Issues the instruction only, as below.
+template <class T>
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[8][4], uint64_t a_desc, uint64_t b_desc,
+                                                   bool accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    NSA_WGMMA_M64N64K16_SS(".bf16");
+  } else {
+    NSA_WGMMA_M64N64K16_SS(".f16");
+  }
+#else
+  (void)d, (void)a_desc, (void)b_desc, (void)accumulate;
+  __trap();  // unreachable: callers test kHaveWgmma
+#endif
+}
+
+// d[NB0 .. NB0 + 7] (+)= A B for the CTA's 64 rows: A = a (16 columns of k), B = the 16 x 64 operand
+// the descriptor points at (kTransB: stored k-row by k-row, i.e. [k][n] with n contiguous, like V;
+// otherwise n-row by n-row, [n][k] with k contiguous, like K). accumulate = false overwrites d.
+// Issues the instruction only: the caller fences before and commits and waits after.
+template <class T, bool kTransB, int NB0, int NB>
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[NB][4], const uint32_t (&a)[4], uint64_t b_desc,
+                                                bool accumulate) {
+  static_assert(NB0 + 8 <= NB, "the accumulator blocks exist");
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    NSA_WGMMA_M64N64K16(".bf16");
+  } else {
+    NSA_WGMMA_M64N64K16(".f16");
+  }
+#else
+  (void)d, (void)a, (void)b_desc, (void)accumulate;
+  __trap();  // unreachable: callers test kHaveWgmma
+#endif
+}
+#undef NSA_WGMMA_M64N64K16
+#undef NSA_WGMMA_M64N64K16_SS
+#undef NSA_WGMMA_D_OPERANDS
+
+}  // namespace nsa::cuda_detail
