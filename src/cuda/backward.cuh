@@ -1,4 +1,5 @@
-// The backward kernels (tensor cores, mma.sync m16n8k16, fp32 accumulation), in stream order:
+// The backward kernels (tensor cores: mma.sync m16n8k16, and wgmma for the key-major kernels on
+// sm_90a; fp32 accumulation), in stream order:
 //   1. preprocess_kernel: per (row, query head) and branch c, dgates_c = dO . o_c (written to
 //      grad_gates) and the softmax backward's row term delta_c = g_c * dgates_c (workspace);
 //   2. (src/cuda/backward.cu) the block -> query index of the selection branch: which positions
@@ -233,9 +234,9 @@ struct KeyTile {
 };
 
 // cp.async of row tile i of a key-major CTA (rows (p, g), p-major, from list position p0; R rows
-// per tile) of a per-query-head tensor (Q or dO, `base` at query head kv_head * G) into dst
-// [R][D+8]; rows past num_rows are zeros. Not committed.
-template <class T, int D, int R>
+// per tile) of a per-query-head tensor (Q or dO, `base` at query head kv_head * G) into a tile of R
+// rows at dst (layout: tile_chunk_offset); rows past num_rows are zeros. Not committed.
+template <class T, int D, int R, bool kSwizzled>
 __device__ __forceinline__ void load_list_rows_async(T* dst, const T* base, const TensorRef& ref, const KeyTile& kt,
                                                      int p0, int i, int num_rows, int G) {
   for (int idx = threadIdx.x; idx < R * (D / 8); idx += kAttnThreads) {
@@ -244,7 +245,7 @@ __device__ __forceinline__ void load_list_rows_async(T* dst, const T* base, cons
     const bool valid = row < num_rows;
     const T* src = valid ? base + int64_t{kt.position(p0 + row / G)} * ref.seq_stride + int64_t{row % G} * ref.head_stride + c * 8
                          : base;
-    cp_async_16(dst + r * (D + 8) + c * 8, src, valid);
+    cp_async_16(dst + tile_chunk_offset<D, R, kSwizzled>(r, c), src, valid);
   }
 }
 
@@ -317,7 +318,13 @@ template <class T, int Dk, int Dv, int kBranch>
 __global__ void __launch_bounds__(kAttnThreads) dkv_kernel(const BackwardArgs a, int tiles_per_seq) {
   constexpr int R = kDkvRows<Dk>, NB = R / 8;
   using Tr = TypeTraits<T>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  // wgmma on sm_90a (64-row tiles, Dk <= 128): the four warps take every row tile (they split the
+  // keys), so the CTA issues its products together; K and V are the A operands from shared memory
+  // (as Q in the forward: no loop-invariant register operands, docs/decisions/0006).
+  constexpr bool kWgmma = kHaveWgmma && R == 64;
+  using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTiles>;
+  // 1024-byte alignment: wgmma's swizzle atoms (every tile of DkvSmem is a multiple of 1024 bytes).
+  extern __shared__ __align__(1024) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + 64 * (Dk + 8);
   T* sQ = sV + 64 * (Dv + 8);
@@ -343,10 +350,10 @@ __global__ void __launch_bounds__(kAttnThreads) dkv_kernel(const BackwardArgs a,
   const TensorRef& kref = kBranch == kBranchCmp ? a.k_cmp : (kBranch == kBranchSlc ? a.k : a.k_win);
   const TensorRef& vref = kBranch == kBranchCmp ? a.v_cmp : (kBranch == kBranchSlc ? a.v : a.v_win);
   const int64_t key_row0 = kBranch == kBranchCmp ? seq.cmp_row0 : seq.row0;
-  load_rows_async<T, Dk, 64, kAttnThreads>(sK, seq_head_ptr<T>(kref, a, b, key_row0, kv_head), kref.seq_stride,
-                                           kt.key0, kt.count, tid);
-  load_rows_async<T, Dv, 64, kAttnThreads>(sV, seq_head_ptr<T>(vref, a, b, key_row0, kv_head), vref.seq_stride,
-                                           kt.key0, kt.count, tid);
+  load_rows_async<T, Dk, 64, kAttnThreads, false, kWgmma>(sK, seq_head_ptr<T>(kref, a, b, key_row0, kv_head),
+                                                          kref.seq_stride, kt.key0, kt.count, tid);
+  load_rows_async<T, Dv, 64, kAttnThreads, false, kWgmma>(sV, seq_head_ptr<T>(vref, a, b, key_row0, kv_head),
+                                                          vref.seq_stride, kt.key0, kt.count, tid);
   cp_async_commit();
 
   const T* qbase = seq_head_ptr<T>(a.q, a, b, seq.row0, kv_head * G);
@@ -354,8 +361,8 @@ __global__ void __launch_bounds__(kAttnThreads) dkv_kernel(const BackwardArgs a,
   // Row tile i into buffer i & 1: Q and dO rows by cp.async, the row terms by plain loads.
   auto issue = [&](int i) {
     const int buf = i & 1;
-    load_list_rows_async<T, Dk, R>(sQ + buf * R * (Dk + 8), qbase, a.q, kt, p0, i, num_rows, G);
-    load_list_rows_async<T, Dv, R>(sDo + buf * R * (Dv + 8), dobase, a.grad_out, kt, p0, i, num_rows, G);
+    load_list_rows_async<T, Dk, R, kWgmma>(sQ + buf * R * (Dk + 8), qbase, a.q, kt, p0, i, num_rows, G);
+    load_list_rows_async<T, Dv, R, kWgmma>(sDo + buf * R * (Dv + 8), dobase, a.grad_out, kt, p0, i, num_rows, G);
     cp_async_commit();
     if (tid < R) {
       const int row = i * R + tid;
@@ -385,22 +392,23 @@ __global__ void __launch_bounds__(kAttnThreads) dkv_kernel(const BackwardArgs a,
   for (int nb = 0; nb < Dv / 8; ++nb)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dv[nb][e] = 0.f;
-  RowsInSmem<T, Dk> kf;
+  std::conditional_t<kWgmma, QInSharedMemory<T>, RowsInSmem<T, Dk>> kf;
   kf.load(sK, warp * 16);
-  RowsInSmem<T, Dv> vf;
+  std::conditional_t<kWgmma, QInSharedMemory<T>, RowsInSmem<T, Dv>> vf;
   vf.load(sV, warp * 16);
 
   issue(0);
   for (int i = 0; i < num_row_tiles; ++i) {
     if (i + 1 < num_row_tiles) issue(i + 1);
     cp_async_wait_older(i + 1 < num_row_tiles);
+    if constexpr (kWgmma) fence_proxy_async_smem();
     __syncthreads();
     const int buf = i & 1;
     const T* tq = sQ + buf * R * (Dk + 8);
     const T* tdo = sDo + buf * R * (Dv + 8);
     float s[NB][4], dp[NB][4];
-    qk_tile<T, Dk, NB>(kf, tq, s);   // S^T: the warp's 16 keys x R rows
-    qk_tile<T, Dv, NB>(vf, tdo, dp);  // (dO V^T)^T
+    Mma::template scores<T, Dk, NB>(kf, tq, 0, s);   // S^T: the warp's 16 keys x R rows
+    Mma::template scores<T, Dv, NB>(vf, tdo, 0, dp);  // (dO V^T)^T
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
@@ -413,8 +421,8 @@ __global__ void __launch_bounds__(kAttnThreads) dkv_kernel(const BackwardArgs a,
         s[nb][e] = p * s_gate[n];                                   // P^T g: for dV += P^T (g dO)
         dp[nb][e] = p * (s_gate[n] * dp[nb][e] - s_delta[n]);      // dS^T
       }
-    accumulate_ptile<T, Dv, NB>(dv, s, tdo);
-    accumulate_ptile<T, Dk, NB>(dk, dp, tq);
+    Mma::template accumulate<T, Dv, NB>(dv, s, tdo, 0);
+    Mma::template accumulate<T, Dk, NB>(dk, dp, tq, 0);
     __syncthreads();  // buffer i & 1 is refilled by the issue of tile i + 2
   }
 
