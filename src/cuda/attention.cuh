@@ -698,11 +698,7 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   // The Q tile: in the first K buffer until its fragments are in registers, or (wgmma) after the
   // K / V buffers for the whole sweep (AttentionSmem::wgmma_q_bytes; the launch code adds it).
   T* sQ = kWgmma ? reinterpret_cast<T*>(smem + kTilesBytes) : sK;
-  if constexpr (kWgmma) {
-    uint32_t smem_bytes;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
-    if (smem_bytes < kTilesBytes + AttentionSmem::wgmma_q_bytes(Dk)) __trap();  // the launch sized it for mma.sync
-  }
+  if constexpr (kWgmma) wgmma_check_smem(smem, static_cast<uint32_t>(kTilesBytes + AttentionSmem::wgmma_q_bytes(Dk)));
 
   const SeqInfo seq = seq_info(a, b);
   // 32-bit row arithmetic (the host checks seqlen * G < 2^31 - 128): no 64-bit divisions.
@@ -839,8 +835,7 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
 
 template <class T, int Dk, int Dv, int kBranch, bool kSplit = false, bool kWarpSplit = false>
 __global__ void __launch_bounds__(kAttnThreads, (kAttnMinBlocks<Dk, kBranch>)) attention_kernel(const ForwardArgs a) {
-  // 1024-byte alignment: wgmma's swizzle atoms (the K / V tiles are multiples of 1024 bytes).
-  extern __shared__ __align__(1024) unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem[];  // wgmma's 1024-byte alignment: wgmma_check_smem
   attention_cta<T, Dk, Dv, kBranch, kSplit, kWarpSplit>(a, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
                                                         static_cast<int>(blockIdx.z), smem);
 }

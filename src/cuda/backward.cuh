@@ -323,8 +323,10 @@ __global__ void __launch_bounds__(kAttnThreads) dkv_kernel(const BackwardArgs a,
   // (as Q in the forward: no loop-invariant register operands, docs/decisions/0006).
   constexpr bool kWgmma = kHaveWgmma && R == 64;
   using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTiles>;
-  // 1024-byte alignment: wgmma's swizzle atoms (every tile of DkvSmem is a multiple of 1024 bytes).
-  extern __shared__ __align__(1024) unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem[];
+  // wgmma's swizzle atoms need 1024-byte aligned tiles: every tile of DkvSmem is a multiple of 1024
+  // bytes, and the base is checked.
+  if constexpr (kWgmma) wgmma_check_smem(smem, static_cast<uint32_t>(DkvSmem::bytes(Dk, Dv, R)));
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + 64 * (Dk + 8);
   T* sQ = sV + 64 * (Dv + 8);

@@ -39,6 +39,16 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void* start, uint32_t leadi
          (uint64_t{(stride_bytes >> 4) & 0x3FFFu} << 32) | kSwizzle128;
 }
 
+// Traps unless the kernel's dynamic shared memory starts at a 1024-byte boundary (the swizzle
+// atoms' alignment, which the extern declaration cannot guarantee: every kernel's `smem` is one
+// symbol, declared 16-byte aligned in PTX) and holds `bytes` (the launch code sized it): a wrong
+// layout would give wrong products, not a fault.
+__device__ __forceinline__ void wgmma_check_smem(const void* smem, uint32_t bytes) {
+  uint32_t size;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(size));
+  if ((smem_addr(smem) & 1023u) != 0 || size < bytes) __trap();
+}
+
 // Keeps the compiler from moving register reads or writes of `x` across the wgmma fence, issue
 // and wait (which it sees as unrelated volatile statements).
 template <int NB>
