@@ -7,7 +7,8 @@
 // its positions' eligible blocks in shared memory ([P][num_blocks] fp32, num_blocks =
 // ceil(T / l')), streams the visible compressed keys in tiles of 64 (cp.async double buffer) and
 // for each tile:
-//   1. S = Q K_cmp^T on the tensor cores (mma.sync), p = 2^(S*scale*log2e - lse_cmp*log2e) with the
+//   1. S = Q K_cmp^T on the tensor cores (mma.sync; on sm_90a wgmma with Q and K from shared
+//      memory, as the cmp kernel's: docs/decisions/0006), p = 2^(S*scale*log2e - lse_cmp*log2e) with the
 //      cmp branch's lse (written by the cmp kernel), 0 where the token is not visible (Eq. 8);
 //   2. the sum over the G heads of each position (Eq. 10), then the Eq. 9 overlap weights add the
 //      tile's tokens into the block scores (a block straddling two tiles gets both parts; each
@@ -47,6 +48,10 @@ __device__ __forceinline__ float block_tile_sum(const float* pg, int j, int i0, 
 
 template <class T, int Dk, bool kG16>
 __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const ForwardArgs a) {
+  // wgmma: the four warps issue every chunk's S together (warps without rows compute zeros).
+  constexpr bool kWgmma = kHaveWgmma;
+  using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTiles>;
+  using QSource = std::conditional_t<kWgmma, QInSharedMemory<T>, QInRegisters<T, Dk>>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int b = blockIdx.z, kv_head = blockIdx.y;
   const SeqInfo seq = seq_info(a, b);
@@ -70,6 +75,9 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
   float* const sBS = sLse2 + chunks * 64;                           // [tpc][NBs]
   TopNScratch* const sTopN = reinterpret_cast<TopNScratch*>(sBS + tpc * NBs);  // [4 warps]
   const int nb_cta = t_hi / ls + 1;                                 // blocks eligible for some position
+  if constexpr (kWgmma) wgmma_check_smem(smem, static_cast<uint32_t>((chunks + 2) * 64 * (Dk + 8) * 2));
+  // Chunk c of the Q tile (64 rows; swizzled for wgmma, in its padded slot).
+  const auto q_chunk = [&](int c) { return sQ + c * 64 * (Dk + 8); };
 
   constexpr float kLog2e = 1.4426950408889634f;
   {
@@ -80,7 +88,7 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
       const bool valid = r < nrows;
       const T* src = valid ? qbase + int64_t{q0 + r / G} * a.q.seq_stride + int64_t{r % G} * a.q.head_stride + c * 8
                            : qbase;
-      cp_async_16(sQ + r * (Dk + 8) + c * 8, src, valid);
+      cp_async_16(q_chunk(r / 64) + tile_chunk_offset<Dk, 64, kWgmma>(r % 64, c), src, valid);
     }
     cp_async_commit();
     for (int r = tid; r < chunks * 64; r += kSelectThreads) {
@@ -98,8 +106,8 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
   const int num_tiles = (nk + 63) / 64;
   const T* kbase = seq_head_ptr<T>(a.k_cmp, a, b, seq.cmp_row0, kv_head);
   auto issue = [&](int k) {
-    load_rows_async<T, Dk, 64, kSelectThreads>(sK + (k & 1) * 64 * (Dk + 8), kbase, a.k_cmp.seq_stride,
-                                               k * 64, min(64, nk - k * 64), tid);
+    load_rows_async<T, Dk, 64, kSelectThreads, false, kWgmma>(sK + (k & 1) * 64 * (Dk + 8), kbase, a.k_cmp.seq_stride,
+                                                              k * 64, min(64, nk - k * 64), tid);
     cp_async_commit();
   };
   if (num_tiles > 0) issue(0);
@@ -107,15 +115,16 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
   if constexpr (kG16) {
     // Warp w: position t0 + w (rows 16w .. 16w+15 = heads 0 .. 15), if w < nt.
     cp_async_wait<0>();  // Q (and tile 0, issued after it)
+    if constexpr (kWgmma) fence_proxy_async_smem();
     __syncthreads();
     const bool active = warp < nt;
     const int t = t0 + warp;
     const int nv = active ? num_visible_cmp(t, lc, dc) : 0;
     const int last_w = t / ls;
-    QInRegisters<T, Dk> qf;
+    QSource qf;
+    if (kWgmma || active) qf.load(sQ, warp * 16);
     float lse_lo = 0.f, lse_hi = 0.f;
     if (active) {
-      qf.load(sQ, warp * 16);
       lse_lo = sLse2[warp * 16 + group];
       lse_hi = sLse2[warp * 16 + group + 8];
     }
@@ -125,15 +134,16 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
       if (k > 0) {
         if (k + 1 < num_tiles) issue(k + 1);
         cp_async_wait_older(k + 1 < num_tiles);
+        if constexpr (kWgmma) fence_proxy_async_smem();
         __syncthreads();  // tile k visible to all
       } else if (num_tiles > 1) {
         issue(1);
       }
       const int i0 = k * 64, i1 = min(i0 + 64, nk);
-      if (active && i0 < nv) {
-        const T* tk = sK + (k & 1) * 64 * (Dk + 8);
-        float s[8][4];
-        qk_tile<T, Dk>(qf, tk, s);
+      const bool computes = active && i0 < nv;
+      float s[8][4];
+      if (kWgmma || computes) Mma::template scores<T, Dk, 8>(qf, sK + (k & 1) * 64 * (Dk + 8), 0, s);
+      if (computes) {
         const int kv = nv - i0;  // keys < kv are visible
         // p, and the two row halves (heads group, group + 8) summed: h[2*nb + c] is key nb*8 + 2*tig + c.
         float h[16];
@@ -184,11 +194,13 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
     }
   } else {
     cp_async_wait<0>();
+    if constexpr (kWgmma) fence_proxy_async_smem();
     __syncthreads();
     for (int k = 0; k < num_tiles; ++k) {
       if (k > 0) {
         if (k + 1 < num_tiles) issue(k + 1);
         cp_async_wait_older(k + 1 < num_tiles);
+        if constexpr (kWgmma) fence_proxy_async_smem();
         __syncthreads();
       } else if (num_tiles > 1) {
         issue(1);
@@ -200,11 +212,14 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
         const int r_lo = c * 64 + warp * 16 + group, r_hi = r_lo + 8;
         const int kv_lo = r_lo < nrows ? num_visible_cmp(t0 + r_lo / G, lc, dc) - i0 : 0;
         const int kv_hi = r_hi < nrows ? num_visible_cmp(t0 + r_hi / G, lc, dc) - i0 : 0;
-        if (c * 64 + warp * 16 < nrows) {
-          QInRegisters<T, Dk> qf;
-          qf.load(sQ, c * 64 + warp * 16);
-          float s[8][4];
-          qk_tile<T, Dk>(qf, tk, s);
+        const bool has_rows = c * 64 + warp * 16 < nrows;
+        float s[8][4];
+        if (kWgmma || has_rows) {
+          QSource qf;
+          qf.load(kWgmma ? q_chunk(c) : sQ, c * 64 + warp * 16);
+          Mma::template scores<T, Dk, 8>(qf, tk, 0, s);
+        }
+        if (has_rows) {
           const float l_lo = sLse2[r_lo], l_hi = sLse2[r_hi];
 #pragma unroll
           for (int nb = 0; nb < 8; ++nb)
