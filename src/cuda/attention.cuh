@@ -1,5 +1,6 @@
-// The tile attention kernel: FlashAttention-2 style, tensor cores (mma.sync m16n8k16, bf16/fp16
-// in, fp32 accumulation, online softmax in the exp2 domain) for the three NSA branches.
+// The tile attention kernel: FlashAttention-2 style, tensor cores (mma.sync m16n8k16, or on sm_90a
+// wgmma for the cmp and win sweeps; bf16/fp16 in, fp32 accumulation, online softmax in the exp2
+// domain) for the three NSA branches.
 //
 // Rows. A CTA (4 warps, 16 rows each) owns 64 consecutive rows of the flattened (t, g) space of
 // one (sequence, kv head): row R = t * G + g reads query head kv_head * G + g. So the G heads of
@@ -222,8 +223,8 @@ __device__ __forceinline__ void accumulate_ptile(float (&acc)[D / 8][4], const f
 // How a sweep multiplies its rows with the shared-memory K and V tiles. MmaSyncTiles: each warp on
 // its own 16 rows (ldmatrix + mma.sync, padded tiles; every architecture). WgmmaTiles: the CTA's 64
 // rows at once (wgmma, swizzled tiles; sm_90a), which every warp of the CTA must issue together, so
-// only sweeps whose warps take every tile use it (cmp and win of the prefill), with whole tiles
-// (NB = 8, key0 = 0).
+// only loops whose warps all take every tile use it, with whole tiles (NB = 8, key0 = 0): the
+// prefill's cmp and win sweeps, the selection kernel's scores, the backward's dK / dV kernel.
 struct MmaSyncTiles {
   static constexpr bool kSwizzled = false;
   template <class T, int Dk, int NB, class QSource>
@@ -371,6 +372,7 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
                                                 int64_t vstride, T* sK, T* sV, uint64_t warp_positions,
                                                 int64_t* keys_read, Body&& body) {
   static_assert(Stages >= 2, "at least double buffering");
+  static_assert(!(kStream && kSwizzled), "the decode sweeps' bulk copies write padded rows");
   constexpr int64_t kKElems = AttentionSmem::k_elems(Dk), kVElems = AttentionSmem::v_elems(Dv);
   const int tid = threadIdx.x;
   const int num_tiles = tiles.num_tiles();
@@ -592,12 +594,13 @@ __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const 
                                              int64_t* keys_read, Body&& body, int split = 0) {
   auto sweep = [&](const auto& tiles, const T* kbase, int64_t kstride, const T* vbase, int64_t vstride) {
     if constexpr (kSplit) {
-      sweep_key_tiles<T, Dk, Dv, sweep_stages(true, Dk, Dv), true, kSwizzled>(split_tiles(tiles, split, a.branch_splits[kBranch]),
-                                                                   kbase, kstride, vbase, vstride, sK, sV,
-                                                                   rt.warp_positions, keys_read, body);
+      static_assert(!kSwizzled, "the decode path keeps mma.sync");
+      sweep_key_tiles<T, Dk, Dv, sweep_stages(true, Dk, Dv), true, false>(
+          split_tiles(tiles, split, a.branch_splits[kBranch]), kbase, kstride, vbase, vstride, sK, sV,
+          rt.warp_positions, keys_read, body);
     } else {
-      sweep_key_tiles<T, Dk, Dv, sweep_stages(false, Dk, Dv), false, kSwizzled>(tiles, kbase, kstride, vbase, vstride, sK, sV,
-                                                                     rt.warp_positions, keys_read, body);
+      sweep_key_tiles<T, Dk, Dv, sweep_stages(false, Dk, Dv), false, kSwizzled>(
+          tiles, kbase, kstride, vbase, vstride, sK, sV, rt.warp_positions, keys_read, body);
     }
   };
   if constexpr (kBranch == kBranchCmp) {
@@ -698,7 +701,8 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   // The Q tile: in the first K buffer until its fragments are in registers, or (wgmma) after the
   // K / V buffers for the whole sweep (AttentionSmem::wgmma_q_bytes; the launch code adds it).
   T* sQ = kWgmma ? reinterpret_cast<T*>(smem + kTilesBytes) : sK;
-  if constexpr (kWgmma) wgmma_check_smem(smem, static_cast<uint32_t>(kTilesBytes + AttentionSmem::wgmma_q_bytes(Dk)));
+  if constexpr (kWgmma)
+    wgmma_check_smem(smem, static_cast<uint32_t>(kTilesBytes + AttentionSmem::wgmma_q_bytes(Dk)));
 
   const SeqInfo seq = seq_info(a, b);
   // 32-bit row arithmetic (the host checks seqlen * G < 2^31 - 128): no 64-bit divisions.
