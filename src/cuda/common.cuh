@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "cuda/forward_args.h"
+#include "cuda/tile_layout.h"
 
 namespace nsa::cuda_detail {
 
@@ -241,21 +242,6 @@ __device__ __forceinline__ int overlap_weight(int i, int j, int l, int d, int ls
 // Forced blocks (Eqs. 11-12): the initial ones and the local ones ending at t / l'.
 __device__ __forceinline__ bool is_forced(int j, int last_block, int num_init, int num_local) {
   return j < num_init || (last_block - j >= 0 && last_block - j < num_local);
-}
-
-// Element offset of the 16-byte chunk `chunk` (elements 8 chunk .. 8 chunk + 7) of row `row` in a
-// shared-memory tile of Rows rows of D elements. Padded: rows of D + 8 elements (ldmatrix reads
-// them without bank conflicts). kSwizzled: the 128-byte swizzle that wgmma reads
-// ([D / 64][Rows][64], chunk c of a row at c ^ (row % 8) of its 128-byte line: src/cuda/wgmma.cuh),
-// which takes no more room than the padded layout.
-template <int D, int Rows, bool kSwizzled>
-__device__ __forceinline__ int tile_chunk_offset(int row, int chunk) {
-  if constexpr (kSwizzled) {
-    static_assert(D % 64 == 0 && Rows % 8 == 0, "swizzled tiles are made of 8-row, 64-element atoms");
-    return ((chunk >> 3) * Rows + row) * 64 + (((chunk & 7) ^ (row & 7)) << 3);
-  } else {
-    return row * (D + 8) + chunk * 8;
-  }
 }
 
 // Loads rows [key0, key0 + count) of a [*, D] tile (row stride `stride` elements) into a shared

@@ -6,7 +6,7 @@
 //
 // Shared-memory layout the descriptors describe (the 128-byte swizzle): a 64-row tile of D
 // elements is stored as [D / 64][64 rows][64 elements]; the 16-byte chunk c (0..7) of a row r sits
-// at chunk c ^ (r % 8) of the row's 128-byte line (tile_chunk_offset in common.cuh). Each
+// at chunk c ^ (r % 8) of the row's 128-byte line (tile_chunk_offset in tile_layout.h). Each
 // [64 rows][64 elements] part is a stack of 8-row, 1024-byte swizzle atoms, so every part must
 // start at a multiple of 1024 bytes.
 //
@@ -32,11 +32,9 @@ inline constexpr bool kHaveWgmma = false;
 // Matrix descriptor of a swizzled tile part starting at `start` (1024-byte aligned, or offset from
 // such a start by the 32-byte k-steps inside the atom): leading_bytes = stride between 64-element
 // parts along the operand's contiguous dimension (used when one instruction spans several parts),
-// stride_bytes = stride between 8-row atoms.
+// stride_bytes = stride between 8-row atoms (wgmma_desc_bits in tile_layout.h).
 __device__ __forceinline__ uint64_t wgmma_desc(const void* start, uint32_t leading_bytes, uint32_t stride_bytes) {
-  constexpr uint64_t kSwizzle128 = 1ull << 62;
-  return uint64_t{(smem_addr(start) & 0x3FFFFu) >> 4} | (uint64_t{(leading_bytes >> 4) & 0x3FFFu} << 16) |
-         (uint64_t{(stride_bytes >> 4) & 0x3FFFu} << 32) | kSwizzle128;
+  return wgmma_desc_bits(smem_addr(start), leading_bytes, stride_bytes);
 }
 
 // Traps unless the kernel's dynamic shared memory starts at a 1024-byte boundary (the swizzle
