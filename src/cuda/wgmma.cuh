@@ -94,6 +94,19 @@ __device__ __forceinline__ void wgmma_wait() {
       : NSA_WGMMA_D_OPERANDS(d, NB0)                                                                              \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(static_cast<int>(accumulate)), "n"(kTransB))
 
+// ASM(".bf16") or ASM(".f16") after T; the passes without wgmma never reach it (callers test
+// kHaveWgmma) and trap.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define NSA_WGMMA_BY_TYPE(T, ASM)                    \
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) { \
+    ASM(".bf16");                                    \
+  } else {                                           \
+    ASM(".f16");                                     \
+  }
+#else
+#define NSA_WGMMA_BY_TYPE(T, ASM) __trap()
+#endif
+
 #define NSA_WGMMA_M64N64K16_SS(type)                                                                              \
   asm volatile(                                                                                                   \
       "{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"                                                              \
@@ -109,16 +122,8 @@ __device__ __forceinline__ void wgmma_wait() {
 template <class T>
 __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[8][4], uint64_t a_desc, uint64_t b_desc,
                                                    bool accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    NSA_WGMMA_M64N64K16_SS(".bf16");
-  } else {
-    NSA_WGMMA_M64N64K16_SS(".f16");
-  }
-#else
-  (void)d, (void)a_desc, (void)b_desc, (void)accumulate;
-  __trap();  // unreachable: callers test kHaveWgmma
-#endif
+  (void)d, (void)a_desc, (void)b_desc, (void)accumulate;  // (unused where wgmma is not compiled)
+  NSA_WGMMA_BY_TYPE(T, NSA_WGMMA_M64N64K16_SS);
 }
 
 // d[NB0 .. NB0 + 7] (+)= A B for the CTA's 64 rows: A = a (16 columns of k), B = the 16 x 64 operand
@@ -129,17 +134,10 @@ template <class T, bool kTransB, int NB0, int NB>
 __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[NB][4], const uint32_t (&a)[4], uint64_t b_desc,
                                                 bool accumulate) {
   static_assert(NB0 + 8 <= NB, "the accumulator blocks exist");
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    NSA_WGMMA_M64N64K16(".bf16");
-  } else {
-    NSA_WGMMA_M64N64K16(".f16");
-  }
-#else
-  (void)d, (void)a, (void)b_desc, (void)accumulate;
-  __trap();  // unreachable: callers test kHaveWgmma
-#endif
+  (void)d, (void)a, (void)b_desc, (void)accumulate;  // (unused where wgmma is not compiled)
+  NSA_WGMMA_BY_TYPE(T, NSA_WGMMA_M64N64K16);
 }
+#undef NSA_WGMMA_BY_TYPE
 #undef NSA_WGMMA_M64N64K16
 #undef NSA_WGMMA_M64N64K16_SS
 #undef NSA_WGMMA_D_OPERANDS
