@@ -30,9 +30,10 @@ Status launch_convert(const float* acc, int64_t rows, int heads, int dim, int64_
 
 template <class T, int Dk, int Dv>
 Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stages) {
-  int max_smem = 0;
-  Status st = max_dynamic_smem(kBackwardApi, &max_smem);
+  DeviceLimits device;
+  Status st = device_limits(kBackwardApi, &device);
   if (!st.ok()) return st;
+  const int max_smem = device.max_smem;
 
   const bool varlen = a.cu_seqlens != nullptr;
   const int64_t total = a.total_rows, cmp_total = a.total_cmp_rows;

@@ -118,8 +118,9 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
         : "memory");
   }
 }
-// Orders this thread's earlier shared-memory accesses (ordinary stores, and the loads before the
-// last barrier) before its later bulk copies into the same buffers.
+// Orders this thread's earlier shared-memory accesses through the generic proxy (ordinary and
+// cp.async stores, and the loads before the last barrier) with its later async-proxy ones: bulk
+// copies into the same buffers, and (after a CTA barrier) wgmma reads of what it stored.
 __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }

@@ -60,17 +60,16 @@ Status launch_decode(const ForwardArgs& a, cudaStream_t stream, int max_smem) {
 
 template <class T, int Dk, int Dv>
 Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages) {
-  int max_smem = 0;
-  Status st = max_dynamic_smem(kForwardApi, &max_smem);
+  DeviceLimits device;
+  Status st = device_limits(kForwardApi, &device);
   if (!st.ok()) return st;
+  const int max_smem = device.max_smem;
   if (a.num_splits > 0)
     return a.warp_split ? launch_decode<T, Dk, Dv, true>(a, stream, max_smem)
                         : launch_decode<T, Dk, Dv, false>(a, stream, max_smem);
 
-  bool wgmma = false;
-  if (!(st = sweeps_use_wgmma(kForwardApi, &wgmma)).ok()) return st;
   const int64_t tiles_smem = AttentionSmem::tiles_bytes(Dk, Dv, sweep_stages(false, Dk, Dv));
-  const int64_t attn_smem = tiles_smem + (wgmma ? AttentionSmem::wgmma_q_bytes(Dk) : 0);  // cmp, win
+  const int64_t attn_smem = tiles_smem + (device.wgmma_sweeps ? AttentionSmem::wgmma_q_bytes(Dk) : 0);  // cmp, win
   const int64_t slc_smem = tiles_smem + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
   // Selection: P positions per CTA keep [P][ceil(T / l')] block scores in shared memory; halve P
   // (down to 1) while that does not fit. G = 16 takes the shuffle path (a warp per position).

@@ -123,35 +123,39 @@ Status launch_chained(const char* api, const char* what, void (*kernel)(Params..
   return err == cudaSuccess ? Status::Ok() : backend_error(api, (std::string("launching ") + what).c_str(), err);
 }
 
-// The opt-in shared-memory limit per block of the current device (queried once per device).
-inline Status max_dynamic_smem(const char* api, int* max_smem) {
-  static std::atomic<int> limits[kMaxDevices] = {};
+// What the launchers size kernels by on the current device, queried once per device:
+//   max_smem: the opt-in shared-memory limit per block;
+//   wgmma_sweeps: whether the prefill cmp and win kernels run their wgmma form, which they do where
+//     the library carries sm_90a code (NSA_CUDA_SM90A) and the device is a 9.0 (it then runs that
+//     code); their shared memory then holds the Q tile too (AttentionSmem::wgmma_q_bytes).
+struct DeviceLimits {
+  int max_smem = 0;
+  bool wgmma_sweeps = false;
+};
+inline Status device_limits(const char* api, DeviceLimits* limits) {
+  // Per device: max_smem + 1 when queried (0: not yet), the sm_90a bit above it.
+  static std::atomic<int64_t> cached[kMaxDevices] = {};
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return backend_error(api, "querying the device", err);
-  const bool cached = device >= 0 && device < kMaxDevices;
-  if (cached && (*max_smem = limits[device].load(std::memory_order_relaxed)) > 0) return Status::Ok();
-  err = cudaDeviceGetAttribute(max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return backend_error(api, "querying the device", err);
-  if (cached) limits[device].store(*max_smem, std::memory_order_relaxed);
-  return Status::Ok();
-}
-
-// Whether the prefill cmp and win kernels run their wgmma form on the current device (they do
-// where the library carries sm_90a code, NSA_CUDA_SM90A, and the device is a 9.0, which then runs
-// that code): their shared memory then holds the Q tile too (AttentionSmem::wgmma_q_bytes).
-inline Status sweeps_use_wgmma(const char* api, bool* use) {
-  *use = false;
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  int64_t packed = cacheable ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (packed == 0) {
+    int max_smem = 0, major = 0, minor = 0;
+    err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    if (err != cudaSuccess) return backend_error(api, "querying the device", err);
 #if defined(NSA_CUDA_SM90A)
-  int device = 0, major = 0, minor = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  if (err != cudaSuccess) return backend_error(api, "querying the device", err);
-  *use = major == 9 && minor == 0;
+    const bool wgmma = major == 9 && minor == 0;
 #else
-  (void)api;
+    const bool wgmma = false;
 #endif
+    packed = (int64_t{max_smem} + 1) | (int64_t{wgmma} << 32);
+    if (cacheable) cached[device].store(packed, std::memory_order_relaxed);
+  }
+  limits->max_smem = static_cast<int>((packed & 0xFFFFFFFF) - 1);
+  limits->wgmma_sweeps = (packed >> 32) != 0;
   return Status::Ok();
 }
 
