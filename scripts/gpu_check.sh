@@ -17,7 +17,8 @@
 # NSA_CHECK_SANITIZER_FILTER (gtest filter for compute-sanitizer, default CudaForwardSanitizer.*:CudaBackwardSanitizer.*:
 # CudaDecodeSanitizer.*), NSA_BENCH_DECODE_BATCHES / NSA_BENCH_DECODE_CONTEXTS (decode benchmark, default 1,16,64 /
 # 8192,32768,65536,131072), NSA_CHECK_SKIP_DECODE_BENCH=1,
-# NSA_CHECK_SKIP_LARGE=1 (skip the single T = 256k forward).
+# NSA_CHECK_SKIP_LARGE=1 (skip the single T = 256k forward), NSA_CHECK_TRAIN_STEP=1 (also time one
+# training step of the showcase model, NSA and dense: python -m nsa.bench train-step).
 # After the harness, nsa_gather_ceiling (the selected branch's K/V block reads alone: a floor for
 # the slc kernel) appends to bench.log; NSA_CHECK_NCU=1 also appends an Nsight Compute profile of
 # nsa_bench_forward's attention and select kernels at T = 8192 (L2/DRAM traffic, tensor pipe).
@@ -155,6 +156,23 @@ else
   R[decode]="not run (no _nsa_ops.so, or NSA_CHECK_SKIP_DECODE_BENCH=1)"
 fi
 
+section "training step: the showcase model (m7c-125m, T = 2048), NSA vs dense"
+if [ -f "$BUILD/_nsa_ops.so" ] && [ "${NSA_CHECK_TRAIN_STEP:-0}" = 1 ]; then
+  start=$SECONDS
+  from=$(($(wc -l 2>/dev/null < "$OUT/bench.log" || echo 0) + 1))
+  env NSA_OPS_LIBRARY="$PWD/$BUILD/_nsa_ops.so" PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
+    timeout "$(limit 180)" python3 -m nsa.bench train-step --preset m7c-125m --iters 10 --warmup 3 2>&1 |
+    tee -a "$OUT/bench.log"
+  rc=${PIPESTATUS[0]}
+  # "  nsa   T=2048: 120.0 ms/step, 273,066 tokens/s, ..." -> "nsa 273,066 tok/s; dense ..."
+  row=$(tail -n +"$from" "$OUT/bench.log" | grep -E "^  (nsa|dense) " |
+    sed -E 's/^ +([a-z]+) +T=[0-9]+: ([0-9.]+) ms\/step, ([0-9,]+) tokens\/s.*/\1 \3 tok\/s (\2 ms)/' | paste -sd ';' - |
+    sed 's/;/; /g')
+  R[train]="rc $rc: ${row:-no result} ($((SECONDS - start))s)"
+else
+  R[train]="not run (NSA_CHECK_TRAIN_STEP=1 runs it)"
+fi
+
 section "gather ceiling: the selected branch's K/V block reads alone (nsa_gather_ceiling)"
 if [ -x "$BUILD/nsa_gather_ceiling" ]; then
   start=$SECONDS
@@ -219,7 +237,7 @@ section summary
     memcheck "${R[memcheck]}" \
     racecheck "${R[racecheck]}" initcheck "${R[initcheck]}" T=256k "${R[large]}"
   printf "%-10s %s\n" prefill "${R[prefill]}" decode "${R[decode]}" bench "${R[bench]}"
-  printf "%-10s %s\n" gather "${R[gather]}" ncu "${R[ncu]}"
+  printf "%-10s %s\n" train "${R[train]}" gather "${R[gather]}" ncu "${R[ncu]}"
   if [ "$HARNESS" = 1 ]; then
     # the harnesses' tables (prefill forward and backward; decode): each from its first table line
     sed -n '/^prefill forward, /,/^nsa.bench decode:\|^nsa_gather_ceiling:\|^--- ncu/p' "$OUT/bench.log" |

@@ -221,12 +221,13 @@ __device__ __forceinline__ void accumulate_ptile(float (&acc)[D / 8][4], const f
 }
 
 // How a sweep multiplies its rows with the shared-memory K and V tiles. MmaSyncTiles: each warp on
-// its own 16 rows (ldmatrix + mma.sync, padded tiles; every architecture). WgmmaTiles: the CTA's 64
-// rows at once (wgmma, swizzled tiles; sm_90a), which every warp of the CTA must issue together, so
-// only loops whose warps all take every tile use it, with whole tiles (NB = 8, key0 = 0): the
-// prefill's cmp and win sweeps, the selection kernel's scores, the backward's dK / dV kernel.
+// its own 16 rows (ldmatrix + mma.sync, padded tiles; every architecture), so a warp may skip a
+// tile its rows do not see (kEveryWarp false). WgmmaTiles: the CTA's 64 rows at once (wgmma,
+// swizzled tiles; sm_90a), which every warp of the CTA must issue together, so every warp takes
+// every tile, whole (NB = 8, key0 = 0): the prefill's cmp and win sweeps (and slc at Dk = 64:
+// slc_sweep_wgmma), the selection kernel's scores, the backward's dq kernel and dK / dV kernel.
 struct MmaSyncTiles {
-  static constexpr bool kSwizzled = false;
+  static constexpr bool kSwizzled = false, kEveryWarp = false;
   template <class T, int Dk, int NB, class QSource>
   static __device__ __forceinline__ void scores(const QSource& qf, const T* tk, int key0, float (&s)[NB][4]) {
     qk_tile<T, Dk, NB>(qf, tk + key0 * (Dk + 8), s);
@@ -239,7 +240,7 @@ struct MmaSyncTiles {
 };
 
 struct WgmmaTiles {
-  static constexpr bool kSwizzled = true;
+  static constexpr bool kSwizzled = true, kEveryWarp = true;
   static constexpr uint32_t kAtomBytes = 8 * 128;     // 8 rows of 128 bytes
   static constexpr uint32_t kPartBytes = 64 * 128;    // 64 rows of 64 elements
   // S = Q K^T, both from shared memory: the k-step ks reads columns 16 ks .. 16 ks + 15 of the Q
@@ -365,13 +366,15 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
 // gets the key rows the CTA loads added. The loads: cp.async (16 bytes a request); kStream (the
 // decode sweeps, which stream each row once from DRAM) past L1 (cp_async_16), and on sm_90 as one
 // bulk copy per K or V row (a thread each) completing on the stage's mbarrier: with cp.async
-// requests the decode cmp + win kernel held the DRAM at 78% on an H200 (ncu). kSwizzled: the tiles
-// in wgmma's layout (tile_chunk_offset), made visible to its reads (the async proxy) before use.
-template <class T, int Dk, int Dv, int Stages, bool kStream, bool kSwizzled, class Tiles, class Body>
+// requests the decode cmp + win kernel held the DRAM at 78% on an H200 (ncu). Mma: the body's
+// product policy; kSwizzled, the tiles in wgmma's layout (tile_chunk_offset), made visible to the
+// async proxy (wgmma's reads) before use; kEveryWarp, no warp skips a tile.
+template <class T, int Dk, int Dv, int Stages, bool kStream, class Mma, class Tiles, class Body>
 __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kbase, int64_t kstride, const T* vbase,
                                                 int64_t vstride, T* sK, T* sV, uint64_t warp_positions,
                                                 int64_t* keys_read, Body&& body) {
   static_assert(Stages >= 2, "at least double buffering");
+  constexpr bool kSwizzled = Mma::kSwizzled;
   static_assert(!(kStream && kSwizzled), "the decode sweeps' bulk copies write padded rows");
   constexpr int64_t kKElems = AttentionSmem::k_elems(Dk), kVElems = AttentionSmem::v_elems(Dv);
   const int tid = threadIdx.x;
@@ -445,7 +448,7 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
     if constexpr (kSwizzled) fence_proxy_async_smem();
     __syncthreads();
     const TileInfo ti = tiles.info(k);
-    if (!tiles.warp_skips(ti, warp_positions))
+    if (Mma::kEveryWarp || !tiles.warp_skips(ti, warp_positions))
       body(tiles, ti, sK + (k % Stages) * kKElems, sV + (k % Stages) * kVElems);
     __syncthreads();  // buffer k % Stages is refilled by the issue of tile k + Stages
   }
@@ -526,7 +529,9 @@ __device__ __forceinline__ void build_block_union(const ForwardArgs& a, const Se
   uint32_t* bits = reinterpret_cast<uint32_t*>(masks + a.union_capacity);
   uint32_t* prefix = bits + a.union_words;
   int* list = reinterpret_cast<int*>(prefix + a.union_words);
-  __shared__ int s_count;
+  // The count in the union's own (dynamic) shared memory: a static __shared__ variable would move
+  // the dynamic shared memory off the 1024-byte boundary that the wgmma tiles need.
+  int* count = list + a.union_capacity;
   const int nt = t_hi - t_lo + 1;
   const int words = (t_hi / ls) / 32 + 1;
   for (int w = tid; w < words; w += kAttnThreads) bits[w] = 0u;
@@ -564,7 +569,7 @@ __device__ __forceinline__ void build_block_union(const ForwardArgs& a, const Se
       }
       run += __shfl_sync(0xffffffffu, incl, 31);
     }
-    if (lane == 0) s_count = run;
+    if (lane == 0) *count = run;
   }
   __syncthreads();
   for (int e = tid; e < nt * n; e += kAttnThreads) {
@@ -577,7 +582,7 @@ __device__ __forceinline__ void build_block_union(const ForwardArgs& a, const Se
     }
   }
   __syncthreads();
-  *blocks_out = s_count;
+  *blocks_out = *count;
   *masks_out = masks;
   *list_out = list;
 }
@@ -587,19 +592,19 @@ __device__ __forceinline__ void build_block_union(const ForwardArgs& a, const Se
 // thread must reach) and runs sweep_key_tiles with its keys and values. keys_read: as there.
 // kSplit: only the tiles of split `split` of the branch's a.branch_splits (the decode path), in
 // decode_stages(Dk, Dv) stages and bypassing L1 (the prefill sweeps double-buffer through L1:
-// docs/decisions/0003).
-template <class T, int Dk, int Dv, int kBranch, bool kSplit = false, bool kSwizzled = false, class Body>
+// docs/decisions/0003). Mma: the body's product policy (sweep_key_tiles).
+template <class T, int Dk, int Dv, int kBranch, bool kSplit = false, class Mma = MmaSyncTiles, class Body>
 __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const SeqInfo& seq, int kv_head,
                                              const RowTile& rt, unsigned char* union_smem, T* sK, T* sV,
                                              int64_t* keys_read, Body&& body, int split = 0) {
   auto sweep = [&](const auto& tiles, const T* kbase, int64_t kstride, const T* vbase, int64_t vstride) {
     if constexpr (kSplit) {
-      static_assert(!kSwizzled, "the decode path keeps mma.sync");
-      sweep_key_tiles<T, Dk, Dv, sweep_stages(true, Dk, Dv), true, false>(
+      static_assert(!Mma::kSwizzled, "the decode path keeps mma.sync on padded tiles");
+      sweep_key_tiles<T, Dk, Dv, sweep_stages(true, Dk, Dv), true, Mma>(
           split_tiles(tiles, split, a.branch_splits[kBranch]), kbase, kstride, vbase, vstride, sK, sV,
           rt.warp_positions, keys_read, body);
     } else {
-      sweep_key_tiles<T, Dk, Dv, sweep_stages(false, Dk, Dv), false, kSwizzled>(
+      sweep_key_tiles<T, Dk, Dv, sweep_stages(false, Dk, Dv), false, Mma>(
           tiles, kbase, kstride, vbase, vstride, sK, sV, rt.warp_positions, keys_read, body);
     }
   };
@@ -689,10 +694,10 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   static_assert(kBranch == kBranchCmp || kBranch == kBranchSlc || kBranch == kBranchWin, "branch");
   static_assert(kSplit || !kWarpSplit, "the warps share rows only in the decode path");
   using Tr = TypeTraits<T>;
-  // wgmma where the architecture has it and all four warps take every tile (not slc, whose warps
-  // skip the blocks their positions did not select; not the decode path, whose warps may split a
-  // tile's keys).
-  constexpr bool kWgmma = kHaveWgmma && !kSplit && kBranch != kBranchSlc;
+  // wgmma where the architecture has it, the four warps then taking every tile: cmp and win, and
+  // slc where that pays (slc_sweep_wgmma; otherwise a warp skips the blocks its positions did not
+  // select); not the decode path, whose warps may split a tile's keys.
+  constexpr bool kWgmma = kHaveWgmma && !kSplit && (kBranch != kBranchSlc || slc_sweep_wgmma(Dk));
   using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTiles>;
   constexpr int kStages = sweep_stages(kSplit, Dk, Dv);
   constexpr int64_t kTilesBytes = AttentionSmem::tiles_bytes(Dk, Dv, kStages);
@@ -755,8 +760,8 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
                 make_float2(scores[nb][2 * r], scores[nb][2 * r + 1]);
     }
   };
-  sweep_branch<T, Dk, Dv, kBranch, kSplit, Mma::kSwizzled>(
-      a, b, seq, kv_head, rt, smem + AttentionSmem::tiles_bytes(Dk, Dv, kStages), sK, sV, keys_read,
+  sweep_branch<T, Dk, Dv, kBranch, kSplit, Mma>(
+      a, b, seq, kv_head, rt, smem + kTilesBytes + (kWgmma ? AttentionSmem::wgmma_q_bytes(Dk) : 0), sK, sV, keys_read,
       [&](const auto& tiles, const TileInfo& ti, const T* tk, const T* tv) {
         if constexpr (kWarpSplit)
           softmax_tile<T, Dk, Dv, 2>(tiles, ti, tk, tv, qf, a.scale_log2, rows, acc, m, l, to_scores, warp * 16);

@@ -1,5 +1,5 @@
-// The backward kernels (tensor cores: mma.sync m16n8k16, and wgmma for the key-major kernels on
-// sm_90a; fp32 accumulation), in stream order:
+// The backward kernels (tensor cores: mma.sync m16n8k16, and wgmma for the dq and key-major
+// kernels on sm_90a; fp32 accumulation), in stream order:
 //   1. preprocess_kernel: per (row, query head) and branch c, dgates_c = dO . o_c (written to
 //      grad_gates) and the softmax backward's row term delta_c = g_c * dgates_c (workspace);
 //   2. (src/cuda/backward.cu) the block -> query index of the selection branch: which positions
@@ -99,8 +99,9 @@ __global__ void __launch_bounds__(128) preprocess_kernel(const BackwardArgs a) {
 // 3. dq, query-major, all branches.
 
 struct DqSmem {
-  // Q [64][Dk+8], dO [64][Dv+8], K and V double buffers [2][64][D+8] (2-byte elements), then the
-  // selected-block union as in the forward's slc kernel.
+  // Q [64][Dk+8], dO [64][Dv+8], K and V double buffers [2][64][D+8] (2-byte elements; wgmma's
+  // swizzled tiles fit the padded slots), then the selected-block union as in the forward's slc
+  // kernel.
   NSA_HOST_DEVICE static constexpr int64_t tiles_bytes(int dk, int dv) {
     return 2 * (int64_t{64} * (dk + 8) + int64_t{64} * (dv + 8) + 2 * AttentionSmem::k_elems(dk) +
                 2 * AttentionSmem::v_elems(dv));
@@ -114,14 +115,14 @@ struct BranchRows {
   float gate[2];   // g_c
 };
 
-template <class T, int Dk, int Dv, class Tiles, class QSource, class DoSource>
+template <class T, int Dk, int Dv, class Mma, class Tiles, class QSource, class DoSource>
 __device__ __forceinline__ void dq_tile(const Tiles& tiles, const TileInfo& ti, const T* tk, const T* tv,
                                         const QSource& qf, const DoSource& dof, float scale_log2,
                                         const RowState (&rows)[2], const BranchRows& br, float (&dq)[Dk / 8][4]) {
   const int tig = threadIdx.x & 3;
   float s[8][4], dp[8][4];
-  qk_tile<T, Dk>(qf, tk, s);
-  qk_tile<T, Dv>(dof, tv, dp);
+  Mma::template scores<T, Dk, 8>(qf, tk, 0, s);
+  Mma::template scores<T, Dv, 8>(dof, tv, 0, dp);
 #pragma unroll
   for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
@@ -131,7 +132,7 @@ __device__ __forceinline__ void dq_tile(const Tiles& tiles, const TileInfo& ti, 
       const float p = valid ? fast_exp2(s[nb][e] * scale_log2 - br.lse2[r]) : 0.f;
       s[nb][e] = p * (br.gate[r] * dp[nb][e] - br.delta[r]);
     }
-  accumulate_ptile<T, Dk>(dq, s, tk);
+  Mma::template accumulate<T, Dk, 8>(dq, s, tk, 0);
 }
 
 template <class T, int Dk, int Dv>
@@ -151,8 +152,19 @@ __global__ void __launch_bounds__(kAttnThreads) dq_kernel(const BackwardArgs a) 
   const int warp = threadIdx.x >> 5, tig = threadIdx.x & 3;
   const int H = a.num_q_heads;
 
-  load_head_rows_async<T, Dk>(sQ, a.q, a, b, seq, kv_head, m0);
-  load_head_rows_async<T, Dv>(sDo, a.grad_out, a, b, seq, kv_head, m0);
+  // wgmma on sm_90a up to Dk = 128 (its dq += dS K takes one or two 64-column parts): Q and dO
+  // stay in shared memory, swizzled, for S = Q K^T and dP = dO V^T; the four warps take every tile
+  // of every branch (a slc tile that none of a warp's positions selected is masked to zeros). With
+  // mma.sync for the slc sweep alone, whose warps skip such tiles, the kernel was slower on an H100
+  // (paper config, 64k: 61.0 ms against 54.2; docs/decisions/0007).
+  constexpr bool kWgmma = kHaveWgmma && Dk <= 128;
+  using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTiles>;
+  // wgmma's swizzle atoms need 1024-byte aligned tiles: every tile of DqSmem is a multiple of 1024
+  // bytes (64 rows of Dk + 8 or Dv + 8 elements), and the base is checked.
+  static_assert(!kWgmma || (128 * (Dk + 8)) % 1024 == 0 && (128 * (Dv + 8)) % 1024 == 0, "tile alignment");
+  if constexpr (kWgmma) wgmma_check_smem(smem, static_cast<uint32_t>(DqSmem::tiles_bytes(Dk, Dv)));
+  load_head_rows_async<T, Dk, kWgmma>(sQ, a.q, a, b, seq, kv_head, m0);
+  load_head_rows_async<T, Dv, kWgmma>(sDo, a.grad_out, a, b, seq, kv_head, m0);
   cp_async_commit();
   const RowTile rt = make_row_tile(a, kv_head, m0, seq, static_cast<int>(threadIdx.x >> 5));
   const RowState(&rows)[2] = rt.rows;
@@ -170,11 +182,13 @@ __global__ void __launch_bounds__(kAttnThreads) dq_kernel(const BackwardArgs a) 
     }
   }
   cp_async_wait<0>();
+  if constexpr (kWgmma) fence_proxy_async_smem();
   __syncthreads();
-  // Q stays in registers next to the dq accumulators up to Dk = 128; wider rows are re-read.
-  std::conditional_t<(Dk <= 128), QInRegisters<T, Dk>, RowsInSmem<T, Dk>> qf;
+  // mma.sync: Q stays in registers next to the dq accumulators up to Dk = 128; wider rows are
+  // re-read.
+  std::conditional_t<kWgmma, QInSharedMemory<T>, std::conditional_t<(Dk <= 128), QInRegisters<T, Dk>, RowsInSmem<T, Dk>>> qf;
   qf.load(sQ, warp * 16);
-  RowsInSmem<T, Dv> dof;
+  std::conditional_t<kWgmma, QInSharedMemory<T>, RowsInSmem<T, Dv>> dof;
   dof.load(sDo, warp * 16);
 
   float dq[Dk / 8][4];
@@ -184,12 +198,15 @@ __global__ void __launch_bounds__(kAttnThreads) dq_kernel(const BackwardArgs a) 
     for (int e = 0; e < 4; ++e) dq[nb][e] = 0.f;
   auto body = [&](const BranchRows& rows_c) {
     return [&](const auto& tiles, const TileInfo& ti, const T* tk, const T* tv) {
-      dq_tile<T, Dk, Dv>(tiles, ti, tk, tv, qf, dof, a.scale_log2, rows, rows_c, dq);
+      dq_tile<T, Dk, Dv, Mma>(tiles, ti, tk, tv, qf, dof, a.scale_log2, rows, rows_c, dq);
     };
   };
-  sweep_branch<T, Dk, Dv, kBranchCmp>(a, b, seq, kv_head, rt, union_smem, sK, sV, nullptr, body(br[kBranchCmp]));
-  sweep_branch<T, Dk, Dv, kBranchSlc>(a, b, seq, kv_head, rt, union_smem, sK, sV, nullptr, body(br[kBranchSlc]));
-  sweep_branch<T, Dk, Dv, kBranchWin>(a, b, seq, kv_head, rt, union_smem, sK, sV, nullptr, body(br[kBranchWin]));
+  sweep_branch<T, Dk, Dv, kBranchCmp, false, Mma>(a, b, seq, kv_head, rt, union_smem, sK, sV, nullptr,
+                                                  body(br[kBranchCmp]));
+  sweep_branch<T, Dk, Dv, kBranchSlc, false, Mma>(a, b, seq, kv_head, rt, union_smem, sK, sV, nullptr,
+                                                  body(br[kBranchSlc]));
+  sweep_branch<T, Dk, Dv, kBranchWin, false, Mma>(a, b, seq, kv_head, rt, union_smem, sK, sV, nullptr,
+                                                  body(br[kBranchWin]));
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

@@ -95,8 +95,8 @@ struct AttentionSmem {
   // two stages in prefill, decode_stages() in decode); the Q tile [64][Dk+8] lives in the first K
   // buffer until its fragments are in registers (it fits: q_elems == k_elems), which keeps a
   // prefill CTA at 70 KB for D = 128 so that three fit on an SM.
-  // Then, for the slc kernel, the selected-block union: bitmap and per-word prefix
-  // [union_words] uint32 each, blocks [union_capacity] int32, row masks [union_capacity] uint64.
+  // Then, for the slc kernel, the selected-block union: row masks [union_capacity] uint64, bitmap
+  // and per-word prefix [union_words] uint32 each, blocks [union_capacity] int32, its size (int32).
   static constexpr int kRows = 64, kKeys = 64, kPad = 8;
   NSA_HOST_DEVICE static constexpr int64_t q_elems(int dk) { return int64_t{kRows} * (dk + kPad); }
   NSA_HOST_DEVICE static constexpr int64_t k_elems(int dk) { return int64_t{kKeys} * (dk + kPad); }
@@ -105,11 +105,11 @@ struct AttentionSmem {
   NSA_HOST_DEVICE static constexpr int64_t tiles_bytes(int dk, int dv, int stages) {
     return stages * stage_bytes(dk, dv);
   }
-  // The prefill cmp and win sweeps with wgmma (sm_90a) keep the Q tile [64][Dk] after the K / V
-  // buffers (wgmma reads it from shared memory for every key tile).
+  // The prefill sweeps with wgmma (sm_90a) keep the Q tile [64][Dk] after the K / V buffers (wgmma
+  // reads it from shared memory for every key tile), before the slc kernel's union.
   NSA_HOST_DEVICE static constexpr int64_t wgmma_q_bytes(int dk) { return int64_t{kRows} * dk * 2; }
   NSA_HOST_DEVICE static constexpr int64_t union_bytes(int words, int capacity) {
-    return int64_t{8} * words + int64_t{16} * capacity;  // masks first (8-byte aligned), then ints
+    return int64_t{8} * capacity + int64_t{8} * words + int64_t{4} * capacity + 4;
   }
 };
 
@@ -125,6 +125,13 @@ NSA_HOST_DEVICE constexpr int decode_stages(int dk, int dv) {
 }
 // The stages of an attention sweep: the decode path's (kSplit) or the prefill's two.
 NSA_HOST_DEVICE constexpr int sweep_stages(bool decode, int dk, int dv) { return decode ? decode_stages(dk, dv) : 2; }
+
+// Whether the prefill slc kernel runs wgmma where the cmp and win kernels do (sm_90a). Its four
+// warps then take every tile of the CTA's block union, where with mma.sync a warp skips the blocks
+// none of its positions selected: on an H100 wgmma was faster at Dk = 64 (slc 0.86 -> 0.64 ms for
+// G = 6 at 2k, 17.7 -> 16.9 ms for G = 16 at 64k) and slower at Dk = 128 (26.7 -> 30.2 ms in the
+// paper config at 64k): docs/decisions/0007.
+NSA_HOST_DEVICE constexpr bool slc_sweep_wgmma(int dk) { return dk <= 64; }
 
 // Buffers of staged scores in a decode scoring CTA (decode_scoring.cuh): three chunks in flight
 // while one is summed.

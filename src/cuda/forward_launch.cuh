@@ -70,7 +70,8 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
 
   const int64_t tiles_smem = AttentionSmem::tiles_bytes(Dk, Dv, sweep_stages(false, Dk, Dv));
   const int64_t attn_smem = tiles_smem + (device.wgmma_sweeps ? AttentionSmem::wgmma_q_bytes(Dk) : 0);  // cmp, win
-  const int64_t slc_smem = tiles_smem + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
+  const int64_t slc_smem = (slc_sweep_wgmma(Dk) ? attn_smem : tiles_smem) +
+                           AttentionSmem::union_bytes(a.union_words, a.union_capacity);
   // Selection: P positions per CTA keep [P][ceil(T / l')] block scores in shared memory; halve P
   // (down to 1) while that does not fit. G = 16 takes the shuffle path (a warp per position).
   ForwardArgs sa = a;
