@@ -15,6 +15,7 @@
 #include "cuda/backward.cuh"
 #include "cuda/backward_args.h"
 #include "cuda/backward_launch.h"
+#include "cuda/backward_split.h"
 #include "cuda/dispatch.h"
 #include "cuda/instantiations/instances.h"
 #include "cuda/stages.h"
@@ -183,12 +184,19 @@ BackwardArgs make_args(const BackwardParams& p, const Workspace& w, char* worksp
   a.sel_keys = reinterpret_cast<const uint64_t*>(workspace + w.keys_out);
   a.seg_offsets = reinterpret_cast<const int32_t*>(workspace + w.offsets);
   a.max_blocks = static_cast<int>((s.seqlen + p.config.sel_block - 1) / p.config.sel_block);
-  // Default mode: a key-major CTA takes at most ~16k rows (positions x G); the grid's z dimension
-  // (<= 65535) covers the longest list. Deterministic: one CTA per key tile.
-  const int64_t group = s.num_q_heads / s.num_kv_heads;
-  const int64_t split = p.deterministic ? s.seqlen
-                                        : std::max<int64_t>((16384 + group - 1) / group, (s.seqlen + 65534) / 65535);
-  a.split_positions = static_cast<int>(std::max<int64_t>(1, split));
+  // Default mode: per branch, its key tiles and their typical query list (cmp: half the sequence;
+  // slc: the n * l' positions that select a block on average once T >> n * l'; win: w + 63).
+  // Deterministic: one CTA per key tile.
+  const int64_t group = s.num_q_heads / s.num_kv_heads, T = s.seqlen;
+  const int64_t key_tiles[kNumBranches] = {(a.cmp_per_seq + 63) / 64,
+                                           a.max_blocks * ((p.config.sel_block + 63) / 64), (T + 63) / 64};
+  const int64_t list_positions[kNumBranches] = {
+      (T + 1) / 2, std::min<int64_t>(T, int64_t{p.config.num_selected} * p.config.sel_block),
+      std::min<int64_t>(T, a.window + 63)};
+  for (int c = 0; c < kNumBranches; ++c)
+    a.split_positions[c] = static_cast<int>(
+        p.deterministic ? std::max<int64_t>(1, T)
+                        : key_major_split_positions(s.batch * key_tiles[c] * s.num_kv_heads, list_positions[c], group, T));
   return a;
 }
 

@@ -10,7 +10,7 @@
 //   4. dkv_kernel<branch>: key-major, a CTA owns 64 keys of one kv head and sweeps the rows
 //      (t, g) that attend to them: the positions t >= i*d + l - 1 (cmp), t in [s, s + w) (win),
 //      the query list of the block from step 2 (slc); dK += scale * dS^T Q, dV += P^T (g dO) in
-//      registers, then added to fp32 accumulators. Lists longer than split_positions are split
+//      registers, then added to fp32 accumulators. Lists longer than split_positions[branch] are split
 //      over the grid's z dimension (the adds then come in a varying order); with one CTA per key
 //      tile every accumulator element receives one add per kernel: deterministic;
 //   5. convert_kernel: the fp32 accumulators to the gradients' dtype and layout.
@@ -358,9 +358,10 @@ __global__ void __launch_bounds__(kAttnThreads) dkv_kernel(const BackwardArgs a,
   const SeqInfo seq = seq_info(a, b);
   const KeyTile kt = make_key_tile<kBranch>(a, b, seq, kv_head, tile);
   if (kt.count <= 0) return;  // uniform over the CTA
-  const int p0 = static_cast<int>(blockIdx.z) * a.split_positions;
+  const int split = a.split_positions[kBranch];
+  const int p0 = static_cast<int>(blockIdx.z) * split;
   if (p0 >= kt.num_positions) return;
-  const int p1 = static_cast<int>(min64(int64_t{kt.num_positions}, int64_t{p0} + a.split_positions));
+  const int p1 = static_cast<int>(min64(int64_t{kt.num_positions}, int64_t{p0} + split));
   const int G = a.group, H = a.num_q_heads;
   const int num_rows = (p1 - p0) * G;  // rows (p, g) of this CTA, p-major
   const int num_row_tiles = (num_rows + R - 1) / R;

@@ -49,10 +49,11 @@ struct BackwardArgs : ForwardArgs {
   const int32_t* seg_offsets;  // [B * Hkv * max_blocks + 1]
   int max_blocks;              // ceil(seqlen / l')
 
-  // KV-major CTAs take at most this many positions of a key tile's query list (the grid's z
-  // dimension splits longer lists; their fp32 sums then meet in the accumulators in a varying
-  // order). The deterministic mode sets it to seqlen: one CTA per key tile.
-  int split_positions;
+  // Per branch (kBranchCmp, kBranchSlc, kBranchWin): KV-major CTAs take at most this many positions
+  // of a key tile's query list (the grid's z dimension splits longer lists; their fp32 sums then meet
+  // in the accumulators in a varying order): key_major_split_positions (backward_split.h). The
+  // deterministic mode sets them to seqlen: one CTA per key tile.
+  int split_positions[kNumBranches];
 };
 
 }  // namespace nsa::cuda_detail

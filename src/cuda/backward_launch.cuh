@@ -2,7 +2,7 @@
 // backward's (T, Dk, Dv)-dependent kernels (src/cuda/backward.cuh), in stream order:
 //   preprocess_kernel     grid ceil(rows * Hq / 4), a warp per (row, query head)
 //   dq_kernel             grid (ceil(T*G/64), Hkv, B), as the forward's attention kernels
-//   dkv_kernel<cmp>       grid (B * ceil(Tc/64), Hkv, splits)
+//   dkv_kernel<cmp>       grid (B * ceil(Tc/64), Hkv, splits)  splits = ceil(T / split_positions[branch])
 //   dkv_kernel<slc>       grid (B * ceil(T/l') * ceil(l'/64), Hkv, splits)
 //   dkv_kernel<win>       grid (B * ceil(T/64), Hkv, splits)
 //   convert_kernel        per gradient of k / v / k_win / v_win / k_cmp / v_cmp
@@ -63,24 +63,26 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
     if (!(st = launch_status(kBackwardApi, "launching the dq kernel")).ok()) return st;
   }
 
-  const unsigned splits = static_cast<unsigned>((a.seqlen + a.split_positions - 1) / a.split_positions);
+  const auto splits = [&](int branch) {
+    return static_cast<unsigned>((a.seqlen + a.split_positions[branch] - 1) / a.split_positions[branch]);
+  };
   const int cmp_tiles = static_cast<int>((a.cmp_per_seq + 63) / 64);
   const int slc_tiles = a.max_blocks * ((a.sel_block + 63) / 64);
   const int win_tiles = static_cast<int>((a.seqlen + 63) / 64);
   const unsigned kv_heads = static_cast<unsigned>(a.num_kv_heads);
   if ((stages & kBwdStageCmp) && cmp_tiles > 0) {
-    dkv_cmp<<<dim3(static_cast<unsigned>(a.batch * cmp_tiles), kv_heads, splits), kAttnThreads, dkv_smem, stream>>>(
-        a, cmp_tiles);
+    dkv_cmp<<<dim3(static_cast<unsigned>(a.batch * cmp_tiles), kv_heads, splits(kBranchCmp)), kAttnThreads, dkv_smem,
+              stream>>>(a, cmp_tiles);
     if (!(st = launch_status(kBackwardApi, "launching the cmp dk/dv kernel")).ok()) return st;
   }
   if (stages & kBwdStageSlc) {
-    dkv_slc<<<dim3(static_cast<unsigned>(a.batch * slc_tiles), kv_heads, splits), kAttnThreads, dkv_smem, stream>>>(
-        a, slc_tiles);
+    dkv_slc<<<dim3(static_cast<unsigned>(a.batch * slc_tiles), kv_heads, splits(kBranchSlc)), kAttnThreads, dkv_smem,
+              stream>>>(a, slc_tiles);
     if (!(st = launch_status(kBackwardApi, "launching the slc dk/dv kernel")).ok()) return st;
   }
   if (stages & kBwdStageWin) {
-    dkv_win<<<dim3(static_cast<unsigned>(a.batch * win_tiles), kv_heads, splits), kAttnThreads, dkv_smem, stream>>>(
-        a, win_tiles);
+    dkv_win<<<dim3(static_cast<unsigned>(a.batch * win_tiles), kv_heads, splits(kBranchWin)), kAttnThreads, dkv_smem,
+              stream>>>(a, win_tiles);
     if (!(st = launch_status(kBackwardApi, "launching the win dk/dv kernel")).ok()) return st;
   }
   if (!(stages & kBwdStageConvert)) return st;

@@ -1,0 +1,45 @@
+// How the backward's key-major kernels split a key tile's query list over CTAs in the default mode
+// (key_major_split_positions, src/cuda/backward_split.h), on the host: rows per CTA between the
+// floor and the cap, small grids split up to about the target CTA count, large ones left whole, and
+// never more CTAs per key tile than the grid's z dimension holds. The GPU tests run the kernels
+// with the splits this gives their shapes (and the deterministic mode with none).
+#include <gtest/gtest.h>
+
+#include <cstdint>
+
+#include "cuda/backward_split.h"
+
+namespace nsa_test {
+namespace {
+
+using nsa::cuda_detail::key_major_split_positions;
+
+TEST(BackwardSplit, SmallGridsSplitToTheRowFloor) {
+  // The showcase's cmp dk/dv: B = 16, 2 key tiles, Hkv = 2, G = 6, T = 2048, lists ~1024 positions.
+  const int64_t split = key_major_split_positions(16 * 2 * 2, 1024, 6, 2048);
+  EXPECT_EQ(split, (1024 + 5) / 6);  // 1024 rows: the floor
+}
+
+TEST(BackwardSplit, MediumGridsSpreadTheirWorkOverTheTarget) {
+  // The paper config's slc dk/dv at 8k: 512 key-tile CTAs, lists of ~1024 positions, G = 16:
+  // 8.4M rows over ~2048 CTAs, 4096 rows (256 positions) each.
+  EXPECT_EQ(key_major_split_positions(512, 1024, 16, 8192), 256);
+}
+
+TEST(BackwardSplit, LargeGridsKeepTheRowCap) {
+  // The paper config's cmp dk/dv at 64k: 256 key-tile CTAs, lists of ~32k positions, G = 16.
+  EXPECT_EQ(key_major_split_positions(256, 32768, 16, 65536), 16384 / 16);
+}
+
+TEST(BackwardSplit, GridZLimitAndDegenerateShapes) {
+  // G = 1, T = 2^27: 1024 rows would need 131072 CTAs per tile; the z dimension holds 65535.
+  const int64_t T = int64_t{1} << 27;
+  const int64_t split = key_major_split_positions(1, T, 1, T);
+  EXPECT_LE((T + split - 1) / split, 65535);
+  EXPECT_GE(key_major_split_positions(0, 0, 1, 1), 1);          // no key tiles
+  EXPECT_EQ(key_major_split_positions(1, 1, 64, 1), 1024 / 64);  // G = 64: the floor in positions
+  EXPECT_EQ(key_major_split_positions(1, 1, 3000, 1), 1);        // G above the floor: one position
+}
+
+}  // namespace
+}  // namespace nsa_test
