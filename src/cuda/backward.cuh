@@ -52,46 +52,44 @@ struct RowsInSmem {
 };
 
 // ------------------------------------------------------------------------------------------------
-// 1. dgates and delta. One warp per (row, query head).
+// 1. dgates and delta. A CTA per row, its four warps taking the query heads in turn (a warp per
+// (row, head)): the row's offsets are computed once, not per (row, head) with 64-bit divisions.
 
 template <class T, int Dv>
 __global__ void __launch_bounds__(128) preprocess_kernel(const BackwardArgs a) {
   using Tr = TypeTraits<T>;
-  const int lane = threadIdx.x & 31;
-  const int64_t item = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t row = blockIdx.x;
   const int H = a.num_q_heads;
-  if (item >= a.total_rows * H) return;
-  const int64_t row = item / H;
-  const int head = static_cast<int>(item - row * H);
   const int64_t per_seq = a.cu_seqlens != nullptr ? 0 : a.seqlen;
-  const T* dout = static_cast<const T*>(a.grad_out.data) +
-                  row_offset(row, per_seq, a.grad_out.batch_stride, a.grad_out.seq_stride) +
-                  int64_t{head} * a.grad_out.head_stride;
-  const T* gates = static_cast<const T*>(a.gates.data) +
-                   row_offset(row, per_seq, a.gates.batch_stride, a.gates.seq_stride) +
-                   int64_t{head} * a.gates.head_stride;
-  const T* ob = static_cast<const T*>(a.out_branch) + (row * H + head) * (3 * Dv);
-  float dot[3] = {0.f, 0.f, 0.f};
-  for (int col = 2 * lane; col < Dv; col += 64) {
-    const float2 d = Tr::unpack(*reinterpret_cast<const uint32_t*>(dout + col));
+  const T* dout_row = static_cast<const T*>(a.grad_out.data) +
+                      row_offset(row, per_seq, a.grad_out.batch_stride, a.grad_out.seq_stride);
+  const T* gates_row =
+      static_cast<const T*>(a.gates.data) + row_offset(row, per_seq, a.gates.batch_stride, a.gates.seq_stride);
+  T* grad_gates_row = static_cast<T*>(a.grad_gates.data) +
+                      row_offset(row, per_seq, a.grad_gates.batch_stride, a.grad_gates.seq_stride);
+  for (int head = warp; head < H; head += 4) {
+    const T* dout = dout_row + int64_t{head} * a.grad_out.head_stride;
+    const T* ob = static_cast<const T*>(a.out_branch) + (row * H + head) * (3 * Dv);
+    float dot[3] = {0.f, 0.f, 0.f};
+    for (int col = 2 * lane; col < Dv; col += 64) {
+      const float2 d = Tr::unpack(*reinterpret_cast<const uint32_t*>(dout + col));
 #pragma unroll
-    for (int c = 0; c < 3; ++c) {
-      const float2 o = Tr::unpack(*reinterpret_cast<const uint32_t*>(ob + c * Dv + col));
-      dot[c] += d.x * o.x + d.y * o.y;
+      for (int c = 0; c < 3; ++c) {
+        const float2 o = Tr::unpack(*reinterpret_cast<const uint32_t*>(ob + c * Dv + col));
+        dot[c] += d.x * o.x + d.y * o.y;
+      }
     }
-  }
 #pragma unroll
-  for (int c = 0; c < 3; ++c)
+    for (int c = 0; c < 3; ++c)
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) dot[c] += __shfl_xor_sync(0xffffffffu, dot[c], off);
-  if (lane < 3) {
-    const int c = lane;
-    const float value = c == 0 ? dot[0] : (c == 1 ? dot[1] : dot[2]);
-    T* gg = static_cast<T*>(a.grad_gates.data) +
-            row_offset(row, per_seq, a.grad_gates.batch_stride, a.grad_gates.seq_stride) +
-            int64_t{head} * a.grad_gates.head_stride;
-    gg[c] = static_cast<T>(value);
-    a.delta[(row * H + head) * 3 + c] = Tr::to_float(gates[c]) * value;
+      for (int off = 16; off > 0; off >>= 1) dot[c] += __shfl_xor_sync(0xffffffffu, dot[c], off);
+    if (lane < 3) {
+      const int c = lane;
+      const float value = c == 0 ? dot[0] : (c == 1 ? dot[1] : dot[2]);
+      grad_gates_row[int64_t{head} * a.grad_gates.head_stride + c] = static_cast<T>(value);
+      a.delta[(row * H + head) * 3 + c] = Tr::to_float(gates_row[int64_t{head} * a.gates.head_stride + c]) * value;
+    }
   }
 }
 

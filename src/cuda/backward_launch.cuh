@@ -1,6 +1,6 @@
 // Definition of launch_backward<T, Dk, Dv>: grids, dynamic shared memory and attributes of the
 // backward's (T, Dk, Dv)-dependent kernels (src/cuda/backward.cuh), in stream order:
-//   preprocess_kernel     grid ceil(rows * Hq / 4), a warp per (row, query head)
+//   preprocess_kernel     grid rows, a warp per (row, query head)
 //   dq_kernel             grid (ceil(T*G/64), Hkv, B), as the forward's attention kernels
 //   dkv_kernel<cmp>       grid (B * ceil(Tc/64), Hkv, splits)  splits = ceil(T / split_positions[branch])
 //   dkv_kernel<slc>       grid (B * ceil(T/l') * ceil(l'/64), Hkv, splits)
@@ -50,9 +50,8 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
   if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_win, dkv_smem, max_smem, "the dk/dv kernel");
   if (!st.ok()) return st;
 
-  const int64_t items = total * a.num_q_heads;
   if (stages & kBwdStagePrep) {
-    preprocess_kernel<T, Dv><<<static_cast<unsigned>((items + 3) / 4), 128, 0, stream>>>(a);
+    preprocess_kernel<T, Dv><<<static_cast<unsigned>(total), 128, 0, stream>>>(a);
     if (!(st = launch_status(kBackwardApi, "launching the preprocess kernel")).ok()) return st;
   }
 
