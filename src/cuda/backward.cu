@@ -193,10 +193,11 @@ BackwardArgs make_args(const BackwardParams& p, const Workspace& w, char* worksp
   const int64_t list_positions[kNumBranches] = {
       (T + 1) / 2, std::min<int64_t>(T, int64_t{p.config.num_selected} * p.config.sel_block),
       std::min<int64_t>(T, a.window + 63)};
-  for (int c = 0; c < kNumBranches; ++c)
+  for (int c = 0; c < kNumBranches; ++c) {
+    const int64_t key_tile_ctas = s.batch * key_tiles[c] * s.num_kv_heads;
     a.split_positions[c] = static_cast<int>(
-        p.deterministic ? std::max<int64_t>(1, T)
-                        : key_major_split_positions(s.batch * key_tiles[c] * s.num_kv_heads, list_positions[c], group, T));
+        p.deterministic ? std::max<int64_t>(1, T) : key_major_split_positions(key_tile_ctas, list_positions[c], group, T));
+  }
   return a;
 }
 

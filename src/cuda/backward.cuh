@@ -184,7 +184,8 @@ __global__ void __launch_bounds__(kAttnThreads) dq_kernel(const BackwardArgs a) 
   __syncthreads();
   // mma.sync: Q stays in registers next to the dq accumulators up to Dk = 128; wider rows are
   // re-read.
-  std::conditional_t<kWgmma, QInSharedMemory<T>, std::conditional_t<(Dk <= 128), QInRegisters<T, Dk>, RowsInSmem<T, Dk>>> qf;
+  using QRows = std::conditional_t<(Dk <= 128), QInRegisters<T, Dk>, RowsInSmem<T, Dk>>;
+  std::conditional_t<kWgmma, QInSharedMemory<T>, QRows> qf;
   qf.load(sQ, warp * 16);
   std::conditional_t<kWgmma, QInSharedMemory<T>, RowsInSmem<T, Dv>> dof;
   dof.load(sDo, warp * 16);
