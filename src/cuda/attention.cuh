@@ -103,7 +103,8 @@ struct SlcTiles {
     return r.t >= 0 && key < ti.count && ti.key0 + key <= r.t && ((ti.rows >> r.tl) & 1u);
   }
   // No position of the warp's rows selected the tile's block: the warp leaves it to the others
-  // (its rows would mask every key), so with G >= 16 a warp computes only its own selection.
+  // (its rows would mask every key), so with G >= 16 a warp computes only its own selection. Only
+  // where the warps multiply on their own (MmaSyncTiles); with wgmma every warp takes every tile.
   __device__ bool warp_skips(const TileInfo& ti, uint64_t warp_positions) const {
     return (ti.rows & warp_positions) == 0;
   }
@@ -362,7 +363,7 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
 // The key-tile loop of a branch: tiles k = 0 .. num_tiles-1 of K ([*, Dk], row stride kstride)
 // and V are loaded into the Stages-deep ring buffers sK / sV (Stages - 1 tiles in flight while one
 // is computed), and body(tiles, ti, tile_k, tile_v) runs on each tile the warp does not skip (a
-// warp-uniform test). Every thread of the CTA calls it (it synchronizes). keys_read (optional):
+// warp-uniform test; every tile when Mma::kEveryWarp). Every thread of the CTA calls it (it synchronizes). keys_read (optional):
 // gets the key rows the CTA loads added. The loads: cp.async (16 bytes a request); kStream (the
 // decode sweeps, which stream each row once from DRAM) past L1 (cp_async_16), and on sm_90 as one
 // bulk copy per K or V row (a thread each) completing on the stage's mbarrier: with cp.async
@@ -389,6 +390,7 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if constexpr (kStream) {
     static_assert(kAttnThreads == 128, "a thread per K row and per V row of a 64-row tile");
+    static_assert(!Mma::kEveryWarp, "the decode sweeps' warps may skip tiles");
     __shared__ uint64_t bars[Stages];  // stage s: the bulk copies of tiles s, s + Stages, ...
     if (tid == 0) {
       for (int st = 0; st < Stages; ++st) mbarrier_init(&bars[st], 1);

@@ -55,8 +55,10 @@ struct RowsInSmem {
 // 1. dgates and delta. A CTA per row, its four warps taking the query heads in turn (a warp per
 // (row, head)): the row's offsets are computed once, not per (row, head) with 64-bit divisions.
 
+inline constexpr int kPreprocessThreads = 128;
+
 template <class T, int Dv>
-__global__ void __launch_bounds__(128) preprocess_kernel(const BackwardArgs a) {
+__global__ void __launch_bounds__(kPreprocessThreads) preprocess_kernel(const BackwardArgs a) {
   using Tr = TypeTraits<T>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t row = blockIdx.x;
@@ -68,7 +70,7 @@ __global__ void __launch_bounds__(128) preprocess_kernel(const BackwardArgs a) {
       static_cast<const T*>(a.gates.data) + row_offset(row, per_seq, a.gates.batch_stride, a.gates.seq_stride);
   T* grad_gates_row = static_cast<T*>(a.grad_gates.data) +
                       row_offset(row, per_seq, a.grad_gates.batch_stride, a.grad_gates.seq_stride);
-  for (int head = warp; head < H; head += 4) {
+  for (int head = warp; head < H; head += kPreprocessThreads / 32) {
     const T* dout = dout_row + int64_t{head} * a.grad_out.head_stride;
     const T* ob = static_cast<const T*>(a.out_branch) + (row * H + head) * (3 * Dv);
     float dot[3] = {0.f, 0.f, 0.f};
@@ -159,7 +161,7 @@ __global__ void __launch_bounds__(kAttnThreads) dq_kernel(const BackwardArgs a) 
   using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTiles>;
   // wgmma's swizzle atoms need 1024-byte aligned tiles: every tile of DqSmem is a multiple of 1024
   // bytes (64 rows of Dk + 8 or Dv + 8 elements), and the base is checked.
-  static_assert(!kWgmma || (128 * (Dk + 8)) % 1024 == 0 && (128 * (Dv + 8)) % 1024 == 0, "tile alignment");
+  static_assert(!kWgmma || ((128 * (Dk + 8)) % 1024 == 0 && (128 * (Dv + 8)) % 1024 == 0), "tile alignment");
   if constexpr (kWgmma) wgmma_check_smem(smem, static_cast<uint32_t>(DqSmem::tiles_bytes(Dk, Dv)));
   load_head_rows_async<T, Dk, kWgmma>(sQ, a.q, a, b, seq, kv_head, m0);
   load_head_rows_async<T, Dv, kWgmma>(sDo, a.grad_out, a, b, seq, kv_head, m0);

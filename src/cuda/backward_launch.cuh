@@ -51,7 +51,7 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
   if (!st.ok()) return st;
 
   if (stages & kBwdStagePrep) {
-    preprocess_kernel<T, Dv><<<static_cast<unsigned>(total), 128, 0, stream>>>(a);
+    preprocess_kernel<T, Dv><<<static_cast<unsigned>(total), kPreprocessThreads, 0, stream>>>(a);
     if (!(st = launch_status(kBackwardApi, "launching the preprocess kernel")).ok()) return st;
   }
 

@@ -19,8 +19,11 @@ namespace nsa::cuda_detail {
 inline int64_t key_major_split_positions(int64_t key_tile_ctas, int64_t list_positions, int64_t group,
                                          int64_t seqlen) {
   constexpr int64_t kTargetCtas = 2048, kMinRows = 1024, kMaxRows = 16384;
-  const int64_t work_rows = key_tile_ctas * list_positions * group;
-  const int64_t rows = std::min(kMaxRows, std::max(kMinRows, work_rows / kTargetCtas));
+  // In double: the product of the estimates may pass 2^63 for varlen batches (seqlen: the longest).
+  const double work_rows = static_cast<double>(key_tile_ctas) * static_cast<double>(list_positions) *
+                           static_cast<double>(group);
+  const int64_t rows = static_cast<int64_t>(
+      std::min<double>(kMaxRows, std::max<double>(kMinRows, work_rows / kTargetCtas)));
   return std::max<int64_t>({1, (rows + group - 1) / group, (seqlen + 65534) / 65535});
 }
 

@@ -69,7 +69,8 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
                         : launch_decode<T, Dk, Dv, false>(a, stream, max_smem);
 
   const int64_t tiles_smem = AttentionSmem::tiles_bytes(Dk, Dv, sweep_stages(false, Dk, Dv));
-  const int64_t attn_smem = tiles_smem + (device.wgmma_sweeps ? AttentionSmem::wgmma_q_bytes(Dk) : 0);  // cmp, win
+  // cmp and win, and slc before its union where slc_sweep_wgmma(Dk)
+  const int64_t attn_smem = tiles_smem + (device.wgmma_sweeps ? AttentionSmem::wgmma_q_bytes(Dk) : 0);
   const int64_t slc_smem = (slc_sweep_wgmma(Dk) ? attn_smem : tiles_smem) +
                            AttentionSmem::union_bytes(a.union_words, a.union_capacity);
   // Selection: P positions per CTA keep [P][ceil(T / l')] block scores in shared memory; halve P

@@ -39,6 +39,9 @@ TEST(BackwardSplit, GridZLimitAndDegenerateShapes) {
   EXPECT_GE(key_major_split_positions(0, 0, 1, 1), 1);          // no key tiles
   EXPECT_EQ(key_major_split_positions(1, 1, 64, 1), 1024 / 64);  // G = 64: the floor in positions
   EXPECT_EQ(key_major_split_positions(1, 1, 3000, 1), 1);        // G above the floor: one position
+  // Estimates whose product passes 2^63 (2^40 * 2^29 * 16; a varlen batch is sized by its longest
+  // sequence): the row cap, not an overflow.
+  EXPECT_EQ(key_major_split_positions(int64_t{1} << 40, int64_t{1} << 29, 16, int64_t{1} << 20), 16384 / 16);
 }
 
 }  // namespace
