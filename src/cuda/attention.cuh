@@ -226,7 +226,7 @@ __device__ __forceinline__ void accumulate_ptile(float (&acc)[D / 8][4], const f
 // tile its rows do not see (kEveryWarp false). WgmmaTiles: the CTA's 64 rows at once (wgmma,
 // swizzled tiles; sm_90a), which every warp of the CTA must issue together, so every warp takes
 // every tile, whole (NB = 8, key0 = 0): the prefill's cmp and win sweeps (and slc at Dk = 64:
-// slc_sweep_wgmma), the selection kernel's scores, the backward's dq kernel and dK / dV kernel.
+// prefill_sweep_wgmma), the selection kernel's scores, the backward's dq kernel and dK / dV kernel.
 struct MmaSyncTiles {
   static constexpr bool kSwizzled = false, kEveryWarp = false;
   template <class T, int Dk, int NB, class QSource>
@@ -447,8 +447,7 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
   for (int k = 0; k < num_tiles; ++k) {
     issue(k + Stages - 1);
     cp_async_wait<Stages - 1>();
-    if constexpr (kSwizzled) fence_proxy_async_smem();
-    __syncthreads();
+    sync_copied_tiles<kSwizzled>();
     const TileInfo ti = tiles.info(k);
     if (Mma::kEveryWarp || !tiles.warp_skips(ti, warp_positions))
       body(tiles, ti, sK + (k % Stages) * kKElems, sV + (k % Stages) * kVElems);
@@ -697,19 +696,18 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   static_assert(kSplit || !kWarpSplit, "the warps share rows only in the decode path");
   using Tr = TypeTraits<T>;
   // wgmma where the architecture has it, the four warps then taking every tile: cmp and win, and
-  // slc where that pays (slc_sweep_wgmma; otherwise a warp skips the blocks its positions did not
-  // select); not the decode path, whose warps may split a tile's keys.
-  constexpr bool kWgmma = kHaveWgmma && !kSplit && (kBranch != kBranchSlc || slc_sweep_wgmma(Dk));
+  // slc where that pays (prefill_sweep_wgmma; otherwise a warp skips the blocks its positions did
+  // not select); not the decode path, whose warps may split a tile's keys.
+  constexpr bool kWgmma = kHaveWgmma && !kSplit && prefill_sweep_wgmma(kBranch, Dk);
   using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTiles>;
   constexpr int kStages = sweep_stages(kSplit, Dk, Dv);
-  constexpr int64_t kTilesBytes = AttentionSmem::tiles_bytes(Dk, Dv, kStages);
+  constexpr int64_t kSweepBytes = AttentionSmem::sweep_bytes(Dk, Dv, kStages, kWgmma);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kStages * AttentionSmem::k_elems(Dk);
   // The Q tile: in the first K buffer until its fragments are in registers, or (wgmma) after the
-  // K / V buffers for the whole sweep (AttentionSmem::wgmma_q_bytes; the launch code adds it).
-  T* sQ = kWgmma ? reinterpret_cast<T*>(smem + kTilesBytes) : sK;
-  if constexpr (kWgmma)
-    wgmma_check_smem(smem, static_cast<uint32_t>(kTilesBytes + AttentionSmem::wgmma_q_bytes(Dk)));
+  // K / V buffers for the whole sweep (AttentionSmem::sweep_bytes, as the launch code sizes it).
+  T* sQ = kWgmma ? reinterpret_cast<T*>(smem + AttentionSmem::tiles_bytes(Dk, Dv, kStages)) : sK;
+  if constexpr (kWgmma) wgmma_check_smem(smem, static_cast<uint32_t>(kSweepBytes));
 
   const SeqInfo seq = seq_info(a, b);
   // 32-bit row arithmetic (the host checks seqlen * G < 2^31 - 128): no 64-bit divisions.
@@ -729,8 +727,7 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   if constexpr (kSplit) wait_for_previous_kernel();
 
   cp_async_wait<0>();
-  if constexpr (kWgmma) fence_proxy_async_smem();
-  __syncthreads();
+  sync_copied_tiles<kWgmma>();
   std::conditional_t<kWgmma, QInSharedMemory<T>, QInRegisters<T, Dk>> qf;
   qf.load(sQ, row_warp * 16);
   if constexpr (!kWgmma) __syncthreads();  // the first K tile overwrites the Q tile
@@ -763,7 +760,7 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
     }
   };
   sweep_branch<T, Dk, Dv, kBranch, kSplit, Mma>(
-      a, b, seq, kv_head, rt, smem + kTilesBytes + (kWgmma ? AttentionSmem::wgmma_q_bytes(Dk) : 0), sK, sV, keys_read,
+      a, b, seq, kv_head, rt, smem + kSweepBytes, sK, sV, keys_read,
       [&](const auto& tiles, const TileInfo& ti, const T* tk, const T* tv) {
         if constexpr (kWarpSplit)
           softmax_tile<T, Dk, Dv, 2>(tiles, ti, tk, tv, qf, a.scale_log2, rows, acc, m, l, to_scores, warp * 16);

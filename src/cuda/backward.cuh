@@ -182,8 +182,7 @@ __global__ void __launch_bounds__(kAttnThreads) dq_kernel(const BackwardArgs a) 
     }
   }
   cp_async_wait<0>();
-  if constexpr (kWgmma) fence_proxy_async_smem();
-  __syncthreads();
+  sync_copied_tiles<kWgmma>();
   // mma.sync: Q stays in registers next to the dq accumulators up to Dk = 128; wider rows are
   // re-read.
   using QRows = std::conditional_t<(Dk <= 128), QInRegisters<T, Dk>, RowsInSmem<T, Dk>>;
@@ -422,8 +421,7 @@ __global__ void __launch_bounds__(kAttnThreads) dkv_kernel(const BackwardArgs a,
   for (int i = 0; i < num_row_tiles; ++i) {
     if (i + 1 < num_row_tiles) issue(i + 1);
     cp_async_wait_older(i + 1 < num_row_tiles);
-    if constexpr (kWgmma) fence_proxy_async_smem();
-    __syncthreads();
+    sync_copied_tiles<kWgmma>();
     const int buf = i & 1;
     const T* tq = sQ + buf * R * (Dk + 8);
     const T* tdo = sDo + buf * R * (Dv + 8);

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "nsa/params.h"     // kBranchSlc
 #include "nsa/semantics.h"  // NSA_HOST_DEVICE
 
 namespace nsa::cuda_detail {
@@ -105,9 +106,11 @@ struct AttentionSmem {
   NSA_HOST_DEVICE static constexpr int64_t tiles_bytes(int dk, int dv, int stages) {
     return stages * stage_bytes(dk, dv);
   }
-  // The prefill sweeps with wgmma (sm_90a) keep the Q tile [64][Dk] after the K / V buffers (wgmma
-  // reads it from shared memory for every key tile), before the slc kernel's union.
-  NSA_HOST_DEVICE static constexpr int64_t wgmma_q_bytes(int dk) { return int64_t{kRows} * dk * 2; }
+  // The tiles of a sweep: the K / V buffers, then with wgmma (sm_90a) the Q tile [64][Dk], which
+  // wgmma reads from shared memory for every key tile. The slc kernel's union follows.
+  NSA_HOST_DEVICE static constexpr int64_t sweep_bytes(int dk, int dv, int stages, bool wgmma) {
+    return tiles_bytes(dk, dv, stages) + (wgmma ? int64_t{kRows} * dk * 2 : 0);
+  }
   NSA_HOST_DEVICE static constexpr int64_t union_bytes(int words, int capacity) {
     return int64_t{8} * capacity + int64_t{8} * words + int64_t{4} * capacity + 4;
   }
@@ -126,12 +129,13 @@ NSA_HOST_DEVICE constexpr int decode_stages(int dk, int dv) {
 // The stages of an attention sweep: the decode path's (kSplit) or the prefill's two.
 NSA_HOST_DEVICE constexpr int sweep_stages(bool decode, int dk, int dv) { return decode ? decode_stages(dk, dv) : 2; }
 
-// Whether the prefill slc kernel runs wgmma where the cmp and win kernels do (sm_90a). Its four
-// warps then take every tile of the CTA's block union, where with mma.sync a warp skips the blocks
-// none of its positions selected: on an H100 wgmma was faster at Dk = 64 (slc 0.86 -> 0.64 ms for
-// G = 6 at 2k, 17.7 -> 16.9 ms for G = 16 at 64k) and slower at Dk = 128 (26.7 -> 30.2 ms in the
-// paper config at 64k): docs/decisions/0007.
-NSA_HOST_DEVICE constexpr bool slc_sweep_wgmma(int dk) { return dk <= 64; }
+// Whether the prefill attention kernel of `branch` runs wgmma where the library and the device
+// allow it (sm_90a): cmp and win always, slc at Dk <= 64. The slc kernel's four warps then take
+// every tile of the CTA's block union, where with mma.sync a warp skips the blocks none of its
+// positions selected: on an H100 wgmma was faster at Dk = 64 (slc 0.86 -> 0.64 ms for G = 6 at 2k,
+// 17.7 -> 16.9 ms for G = 16 at 64k) and slower at Dk = 128 (26.7 -> 30.2 ms in the paper config
+// at 64k): docs/decisions/0007.
+NSA_HOST_DEVICE constexpr bool prefill_sweep_wgmma(int branch, int dk) { return branch != kBranchSlc || dk <= 64; }
 
 // Buffers of staged scores in a decode scoring CTA (decode_scoring.cuh): three chunks in flight
 // while one is summed.

@@ -68,11 +68,12 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
     return a.warp_split ? launch_decode<T, Dk, Dv, true>(a, stream, max_smem)
                         : launch_decode<T, Dk, Dv, false>(a, stream, max_smem);
 
-  const int64_t tiles_smem = AttentionSmem::tiles_bytes(Dk, Dv, sweep_stages(false, Dk, Dv));
-  // cmp and win, and slc before its union where slc_sweep_wgmma(Dk)
-  const int64_t attn_smem = tiles_smem + (device.wgmma_sweeps ? AttentionSmem::wgmma_q_bytes(Dk) : 0);
-  const int64_t slc_smem = (slc_sweep_wgmma(Dk) ? attn_smem : tiles_smem) +
-                           AttentionSmem::union_bytes(a.union_words, a.union_capacity);
+  const auto sweep_smem = [&](int branch) {
+    return AttentionSmem::sweep_bytes(Dk, Dv, sweep_stages(false, Dk, Dv),
+                                      device.wgmma_sweeps && prefill_sweep_wgmma(branch, Dk));
+  };
+  const int64_t cmp_smem = sweep_smem(kBranchCmp), win_smem = sweep_smem(kBranchWin);
+  const int64_t slc_smem = sweep_smem(kBranchSlc) + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
   // Selection: P positions per CTA keep [P][ceil(T / l')] block scores in shared memory; halve P
   // (down to 1) while that does not fit. G = 16 takes the shuffle path (a warp per position).
   ForwardArgs sa = a;
@@ -90,9 +91,9 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   const auto win_kernel = attention_kernel<T, Dk, Dv, kBranchWin>;
   const auto sel_kernel = g16 ? select_kernel<T, Dk, true> : select_kernel<T, Dk, false>;
   const bool run_select = (stages & kStageSelect) && !a.indices_given;
-  st = prepare_kernel(kForwardApi, cmp_kernel, attn_smem, max_smem, "the cmp attention kernel");
+  st = prepare_kernel(kForwardApi, cmp_kernel, cmp_smem, max_smem, "the cmp attention kernel");
   if (st.ok()) st = prepare_kernel(kForwardApi, slc_kernel, slc_smem, max_smem, "the slc attention kernel");
-  if (st.ok()) st = prepare_kernel(kForwardApi, win_kernel, attn_smem, max_smem, "the win attention kernel");
+  if (st.ok()) st = prepare_kernel(kForwardApi, win_kernel, win_smem, max_smem, "the win attention kernel");
   if (st.ok() && run_select) st = prepare_kernel(kForwardApi, sel_kernel, select_smem, max_smem, "the selection kernel");
   if (!st.ok()) return st;
 
@@ -102,7 +103,7 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   const dim3 select_grid(static_cast<unsigned>((a.seqlen + sa.select_t_per_cta - 1) / sa.select_t_per_cta),
                          static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(a.batch));
   if (stages & kStageCmp) {
-    cmp_kernel<<<attn_grid, kAttnThreads, attn_smem, stream>>>(a);
+    cmp_kernel<<<attn_grid, kAttnThreads, cmp_smem, stream>>>(a);
     if (!(st = launch_status(kForwardApi, "launching the cmp attention kernel")).ok()) return st;
   }
   if (run_select) {
@@ -114,7 +115,7 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
     if (!(st = launch_status(kForwardApi, "launching the slc attention kernel")).ok()) return st;
   }
   if (stages & kStageWin) {
-    win_kernel<<<attn_grid, kAttnThreads, attn_smem, stream>>>(a);
+    win_kernel<<<attn_grid, kAttnThreads, win_smem, stream>>>(a);
     if (!(st = launch_status(kForwardApi, "launching the win attention kernel")).ok()) return st;
   }
   return Status::Ok();

@@ -125,10 +125,10 @@ Status launch_chained(const char* api, const char* what, void (*kernel)(Params..
 
 // What the launchers size kernels by on the current device, queried once per device:
 //   max_smem: the opt-in shared-memory limit per block;
-//   wgmma_sweeps: whether the prefill cmp and win kernels (and slc where slc_sweep_wgmma) run their
+//   wgmma_sweeps: whether the prefill attention kernels (those prefill_sweep_wgmma names) run their
 //     wgmma form, which they do where the library carries sm_90a code (NSA_CUDA_SM90A) and the
 //     device is a 9.0 (it then runs that code); their shared memory then holds the Q tile too
-//     (AttentionSmem::wgmma_q_bytes).
+//     (AttentionSmem::sweep_bytes).
 struct DeviceLimits {
   int max_smem = 0;
   bool wgmma_sweeps = false;

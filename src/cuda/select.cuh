@@ -115,8 +115,7 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
   if constexpr (kG16) {
     // Warp w: position t0 + w (rows 16w .. 16w+15 = heads 0 .. 15), if w < nt.
     cp_async_wait<0>();  // Q (and tile 0, issued after it)
-    if constexpr (kWgmma) fence_proxy_async_smem();
-    __syncthreads();
+    sync_copied_tiles<kWgmma>();
     const bool active = warp < nt;
     const int t = t0 + warp;
     const int nv = active ? num_visible_cmp(t, lc, dc) : 0;
@@ -134,8 +133,7 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
       if (k > 0) {
         if (k + 1 < num_tiles) issue(k + 1);
         cp_async_wait_older(k + 1 < num_tiles);
-        if constexpr (kWgmma) fence_proxy_async_smem();
-        __syncthreads();  // tile k visible to all
+        sync_copied_tiles<kWgmma>();  // tile k visible to all
       } else if (num_tiles > 1) {
         issue(1);
       }
@@ -194,14 +192,12 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
     }
   } else {
     cp_async_wait<0>();
-    if constexpr (kWgmma) fence_proxy_async_smem();
-    __syncthreads();
+    sync_copied_tiles<kWgmma>();
     for (int k = 0; k < num_tiles; ++k) {
       if (k > 0) {
         if (k + 1 < num_tiles) issue(k + 1);
         cp_async_wait_older(k + 1 < num_tiles);
-        if constexpr (kWgmma) fence_proxy_async_smem();
-        __syncthreads();
+        sync_copied_tiles<kWgmma>();
       } else if (num_tiles > 1) {
         issue(1);
       }

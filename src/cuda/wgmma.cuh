@@ -47,6 +47,15 @@ __device__ __forceinline__ void wgmma_check_smem(const void* smem, uint32_t byte
   if ((smem_addr(smem) & 1023u) != 0 || size < bytes) __trap();
 }
 
+// The CTA barrier after a thread's cp.async copies into shared memory have landed (cp_async_wait):
+// the copied tiles are then visible to every thread, and with kForWgmma also to wgmma, which reads
+// shared memory through the async proxy (fence.proxy.async before the barrier).
+template <bool kForWgmma>
+__device__ __forceinline__ void sync_copied_tiles() {
+  if constexpr (kForWgmma) fence_proxy_async_smem();
+  __syncthreads();
+}
+
 // Keeps the compiler from moving register reads or writes of `x` across the wgmma fence, issue
 // and wait (which it sees as unrelated volatile statements).
 template <int NB>
