@@ -229,6 +229,12 @@ __global__ void __launch_bounds__(kAttnThreads) dq_kernel(const BackwardArgs a) 
 template <int Dk>
 inline constexpr int kDkvRows = Dk > 128 ? 32 : 64;
 
+// Minimum resident CTAs per SM asked of the key-major kernel: three at Dk = 64 (168 registers, a
+// few bytes of spills; 5-6% faster on the showcase's shapes than two at 177 registers, decision
+// 0007), else whatever the compiler chooses.
+template <int Dk>
+inline constexpr int kDkvMinBlocks = Dk <= 64 ? 3 : 1;
+
 struct DkvSmem {
   // K [64][Dk+8], V [64][Dv+8], Q double buffer [2][R][Dk+8], dO double buffer [2][R][Dv+8]
   // (2-byte elements), then per row of both buffers: t (int), lse2, delta, gate (float).
@@ -332,7 +338,7 @@ __device__ __forceinline__ void add_to_accumulator(float* acc, int64_t key_row0,
 }
 
 template <class T, int Dk, int Dv, int kBranch>
-__global__ void __launch_bounds__(kAttnThreads) dkv_kernel(const BackwardArgs a, int tiles_per_seq) {
+__global__ void __launch_bounds__(kAttnThreads, kDkvMinBlocks<Dk>) dkv_kernel(const BackwardArgs a, int tiles_per_seq) {
   constexpr int R = kDkvRows<Dk>, NB = R / 8;
   using Tr = TypeTraits<T>;
   // wgmma on sm_90a (64-row tiles, Dk <= 128): the four warps take every row tile (they split the

@@ -64,10 +64,16 @@ Status with_kernel_state(const char* api, Kernel kernel, Update&& update) {
   return update(states.per_device[device][reinterpret_cast<const void*>(kernel)]);
 }
 
+// Whether prepare_kernel also asks for the SM's largest shared-memory carveout (less L1): for
+// kernels whose occupancy target (__launch_bounds__) needs more shared memory than the driver's
+// default split leaves.
+enum class Carveout { kDefault, kMaxShared };
+
 // kUnsupported when the kernel needs more dynamic shared memory than the device allows, else
-// raises the kernel's dynamic shared-memory limit to smem_bytes.
+// raises the kernel's dynamic shared-memory limit to smem_bytes (and sets the carveout).
 template <class Kernel>
-Status prepare_kernel(const char* api, Kernel kernel, int64_t smem_bytes, int max_smem, const char* name) {
+Status prepare_kernel(const char* api, Kernel kernel, int64_t smem_bytes, int max_smem, const char* name,
+                      Carveout carveout = Carveout::kDefault) {
   if (smem_bytes > max_smem) {
     return Status::Unsupported(std::string(api) + ": " + name + " needs " + std::to_string(smem_bytes) +
                                " bytes of shared memory, the device allows " + std::to_string(max_smem) +
@@ -78,6 +84,11 @@ Status prepare_kernel(const char* api, Kernel kernel, int64_t smem_bytes, int ma
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
     if (err != cudaSuccess) return backend_error(api, "cudaFuncSetAttribute", err);
+    if (carveout == Carveout::kMaxShared) {
+      const cudaError_t carve_err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                                         cudaSharedmemCarveoutMaxShared);
+      if (carve_err != cudaSuccess) return backend_error(api, "cudaFuncSetAttribute (carveout)", carve_err);
+    }
     state.smem_limit = static_cast<int>(smem_bytes);
     return Status::Ok();
   });
