@@ -151,15 +151,25 @@ NSA_HOST_DEVICE inline int score_tokens(const ForwardArgs& a) {
   return a.score_blocks * (a.sel_block / a.cmp_stride) + a.cmp_block / a.cmp_stride;
 }
 
+// The selection kernel's shuffle path (src/cuda/select.cuh) pads a position's G heads to 4, 8 or
+// 16 Q-tile rows for 3 <= G <= 16, so that a warp's 16 rows hold whole positions; 0 for the other
+// G, whose head sums go through shared memory. (G = 1, 2 padded to 4 would spend 2-4x the exps.)
+NSA_HOST_DEVICE constexpr int select_padded_group(int group) {
+  return group < 3 || group > 16 ? 0 : group <= 4 ? 4 : group <= 8 ? 8 : 16;
+}
+NSA_HOST_DEVICE constexpr int select_rows_per_position(int group) {
+  return select_padded_group(group) > 0 ? select_padded_group(group) : group;
+}
+
 struct SelectSmem {
   // Q [chunks*64][Dk+8] and K double buffer [2][64][Dk+8] (2-byte elements); P [64][68] float (not
-  // for G = 16); pg [max(tpc, 4)][64] float; lse2 [chunks*64] float; block scores [tpc][blocks] float;
-  // a top-n scratch per warp [4] TopNScratch.
+  // on the shuffle path); pg [max(tpc, 4)][64] float; lse2 [chunks*64] float; block scores
+  // [tpc][blocks] float; a top-n scratch per warp [4] TopNScratch.
   static constexpr int kRows = 64, kKeys = 64, kPad = 8, kPStride = 68;
-  NSA_HOST_DEVICE static constexpr int64_t bytes(int dk, int chunks, int tpc, int blocks, bool g16) {
+  NSA_HOST_DEVICE static constexpr int64_t bytes(int dk, int chunks, int tpc, int blocks, bool shuffle_path) {
     return 2 * (int64_t{chunks} * kRows * (dk + kPad) + 2 * int64_t{kKeys} * (dk + kPad)) +
-           4 * ((g16 ? 0 : int64_t{kRows} * kPStride) + int64_t{tpc < 4 ? 4 : tpc} * kKeys + int64_t{chunks} * kRows +
-                int64_t{tpc} * blocks) +
+           4 * ((shuffle_path ? 0 : int64_t{kRows} * kPStride) + int64_t{tpc < 4 ? 4 : tpc} * kKeys +
+                int64_t{chunks} * kRows + int64_t{tpc} * blocks) +
            4 * static_cast<int64_t>(sizeof(TopNScratch));
   }
 };

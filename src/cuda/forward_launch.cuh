@@ -75,21 +75,24 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   const int64_t cmp_smem = sweep_smem(kBranchCmp), win_smem = sweep_smem(kBranchWin);
   const int64_t slc_smem = sweep_smem(kBranchSlc) + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
   // Selection: P positions per CTA keep [P][ceil(T / l')] block scores in shared memory; halve P
-  // (down to 1) while that does not fit. G = 16 takes the shuffle path (a warp per position).
+  // (down to 1) while that does not fit. 3 <= G <= 16 take the shuffle path (whole positions per warp).
   ForwardArgs sa = a;
-  const bool g16 = a.group == 16;
+  const int padded_group = select_padded_group(a.group);
   auto select_bytes = [&](const ForwardArgs& x) {
-    return SelectSmem::bytes(Dk, x.select_chunks, x.select_t_per_cta, x.select_blocks, g16);
+    return SelectSmem::bytes(Dk, x.select_chunks, x.select_t_per_cta, x.select_blocks, padded_group > 0);
   };
   while (sa.select_t_per_cta > 1 && select_bytes(sa) > max_smem) {
     sa.select_t_per_cta = (sa.select_t_per_cta + 1) / 2;
-    sa.select_chunks = (sa.select_t_per_cta * sa.group + 63) / 64;
+    sa.select_chunks = (sa.select_t_per_cta * select_rows_per_position(sa.group) + 63) / 64;
   }
   const int64_t select_smem = select_bytes(sa);
   const auto cmp_kernel = attention_kernel<T, Dk, Dv, kBranchCmp>;
   const auto slc_kernel = attention_kernel<T, Dk, Dv, kBranchSlc>;
   const auto win_kernel = attention_kernel<T, Dk, Dv, kBranchWin>;
-  const auto sel_kernel = g16 ? select_kernel<T, Dk, true> : select_kernel<T, Dk, false>;
+  const auto sel_kernel = padded_group == 16  ? select_kernel<T, Dk, 16>
+                          : padded_group == 8 ? select_kernel<T, Dk, 8>
+                          : padded_group == 4 ? select_kernel<T, Dk, 4>
+                                              : select_kernel<T, Dk, 0>;
   const bool run_select = (stages & kStageSelect) && !a.indices_given;
   st = prepare_kernel(kForwardApi, cmp_kernel, cmp_smem, max_smem, "the cmp attention kernel");
   if (st.ok()) st = prepare_kernel(kForwardApi, slc_kernel, slc_smem, max_smem, "the slc attention kernel");

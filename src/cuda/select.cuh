@@ -2,24 +2,25 @@
 // memory.
 //
 // A CTA (4 warps) owns P consecutive positions t0 .. t0+P-1 of one (sequence, kv head) with all G
-// query heads of the group: P*G rows, in ceil(P*G / 64) chunks of 64 (P = max(1, 64 / G), halved
-// by the host while the shared memory below does not fit). It keeps the Eq. 9 block scores of ALL
-// its positions' eligible blocks in shared memory ([P][num_blocks] fp32, num_blocks =
-// ceil(T / l')), streams the visible compressed keys in tiles of 64 (cp.async double buffer) and
-// for each tile:
+// query heads of the group: P*R rows of a Q tile, R = select_rows_per_position(G) (G, or G padded
+// to 4, 8 or 16), in ceil(P*R / 64) chunks of 64 (P = max(1, 64 / R), halved by the host while
+// the shared memory below does not fit). It keeps the Eq. 9 block scores of ALL its positions'
+// eligible blocks in shared memory ([P][num_blocks] fp32, num_blocks = ceil(T / l')), streams the
+// visible compressed keys in tiles of 64 (cp.async double buffer) and for each tile:
 //   1. S = Q K_cmp^T on the tensor cores (mma.sync; on sm_90a wgmma with Q and K from shared
 //      memory, as the cmp kernel's: docs/decisions/0006), p = 2^(S*scale*log2e - lse_cmp*log2e) with the
 //      cmp branch's lse (written by the cmp kernel), 0 where the token is not visible (Eq. 8);
 //   2. the sum over the G heads of each position (Eq. 10), then the Eq. 9 overlap weights add the
 //      tile's tokens into the block scores (a block straddling two tiles gets both parts; each
 //      (position, block) score has one writer per tile, so no atomics and a fixed order).
-//      kG16 (G = 16): a warp's 16 rows are one position, so the head sum is a shuffle
-//      reduce-scatter over the mma accumulators and the warp owns its position's block scores:
-//      nothing but the K double buffer is shared between warps (two barriers per tile).
-//      Otherwise p goes through shared memory (any G, chunks of 64 rows for G > 64).
-// At the end one warp per position picks the top-n: the forced blocks (initial, local), then
-// n - forced rounds of a warp-wide argmax over the remaining eligible blocks with ties to the lower
-// block index (all of them when they fit), and writes the chosen blocks ascending, -1 padded.
+//      Shuffle path (3 <= G <= 16, kPaddedGroup = 4, 8 or 16): a warp's 16 rows are 16 / kPaddedGroup
+//      whole positions, so the head sum is a shuffle reduce-scatter over the mma accumulators
+//      (padding rows add 0) and the warp owns its positions' block scores: nothing but the K double
+//      buffer is shared between warps (two barriers per tile).
+//      Otherwise (G <= 2 or G > 16) p goes through shared memory (chunks of 64 rows for G > 64).
+// At the end one warp per position picks the top-n (top_n.cuh): the forced blocks (initial,
+// local), then the best of the remaining eligible blocks by a radix select, ties to the lower block
+// index (all of them when they fit), and writes the chosen blocks ascending, -1 padded.
 // Scores are fp32; the reference's are fp64, so the choice may differ where scores tie within
 // rounding (DESIGN.md section 2).
 #pragma once
@@ -46,7 +47,24 @@ __device__ __forceinline__ float block_tile_sum(const float* pg, int j, int i0, 
   return sum;
 }
 
-template <class T, int Dk, bool kG16>
+// Reduce-scatter of h[0 .. N) over lane bits 4 << (kSteps - 1) down to 4 (the mma row group's low
+// kSteps bits): each step halves the values, the lane with the bit set keeping (and receiving the
+// other lanes' part of) the upper half, so the index's top bit comes to equal the lane bit.
+template <int N, int kSteps>
+__device__ __forceinline__ void head_reduce_scatter(float* h, int lane) {
+  if constexpr (kSteps > 0) {
+    constexpr int kBit = 4 << (kSteps - 1);
+    const bool up = lane & kBit;
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      const float lo = h[i], hi = h[i + N / 2];
+      h[i] = (up ? hi : lo) + __shfl_xor_sync(0xffffffffu, up ? lo : hi, kBit);
+    }
+    head_reduce_scatter<N / 2, kSteps - 1>(h, lane);
+  }
+}
+
+template <class T, int Dk, int kPaddedGroup>
 __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const ForwardArgs a) {
   // wgmma: the four warps issue every chunk's S together (warps without rows compute zeros).
   constexpr bool kWgmma = kHaveWgmma;
@@ -62,7 +80,9 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
   if (q0 >= seq.len) return;        // uniform over the CTA
   const int nt = static_cast<int>(min64(tpc, seq.len - q0));
   const int t0 = static_cast<int>(seq.pos0) + q0;  // its position
-  const int t_hi = t0 + nt - 1, nrows = nt * G;
+  // Q-tile rows per position: its G heads, padded to kPaddedGroup on the shuffle path.
+  const int rows_per_pos = kPaddedGroup > 0 ? kPaddedGroup : G;
+  const int t_hi = t0 + nt - 1, nrows = nt * rows_per_pos;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, group = lane >> 2, tig = lane & 3;
   constexpr int kPS = SelectSmem::kPStride;
 
@@ -70,7 +90,7 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + int64_t{chunks} * 64 * (Dk + 8);
   float* sP = reinterpret_cast<float*>(sK + 2 * 64 * (Dk + 8));  // [64][kPS], generic path only
-  float* sPg = sP + (kG16 ? 0 : 64 * kPS);                          // [max(tpc, 4)][64]
+  float* sPg = sP + (kPaddedGroup > 0 ? 0 : 64 * kPS);              // [max(tpc, 4)][64]
   float* sLse2 = sPg + max(tpc, 4) * 64;                            // [chunks * 64]
   float* const sBS = sLse2 + chunks * 64;                           // [tpc][NBs]
   TopNScratch* const sTopN = reinterpret_cast<TopNScratch*>(sBS + tpc * NBs);  // [4 warps]
@@ -85,17 +105,18 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
     constexpr int kChunks = Dk / 8;
     for (int idx = tid; idx < chunks * 64 * kChunks; idx += kSelectThreads) {
       const int r = idx / kChunks, c = idx % kChunks;
-      const bool valid = r < nrows;
-      const T* src = valid ? qbase + int64_t{q0 + r / G} * a.q.seq_stride + int64_t{r % G} * a.q.head_stride + c * 8
+      const bool valid = r < nrows && r % rows_per_pos < G;
+      const T* src = valid ? qbase + int64_t{q0 + r / rows_per_pos} * a.q.seq_stride +
+                                 int64_t{r % rows_per_pos} * a.q.head_stride + c * 8
                            : qbase;
       cp_async_16(q_chunk(r / 64) + tile_chunk_offset<Dk, 64, kWgmma>(r % 64, c), src, valid);
     }
     cp_async_commit();
     for (int r = tid; r < chunks * 64; r += kSelectThreads) {
-      float v = neg_inf();
-      if (r < nrows) {
-        const int64_t grow = seq.row0 + q0 + r / G;
-        v = a.lse[(grow * a.num_q_heads + kv_head * G + r % G) * 3 + 0] * kLog2e;
+      float v = -neg_inf();  // rows that are no (position, head): p = 2^(S - inf) = 0
+      if (r < nrows && r % rows_per_pos < G) {
+        const int64_t grow = seq.row0 + q0 + r / rows_per_pos;
+        v = a.lse[(grow * a.num_q_heads + kv_head * G + r % rows_per_pos) * 3 + 0] * kLog2e;
       }
       sLse2[r] = v;
     }
@@ -112,23 +133,27 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
   };
   if (num_tiles > 0) issue(0);
 
-  if constexpr (kG16) {
-    // Warp w: position t0 + w (rows 16w .. 16w+15 = heads 0 .. 15), if w < nt.
+  if constexpr (kPaddedGroup > 0) {
+    // Warp w: rows 16w .. 16w+15, positions w*kPosPerWarp .. (w+1)*kPosPerWarp - 1 (local), the heads
+    // of each in kPaddedGroup consecutive rows. In the mma layout a lane holds rows group and group + 8;
+    // the heads of a position are the low kSteps bits of group (and, for 16, both row halves).
+    constexpr int kPosPerWarp = 16 / kPaddedGroup;
+    constexpr int kSteps = kPaddedGroup == 4 ? 2 : 3;
+    constexpr int kValues = kPaddedGroup == 16 ? 16 : 32;  // per lane before the head sum
     cp_async_wait<0>();  // Q (and tile 0, issued after it)
     sync_copied_tiles<kWgmma>();
-    const bool active = warp < nt;
-    const int t = t0 + warp;
-    const int nv = active ? num_visible_cmp(t, lc, dc) : 0;
-    const int last_w = t / ls;
+    const int tl_first = warp * kPosPerWarp;
+    const bool active = tl_first < nt;
+    const int tl_last = min(tl_first + kPosPerWarp, nt) - 1;
+    const int nv_warp = active ? num_visible_cmp(t0 + tl_last, lc, dc) : 0;  // the most any of its positions see
+    const int row_lo = warp * 16 + group;
+    const int tl_lo = row_lo / kPaddedGroup, tl_hi = (row_lo + 8) / kPaddedGroup;
+    const int nv_lo = tl_lo < nt ? num_visible_cmp(t0 + tl_lo, lc, dc) : 0;
+    const int nv_hi = tl_hi < nt ? num_visible_cmp(t0 + tl_hi, lc, dc) : 0;
     QSource qf;
     if (kWgmma || active) qf.load(sQ, warp * 16);
-    float lse_lo = 0.f, lse_hi = 0.f;
-    if (active) {
-      lse_lo = sLse2[warp * 16 + group];
-      lse_hi = sLse2[warp * 16 + group + 8];
-    }
-    float* const pg = sPg + warp * 64;
-    float* const bs = sBS + warp * NBs;
+    const float lse_lo = sLse2[row_lo], lse_hi = sLse2[row_lo + 8];  // +inf on padding rows: p = 0
+    const float scale_log2 = a.scale_log2;
     for (int k = 0; k < num_tiles; ++k) {
       if (k > 0) {
         if (k + 1 < num_tiles) issue(k + 1);
@@ -138,54 +163,53 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
         issue(1);
       }
       const int i0 = k * 64, i1 = min(i0 + 64, nk);
-      const bool computes = active && i0 < nv;
+      const bool computes = active && i0 < nv_warp;
       float s[8][4];
       if (kWgmma || computes) Mma::template scores<T, Dk, 8>(qf, sK + (k & 1) * 64 * (Dk + 8), 0, s);
       if (computes) {
-        const int kv = nv - i0;  // keys < kv are visible
-        // p, and the two row halves (heads group, group + 8) summed: h[2*nb + c] is key nb*8 + 2*tig + c.
-        float h[16];
+        // p of key nb*8 + 2*tig + c in h[nb*4 + half*2 + c] (row group + 8*half), the halves summed
+        // into h[nb*2 + c] for 16 heads. nb is the top index bit: each reduce-scatter step below
+        // trades one nb bit for one head bit of group, so that a lane ends with the head sums of its
+        // key pairs nb*8 + 2*tig + {0, 1}, nb's top kSteps bits being group's head bits.
+        float h[kValues];
+        const int kv_lo = nv_lo - i0, kv_hi = nv_hi - i0;  // keys < kv are visible
+        // (Masks after the exps: masking them instead predicates each exp, with a reload of the scale.)
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const int key = nb * 8 + tig * 2 + c;
-            const float p0 = fast_exp2(s[nb][c] * a.scale_log2 - lse_lo);
-            const float p1 = fast_exp2(s[nb][c + 2] * a.scale_log2 - lse_hi);
-            h[nb * 2 + c] = key < kv ? p0 + p1 : 0.f;
+            const float p_lo = fast_exp2(s[nb][c] * scale_log2 - lse_lo);
+            const float p_hi = fast_exp2(s[nb][c + 2] * scale_log2 - lse_hi);
+            if constexpr (kPaddedGroup == 16) {  // both rows of a lane are one position
+              h[nb * 2 + c] = key < kv_lo ? p_lo + p_hi : 0.f;
+            } else {
+              h[nb * 4 + c] = key < kv_lo ? p_lo : 0.f;
+              h[nb * 4 + 2 + c] = key < kv_hi ? p_hi : 0.f;
+            }
           }
-        // Reduce-scatter over the 8 groups (lane bits 4, 3, 2): each step keeps half the values.
-        {
-          const bool up = lane & 16;
+        head_reduce_scatter<kValues, kSteps>(h, lane);
+        // Left: h[2*pair + c], pair = nb_low * 2 + half (just 0 for 16 heads).
+        const int head_bits = group & ((1 << kSteps) - 1);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const float lo = h[i], hi = h[i + 8];
-            h[i] = (up ? hi : lo) + __shfl_xor_sync(0xffffffffu, up ? lo : hi, 16);
-          }
+        for (int pair = 0; pair < (kValues >> kSteps) / 2; ++pair) {
+          const int half = kPaddedGroup == 16 ? 0 : pair & 1, nb_low = kPaddedGroup == 16 ? 0 : pair >> 1;
+          const int tl = (row_lo + 8 * half) / kPaddedGroup;
+          const int key = ((head_bits << (3 - kSteps)) | nb_low) * 8 + tig * 2;
+          if (kPaddedGroup == 16 || tl < nt)
+            *reinterpret_cast<float2*>(sPg + tl * 64 + key) = make_float2(h[2 * pair], h[2 * pair + 1]);
         }
-        {
-          const bool up = lane & 8;
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const float lo = h[i], hi = h[i + 4];
-            h[i] = (up ? hi : lo) + __shfl_xor_sync(0xffffffffu, up ? lo : hi, 8);
-          }
-        }
-        {
-          const bool up = lane & 4;
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const float lo = h[i], hi = h[i + 2];
-            h[i] = (up ? hi : lo) + __shfl_xor_sync(0xffffffffu, up ? lo : hi, 4);
-          }
-        }
-        // h[0..1] = keys nb*8 + 2*tig + {0, 1} with nb = (lane bit 2) + 2*(bit 3) + 4*(bit 4) = group.
-        *reinterpret_cast<float2*>(pg + group * 8 + tig * 2) = make_float2(h[0], h[1]);
         __syncwarp();
-        // Eq. 9: blocks overlapped by this tile's tokens (tokens >= nv have p = 0).
-        const int j_lo = i0 * dc / ls;
-        const int j_hi = min(((i1 - 1) * dc + lc - 1) / ls, last_w);
-        for (int j = j_lo + lane; j <= j_hi; j += 32) bs[j] += block_tile_sum(pg, j, i0, i1, bm, bq);
+        // Eq. 9: blocks overlapped by this tile's tokens (tokens a position does not see have p = 0).
+        const int j_lo = i0 * dc / ls, j_tile_hi = ((i1 - 1) * dc + lc - 1) / ls;
+#pragma unroll
+        for (int i = 0; i < kPosPerWarp; ++i) {
+          const int tl = tl_first + i;
+          if (tl > tl_last) break;
+          const int j_hi = min(j_tile_hi, (t0 + tl) / ls);
+          for (int j = j_lo + lane; j <= j_hi; j += 32)
+            sBS[tl * NBs + j] += block_tile_sum(sPg + tl * 64, j, i0, i1, bm, bq);
+        }
         __syncwarp();
       }
       __syncthreads();  // buffer k & 1 free for tile k + 2

@@ -196,8 +196,9 @@ std::vector<GpuCase> gpu_cases() {
     cases.push_back(make_gpu_case("T" + std::to_string(T) + "_paper_G2", padded_spec(B, T, 4, 2, 64, 64), paper,
                                   DType::kBFloat16, ++seed));
   }
-  // Group sizes (G > 64 too: selection rows in two chunks, attention tiles inside one position).
-  for (int64_t G : {1, 2, 3, 4, 6, 8, 16, 72}) {
+  // Group sizes (G > 64 too: selection rows in two chunks, attention tiles inside one position;
+  // 3 <= G <= 16 take the selection's shuffle path with the heads padded to 4, 8 or 16 rows).
+  for (int64_t G : {1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 72}) {
     const int64_t hkv = G >= 16 ? 1 : 2;
     cases.push_back(make_gpu_case("G" + std::to_string(G), padded_spec(1, G > 16 ? 130 : 777, G * hkv, hkv, 64, 64),
                                   tight_config(), DType::kBFloat16, ++seed));
