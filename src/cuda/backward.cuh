@@ -98,6 +98,13 @@ __global__ void __launch_bounds__(kPreprocessThreads) preprocess_kernel(const Ba
 // ------------------------------------------------------------------------------------------------
 // 3. dq, query-major, all branches.
 
+// Minimum resident CTAs per SM asked of the dq and key-major dk/dv kernels: three at Dk = 64,
+// else whatever the compiler chooses (decision 0008). At Dk = 64 that takes dq from 174 to 164
+// registers (no spills; its stage 20% faster on the showcase's shapes) and dk/dv from 177 to 168
+// (32-76 bytes of spills; 5-6% faster); both need the largest shared-memory carveout.
+template <int Dk>
+inline constexpr int kBackwardMinBlocks = Dk <= 64 ? 3 : 1;
+
 struct DqSmem {
   // Q [64][Dk+8], dO [64][Dv+8], K and V double buffers [2][64][D+8] (2-byte elements; wgmma's
   // swizzled tiles fit the padded slots), then the selected-block union as in the forward's slc
@@ -136,7 +143,7 @@ __device__ __forceinline__ void dq_tile(const Tiles& tiles, const TileInfo& ti, 
 }
 
 template <class T, int Dk, int Dv>
-__global__ void __launch_bounds__(kAttnThreads) dq_kernel(const BackwardArgs a) {
+__global__ void __launch_bounds__(kAttnThreads, kBackwardMinBlocks<Dk>) dq_kernel(const BackwardArgs a) {
   using Tr = TypeTraits<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
@@ -229,11 +236,6 @@ __global__ void __launch_bounds__(kAttnThreads) dq_kernel(const BackwardArgs a) 
 template <int Dk>
 inline constexpr int kDkvRows = Dk > 128 ? 32 : 64;
 
-// Minimum resident CTAs per SM asked of the key-major kernel: three at Dk = 64 (168 registers, a
-// few bytes of spills; 5-6% faster on the showcase's shapes than two at 177 registers, decision
-// 0007), else whatever the compiler chooses.
-template <int Dk>
-inline constexpr int kDkvMinBlocks = Dk <= 64 ? 3 : 1;
 
 struct DkvSmem {
   // K [64][Dk+8], V [64][Dv+8], Q double buffer [2][R][Dk+8], dO double buffer [2][R][Dv+8]
@@ -338,7 +340,8 @@ __device__ __forceinline__ void add_to_accumulator(float* acc, int64_t key_row0,
 }
 
 template <class T, int Dk, int Dv, int kBranch>
-__global__ void __launch_bounds__(kAttnThreads, kDkvMinBlocks<Dk>) dkv_kernel(const BackwardArgs a, int tiles_per_seq) {
+__global__ void __launch_bounds__(kAttnThreads, kBackwardMinBlocks<Dk>)
+    dkv_kernel(const BackwardArgs a, int tiles_per_seq) {
   constexpr int R = kDkvRows<Dk>, NB = R / 8;
   using Tr = TypeTraits<T>;
   // wgmma on sm_90a (64-row tiles, Dk <= 128): the four warps take every row tile (they split the

@@ -44,12 +44,12 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
   const auto dkv_cmp = dkv_kernel<T, Dk, Dv, kBranchCmp>;
   const auto dkv_slc = dkv_kernel<T, Dk, Dv, kBranchSlc>;
   const auto dkv_win = dkv_kernel<T, Dk, Dv, kBranchWin>;
-  // Three dk/dv CTAs per SM at Dk = 64 (their __launch_bounds__) need the largest carveout.
-  constexpr Carveout kDkvCarveout = kDkvMinBlocks<Dk> > 1 ? Carveout::kMaxShared : Carveout::kDefault;
-  st = prepare_kernel(kBackwardApi, dq, dq_smem, max_smem, "the dq kernel");
-  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_cmp, dkv_smem, max_smem, "the dk/dv kernel", kDkvCarveout);
-  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_slc, dkv_smem, max_smem, "the dk/dv kernel", kDkvCarveout);
-  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_win, dkv_smem, max_smem, "the dk/dv kernel", kDkvCarveout);
+  // Three dq and dk/dv CTAs per SM at Dk = 64 (their __launch_bounds__) need the largest carveout.
+  constexpr Carveout kCarveout = kBackwardMinBlocks<Dk> > 1 ? Carveout::kMaxShared : Carveout::kDefault;
+  st = prepare_kernel(kBackwardApi, dq, dq_smem, max_smem, "the dq kernel", kCarveout);
+  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_cmp, dkv_smem, max_smem, "the dk/dv kernel", kCarveout);
+  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_slc, dkv_smem, max_smem, "the dk/dv kernel", kCarveout);
+  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_win, dkv_smem, max_smem, "the dk/dv kernel", kCarveout);
   if (!st.ok()) return st;
 
   if (stages & kBwdStagePrep) {
