@@ -98,12 +98,20 @@ __global__ void __launch_bounds__(kPreprocessThreads) preprocess_kernel(const Ba
 // ------------------------------------------------------------------------------------------------
 // 3. dq, query-major, all branches.
 
-// Minimum resident CTAs per SM asked of the dq and key-major dk/dv kernels: three at Dk = 64,
-// else whatever the compiler chooses (decision 0008). At Dk = 64 that takes dq from 174 to 164
-// registers (no spills; its stage 20% faster on the showcase's shapes) and dk/dv from 177 to 168
-// (32-76 bytes of spills; 5-6% faster); both need the largest shared-memory carveout.
+// Whether the dq kernel and the cmp and slc dk/dv kernels ask for three resident CTAs per SM
+// (decision 0008): at Dk = 64 in the sm_90a code. On an H100 that takes dq from 174 to 164
+// registers (no spills; its stage 20% faster on the showcase's shapes) and those dk/dv kernels
+// from 177 to 168 (32-76 bytes of spill stores; 5-6% faster). The win dk/dv kernel already ran
+// three CTAs at 168 registers and only gained spills. An A100's shared memory holds two of them
+// whatever the registers. The host asks for the largest shared-memory carveout with it, as in the
+// measured variant (the carveout was not measured alone). `sm90a`: kHaveWgmma on the device, the
+// device's wgmma_sweeps on the host.
+NSA_HOST_DEVICE constexpr bool backward_three_ctas(int dk, bool sm90a) { return sm90a && dk <= 64; }
+
+// __launch_bounds__'s minimum CTAs per SM; 0 sets none, as before (an explicit 1 changed ptxas's
+// choice: the win dk/dv kernel took 211 registers instead of 168).
 template <int Dk>
-inline constexpr int kBackwardMinBlocks = Dk <= 64 ? 3 : 1;
+inline constexpr int kDqMinBlocks = backward_three_ctas(Dk, kHaveWgmma) ? 3 : 0;
 
 struct DqSmem {
   // Q [64][Dk+8], dO [64][Dv+8], K and V double buffers [2][64][D+8] (2-byte elements; wgmma's
@@ -143,13 +151,14 @@ __device__ __forceinline__ void dq_tile(const Tiles& tiles, const TileInfo& ti, 
 }
 
 template <class T, int Dk, int Dv>
-__global__ void __launch_bounds__(kAttnThreads, kBackwardMinBlocks<Dk>) dq_kernel(const BackwardArgs a) {
+__global__ void __launch_bounds__(kAttnThreads, kDqMinBlocks<Dk>) dq_kernel(const BackwardArgs a) {
   using Tr = TypeTraits<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sDo = sQ + 64 * (Dk + 8);
   T* sK = sDo + 64 * (Dv + 8);
   T* sV = sK + 2 * AttentionSmem::k_elems(Dk);
+  static_assert(kDqMinBlocks<Dk> < 3 || 3 * (DqSmem::tiles_bytes(Dk, Dv) + 1024) <= 233472);  // as dk/dv's
   unsigned char* union_smem = smem + DqSmem::tiles_bytes(Dk, Dv);
 
   const int b = blockIdx.z, kv_head = blockIdx.y;
@@ -235,6 +244,9 @@ __global__ void __launch_bounds__(kAttnThreads, kBackwardMinBlocks<Dk>) dq_kerne
 // the warp's 16 keys plus S^T and dP^T for the tile, so wide heads take half tiles.
 template <int Dk>
 inline constexpr int kDkvRows = Dk > 128 ? 32 : 64;
+
+template <int Dk, int kBranch>
+inline constexpr int kDkvMinBlocks = kBranch != kBranchWin ? kDqMinBlocks<Dk> : 0;
 
 
 struct DkvSmem {
@@ -340,9 +352,11 @@ __device__ __forceinline__ void add_to_accumulator(float* acc, int64_t key_row0,
 }
 
 template <class T, int Dk, int Dv, int kBranch>
-__global__ void __launch_bounds__(kAttnThreads, kBackwardMinBlocks<Dk>)
+__global__ void __launch_bounds__(kAttnThreads, (kDkvMinBlocks<Dk, kBranch>))
     dkv_kernel(const BackwardArgs a, int tiles_per_seq) {
   constexpr int R = kDkvRows<Dk>, NB = R / 8;
+  // Three CTAs must fit an H100's shared memory (227 KB per SM, 1 KB reserved per CTA).
+  static_assert(kDkvMinBlocks<Dk, kBranch> < 3 || 3 * (DkvSmem::bytes(Dk, Dv, R) + 1024) <= 233472);
   using Tr = TypeTraits<T>;
   // wgmma on sm_90a (64-row tiles, Dk <= 128): the four warps take every row tile (they split the
   // keys), so the CTA issues its products together; K and V are the A operands from shared memory

@@ -44,12 +44,13 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
   const auto dkv_cmp = dkv_kernel<T, Dk, Dv, kBranchCmp>;
   const auto dkv_slc = dkv_kernel<T, Dk, Dv, kBranchSlc>;
   const auto dkv_win = dkv_kernel<T, Dk, Dv, kBranchWin>;
-  // Three dq and dk/dv CTAs per SM at Dk = 64 (their __launch_bounds__) need the largest carveout.
-  constexpr Carveout kCarveout = kBackwardMinBlocks<Dk> > 1 ? Carveout::kMaxShared : Carveout::kDefault;
-  st = prepare_kernel(kBackwardApi, dq, dq_smem, max_smem, "the dq kernel", kCarveout);
-  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_cmp, dkv_smem, max_smem, "the dk/dv kernel", kCarveout);
-  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_slc, dkv_smem, max_smem, "the dk/dv kernel", kCarveout);
-  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_win, dkv_smem, max_smem, "the dk/dv kernel", kCarveout);
+  // With three CTAs per SM asked (backward_three_ctas: dq, cmp and slc dk/dv), the largest carveout.
+  const Carveout carveout =
+      backward_three_ctas(Dk, device.wgmma_sweeps) ? Carveout::kMaxShared : Carveout::kDefault;
+  st = prepare_kernel(kBackwardApi, dq, dq_smem, max_smem, "the dq kernel", carveout);
+  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_cmp, dkv_smem, max_smem, "the dk/dv kernel", carveout);
+  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_slc, dkv_smem, max_smem, "the dk/dv kernel", carveout);
+  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_win, dkv_smem, max_smem, "the dk/dv kernel");
   if (!st.ok()) return st;
 
   if (stages & kBwdStagePrep) {

@@ -172,9 +172,8 @@ ForwardArgs make_args(const ForwardParams& p, void* workspace) {
     a.topn_in_smem = int64_t{4} * plan.blocks <= kDecodeScoreSmemBytes;
   }
   // Selection CTA: P = max(1, 64 / R) positions with all G heads in R rows each, in 64-row chunks.
-  const int select_rows = select_rows_per_position(a.group);
-  a.select_t_per_cta = std::max(1, 64 / select_rows);
-  a.select_chunks = (a.select_t_per_cta * select_rows + 63) / 64;
+  a.select_t_per_cta = std::max(1, 64 / select_rows_per_position(a.group));
+  a.select_chunks = select_chunk_count(a.select_t_per_cta, a.group);
   // Block scores of every eligible block per selection position (launch_forward shrinks P to fit).
   a.select_blocks = static_cast<int>((a.key_extent + c.sel_block - 1) / c.sel_block);
   return a;

@@ -83,7 +83,7 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   };
   while (sa.select_t_per_cta > 1 && select_bytes(sa) > max_smem) {
     sa.select_t_per_cta = (sa.select_t_per_cta + 1) / 2;
-    sa.select_chunks = (sa.select_t_per_cta * select_rows_per_position(sa.group) + 63) / 64;
+    sa.select_chunks = select_chunk_count(sa.select_t_per_cta, sa.group);
   }
   const int64_t select_smem = select_bytes(sa);
   const auto cmp_kernel = attention_kernel<T, Dk, Dv, kBranchCmp>;

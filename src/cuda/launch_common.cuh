@@ -30,9 +30,10 @@ inline Status launch_status(const char* api, const char* what) {
 }
 
 // What the launchers remember per (device, kernel), so that a decode step does not pay driver
-// calls per kernel: the dynamic shared-memory limit set (only ever raised) and the virtual
-// architecture the kernel's code was compiled for (cudaFuncAttributes::ptxVersion, -1 until
-// queried).
+// calls per kernel: the dynamic shared-memory limit set (only ever raised; the carveout is set
+// with the first raise, so a kernel must always be prepared with the same carveout) and the
+// virtual architecture the kernel's code was compiled for (cudaFuncAttributes::ptxVersion, -1
+// until queried).
 struct KernelState {
   int smem_limit = 0;
   int ptx_version = -1;

@@ -90,8 +90,8 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + int64_t{chunks} * 64 * (Dk + 8);
   float* sP = reinterpret_cast<float*>(sK + 2 * 64 * (Dk + 8));  // [64][kPS], generic path only
-  float* sPg = sP + (kPaddedGroup > 0 ? 0 : 64 * kPS);              // [max(tpc, 4)][64]
-  float* sLse2 = sPg + max(tpc, 4) * 64;                            // [chunks * 64]
+  float* sPg = sP + (kPaddedGroup > 0 ? 0 : 64 * kPS);              // [tpc][64]
+  float* sLse2 = sPg + tpc * 64;                                    // [chunks * 64]
   float* const sBS = sLse2 + chunks * 64;                           // [tpc][NBs]
   TopNScratch* const sTopN = reinterpret_cast<TopNScratch*>(sBS + tpc * NBs);  // [4 warps]
   const int nb_cta = t_hi / ls + 1;                                 // blocks eligible for some position
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
     }
     cp_async_commit();
     for (int r = tid; r < chunks * 64; r += kSelectThreads) {
-      float v = -neg_inf();  // rows that are no (position, head): p = 2^(S - inf) = 0
+      float v = pos_inf();  // rows that are no (position, head): p = 2^(S - inf) = 0
       if (r < nrows && r % rows_per_pos < G) {
         const int64_t grow = seq.row0 + q0 + r / rows_per_pos;
         v = a.lse[(grow * a.num_q_heads + kv_head * G + r % rows_per_pos) * 3 + 0] * kLog2e;
@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
     const int row_lo = warp * 16 + group;
     const int tl_lo = row_lo / kPaddedGroup, tl_hi = (row_lo + 8) / kPaddedGroup;
     const int nv_lo = tl_lo < nt ? num_visible_cmp(t0 + tl_lo, lc, dc) : 0;
-    const int nv_hi = tl_hi < nt ? num_visible_cmp(t0 + tl_hi, lc, dc) : 0;
+    const int nv_hi = kPaddedGroup == 16 ? nv_lo : tl_hi < nt ? num_visible_cmp(t0 + tl_hi, lc, dc) : 0;
     QSource qf;
     if (kWgmma || active) qf.load(sQ, warp * 16);
     const float lse_lo = sLse2[row_lo], lse_hi = sLse2[row_lo + 8];  // +inf on padding rows: p = 0
@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
             }
           }
         head_reduce_scatter<kValues, kSteps>(h, lane);
-        // Left: h[2*pair + c], pair = nb_low * 2 + half (just 0 for 16 heads).
+        // Left: h[2*pair + c], pair = nb_low * 2 + half for 4 heads, half for 8, 0 for 16.
         const int head_bits = group & ((1 << kSteps) - 1);
 #pragma unroll
         for (int pair = 0; pair < (kValues >> kSteps) / 2; ++pair) {

@@ -208,6 +208,11 @@ std::vector<GpuCase> gpu_cases() {
     for (auto [dk, dv] : {std::pair<int64_t, int64_t>{64, 64}, {128, 128}, {192, 128}})
       cases.push_back(make_gpu_case("Dk" + std::to_string(dk) + "_Dv" + std::to_string(dv),
                                     padded_spec(2, 300, 8, 2, dk, dv), tight_config(), dtype, ++seed));
+  // The selection's padded head sums over several key tiles (T = 2048: 127 compressed keys; the
+  // showcase's G = 6), and its 4-row padding at G = 3.
+  for (int64_t G : {3, 6, 12})
+    cases.push_back(make_gpu_case("G" + std::to_string(G) + "_T2048", padded_spec(1, 2048, G * 2, 2, 64, 64),
+                                  tight_config(), DType::kBFloat16, ++seed));
   // A large n (45 free blocks to take of up to 61).
   cases.push_back(make_gpu_case("T4096_n48", padded_spec(1, 4096, 4, 2, 64, 64),
                                 make_config(32, 16, 64, 48, 1, 2, 100), DType::kBFloat16, ++seed));
@@ -293,8 +298,9 @@ std::vector<GpuCase> gpu_cases() {
 INSTANTIATE_TEST_SUITE_P(Cases, CudaForward, ::testing::ValuesIn(gpu_cases()),
                          case_name<GpuCase>);
 
-// A small case for compute-sanitizer (scripts/gpu_check.sh filters on it): varlen, G = 3,
-// computed and given indices, workspace path.
+// A small case for compute-sanitizer (scripts/gpu_check.sh filters on it): varlen, computed and
+// given indices, workspace path; G = 3 (selection heads padded to 4), and the computed indices
+// also at G = 2 (the selection's shared-memory head sum), 6 (padded to 8) and 16.
 TEST(CudaForwardSanitizer, Small) {
   NSA_SKIP_WITHOUT_DEVICE();
   GpuCase c = make_gpu_case("sanitizer", varlen_spec({130, 1, 70, 33}, 6, 2, 64, 64), tight_config(),
@@ -303,6 +309,11 @@ TEST(CudaForwardSanitizer, Small) {
   c.given_indices = true;
   c.with_out_branch = false;
   check_case(c);
+  for (int64_t G : {2, 6, 16}) {
+    SCOPED_TRACE("G = " + std::to_string(G));
+    check_case(make_gpu_case("sanitizer_G" + std::to_string(G), varlen_spec({130, 1, 70}, G, 1, 64, 64),
+                             tight_config(), DType::kBFloat16, 4243 + G));
+  }
 }
 
 #endif  // NSA_TEST_WITH_CUDA
