@@ -188,13 +188,11 @@ BackwardArgs make_args(const BackwardParams& p, const Workspace& w, char* worksp
   // slc: the n * l' positions that select a block on average once T >> n * l'; win: w + 63).
   // Deterministic: one CTA per key tile.
   const int64_t group = s.num_q_heads / s.num_kv_heads, T = s.seqlen;
-  const int64_t key_tiles[kNumBranches] = {(a.cmp_per_seq + 63) / 64,
-                                           a.max_blocks * ((p.config.sel_block + 63) / 64), (T + 63) / 64};
   const int64_t list_positions[kNumBranches] = {
       (T + 1) / 2, std::min<int64_t>(T, int64_t{p.config.num_selected} * p.config.sel_block),
       std::min<int64_t>(T, a.window + 63)};
   for (int c = 0; c < kNumBranches; ++c) {
-    const int64_t key_tile_ctas = s.batch * key_tiles[c] * s.num_kv_heads;
+    const int64_t key_tile_ctas = s.batch * key_major_tiles(a, c) * s.num_kv_heads;
     a.split_positions[c] = static_cast<int>(
         p.deterministic ? std::max<int64_t>(1, T) : key_major_split_positions(key_tile_ctas, list_positions[c], group, T));
   }

@@ -113,6 +113,10 @@ NSA_HOST_DEVICE constexpr bool backward_three_ctas(int dk, bool sm90a) { return 
 template <int Dk>
 inline constexpr int kDqMinBlocks = backward_three_ctas(Dk, kHaveWgmma) ? 3 : 0;
 
+// Whether three CTAs of `smem_bytes` dynamic shared memory fit an H100 SM (228 KB, 1 KB reserved
+// per CTA), as kDqMinBlocks asks.
+NSA_HOST_DEVICE constexpr bool three_ctas_fit(int64_t smem_bytes) { return 3 * (smem_bytes + 1024) <= 233472; }
+
 struct DqSmem {
   // Q [64][Dk+8], dO [64][Dv+8], K and V double buffers [2][64][D+8] (2-byte elements; wgmma's
   // swizzled tiles fit the padded slots), then the selected-block union as in the forward's slc
@@ -158,7 +162,7 @@ __global__ void __launch_bounds__(kAttnThreads, kDqMinBlocks<Dk>) dq_kernel(cons
   T* sDo = sQ + 64 * (Dk + 8);
   T* sK = sDo + 64 * (Dv + 8);
   T* sV = sK + 2 * AttentionSmem::k_elems(Dk);
-  static_assert(kDqMinBlocks<Dk> < 3 || 3 * (DqSmem::tiles_bytes(Dk, Dv) + 1024) <= 233472);  // as dk/dv's
+  static_assert(kDqMinBlocks<Dk> < 3 || three_ctas_fit(DqSmem::tiles_bytes(Dk, Dv)));
   unsigned char* union_smem = smem + DqSmem::tiles_bytes(Dk, Dv);
 
   const int b = blockIdx.z, kv_head = blockIdx.y;
@@ -247,7 +251,6 @@ inline constexpr int kDkvRows = Dk > 128 ? 32 : 64;
 
 template <int Dk, int kBranch>
 inline constexpr int kDkvMinBlocks = kBranch != kBranchWin ? kDqMinBlocks<Dk> : 0;
-
 
 struct DkvSmem {
   // K [64][Dk+8], V [64][Dv+8], Q double buffer [2][R][Dk+8], dO double buffer [2][R][Dv+8]
@@ -355,8 +358,7 @@ template <class T, int Dk, int Dv, int kBranch>
 __global__ void __launch_bounds__(kAttnThreads, (kDkvMinBlocks<Dk, kBranch>))
     dkv_kernel(const BackwardArgs a, int tiles_per_seq) {
   constexpr int R = kDkvRows<Dk>, NB = R / 8;
-  // Three CTAs must fit an H100's shared memory (227 KB per SM, 1 KB reserved per CTA).
-  static_assert(kDkvMinBlocks<Dk, kBranch> < 3 || 3 * (DkvSmem::bytes(Dk, Dv, R) + 1024) <= 233472);
+  static_assert(kDkvMinBlocks<Dk, kBranch> < 3 || three_ctas_fit(DkvSmem::bytes(Dk, Dv, R)));
   using Tr = TypeTraits<T>;
   // wgmma on sm_90a (64-row tiles, Dk <= 128): the four warps take every row tile (they split the
   // keys), so the CTA issues its products together; K and V are the A operands from shared memory

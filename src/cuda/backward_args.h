@@ -56,4 +56,12 @@ struct BackwardArgs : ForwardArgs {
   int split_positions[kNumBranches];
 };
 
+// Key tiles per sequence of branch c's key-major dk/dv kernel (64 keys each; a selection block of
+// more than 64 keys takes several): the grid's x extent is batch times this.
+inline int64_t key_major_tiles(const BackwardArgs& a, int c) {
+  if (c == kBranchCmp) return (a.cmp_per_seq + 63) / 64;
+  if (c == kBranchSlc) return int64_t{a.max_blocks} * ((a.sel_block + 63) / 64);
+  return (a.seqlen + 63) / 64;
+}
+
 }  // namespace nsa::cuda_detail

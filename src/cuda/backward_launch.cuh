@@ -68,9 +68,9 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
   const auto splits = [&](int branch) {
     return static_cast<unsigned>((a.seqlen + a.split_positions[branch] - 1) / a.split_positions[branch]);
   };
-  const int cmp_tiles = static_cast<int>((a.cmp_per_seq + 63) / 64);
-  const int slc_tiles = a.max_blocks * ((a.sel_block + 63) / 64);
-  const int win_tiles = static_cast<int>((a.seqlen + 63) / 64);
+  const int cmp_tiles = static_cast<int>(key_major_tiles(a, kBranchCmp));
+  const int slc_tiles = static_cast<int>(key_major_tiles(a, kBranchSlc));
+  const int win_tiles = static_cast<int>(key_major_tiles(a, kBranchWin));
   const unsigned kv_heads = static_cast<unsigned>(a.num_kv_heads);
   if ((stages & kBwdStageCmp) && cmp_tiles > 0) {
     dkv_cmp<<<dim3(static_cast<unsigned>(a.batch * cmp_tiles), kv_heads, splits(kBranchCmp)), kAttnThreads, dkv_smem,
