@@ -110,6 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--iters", type=int, default=10)
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 2 profiled steps")
+    t.add_argument("--profile-rows", type=int, default=18, help="kernels --profile prints (default 18)")
     d = sub.add_parser("decode", help="decode step (m = 1) against a KV cache: NSA vs SDPA dense on the same cache")
     d.add_argument("--configs", default="paper",
                    help=f"comma-separated, from {', '.join(CONFIGS)} (default paper; their B is not used)")
@@ -754,7 +755,8 @@ def run_train_step(args) -> int:
                 for _ in range(2):
                     step(None)
                 torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile_rows,
+                                            max_name_column_width=70))
         del model, opt
         torch.cuda.empty_cache()
     return 0

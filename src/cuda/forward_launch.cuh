@@ -79,7 +79,7 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   ForwardArgs sa = a;
   const int padded_group = select_padded_group(a.group);
   auto select_bytes = [&](const ForwardArgs& x) {
-    return SelectSmem::bytes(Dk, x.select_chunks, x.select_t_per_cta, x.select_blocks, padded_group > 0);
+    return SelectSmem::bytes(Dk, x.select_chunks, x.select_t_per_cta, x.select_blocks, padded_group);
   };
   while (sa.select_t_per_cta > 1 && select_bytes(sa) > max_smem) {
     sa.select_t_per_cta = (sa.select_t_per_cta + 1) / 2;
@@ -110,7 +110,7 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
     if (!(st = launch_status(kForwardApi, "launching the cmp attention kernel")).ok()) return st;
   }
   if (run_select) {
-    sel_kernel<<<select_grid, kSelectThreads, select_smem, stream>>>(sa);
+    sel_kernel<<<select_grid, select_threads(padded_group, Dk), select_smem, stream>>>(sa);
     if (!(st = launch_status(kForwardApi, "launching the selection kernel")).ok()) return st;
   }
   if (stages & kStageSlc) {

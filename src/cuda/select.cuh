@@ -1,12 +1,13 @@
 // Block scoring and top-n, fused (Eqs. 8-12), without any [T, Tc] or [T, T/l'] tensor in global
 // memory.
 //
-// A CTA (4 warps) owns P consecutive positions t0 .. t0+P-1 of one (sequence, kv head) with all G
-// query heads of the group: P*R rows of a Q tile, R = select_rows_per_position(G) (G, or G padded
-// to 4, 8 or 16), in ceil(P*R / 64) chunks of 64 (P = max(1, 64 / R), halved by the host while
-// the shared memory below does not fit). It keeps the Eq. 9 block scores of ALL its positions'
-// eligible blocks in shared memory ([P][num_blocks] fp32, num_blocks = ceil(T / l')), streams the
-// visible compressed keys in tiles of 64 (cp.async double buffer) and for each tile:
+// A CTA (4 warps; 8 on the shuffle path at Dk >= 128: select_threads) owns P consecutive positions
+// t0 .. t0+P-1 of one (sequence, kv head) with all G query heads of the group: P*R rows of a Q tile,
+// R = select_rows_per_position(G) (G, or G padded to 4, 8 or 16), in ceil(P*R / 64) chunks of 64
+// (P = max(1, 16 * warps / R), halved by the host while the shared memory below does not fit).
+// It keeps the Eq. 9 block scores of ALL its positions' eligible blocks in shared memory
+// ([P][num_blocks] fp32, num_blocks = ceil(T / l')), streams the visible compressed keys in tiles
+// of 64 (cp.async double buffer) and for each tile:
 //   1. S = Q K_cmp^T on the tensor cores (mma.sync; on sm_90a wgmma with Q and K from shared
 //      memory, as the cmp kernel's: docs/decisions/0006), p = 2^(S*scale*log2e - lse_cmp*log2e) with the
 //      cmp branch's lse (written by the cmp kernel), 0 where the token is not visible (Eq. 8);
@@ -30,8 +31,6 @@
 #include "cuda/top_n.cuh"
 
 namespace nsa::cuda_detail {
-
-inline constexpr int kSelectThreads = 128;
 
 // Eq. 9 for one (position, block j) and the tokens of the tile [i0, i1): sum of weight * pg[i - i0].
 // With d | l and d | l' (validated), token i = j*m + u (m = l'/d, q = l/d) overlaps block j for
@@ -65,8 +64,9 @@ __device__ __forceinline__ void head_reduce_scatter(float* h, int lane) {
 }
 
 template <class T, int Dk, int kPaddedGroup>
-__global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const ForwardArgs a) {
-  // wgmma: the four warps issue every chunk's S together (warps without rows compute zeros).
+__global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk), 2) select_kernel(const ForwardArgs a) {
+  constexpr int kSelectThreads = select_threads(kPaddedGroup, Dk);
+  // wgmma: each warpgroup's four warps issue a chunk's S together (warps without rows compute zeros).
   constexpr bool kWgmma = kHaveWgmma;
   using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTiles>;
   using QSource = std::conditional_t<kWgmma, QInSharedMemory<T>, QInRegisters<T, Dk>>;
@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
   float* sPg = sP + (kPaddedGroup > 0 ? 0 : 64 * kPS);              // [tpc][64]
   float* sLse2 = sPg + tpc * 64;                                    // [chunks * 64]
   float* const sBS = sLse2 + chunks * 64;                           // [tpc][NBs]
-  TopNScratch* const sTopN = reinterpret_cast<TopNScratch*>(sBS + tpc * NBs);  // [4 warps]
+  TopNScratch* const sTopN = reinterpret_cast<TopNScratch*>(sBS + tpc * NBs);  // [warps]
   const int nb_cta = t_hi / ls + 1;                                 // blocks eligible for some position
   if constexpr (kWgmma) wgmma_check_smem(smem, static_cast<uint32_t>((chunks + 2) * 64 * (Dk + 8) * 2));
   // Chunk c of the Q tile (64 rows; swizzled for wgmma, in its padded slot).
@@ -151,8 +151,12 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(const Forward
     const int nv_lo = tl_lo < nt ? num_visible_cmp(t0 + tl_lo, lc, dc) : 0;
     const int nv_hi = kPaddedGroup == 16 ? nv_lo : tl_hi < nt ? num_visible_cmp(t0 + tl_hi, lc, dc) : 0;
     QSource qf;
-    if (kWgmma || active) qf.load(sQ, warp * 16);
-    const float lse_lo = sLse2[row_lo], lse_hi = sLse2[row_lo + 8];  // +inf on padding rows: p = 0
+    // Two warpgroups with the positions halved to fit: the second may have no chunk; it issues the
+    // product on the first (discarded) and reads no lse.
+    if (kWgmma || active) qf.load(kWgmma ? q_chunk(min(warp >> 2, chunks - 1)) : sQ, warp * 16);
+    const bool has_chunk = row_lo < chunks * 64;
+    const float lse_lo = has_chunk ? sLse2[row_lo] : pos_inf();  // +inf on padding rows: p = 0
+    const float lse_hi = has_chunk ? sLse2[row_lo + 8] : pos_inf();
     const float scale_log2 = a.scale_log2;
     for (int k = 0; k < num_tiles; ++k) {
       if (k > 0) {

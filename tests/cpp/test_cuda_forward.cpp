@@ -300,7 +300,8 @@ INSTANTIATE_TEST_SUITE_P(Cases, CudaForward, ::testing::ValuesIn(gpu_cases()),
 
 // A small case for compute-sanitizer (scripts/gpu_check.sh filters on it): varlen, computed and
 // given indices, workspace path; G = 3 (selection heads padded to 4), and the computed indices
-// also at G = 2 (the selection's shared-memory head sum), 6 (padded to 8) and 16.
+// also at G = 2 (the selection's shared-memory head sum), 6 (padded to 8) and 16, and at Dk = 128
+// for G = 6 and 16 (the selection's two warpgroups).
 TEST(CudaForwardSanitizer, Small) {
   NSA_SKIP_WITHOUT_DEVICE();
   GpuCase c = make_gpu_case("sanitizer", varlen_spec({130, 1, 70, 33}, 6, 2, 64, 64), tight_config(),
@@ -313,6 +314,11 @@ TEST(CudaForwardSanitizer, Small) {
     SCOPED_TRACE("G = " + std::to_string(G));
     check_case(make_gpu_case("sanitizer_G" + std::to_string(G), varlen_spec({130, 1, 70}, G, 1, 64, 64),
                              tight_config(), DType::kBFloat16, 4243 + G));
+  }
+  for (int64_t G : {6, 16}) {
+    SCOPED_TRACE("G = " + std::to_string(G) + ", Dk = 128");
+    check_case(make_gpu_case("sanitizer_G" + std::to_string(G) + "_D128", varlen_spec({130, 1, 70}, G, 1, 128, 128),
+                             tight_config(), DType::kBFloat16, 4263 + G));
   }
 }
 
