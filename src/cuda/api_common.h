@@ -56,8 +56,8 @@ Status check_common_supported(const P& p, const char* api) {
                                    s.head_dim_qk, ", ", s.head_dim_v, ")"));
   const Config& c = p.config;
   const int64_t kMaxInt = std::numeric_limits<int32_t>::max();
-  if (s.seqlen > (int64_t{1} << 30) || s.seqlen * (s.num_q_heads / s.num_kv_heads) > kMaxInt - 128)
-    return Status::Unsupported(cat(api, ": shape.seqlen * G must be < 2^31 - 128 and seqlen <= 2^30, got seqlen ",
+  if (s.seqlen > (int64_t{1} << 30) || s.seqlen * (s.num_q_heads / s.num_kv_heads) > kMaxInt - 256)
+    return Status::Unsupported(cat(api, ": shape.seqlen * G must be < 2^31 - 256 and seqlen <= 2^30, got seqlen ",
                                    s.seqlen, ", G ", s.num_q_heads / s.num_kv_heads));
   if (s.batch > 65535 || s.num_kv_heads > 65535)
     return Status::Unsupported(

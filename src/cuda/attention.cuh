@@ -369,8 +369,8 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
 // bulk copy per K or V row (a thread each) completing on the stage's mbarrier: with cp.async
 // requests the decode cmp + win kernel held the DRAM at 78% on an H200 (ncu). Mma: the body's
 // product policy; kSwizzled, the tiles in wgmma's layout (tile_chunk_offset), made visible to the
-// async proxy (wgmma's reads) before use; kEveryWarp, no warp skips a tile.
-template <class T, int Dk, int Dv, int Stages, bool kStream, class Mma, class Tiles, class Body>
+// async proxy (wgmma's reads) before use; kEveryWarp, no warp skips a tile. kThreads: the CTA's.
+template <class T, int Dk, int Dv, int Stages, bool kStream, class Mma, int kThreads, class Tiles, class Body>
 __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kbase, int64_t kstride, const T* vbase,
                                                 int64_t vstride, T* sK, T* sV, uint64_t warp_positions,
                                                 int64_t* keys_read, Body&& body) {
@@ -389,7 +389,7 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if constexpr (kStream) {
-    static_assert(kAttnThreads == 128, "a thread per K row and per V row of a 64-row tile");
+    static_assert(kThreads == 128, "a thread per K row and per V row of a 64-row tile");
     static_assert(!Mma::kEveryWarp, "the decode sweeps' warps may skip tiles");
     __shared__ uint64_t bars[Stages];  // stage s: the bulk copies of tiles s, s + Stages, ...
     if (tid == 0) {
@@ -435,10 +435,10 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
   auto issue = [&](int k) {
     if (k < num_tiles) {
       const TileInfo ti = tiles.info(k);
-      load_rows_async<T, Dk, 64, kAttnThreads, kStream, kSwizzled>(sK + (k % Stages) * kKElems, kbase, kstride,
-                                                                   ti.key0, ti.count, tid);
-      load_rows_async<T, Dv, 64, kAttnThreads, kStream, kSwizzled>(sV + (k % Stages) * kVElems, vbase, vstride,
-                                                                   ti.key0, ti.count, tid);
+      load_rows_async<T, Dk, 64, kThreads, kStream, kSwizzled>(sK + (k % Stages) * kKElems, kbase, kstride, ti.key0,
+                                                               ti.count, tid);
+      load_rows_async<T, Dv, 64, kThreads, kStream, kSwizzled>(sV + (k % Stages) * kVElems, vbase, vstride, ti.key0,
+                                                               ti.count, tid);
     }
     cp_async_commit();
   };
@@ -456,9 +456,10 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
   cp_async_wait<0>();  // (only empty groups remain)
 }
 
-// The 64 rows m0 .. m0+63 of the flattened (t, g) space of one (sequence, kv head): row
-// R = t * G + g is query head kv_head * G + g at position t. The thread's two rows (group and
-// group + 8 of its warp's 16) and the positions (bits t - t_lo) of its warp's rows.
+// The Rows rows m0 .. m0+Rows-1 (64 per warpgroup) of the flattened (t, g) space of one
+// (sequence, kv head): row R = t * G + g is query head kv_head * G + g at position t. The thread's two
+// rows (group and group + 8 of its warp's 16) and the positions (bits t - t_lo < 64) of its warp's
+// rows, which only the slc sweep reads (warp_skips; 64-row tiles, so at most 64 positions).
 struct RowTile {
   int t_lo, t_hi;
   RowState rows[2];
@@ -467,10 +468,10 @@ struct RowTile {
 
 // row_warp: the warp whose 16 rows the thread computes (its own, or 0 when the warps share rows).
 __device__ __forceinline__ RowTile make_row_tile(const ForwardArgs& a, int kv_head, int m0, const SeqInfo& seq,
-                                                 int row_warp) {
+                                                 int row_warp, int rows = 64) {
   const int G = a.group, lane = threadIdx.x & 31, warp = row_warp, group = lane >> 2;
   const int len = static_cast<int>(seq.len), pos0 = static_cast<int>(seq.pos0);
-  const int i_lo = m0 / G, i_hi = min(len - 1, (m0 + 63) / G);  // query rows of the tile
+  const int i_lo = m0 / G, i_hi = min(len - 1, (m0 + rows - 1) / G);  // query rows of the tile
   RowTile rt;
   rt.t_lo = pos0 + i_lo;
   rt.t_hi = pos0 + i_hi;
@@ -486,26 +487,28 @@ __device__ __forceinline__ RowTile make_row_tile(const ForwardArgs& a, int kv_he
   // Rows past the sequence end have no position.
   rt.warp_positions = 0;
   const int first = (m0 + warp * 16) / G - i_lo, last = min((m0 + warp * 16 + 15) / G, i_hi) - i_lo;
-  for (int tl = first; tl <= last; ++tl) rt.warp_positions |= 1ull << tl;
+  for (int tl = first; tl <= min(last, 63); ++tl) rt.warp_positions |= 1ull << tl;
   return rt;
 }
 
-// cp.async of rows m0 .. m0+63 (as in RowTile) of a per-query-head tensor (Q, or dO in the
-// backward) into a shared-memory tile of 64 rows (layout: tile_chunk_offset); rows past the sequence
-// are zeros. Not committed.
-template <class T, int D, bool kSwizzled = false>
+// cp.async of rows m0 .. m0+Rows-1 (as in RowTile) of a per-query-head tensor (Q, or dO in the
+// backward) into Rows / 64 shared-memory tiles of 64 rows, one after the other (layout:
+// tile_chunk_offset); rows past the sequence are zeros. Not committed. kThreads: the CTA's.
+template <class T, int D, bool kSwizzled = false, int Rows = 64, int kThreads = kAttnThreads>
 __device__ __forceinline__ void load_head_rows_async(T* tile, const TensorRef& ref, const ForwardArgs& a, int b,
                                                      const SeqInfo& seq, int kv_head, int m0) {
+  static_assert(Rows % 64 == 0, "whole 64-row tiles");
   const int G = a.group, len = static_cast<int>(seq.len);
   const T* base = seq_head_ptr<T>(ref, a, b, seq.row0, kv_head * G);
   constexpr int kChunks = D / 8;
-  for (int idx = threadIdx.x; idx < 64 * kChunks; idx += kAttnThreads) {
+  constexpr int64_t kTileElems = int64_t{64} * (kSwizzled ? D : D + 8);
+  for (int idx = threadIdx.x; idx < Rows * kChunks; idx += kThreads) {
     const int r = idx / kChunks, c = idx % kChunks;
     const int R = m0 + r;
     const int t = R / G, g = R % G;
     const bool valid = t < len;
     const T* src = valid ? base + int64_t{t} * ref.seq_stride + int64_t{g} * ref.head_stride + c * 8 : base;
-    cp_async_16(tile + tile_chunk_offset<D, 64, kSwizzled>(r, c), src, valid);
+    cp_async_16(tile + (r / 64) * kTileElems + tile_chunk_offset<D, 64, kSwizzled>(r % 64, c), src, valid);
   }
 }
 
@@ -593,19 +596,20 @@ __device__ __forceinline__ void build_block_union(const ForwardArgs& a, const Se
 // thread must reach) and runs sweep_key_tiles with its keys and values. keys_read: as there.
 // kSplit: only the tiles of split `split` of the branch's a.branch_splits (the decode path), in
 // decode_stages(Dk, Dv) stages and bypassing L1 (the prefill sweeps double-buffer through L1:
-// docs/decisions/0003). Mma: the body's product policy (sweep_key_tiles).
-template <class T, int Dk, int Dv, int kBranch, bool kSplit = false, class Mma = MmaSyncTiles, class Body>
+// docs/decisions/0003). Mma: the body's product policy (sweep_key_tiles). kThreads: the CTA's.
+template <class T, int Dk, int Dv, int kBranch, bool kSplit = false, class Mma = MmaSyncTiles,
+          int kThreads = kAttnThreads, class Body>
 __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const SeqInfo& seq, int kv_head,
                                              const RowTile& rt, unsigned char* union_smem, T* sK, T* sV,
                                              int64_t* keys_read, Body&& body, int split = 0) {
   auto sweep = [&](const auto& tiles, const T* kbase, int64_t kstride, const T* vbase, int64_t vstride) {
     if constexpr (kSplit) {
       static_assert(!Mma::kSwizzled, "the decode path keeps mma.sync on padded tiles");
-      sweep_key_tiles<T, Dk, Dv, sweep_stages(true, Dk, Dv), true, Mma>(
+      sweep_key_tiles<T, Dk, Dv, sweep_stages(true, Dk, Dv), true, Mma, kThreads>(
           split_tiles(tiles, split, a.branch_splits[kBranch]), kbase, kstride, vbase, vstride, sK, sV,
           rt.warp_positions, keys_read, body);
     } else {
-      sweep_key_tiles<T, Dk, Dv, sweep_stages(false, Dk, Dv), false, Mma>(
+      sweep_key_tiles<T, Dk, Dv, sweep_stages(false, Dk, Dv), false, Mma, kThreads>(
           tiles, kbase, kstride, vbase, vstride, sK, sV, rt.warp_positions, keys_read, body);
     }
   };
@@ -614,6 +618,7 @@ __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const 
     sweep(tiles, seq_head_ptr<T>(a.k_cmp, a, b, seq.cmp_row0, kv_head), a.k_cmp.seq_stride,
           seq_head_ptr<T>(a.v_cmp, a, b, seq.cmp_row0, kv_head), a.v_cmp.seq_stride);
   } else if constexpr (kBranch == kBranchSlc) {
+    static_assert(kThreads == kAttnThreads, "the block union is built by one warpgroup");
     int union_size = 0;
     uint64_t* union_masks = nullptr;
     int* union_blocks = nullptr;
@@ -634,6 +639,15 @@ __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const 
 // at 8k (its cp.async.ca gathers compete for the L1 that more shared memory leaves).
 template <int Dk, int kBranch>
 inline constexpr int kAttnMinBlocks = (Dk > 128 || kBranch == kBranchSlc) ? 2 : 3;
+
+// Warpgroups of an attention CTA in this device pass: prefill_warpgroups for the prefill sweeps
+// (kSplit false), one for the decode path's. Several warpgroups ask for one CTA per SM (three:
+// 384 threads of up to 168 registers, 12 warps, as three CTAs of one warpgroup).
+template <int Dk, int kBranch, bool kSplit>
+inline constexpr int kAttnWarpgroups =
+    kSplit ? 1 : prefill_warpgroups(kBranch, Dk, kHaveWgmma && prefill_sweep_wgmma(kBranch, Dk));
+template <int Dk, int kBranch, bool kSplit>
+inline constexpr int kAttnCtaMinBlocks = kAttnWarpgroups<Dk, kBranch, kSplit> == 1 ? kAttnMinBlocks<Dk, kBranch> : 1;
 
 
 // With kWarpSplit (m * G <= 16, so the first warp's 16 rows hold every query) the four warps
@@ -700,8 +714,12 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   // not select); not the decode path, whose warps may split a tile's keys.
   constexpr bool kWgmma = kHaveWgmma && !kSplit && prefill_sweep_wgmma(kBranch, Dk);
   using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTiles>;
+  // Warpgroups, each on its 64 rows of the Q tile (the Q tile stays in shared memory only with wgmma).
+  constexpr int kWarpgroups = kAttnWarpgroups<Dk, kBranch, kSplit>;
+  static_assert(kWarpgroups == 1 || kWgmma, "several warpgroups keep the Q tile in shared memory (wgmma)");
+  constexpr int kThreads = kAttnThreads * kWarpgroups, kRows = 64 * kWarpgroups;
   constexpr int kStages = sweep_stages(kSplit, Dk, Dv);
-  constexpr int64_t kSweepBytes = AttentionSmem::sweep_bytes(Dk, Dv, kStages, kWgmma);
+  constexpr int64_t kSweepBytes = AttentionSmem::sweep_bytes(Dk, Dv, kStages, kWgmma, kWarpgroups);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kStages * AttentionSmem::k_elems(Dk);
   // The Q tile: in the first K buffer until its fragments are in registers, or (wgmma) after the
@@ -710,16 +728,16 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   if constexpr (kWgmma) wgmma_check_smem(smem, static_cast<uint32_t>(kSweepBytes));
 
   const SeqInfo seq = seq_info(a, b);
-  // 32-bit row arithmetic (the host checks seqlen * G < 2^31 - 128): no 64-bit divisions.
-  const int m0 = kSplit ? 0 : tile_x * 64;
+  // 32-bit row arithmetic (the host checks seqlen * G < 2^31 - 256): no 64-bit divisions.
+  const int m0 = kSplit ? 0 : tile_x * kRows;
   if (int64_t{m0} >= seq.len * a.group) return;  // uniform over the CTA
   if (kSplit && tile_x >= a.branch_splits[kBranch]) return;
   const int warp = threadIdx.x >> 5, tig = threadIdx.x & 3;
   const int row_warp = kWarpSplit ? 0 : warp;
 
-  load_head_rows_async<T, Dk, Mma::kSwizzled>(sQ, a.q, a, b, seq, kv_head, m0);
+  load_head_rows_async<T, Dk, Mma::kSwizzled, kRows, kThreads>(sQ, a.q, a, b, seq, kv_head, m0);
   cp_async_commit();
-  const RowTile rt = make_row_tile(a, kv_head, m0, seq, row_warp);
+  const RowTile rt = make_row_tile(a, kv_head, m0, seq, row_warp, kRows);
   const RowState(&rows)[2] = rt.rows;
   // The decode slc kernel is chained to the scoring kernel (forward_launch.cuh): the Q tile loads
   // while that one finishes; the selected blocks and the other branches' partials are read after.
@@ -729,7 +747,7 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   cp_async_wait<0>();
   sync_copied_tiles<kWgmma>();
   std::conditional_t<kWgmma, QInSharedMemory<T>, QInRegisters<T, Dk>> qf;
-  qf.load(sQ, row_warp * 16);
+  qf.load(kWgmma ? sQ + (warp / 4) * 64 * Dk : sQ, row_warp * 16);  // wgmma: the warpgroup's 64 rows
   if constexpr (!kWgmma) __syncthreads();  // the first K tile overwrites the Q tile
 
   float acc[Dv / 8][4], m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
@@ -759,7 +777,7 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
                 make_float2(scores[nb][2 * r], scores[nb][2 * r + 1]);
     }
   };
-  sweep_branch<T, Dk, Dv, kBranch, kSplit, Mma>(
+  sweep_branch<T, Dk, Dv, kBranch, kSplit, Mma, kThreads>(
       a, b, seq, kv_head, rt, smem + kSweepBytes, sK, sV, keys_read,
       [&](const auto& tiles, const TileInfo& ti, const T* tk, const T* tv) {
         if constexpr (kWarpSplit)
@@ -842,7 +860,8 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
 }
 
 template <class T, int Dk, int Dv, int kBranch, bool kSplit = false, bool kWarpSplit = false>
-__global__ void __launch_bounds__(kAttnThreads, (kAttnMinBlocks<Dk, kBranch>)) attention_kernel(const ForwardArgs a) {
+__global__ void __launch_bounds__(kAttnThreads * kAttnWarpgroups<Dk, kBranch, kSplit>,
+                                  (kAttnCtaMinBlocks<Dk, kBranch, kSplit>)) attention_kernel(const ForwardArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];  // wgmma's 1024-byte alignment: wgmma_check_smem
   attention_cta<T, Dk, Dv, kBranch, kSplit, kWarpSplit>(a, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
                                                         static_cast<int>(blockIdx.z), smem);

@@ -107,10 +107,11 @@ struct AttentionSmem {
   NSA_HOST_DEVICE static constexpr int64_t tiles_bytes(int dk, int dv, int stages) {
     return stages * stage_bytes(dk, dv);
   }
-  // The tiles of a sweep: the K / V buffers, then with wgmma (sm_90a) the Q tile [64][Dk], which
-  // wgmma reads from shared memory for every key tile. The slc kernel's union follows.
-  NSA_HOST_DEVICE static constexpr int64_t sweep_bytes(int dk, int dv, int stages, bool wgmma) {
-    return tiles_bytes(dk, dv, stages) + (wgmma ? int64_t{kRows} * dk * 2 : 0);
+  // The tiles of a sweep: the K / V buffers, then with wgmma (sm_90a) the Q tile [64 * warpgroups][Dk]
+  // (prefill_warpgroups), which wgmma reads from shared memory for every key tile. The slc kernel's
+  // union follows.
+  NSA_HOST_DEVICE static constexpr int64_t sweep_bytes(int dk, int dv, int stages, bool wgmma, int warpgroups = 1) {
+    return tiles_bytes(dk, dv, stages) + (wgmma ? int64_t{kRows} * warpgroups * dk * 2 : 0);
   }
   NSA_HOST_DEVICE static constexpr int64_t union_bytes(int words, int capacity) {
     return int64_t{8} * capacity + int64_t{8} * words + int64_t{4} * capacity + 4;
@@ -137,6 +138,14 @@ NSA_HOST_DEVICE constexpr int sweep_stages(bool decode, int dk, int dv) { return
 // 17.7 -> 16.9 ms for G = 16 at 64k) and slower at Dk = 128 (26.7 -> 30.2 ms in the paper config
 // at 64k): docs/decisions/0007.
 NSA_HOST_DEVICE constexpr bool prefill_sweep_wgmma(int branch, int dk) { return branch != kBranchSlc || dk <= 64; }
+// Warpgroups of a prefill attention CTA, each on its own 64 rows of the Q tile, all sharing every K / V
+// tile: three for the cmp and win sweeps on wgmma at Dk >= 128, which cuts their K / V bytes per row
+// to a third at the same 12 warps per SM (paper config at 64k: cmp 17.1 -> 12.8 ms, win 7.0 -> 6.0;
+// two warpgroups, 8 warps per SM, gained less: docs/decisions/0009), else one. The decode sweeps keep
+// one.
+NSA_HOST_DEVICE constexpr int prefill_warpgroups(int branch, int dk, bool wgmma) {
+  return wgmma && branch != kBranchSlc && dk >= 128 ? 3 : 1;
+}
 
 // Buffers of staged scores in a decode scoring CTA (decode_scoring.cuh): three chunks in flight
 // while one is summed.

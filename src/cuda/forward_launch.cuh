@@ -1,9 +1,10 @@
 // Definition of launch_forward<T, Dk, Dv>: grid shapes, dynamic shared memory and attributes of
 // the four kernels of the forward, in stream order:
-//   1. attention_kernel<cmp>:  compressed attention       grid (ceil(T*G/64), Hkv, B)
-//   2. select_kernel:          scores + top-n             grid (ceil(T/P), Hkv, B), P <= max(1, 64/G)
-//   3. attention_kernel<slc>:  selected attention         grid as 1
+//   1. attention_kernel<cmp>:  compressed attention       grid (ceil(T*G/(64*W)), Hkv, B), 128*W threads
+//   2. select_kernel:          scores + top-n             grid (ceil(T/P), Hkv, B), P <= max(1, 16*warps/R)
+//   3. attention_kernel<slc>:  selected attention         grid (ceil(T*G/64), Hkv, B), 128 threads
 //   4. attention_kernel<win>:  window attention + gated combine, grid as 1.
+// W: the CTA's warpgroups (prefill_warpgroups: three for cmp and win on wgmma at Dk >= 128).
 // The decode path (ForwardArgs::num_splits > 0) launches the kernels of src/cuda/decode.cuh instead.
 // Included only by the generated instantiation files.
 #pragma once
@@ -68,9 +69,11 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
     return a.warp_split ? launch_decode<T, Dk, Dv, true>(a, stream, max_smem)
                         : launch_decode<T, Dk, Dv, false>(a, stream, max_smem);
 
+  // Per branch: wgmma (sm_90a code on an sm_90 device) and the warpgroups of a CTA (64 rows each).
+  const auto wgmma = [&](int branch) { return device.wgmma_sweeps && prefill_sweep_wgmma(branch, Dk); };
+  const auto warpgroups = [&](int branch) { return prefill_warpgroups(branch, Dk, wgmma(branch)); };
   const auto sweep_smem = [&](int branch) {
-    return AttentionSmem::sweep_bytes(Dk, Dv, sweep_stages(false, Dk, Dv),
-                                      device.wgmma_sweeps && prefill_sweep_wgmma(branch, Dk));
+    return AttentionSmem::sweep_bytes(Dk, Dv, sweep_stages(false, Dk, Dv), wgmma(branch), warpgroups(branch));
   };
   const int64_t cmp_smem = sweep_smem(kBranchCmp), win_smem = sweep_smem(kBranchWin);
   const int64_t slc_smem = sweep_smem(kBranchSlc) + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
@@ -100,13 +103,16 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   if (st.ok() && run_select) st = prepare_kernel(kForwardApi, sel_kernel, select_smem, max_smem, "the selection kernel");
   if (!st.ok()) return st;
 
-  const int64_t attn_tiles = (a.seqlen * a.group + 63) / 64;
-  const dim3 attn_grid(static_cast<unsigned>(attn_tiles), static_cast<unsigned>(a.num_kv_heads),
-                       static_cast<unsigned>(a.batch));
+  const auto attn_grid = [&](int branch) {
+    const int64_t rows = 64 * warpgroups(branch);
+    return dim3(static_cast<unsigned>((a.seqlen * a.group + rows - 1) / rows), static_cast<unsigned>(a.num_kv_heads),
+                static_cast<unsigned>(a.batch));
+  };
+  const auto attn_threads = [&](int branch) { return kAttnThreads * warpgroups(branch); };
   const dim3 select_grid(static_cast<unsigned>((a.seqlen + sa.select_t_per_cta - 1) / sa.select_t_per_cta),
                          static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(a.batch));
   if (stages & kStageCmp) {
-    cmp_kernel<<<attn_grid, kAttnThreads, cmp_smem, stream>>>(a);
+    cmp_kernel<<<attn_grid(kBranchCmp), attn_threads(kBranchCmp), cmp_smem, stream>>>(a);
     if (!(st = launch_status(kForwardApi, "launching the cmp attention kernel")).ok()) return st;
   }
   if (run_select) {
@@ -114,11 +120,11 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
     if (!(st = launch_status(kForwardApi, "launching the selection kernel")).ok()) return st;
   }
   if (stages & kStageSlc) {
-    slc_kernel<<<attn_grid, kAttnThreads, slc_smem, stream>>>(a);
+    slc_kernel<<<attn_grid(kBranchSlc), attn_threads(kBranchSlc), slc_smem, stream>>>(a);
     if (!(st = launch_status(kForwardApi, "launching the slc attention kernel")).ok()) return st;
   }
   if (stages & kStageWin) {
-    win_kernel<<<attn_grid, kAttnThreads, win_smem, stream>>>(a);
+    win_kernel<<<attn_grid(kBranchWin), attn_threads(kBranchWin), win_smem, stream>>>(a);
     if (!(st = launch_status(kForwardApi, "launching the win attention kernel")).ok()) return st;
   }
   return Status::Ok();

@@ -292,6 +292,12 @@ std::vector<GpuCase> gpu_cases() {
     c.given_indices = true;
     cases.push_back(c);
   }
+  // Three warpgroups per cmp / win CTA (Dk >= 128 on sm_90a): 192 positions of G = 1 in one CTA, and
+  // G > 64 (a position's heads across the warpgroups' tiles).
+  for (int64_t G : {1, 72})
+    cases.push_back(make_gpu_case("G" + std::to_string(G) + "_D128",
+                                  padded_spec(1, G > 16 ? 130 : 777, G, 1, 128, 128), tight_config(),
+                                  DType::kBFloat16, ++seed));
   return cases;
 }
 
