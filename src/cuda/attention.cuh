@@ -487,7 +487,7 @@ __device__ __forceinline__ RowTile make_row_tile(const ForwardArgs& a, int kv_he
   // Rows past the sequence end have no position.
   rt.warp_positions = 0;
   const int first = (m0 + warp * 16) / G - i_lo, last = min((m0 + warp * 16 + 15) / G, i_hi) - i_lo;
-  for (int tl = first; tl <= min(last, 63); ++tl) rt.warp_positions |= 1ull << tl;
+  for (int tl = first; tl <= (rows > 64 ? min(last, 63) : last); ++tl) rt.warp_positions |= 1ull << tl;
   return rt;
 }
 
@@ -508,7 +508,10 @@ __device__ __forceinline__ void load_head_rows_async(T* tile, const TensorRef& r
     const int t = R / G, g = R % G;
     const bool valid = t < len;
     const T* src = valid ? base + int64_t{t} * ref.seq_stride + int64_t{g} * ref.head_stride + c * 8 : base;
-    cp_async_16(tile + (r / 64) * kTileElems + tile_chunk_offset<D, 64, kSwizzled>(r % 64, c), src, valid);
+    // (One 64-row tile: the offset as it was, so that the code of those kernels stays the same.)
+    const int offset = Rows == 64 ? tile_chunk_offset<D, 64, kSwizzled>(r, c)
+                                  : (r / 64) * kTileElems + tile_chunk_offset<D, 64, kSwizzled>(r % 64, c);
+    cp_async_16(tile + offset, src, valid);
   }
 }
 
@@ -747,7 +750,7 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   cp_async_wait<0>();
   sync_copied_tiles<kWgmma>();
   std::conditional_t<kWgmma, QInSharedMemory<T>, QInRegisters<T, Dk>> qf;
-  qf.load(kWgmma ? sQ + (warp / 4) * 64 * Dk : sQ, row_warp * 16);  // wgmma: the warpgroup's 64 rows
+  qf.load(kWarpgroups > 1 ? sQ + (warp / 4) * 64 * Dk : sQ, row_warp * 16);  // the warpgroup's 64 rows
   if constexpr (!kWgmma) __syncthreads();  // the first K tile overwrites the Q tile
 
   float acc[Dv / 8][4], m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
