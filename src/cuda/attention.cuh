@@ -501,7 +501,7 @@ __device__ __forceinline__ void load_head_rows_async(T* tile, const TensorRef& r
   const int G = a.group, len = static_cast<int>(seq.len);
   const T* base = seq_head_ptr<T>(ref, a, b, seq.row0, kv_head * G);
   constexpr int kChunks = D / 8;
-  constexpr int64_t kTileElems = int64_t{64} * (kSwizzled ? D : D + 8);
+  constexpr int kTileElems = 64 * (kSwizzled ? D : D + 8);
   for (int idx = threadIdx.x; idx < Rows * kChunks; idx += kThreads) {
     const int r = idx / kChunks, c = idx % kChunks;
     const int R = m0 + r;

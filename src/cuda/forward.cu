@@ -171,10 +171,6 @@ ForwardArgs make_args(const ForwardParams& p, void* workspace) {
         std::clamp<int64_t>(kDecodeScoreStageBytes / (4 * a.group) / 4 * 4, 4, (score_tokens(a) + 3) / 4 * 4 + 4));
     a.topn_in_smem = int64_t{4} * plan.blocks <= kDecodeScoreSmemBytes;
   }
-  // Selection CTA: P = max(1, 16 * warps / R) positions with all G heads in R rows each, in 64-row chunks.
-  a.select_t_per_cta = std::max(1, select_threads(select_padded_group(a.group), s.head_dim_qk) / 2 /
-                                       select_rows_per_position(a.group));
-  a.select_chunks = select_chunk_count(a.select_t_per_cta, a.group);
   // Block scores of every eligible block per selection position (launch_forward shrinks P to fit).
   a.select_blocks = static_cast<int>((a.key_extent + c.sel_block - 1) / c.sel_block);
   return a;

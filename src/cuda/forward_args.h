@@ -72,7 +72,7 @@ struct ForwardArgs {
 
   // Derived tiling (host-computed).
   int select_t_per_cta;   // positions per selection CTA: max(1, select_threads / 2 / select_rows_per_position(G)),
-                          // halved while its smem does not fit
+                          // halved while its smem does not fit (set by launch_forward)
   int select_chunks;      // 64-row chunks per selection CTA: select_chunk_count(select_t_per_cta, G)
   int select_blocks;      // block scores per position in the selection kernel: ceil(key_extent / l')
   int union_words;        // 32-bit words of the selected-block bitmap (ceil(ceil(key_extent/l')/32))
@@ -167,11 +167,12 @@ NSA_HOST_DEVICE inline int score_tokens(const ForwardArgs& a) {
 NSA_HOST_DEVICE constexpr int select_padded_group(int group) {
   return group < 3 || group > 16 ? 0 : group <= 4 ? 4 : group <= 8 ? 8 : 16;
 }
-// Threads of a selection CTA. On the shuffle path at Dk >= 128, two warpgroups (128 Q-tile rows) share
-// each K tile, halving the K bytes per position (decision 0009: paper config at 64k, select -14%); at
-// Dk = 64 the second warpgroup lost (m7c shape +18%), and the shared-memory path keeps one.
-NSA_HOST_DEVICE constexpr int select_threads(int padded_group, int dk) {
-  return padded_group > 0 && dk >= 128 ? 256 : 128;
+// Threads of a selection CTA. On the shuffle path at Dk >= 128 with wgmma (sm_90a), two warpgroups
+// (128 Q-tile rows) share each K tile, halving the K bytes per position (decision 0009: paper config
+// at 64k, select -14%); at Dk = 64 the second warpgroup lost (m7c shape +18%), the shared-memory path
+// keeps one, and so does mma.sync (not measured there).
+NSA_HOST_DEVICE constexpr int select_threads(int padded_group, int dk, bool wgmma) {
+  return padded_group > 0 && dk >= 128 && wgmma ? 256 : 128;
 }
 // R: the selection CTA's Q-tile rows per position.
 NSA_HOST_DEVICE constexpr int select_rows_per_position(int group) {
@@ -185,14 +186,14 @@ NSA_HOST_DEVICE constexpr int select_chunk_count(int positions, int group) {
 struct SelectSmem {
   // Q [chunks*64][Dk+8] and K double buffer [2][64][Dk+8] (2-byte elements); P [64][68] float (not
   // on the shuffle path); pg [tpc][64] float; lse2 [chunks*64] float; block scores
-  // [tpc][blocks] float; a top-n scratch per warp [warps] TopNScratch.
+  // [tpc][blocks] float; a top-n scratch per warp that picks [min(warps, tpc)] TopNScratch.
   static constexpr int kRows = 64, kKeys = 64, kPad = 8, kPStride = 68;
-  NSA_HOST_DEVICE static constexpr int64_t bytes(int dk, int chunks, int tpc, int blocks, int padded_group) {
-    const bool shuffle_path = padded_group > 0;
+  NSA_HOST_DEVICE static constexpr int64_t bytes(int dk, int chunks, int tpc, int blocks, bool shuffle_path,
+                                                 int warps) {
     return 2 * (int64_t{chunks} * kRows * (dk + kPad) + 2 * int64_t{kKeys} * (dk + kPad)) +
            4 * ((shuffle_path ? 0 : int64_t{kRows} * kPStride) + int64_t{tpc} * kKeys +
                 int64_t{chunks} * kRows + int64_t{tpc} * blocks) +
-           select_threads(padded_group, dk) / 32 * static_cast<int64_t>(sizeof(TopNScratch));
+           (warps < tpc ? warps : tpc) * static_cast<int64_t>(sizeof(TopNScratch));
   }
 };
 

@@ -64,8 +64,8 @@ __device__ __forceinline__ void head_reduce_scatter(float* h, int lane) {
 }
 
 template <class T, int Dk, int kPaddedGroup>
-__global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk), 2) select_kernel(const ForwardArgs a) {
-  constexpr int kSelectThreads = select_threads(kPaddedGroup, Dk);
+__global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 2) select_kernel(const ForwardArgs a) {
+  constexpr int kSelectThreads = select_threads(kPaddedGroup, Dk, kHaveWgmma);
   // wgmma: each warpgroup's four warps issue a chunk's S together (warps without rows compute zeros).
   constexpr bool kWgmma = kHaveWgmma;
   using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTiles>;
@@ -151,9 +151,10 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk), 2) select_ke
     const int nv_lo = tl_lo < nt ? num_visible_cmp(t0 + tl_lo, lc, dc) : 0;
     const int nv_hi = kPaddedGroup == 16 ? nv_lo : tl_hi < nt ? num_visible_cmp(t0 + tl_hi, lc, dc) : 0;
     QSource qf;
-    // Two warpgroups with the positions halved to fit: the second may have no chunk; it issues the
-    // product on the first (discarded) and reads no lse.
-    if (kWgmma || active) qf.load(kWgmma ? q_chunk(min(warp >> 2, chunks - 1)) : sQ, warp * 16);
+    // wgmma: a warpgroup's four warps issue the product together, on its chunk. With two warpgroups
+    // and the positions halved to fit, the second has no chunk: it computes nothing and reads no lse.
+    const bool wg_issues = kSelectThreads == 128 || (warp >> 2) < chunks;
+    if (kWgmma ? wg_issues : active) qf.load(kWgmma && kSelectThreads > 128 ? q_chunk(warp >> 2) : sQ, warp * 16);
     const bool has_chunk = row_lo < chunks * 64;
     const float lse_lo = has_chunk ? sLse2[row_lo] : pos_inf();  // +inf on padding rows: p = 0
     const float lse_hi = has_chunk ? sLse2[row_lo + 8] : pos_inf();
@@ -169,7 +170,7 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk), 2) select_ke
       const int i0 = k * 64, i1 = min(i0 + 64, nk);
       const bool computes = active && i0 < nv_warp;
       float s[8][4];
-      if (kWgmma || computes) Mma::template scores<T, Dk, 8>(qf, sK + (k & 1) * 64 * (Dk + 8), 0, s);
+      if (kWgmma ? wg_issues : computes) Mma::template scores<T, Dk, 8>(qf, sK + (k & 1) * 64 * (Dk + 8), 0, s);
       if (computes) {
         // p of key nb*8 + 2*tig + c in h[nb*4 + half*2 + c] (row group + 8*half), the halves summed
         // into h[nb*2 + c] for 16 heads. nb is the top index bit: each reduce-scatter step below
