@@ -2,10 +2,12 @@
 // wgmma for the cmp and win sweeps; bf16/fp16 in, fp32 accumulation, online softmax in the exp2
 // domain) for the three NSA branches.
 //
-// Rows. A CTA (4 warps, 16 rows each) owns 64 consecutive rows of the flattened (t, g) space of
-// one (sequence, kv head): row R = t * G + g reads query head kv_head * G + g. So the G heads of
-// a group share every K/V tile the CTA loads (any G >= 1), and the CTA covers the positions
-// t_lo .. t_hi (64 / G of them when G <= 64, a part of one position's heads when G > 64).
+// Rows. A CTA (W warpgroups of 4 warps, 16 rows each: kAttnWarpgroups, three for the prefill cmp
+// and win sweeps at Dk >= 128 on sm_90a, else one) owns 64 W consecutive rows of the flattened
+// (t, g) space of one (sequence, kv head): row R = t * G + g reads query head kv_head * G + g. So
+// the G heads of a group share every K/V tile the CTA loads (any G >= 1), and the CTA covers the
+// positions t_lo .. t_hi (64 W / G of them when G <= 64 W, a part of one position's heads when
+// G is larger).
 //
 // Keys come in tiles of 64 rows, loaded with cp.async into a double buffer. Which tiles and
 // which (row, key) pairs are valid is the branch's business (the *Tiles structs below):
@@ -223,8 +225,8 @@ __device__ __forceinline__ void accumulate_ptile(float (&acc)[D / 8][4], const f
 
 // How a sweep multiplies its rows with the shared-memory K and V tiles. MmaSyncTiles: each warp on
 // its own 16 rows (ldmatrix + mma.sync, padded tiles; every architecture), so a warp may skip a
-// tile its rows do not see (kEveryWarp false). WgmmaTiles: the CTA's 64 rows at once (wgmma,
-// swizzled tiles; sm_90a), which every warp of the CTA must issue together, so every warp takes
+// tile its rows do not see (kEveryWarp false). WgmmaTiles: a warpgroup's 64 rows at once (wgmma,
+// swizzled tiles; sm_90a), which every warp of the warpgroup must issue together, so every warp takes
 // every tile, whole (NB = 8, key0 = 0): the prefill's cmp and win sweeps (and slc at Dk = 64:
 // prefill_sweep_wgmma), the selection kernel's scores, the backward's dq kernel and dK / dV kernel.
 struct MmaSyncTiles {
@@ -636,7 +638,8 @@ __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const 
   }
 }
 
-// CTAs per SM the register allocation must allow. cmp and win: three up to Dk = 128 (<= 170
+// CTAs of one warpgroup per SM the register allocation must allow (the decode path, slc, and
+// sm_80's cmp and win; kAttnCtaMinBlocks). cmp and win: three up to Dk = 128 (<= 170
 // registers per thread, 70 KB of shared memory at D = 128): measured 0.51 -> 0.46 ms (cmp, 8k)
 // and 22.5 -> 20.2 ms (cmp, 64k) on an H200. slc: two; with three it slowed from 2.8 to 3.1 ms
 // at 8k (its cp.async.ca gathers compete for the L1 that more shared memory leaves).
@@ -712,7 +715,7 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   static_assert(kBranch == kBranchCmp || kBranch == kBranchSlc || kBranch == kBranchWin, "branch");
   static_assert(kSplit || !kWarpSplit, "the warps share rows only in the decode path");
   using Tr = TypeTraits<T>;
-  // wgmma where the architecture has it, the four warps then taking every tile: cmp and win, and
+  // wgmma where the architecture has it, every warp then taking every tile: cmp and win, and
   // slc where that pays (prefill_sweep_wgmma; otherwise a warp skips the blocks its positions did
   // not select); not the decode path, whose warps may split a tile's keys.
   constexpr bool kWgmma = kHaveWgmma && !kSplit && prefill_sweep_wgmma(kBranch, Dk);

@@ -1,8 +1,8 @@
-// Hopper warpgroup MMA (wgmma, sm_90a) for the attention sweeps: the 128 threads of a CTA multiply
-// their 64 rows (A: the Q tile in shared memory, or P from registers in the mma.sync A-fragment
+// Hopper warpgroup MMA (wgmma, sm_90a) for the attention sweeps: the 128 threads of a warpgroup
+// multiply their 64 rows (A: the Q tile in shared memory, or P from registers in the mma.sync A-fragment
 // layout of each warp's 16 rows) with a 64-key tile in shared memory (B, read through a matrix
-// descriptor), so a tile is read from shared memory once per CTA where four warps' ldmatrix passes
-// read it four times.
+// descriptor), so a tile is read from shared memory once per warpgroup where four warps' ldmatrix
+// passes read it four times.
 //
 // Shared-memory layout the descriptors describe (the 128-byte swizzle): a 64-row tile of D
 // elements is stored as [D / 64][64 rows][64 elements]; the 16-byte chunk c (0..7) of a row r sits
@@ -10,8 +10,8 @@
 // [64 rows][64 elements] part is a stack of 8-row, 1024-byte swizzle atoms, so every part must
 // start at a multiple of 1024 bytes.
 //
-// Accumulator layout (PTX ISA, wgmma .m64nNk16 with f32 accumulators): warp w of the CTA holds rows
-// 16 w .. 16 w + 15, and within the warp the 8-column block nb of the tile is the mma.sync C
+// Accumulator layout (PTX ISA, wgmma .m64nNk16 with f32 accumulators): warp w of the warpgroup holds
+// rows 16 w .. 16 w + 15, and within the warp the 8-column block nb of the tile is the mma.sync C
 // fragment d[nb][0..3]. So a [NB][4] fragment array of the mma.sync code is the same registers.
 #pragma once
 
@@ -125,7 +125,7 @@ __device__ __forceinline__ void wgmma_wait() {
       : NSA_WGMMA_D_OPERANDS(d, 0)                                                                                \
       : "l"(a_desc), "l"(b_desc), "r"(static_cast<int>(accumulate)))
 
-// d (+)= A B^T for the CTA's 64 rows, both operands in shared memory and k-contiguous: A = the
+// d (+)= A B^T for the warpgroup's 64 rows, both operands in shared memory and k-contiguous: A = the
 // 64 x 16 operand a_desc points at (Q), B = the 64 x 16 one b_desc points at (K), so d is 64 x 64.
 // Issues the instruction only, as below.
 template <class T>
@@ -135,7 +135,7 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[8][4], uint64_t a_
   NSA_WGMMA_BY_TYPE(T, NSA_WGMMA_M64N64K16_SS);
 }
 
-// d[NB0 .. NB0 + 7] (+)= A B for the CTA's 64 rows: A = a (16 columns of k), B = the 16 x 64 operand
+// d[NB0 .. NB0 + 7] (+)= A B for the warpgroup's 64 rows: A = a (16 columns of k), B = the 16 x 64 operand
 // the descriptor points at (kTransB: stored k-row by k-row, i.e. [k][n] with n contiguous, like V;
 // otherwise n-row by n-row, [n][k] with k contiguous, like K). accumulate = false overwrites d.
 // Issues the instruction only: the caller fences before and commits and waits after.
