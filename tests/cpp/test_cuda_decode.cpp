@@ -91,6 +91,18 @@ TEST_P(CudaDecode, MatchesReference) {
 INSTANTIATE_TEST_SUITE_P(Cases, CudaDecode, ::testing::ValuesIn(decode_cases(DType::kBFloat16, 64, 4096)),
                          case_name<DecodeCase>);
 
+// Chunked prefill at Dk = 128: calls of m * G > 64 query rows run the prefill kernels on the cache,
+// whose cmp and win CTAs take three warpgroups on sm_90a (prefill_warpgroups).
+std::vector<DecodeCase> prefill_kernel_cases_d128() {
+  std::vector<DecodeCase> cases;
+  for (const DecodeCase& c : decode_cases(DType::kBFloat16, 128, 300))
+    if (c.chunk * (c.spec.hq / c.spec.hkv) > 64) cases.push_back(c);
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(PrefillKernelsD128, CudaDecode, ::testing::ValuesIn(prefill_kernel_cases_d128()),
+                         case_name<DecodeCase>);
+
 // A small case for compute-sanitizer (scripts/gpu_check.sh filters on it): the decode path with
 // the warps sharing rows (m = 1, G = 16) and without (m = 7, G = 3), a batch of two.
 TEST(CudaDecodeSanitizer, Small) {
