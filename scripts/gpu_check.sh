@@ -8,8 +8,9 @@
 #
 #   bash scripts/gpu_check.sh            (from the repository root, on a machine with a GPU)
 #
-# Logs go to $OUT (default ./gpu_check_out), at most 9 files: env.txt build.log tests.log
-# pytest.log sanitizer.log bench.log bench_prefill.json bench_decode.json summary.txt.
+# Logs go to $OUT (default ./gpu_check_out), at most 10 files: env.txt build.log tests.log
+# pytest.log sanitizer.log bench.log bench_prefill.json bench_decode.json summary.txt
+# (train_profile.txt with NSA_CHECK_TRAIN_PROFILE=1).
 # Environment: NSA_CUDA_ARCH (default 90a: the wgmma sweeps), NSA_BENCH_SEQLENS (default 8192,32768,65536),
 # NSA_CHECK_BUDGET (seconds for the whole script, default 1800; later steps shrink to fit),
 # NSA_CHECK_BUILD_DIR (default build/gpu-check), NSA_CHECK_SKIP_SDPA=1 (skip the harness; the C++
@@ -18,7 +19,8 @@
 # CudaDecodeSanitizer.*), NSA_BENCH_DECODE_BATCHES / NSA_BENCH_DECODE_CONTEXTS (decode benchmark, default 1,16,64 /
 # 8192,32768,65536,131072), NSA_CHECK_SKIP_DECODE_BENCH=1,
 # NSA_CHECK_SKIP_LARGE=1 (skip the single T = 256k forward), NSA_CHECK_TRAIN_STEP=1 (also time one
-# training step of the showcase model, NSA and dense: python -m nsa.bench train-step).
+# training step of the showcase model, NSA and dense: python -m nsa.bench train-step; with
+# NSA_CHECK_TRAIN_PROFILE=1 also its CUDA kernels, 50 per model, in train_profile.txt).
 # After the harness, nsa_gather_ceiling (the selected branch's K/V block reads alone: a floor for
 # the slc kernel) appends to bench.log; NSA_CHECK_NCU=1 also appends an Nsight Compute profile of
 # nsa_bench_forward's attention and select kernels at T = 8192 (L2/DRAM traffic, tensor pipe).
@@ -164,6 +166,11 @@ if [ -f "$BUILD/_nsa_ops.so" ] && [ "${NSA_CHECK_TRAIN_STEP:-0}" = 1 ]; then
     timeout "$(limit 180)" python3 -m nsa.bench train-step --preset m7c-125m --iters 10 --warmup 3 2>&1 |
     tee -a "$OUT/bench.log"
   rc=${PIPESTATUS[0]}
+  if [ "${NSA_CHECK_TRAIN_PROFILE:-0}" = 1 ]; then
+    env NSA_OPS_LIBRARY="$PWD/$BUILD/_nsa_ops.so" PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" \
+      timeout "$(limit 120)" python3 -m nsa.bench train-step --preset m7c-125m --iters 3 --warmup 2 --profile \
+      --profile-rows 50 > "$OUT/train_profile.txt" 2>&1
+  fi
   # "  nsa   T=2048: 120.0 ms/step, 273,066 tokens/s, ..." -> "nsa 273,066 tok/s; dense ..."
   row=$(tail -n +"$from" "$OUT/bench.log" | grep -E "^  (nsa|dense) " |
     sed -E 's/^ +([a-z]+) +T=[0-9]+: ([0-9.]+) ms\/step, ([0-9,]+) tokens\/s.*/\1 \3 tok\/s (\2 ms)/' | paste -sd ';' - |
