@@ -3,6 +3,8 @@
 // pointers; strides are in elements; every offset is computed in int64.
 #pragma once
 
+#include <vector_types.h>  // float2 (CUDA toolkit)
+
 #include <cstdint>
 
 #include "nsa/params.h"     // kBranchSlc
@@ -71,9 +73,8 @@ struct ForwardArgs {
   bool topn_in_smem;         // the top-n copies the block scores to shared memory (4 * decode_blocks bytes fit)
 
   // Derived tiling (host-computed).
-  int select_t_per_cta;   // positions per selection CTA: max(1, select_threads / 2 / select_rows_per_position(G)),
-                          // halved while its smem does not fit (set by launch_forward)
-  int select_chunks;      // 64-row chunks per selection CTA: select_chunk_count(select_t_per_cta, G)
+  int select_t_per_cta;   // positions per selection CTA (select_tiling; set by launch_forward)
+  int select_chunks;      // 64-row chunks per selection CTA (select_tiling; set by launch_forward)
   int select_blocks;      // block scores per position in the selection kernel: ceil(key_extent / l')
   int union_words;        // 32-bit words of the selected-block bitmap (ceil(ceil(key_extent/l')/32))
   int union_capacity;     // max distinct selected blocks per attention CTA
@@ -197,5 +198,26 @@ struct SelectSmem {
            (warps < tpc ? warps : tpc) * static_cast<int64_t>(sizeof(TopNScratch));
   }
 };
+
+// The selection CTA's tiling (src/cuda/select.cuh): its threads, P positions with all G heads in R
+// rows each (select_rows_per_position) in 64-row chunks, and its shared memory for `blocks` block
+// scores per position. P = max(1, 16 * warps / R), halved (down to 1) while the shared memory
+// exceeds max_smem (the launch then reports what does not fit).
+struct SelectTiling {
+  int threads, positions, chunks;
+  int64_t smem_bytes;
+};
+NSA_HOST_DEVICE constexpr SelectTiling select_tiling(int group, int dk, bool wgmma, int blocks, int64_t max_smem) {
+  const int padded_group = select_padded_group(group);
+  const int threads = select_threads(padded_group, dk, wgmma);
+  const int first = threads / 2 / select_rows_per_position(group);
+  SelectTiling t{threads, first > 1 ? first : 1, 0, 0};
+  for (;;) {
+    t.chunks = select_chunk_count(t.positions, group);
+    t.smem_bytes = SelectSmem::bytes(dk, t.chunks, t.positions, blocks, padded_group > 0, threads / 32);
+    if (t.positions == 1 || t.smem_bytes <= max_smem) return t;
+    t.positions = (t.positions + 1) / 2;
+  }
+}
 
 }  // namespace nsa::cuda_detail

@@ -77,23 +77,14 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   };
   const int64_t cmp_smem = sweep_smem(kBranchCmp), win_smem = sweep_smem(kBranchWin);
   const int64_t slc_smem = sweep_smem(kBranchSlc) + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
-  // Selection: P positions per CTA keep [P][ceil(T / l')] block scores in shared memory; halve P
-  // (down to 1) while that does not fit. 3 <= G <= 16 take the shuffle path (whole positions per warp).
-  // P = max(1, 16 * warps / R) positions with all G heads in R rows each, in 64-row chunks.
+  // Selection: P positions per CTA keep [P][ceil(T / l')] block scores in shared memory
+  // (select_tiling). 3 <= G <= 16 take the shuffle path (whole positions per warp).
+  const SelectTiling select = select_tiling(a.group, Dk, device.wgmma_sweeps, a.select_blocks, max_smem);
   ForwardArgs sa = a;
+  sa.select_t_per_cta = select.positions;
+  sa.select_chunks = select.chunks;
   const int padded_group = select_padded_group(a.group);
-  const int select_cta_threads = select_threads(padded_group, Dk, device.wgmma_sweeps);
-  sa.select_t_per_cta = std::max(1, select_cta_threads / 2 / select_rows_per_position(a.group));
-  sa.select_chunks = select_chunk_count(sa.select_t_per_cta, a.group);
-  auto select_bytes = [&](const ForwardArgs& x) {
-    return SelectSmem::bytes(Dk, x.select_chunks, x.select_t_per_cta, x.select_blocks, padded_group > 0,
-                             select_cta_threads / 32);
-  };
-  while (sa.select_t_per_cta > 1 && select_bytes(sa) > max_smem) {
-    sa.select_t_per_cta = (sa.select_t_per_cta + 1) / 2;
-    sa.select_chunks = select_chunk_count(sa.select_t_per_cta, sa.group);
-  }
-  const int64_t select_smem = select_bytes(sa);
+  const int64_t select_smem = select.smem_bytes;
   const auto cmp_kernel = attention_kernel<T, Dk, Dv, kBranchCmp>;
   const auto slc_kernel = attention_kernel<T, Dk, Dv, kBranchSlc>;
   const auto win_kernel = attention_kernel<T, Dk, Dv, kBranchWin>;
@@ -121,7 +112,7 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
     if (!(st = launch_status(kForwardApi, "launching the cmp attention kernel")).ok()) return st;
   }
   if (run_select) {
-    sel_kernel<<<select_grid, select_cta_threads, select_smem, stream>>>(sa);
+    sel_kernel<<<select_grid, select.threads, select_smem, stream>>>(sa);
     if (!(st = launch_status(kForwardApi, "launching the selection kernel")).ok()) return st;
   }
   if (stages & kStageSlc) {

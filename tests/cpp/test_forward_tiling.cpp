@@ -1,0 +1,102 @@
+// The CUDA forward's host-side tiling (src/cuda/forward_args.h), checked on the CPU against the
+// invariants its kernels rely on: the selection CTA's rows hold whole positions in whole warps and
+// chunks, its shared memory fits or its positions are down to one; the attention CTAs' shared
+// memory fits an H100 and keeps wgmma's 1024-byte tile alignment. In builds with CUDA (the header
+// needs the toolkit's vector types); no device needed.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <string>
+
+#if NSA_TEST_WITH_CUDA
+#include "cuda/forward_args.h"
+
+namespace nsa_test {
+namespace {
+
+using nsa::cuda_detail::AttentionSmem;
+using nsa::cuda_detail::prefill_sweep_wgmma;
+using nsa::cuda_detail::prefill_warpgroups;
+using nsa::cuda_detail::select_padded_group;
+using nsa::cuda_detail::select_rows_per_position;
+using nsa::cuda_detail::select_tiling;
+using nsa::cuda_detail::SelectSmem;
+using nsa::cuda_detail::SelectTiling;
+using nsa::cuda_detail::sweep_stages;
+
+constexpr int64_t kH100Smem = 227 * 1024;  // the opt-in dynamic shared memory of a CTA
+constexpr int kHeadDims[][2] = {{64, 64}, {128, 128}, {192, 128}};
+constexpr int kBranches[] = {nsa::kBranchCmp, nsa::kBranchSlc, nsa::kBranchWin};
+
+TEST(ForwardTiling, SelectionRowsHoldWholePositions) {
+  for (int group = 1; group <= 80; ++group)
+    for (const auto& dims : kHeadDims)
+      for (bool wgmma : {false, true})
+        for (int blocks : {1, 32, 1024, 2048, 4096, 16384}) {
+          SCOPED_TRACE("G " + std::to_string(group) + ", Dk " + std::to_string(dims[0]) + ", wgmma " +
+                       std::to_string(wgmma) + ", blocks " + std::to_string(blocks));
+          const SelectTiling t = select_tiling(group, dims[0], wgmma, blocks, kH100Smem);
+          const int rows = select_rows_per_position(group), padded = select_padded_group(group);
+          ASSERT_TRUE(t.threads == 128 || t.threads == 256) << t.threads;
+          EXPECT_TRUE(t.threads == 128 || (wgmma && padded > 0 && dims[0] >= 128));
+          ASSERT_GE(t.positions, 1);
+          // Every row of the positions lies in a 64-row chunk of the Q tile.
+          EXPECT_GE(t.chunks * 64, t.positions * rows);
+          EXPECT_LT((t.chunks - 1) * 64, t.positions * rows);
+          if (padded > 0) {
+            // Shuffle path: a warp's 16 rows are whole positions, and the warps cover every row.
+            EXPECT_EQ(16 % padded, 0);
+            EXPECT_LE(t.positions * rows, t.threads / 2);
+            EXPECT_EQ(t.threads / 2 % (t.positions * rows), 0) << "positions halved from 16 * warps / R";
+          }
+          // Fits, or is down to one position (the launch then reports the bytes).
+          EXPECT_TRUE(t.smem_bytes <= kH100Smem || t.positions == 1) << t.smem_bytes;
+          EXPECT_EQ(t.smem_bytes,
+                    SelectSmem::bytes(dims[0], t.chunks, t.positions, blocks, padded > 0, t.threads / 32));
+        }
+}
+
+TEST(ForwardTiling, SelectionHalvesOnlyWhatDoesNotFit) {
+  // The paper's G = 16 at Dk = 128 on wgmma: 8 positions (two warpgroups) up to the blocks whose
+  // scores fit, then 4, 2, 1.
+  const SelectTiling fits = select_tiling(16, 128, true, 1024, kH100Smem);
+  EXPECT_EQ(fits.threads, 256);
+  EXPECT_EQ(fits.positions, 8);
+  EXPECT_EQ(fits.chunks, 2);
+  const SelectTiling halved = select_tiling(16, 128, true, 8192, kH100Smem);
+  EXPECT_LT(halved.positions, 8);
+  EXPECT_GT(select_tiling(16, 128, true, 8192, int64_t{1} << 40).smem_bytes, kH100Smem)
+      << "the unhalved tiling of 8192 blocks does not fit";
+  EXPECT_EQ(select_tiling(16, 128, true, 8192, int64_t{1} << 40).positions, 8);
+  // Without wgmma (sm_80) one warpgroup: 4 positions.
+  EXPECT_EQ(select_tiling(16, 128, false, 1024, kH100Smem).threads, 128);
+  EXPECT_EQ(select_tiling(16, 128, false, 1024, kH100Smem).positions, 4);
+}
+
+TEST(ForwardTiling, AttentionWarpgroupsAndSharedMemory) {
+  for (const auto& dims : kHeadDims)
+    for (int branch : kBranches)
+      for (bool device_wgmma : {false, true}) {
+        SCOPED_TRACE("Dk " + std::to_string(dims[0]) + ", branch " + std::to_string(branch) + ", wgmma " +
+                     std::to_string(device_wgmma));
+        const bool wgmma = device_wgmma && prefill_sweep_wgmma(branch, dims[0]);
+        const int warpgroups = prefill_warpgroups(branch, dims[0], wgmma);
+        EXPECT_EQ(warpgroups, wgmma && branch != nsa::kBranchSlc && dims[0] >= 128 ? 3 : 1);
+        const int64_t tiles = AttentionSmem::tiles_bytes(dims[0], dims[1], sweep_stages(false, dims[0], dims[1]));
+        const int64_t sweep =
+            AttentionSmem::sweep_bytes(dims[0], dims[1], sweep_stages(false, dims[0], dims[1]), wgmma, warpgroups);
+        EXPECT_LE(sweep, kH100Smem);
+        if (wgmma) {
+          // The Q tile of each warpgroup starts on a 1024-byte boundary after the K / V buffers.
+          EXPECT_EQ(tiles % 1024, 0);
+          EXPECT_EQ(int64_t{64} * dims[0] * 2 % 1024, 0);
+          EXPECT_EQ(sweep, tiles + int64_t{64} * warpgroups * dims[0] * 2);
+        } else {
+          EXPECT_EQ(sweep, tiles);
+        }
+      }
+}
+
+}  // namespace
+}  // namespace nsa_test
+#endif  // NSA_TEST_WITH_CUDA
