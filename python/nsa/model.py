@@ -21,6 +21,7 @@ cache: ``model.new_cache(batch, capacity)`` holds one ``KVCache`` per layer and
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence
@@ -28,7 +29,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .cache import KVCache
 from .module import STAT_NAMES, NSAAttention, apply_rope, cached_positions, rope_cos_sin
@@ -217,6 +218,22 @@ class ModelCache:
             layer.reset(slot)
 
 
+@functools.lru_cache(maxsize=None)
+def _attention_ops() -> frozenset:
+    """The attention cores whose outputs activation checkpointing keeps: the NSA op and SDPA's
+    fused kernels (those this torch build has)."""
+    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    ops = [torch.ops.nsa.forward.default]
+    ops += [getattr(torch.ops.aten, name).default for name in names if hasattr(torch.ops.aten, name)]
+    return frozenset(ops)
+
+
+def _keep_attention(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing policy: save the attention cores' outputs, recompute the rest."""
+    return CheckpointPolicy.MUST_SAVE if func in _attention_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 class LanguageModel(nn.Module):
     """Byte-level decoder LM. forward(tokens [B, T] int64) -> logits [B, T, vocab].
 
@@ -225,8 +242,11 @@ class LanguageModel(nn.Module):
     the full forward of each sequence gives at these positions (inference only, no autograd).
 
     ``checkpoint_activations``: recompute each block in the backward instead of keeping its
-    activations (torch.utils.checkpoint, non-reentrant), trading about one extra forward for
-    memory that no longer grows with the number of layers.
+    activations (torch.utils.checkpoint, non-reentrant, selective), trading about one extra forward
+    of everything but attention for memory that grows with the number of layers only by the
+    attention cores' outputs: those are kept, not recomputed (the NSA op's out, branch outputs, lse
+    and indices; SDPA's output and logsumexp), as torchtitan's op-level selective checkpointing
+    keeps SDPA's.
     """
 
     def __init__(self, config: ModelConfig, checkpoint_activations: bool = False):
@@ -265,8 +285,9 @@ class LanguageModel(nn.Module):
                 x = block(x, layer_cache, slots)
             return self.lm_head(self.norm(x))
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
+        context_fn = functools.partial(create_selective_checkpoint_contexts, _keep_attention)
         for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+            x = checkpoint(block, x, use_reentrant=False, context_fn=context_fn) if recompute else block(x)
         return self.lm_head(self.norm(x))
 
     def new_cache(self, num_slots: int, capacity: int, *, dtype: Optional[torch.dtype] = None,

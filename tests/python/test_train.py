@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nsa import data as nsa_data
 from nsa import train as nsa_train
@@ -286,6 +287,39 @@ def test_activation_checkpointing_matches(small_cfg):
     plain = train(SMALL, cfg, log=_quiet)
     recomputed = train(SMALL, replace(cfg, checkpoint_activations=True), log=_quiet)
     assert recomputed.losses == plain.losses
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the calls of the attention cores (the NSA op, SDPA's CPU kernel) below autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.nsa.forward.default, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default):
+            self.calls[func] = self.calls.get(func, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("attn", ["nsa", "dense"])
+def test_activation_checkpointing_keeps_attention(attn):
+    # Checkpointed blocks recompute everything but the attention core, whose outputs are kept: the
+    # core runs once per layer and step, as without checkpointing, and the gradients are the same.
+    config = replace(SMALL, attn=attn)
+    tokens = torch.randint(0, config.vocab_size, (2, config.seq_len + 1), generator=torch.Generator().manual_seed(3))
+    grads, calls = {}, {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = LanguageModel(config, checkpoint_activations=recompute)
+        counter = _CountOps()
+        with counter:
+            logits = model(tokens[:, :-1])
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        grads[recompute] = [p.grad for p in model.parameters()]
+        calls[recompute] = sum(counter.calls.values())
+    assert calls[False] == calls[True] == config.n_layers
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
 
 
 def test_lr_schedule():
