@@ -724,6 +724,7 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   constexpr int kWarpgroups = kAttnWarpgroups<Dk, kBranch, kSplit>;
   static_assert(kWarpgroups == 1 || kWgmma, "several warpgroups keep the Q tile in shared memory (wgmma)");
   constexpr int kThreads = kAttnThreads * kWarpgroups, kRows = 64 * kWarpgroups;
+  check_block_threads<kThreads>();
   constexpr int kStages = sweep_stages(kSplit, Dk, Dv);
   constexpr int64_t kSweepBytes = AttentionSmem::sweep_bytes(Dk, Dv, kStages, kWgmma, kWarpgroups);
   T* sK = reinterpret_cast<T*>(smem);

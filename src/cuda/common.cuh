@@ -150,6 +150,15 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_addr(p)));
 }
 
+// Traps unless the CTA has kThreads threads. The host picks the selection and attention kernels'
+// thread counts from the device it runs on (select_threads, prefill_warpgroups: wgmma_sweeps), the
+// kernel from the architecture it was compiled for (kHaveWgmma); launched with fewer threads than
+// it was compiled for, a kernel would skip rows without a fault.
+template <int kThreads>
+__device__ __forceinline__ void check_block_threads() {
+  if (blockDim.x != kThreads) __trap();
+}
+
 // Programmatic dependent launch (sm_90+; nothing on older targets, where launch_chained does not
 // ask for it). A kernel launched with launch_chained may start while the kernel before it in the
 // stream still runs: it must call wait_for_previous_kernel() before it reads anything that kernel

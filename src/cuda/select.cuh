@@ -66,6 +66,7 @@ __device__ __forceinline__ void head_reduce_scatter(float* h, int lane) {
 template <class T, int Dk, int kPaddedGroup>
 __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 2) select_kernel(const ForwardArgs a) {
   constexpr int kSelectThreads = select_threads(kPaddedGroup, Dk, kHaveWgmma);
+  check_block_threads<kSelectThreads>();
   // wgmma: each warpgroup's four warps issue a chunk's S together (warps without rows compute zeros).
   constexpr bool kWgmma = kHaveWgmma;
   using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTiles>;

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <ostream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "nsa/nsa.h"
@@ -303,6 +304,55 @@ std::vector<GpuCase> gpu_cases() {
 
 INSTANTIATE_TEST_SUITE_P(Cases, CudaForward, ::testing::ValuesIn(gpu_cases()),
                          case_name<GpuCase>);
+
+// The first `len` positions of a one-sequence padded problem, with the compressed tokens made of them.
+Problem prefix_of(const Problem& problem, int64_t len) {
+  const nsa::Config& c = problem.spec.config;
+  Problem p = problem;
+  p.spec.seqlens = {len};
+  p.row_begin = {0, len};
+  p.cmp_begin = {0, nsa::num_cmp_tokens(len, c.cmp_block, c.cmp_stride)};
+  for (int arg = 0; arg < kNumArgs; ++arg)
+    if (p.has(arg)) p.data[arg].resize(static_cast<size_t>(p.rows(arg) * p.heads(arg) * p.dim(arg)));
+  return p;
+}
+
+// Long enough that the selection CTA's positions are halved to fit their block scores in shared
+// memory (select_tiling; beyond the CPU reference's reach): its first positions must come out
+// bit for bit as in a short run, whose CTAs are not halved (the kernels are causal and sum in the
+// same order whatever the positions per CTA). G = 1 (the shared-memory head sum, halved from
+// T of about 35k at Dk = 128) and G = 4 (the shuffle path, on sm_90a two warpgroups with the
+// second left without rows, from about 72k).
+TEST(CudaForwardProperties, HalvedSelectionMatchesShortRun) {
+  NSA_SKIP_WITHOUT_DEVICE();
+  for (auto [group, seqlen] : {std::pair<int64_t, int64_t>{1, 40000}, {4, 80000}}) {
+    SCOPED_TRACE("G = " + std::to_string(group) + ", T = " + std::to_string(seqlen));
+    ProblemSpec spec = padded_spec(1, seqlen, group, 1, 128, 128);
+    spec.config = nsa::Config{};
+    spec.dtype = DType::kBFloat16;
+    spec.seed = 4300 + static_cast<uint64_t>(group);
+    const Problem long_problem = make_problem(spec);
+    const Problem short_problem = prefix_of(long_problem, 2048);
+    Buffers long_buffers = make_buffers(long_problem), short_buffers = make_buffers(short_problem);
+    nsa::Status st_long, st_short;
+    const Outputs long_run = run_cuda_forward(long_buffers, &st_long);
+    const Outputs short_run = run_cuda_forward(short_buffers, &st_short);
+    ASSERT_TRUE(st_long.ok()) << st_long.message;
+    ASSERT_TRUE(st_short.ok()) << st_short.message;
+    ASSERT_FALSE(short_run.indices.empty());
+    ASSERT_FALSE(short_run.out.empty());
+    ASSERT_GE(long_run.indices.size(), short_run.indices.size());
+    ASSERT_GE(long_run.out.size(), short_run.out.size());
+    const auto indices_diff = std::mismatch(short_run.indices.begin(), short_run.indices.end(), long_run.indices.begin());
+    EXPECT_TRUE(indices_diff.first == short_run.indices.end())
+        << "block index " << (indices_diff.first - short_run.indices.begin()) << ": " << *indices_diff.first << " vs "
+        << *indices_diff.second;
+    const auto out_diff = std::mismatch(short_run.out.begin(), short_run.out.end(), long_run.out.begin());
+    EXPECT_TRUE(out_diff.first == short_run.out.end())
+        << "output element " << (out_diff.first - short_run.out.begin()) << ": " << *out_diff.first << " vs "
+        << *out_diff.second;
+  }
+}
 
 // A small case for compute-sanitizer (scripts/gpu_check.sh filters on it): varlen, computed and
 // given indices, workspace path; G = 3 (selection heads padded to 4), and the computed indices
