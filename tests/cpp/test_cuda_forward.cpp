@@ -343,7 +343,8 @@ TEST(CudaForwardProperties, HalvedSelectionMatchesShortRun) {
     ASSERT_FALSE(short_run.out.empty());
     ASSERT_GE(long_run.indices.size(), short_run.indices.size());
     ASSERT_GE(long_run.out.size(), short_run.out.size());
-    const auto indices_diff = std::mismatch(short_run.indices.begin(), short_run.indices.end(), long_run.indices.begin());
+    const auto indices_diff =
+        std::mismatch(short_run.indices.begin(), short_run.indices.end(), long_run.indices.begin());
     EXPECT_TRUE(indices_diff.first == short_run.indices.end())
         << "block index " << (indices_diff.first - short_run.indices.begin()) << ": " << *indices_diff.first << " vs "
         << *indices_diff.second;
