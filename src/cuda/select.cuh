@@ -1,7 +1,7 @@
 // Block scoring and top-n, fused (Eqs. 8-12), without any [T, Tc] or [T, T/l'] tensor in global
 // memory.
 //
-// A CTA (4 warps; 8 on the shuffle path at Dk >= 128: select_threads) owns P consecutive positions
+// A CTA (4 warps; 8 on the shuffle path at Dk >= 128 on sm_90a: select_threads) owns P positions
 // t0 .. t0+P-1 of one (sequence, kv head) with all G query heads of the group: P*R rows of a Q tile,
 // R = select_rows_per_position(G) (G, or G padded to 4, 8 or 16), in ceil(P*R / 64) chunks of 64
 // (P = max(1, 16 * warps / R), halved by the host while the shared memory below does not fit).
