@@ -97,6 +97,20 @@ TEST(ForwardTiling, AttentionWarpgroupsAndSharedMemory) {
       }
 }
 
+TEST(ForwardTiling, OneWarpgroupCmpAndWinCtasFitThreeToAnH100Sm) {
+  // kAttnMinBlocks asks the registers for three such CTAs per SM up to Dk = 128; their shared memory
+  // (plus 1 KB the SM reserves per CTA) must let three fit too, or the occupancy silently halves.
+  constexpr int64_t kH100SmPerSm = 228 * 1024;
+  for (const auto& dims : kHeadDims) {
+    if (dims[0] > 128) continue;
+    for (bool wgmma : {false, true}) {
+      if (prefill_warpgroups(nsa::kBranchCmp, dims[0], wgmma) > 1) continue;  // one CTA of 12 warps
+      const int64_t sweep = AttentionSmem::sweep_bytes(dims[0], dims[1], sweep_stages(false, dims[0], dims[1]), wgmma);
+      EXPECT_LE(3 * (sweep + 1024), kH100SmPerSm) << "Dk " << dims[0] << ", wgmma " << wgmma << ": " << sweep;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace nsa_test
 #endif  // NSA_TEST_WITH_CUDA
