@@ -646,12 +646,16 @@ __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const 
 template <int Dk, int kBranch>
 inline constexpr int kAttnMinBlocks = (Dk > 128 || kBranch == kBranchSlc) ? 2 : 3;
 
-// Warpgroups of an attention CTA in this device pass: prefill_warpgroups for the prefill sweeps
-// (kSplit false), one for the decode path's. Several warpgroups ask for one CTA per SM (three:
-// 384 threads of up to 168 registers, 12 warps, as three CTAs of one warpgroup).
+// Whether an attention CTA runs wgmma in this device pass: where the architecture has it, the
+// prefill sweeps that prefill_sweep_wgmma names; not the decode path, whose warps may split a
+// tile's keys.
 template <int Dk, int kBranch, bool kSplit>
-inline constexpr int kAttnWarpgroups =
-    kSplit ? 1 : prefill_warpgroups(kBranch, Dk, kHaveWgmma && prefill_sweep_wgmma(kBranch, Dk));
+inline constexpr bool kAttnWgmma = kHaveWgmma && !kSplit && prefill_sweep_wgmma(kBranch, Dk);
+// Warpgroups of an attention CTA in this device pass (prefill_warpgroups; one without wgmma, so
+// on the decode path). Several warpgroups ask for one CTA per SM (three: 384 threads of up to 168
+// registers, 12 warps, as three CTAs of one warpgroup).
+template <int Dk, int kBranch, bool kSplit>
+inline constexpr int kAttnWarpgroups = prefill_warpgroups(kBranch, Dk, kAttnWgmma<Dk, kBranch, kSplit>);
 template <int Dk, int kBranch, bool kSplit>
 inline constexpr int kAttnCtaMinBlocks = kAttnWarpgroups<Dk, kBranch, kSplit> == 1 ? kAttnMinBlocks<Dk, kBranch> : 1;
 
@@ -715,10 +719,9 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   static_assert(kBranch == kBranchCmp || kBranch == kBranchSlc || kBranch == kBranchWin, "branch");
   static_assert(kSplit || !kWarpSplit, "the warps share rows only in the decode path");
   using Tr = TypeTraits<T>;
-  // wgmma where the architecture has it, every warp then taking every tile: cmp and win, and
-  // slc where that pays (prefill_sweep_wgmma; otherwise a warp skips the blocks its positions did
-  // not select); not the decode path, whose warps may split a tile's keys.
-  constexpr bool kWgmma = kHaveWgmma && !kSplit && prefill_sweep_wgmma(kBranch, Dk);
+  // With wgmma (kAttnWgmma) every warp takes every tile; with mma.sync a warp skips the slc blocks
+  // its positions did not select.
+  constexpr bool kWgmma = kAttnWgmma<Dk, kBranch, kSplit>;
   using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTiles>;
   // Warpgroups, each on its 64 rows of the Q tile (the Q tile stays in shared memory only with wgmma).
   constexpr int kWarpgroups = kAttnWarpgroups<Dk, kBranch, kSplit>;

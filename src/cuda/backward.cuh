@@ -113,10 +113,6 @@ NSA_HOST_DEVICE constexpr bool backward_three_ctas(int dk, bool sm90a) { return 
 template <int Dk>
 inline constexpr int kDqMinBlocks = backward_three_ctas(Dk, kHaveWgmma) ? 3 : 0;
 
-// Whether three CTAs of `smem_bytes` dynamic shared memory fit an H100 SM (228 KB, 1 KB reserved
-// per CTA), as kDqMinBlocks asks.
-NSA_HOST_DEVICE constexpr bool three_ctas_fit(int64_t smem_bytes) { return 3 * (smem_bytes + 1024) <= 233472; }
-
 struct DqSmem {
   // Q [64][Dk+8], dO [64][Dv+8], K and V double buffers [2][64][D+8] (2-byte elements; wgmma's
   // swizzled tiles fit the padded slots), then the selected-block union as in the forward's slc

@@ -120,6 +120,10 @@ struct AttentionSmem {
   }
 };
 
+// Whether three CTAs of `smem_bytes` dynamic shared memory fit an H100 SM (228 KB, 1 KB reserved
+// per CTA), as a minimum of three CTAs in __launch_bounds__ asks (kAttnMinBlocks, kDqMinBlocks).
+NSA_HOST_DEVICE constexpr bool three_ctas_fit(int64_t smem_bytes) { return 3 * (smem_bytes + 1024) <= 233472; }
+
 // Key/value stages of the decode path's sweeps (attention.cuh, sweep_key_tiles): as many (up to
 // four) as keep two CTAs on an SM (<= 112 KB of tiles each). A decode sweep is one long stream of
 // tiles per CTA: on an H200 (B = 64, 64k, D = 128) the cmp + win kernel took 239 us with two
