@@ -154,9 +154,8 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
     QSource qf;
     // wgmma: a warpgroup's four warps issue the product together, on its chunk. With two warpgroups
     // and the positions halved to fit, the second has no chunk: it computes nothing and reads no lse.
-    const bool wg_issues = kSelectThreads == 128 || (warp >> 2) < chunks;
-    if (kWgmma ? wg_issues : active) qf.load(kWgmma && kSelectThreads > 128 ? q_chunk(warp >> 2) : sQ, warp * 16);
-    const bool has_chunk = row_lo < chunks * 64;
+    const bool has_chunk = kSelectThreads == 128 || (warp >> 2) < chunks;  // the warp's rows lie in a chunk
+    if (kWgmma ? has_chunk : active) qf.load(kWgmma && kSelectThreads > 128 ? q_chunk(warp >> 2) : sQ, warp * 16);
     const float lse_lo = has_chunk ? sLse2[row_lo] : pos_inf();  // +inf on padding rows: p = 0
     const float lse_hi = has_chunk ? sLse2[row_lo + 8] : pos_inf();
     const float scale_log2 = a.scale_log2;
@@ -171,7 +170,7 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
       const int i0 = k * 64, i1 = min(i0 + 64, nk);
       const bool computes = active && i0 < nv_warp;
       float s[8][4];
-      if (kWgmma ? wg_issues : computes) Mma::template scores<T, Dk, 8>(qf, sK + (k & 1) * 64 * (Dk + 8), 0, s);
+      if (kWgmma ? has_chunk : computes) Mma::template scores<T, Dk, 8>(qf, sK + (k & 1) * 64 * (Dk + 8), 0, s);
       if (computes) {
         // p of key nb*8 + 2*tig + c in h[nb*4 + half*2 + c] (row group + 8*half), the halves summed
         // into h[nb*2 + c] for 16 heads. nb is the top index bit: each reduce-scatter step below
