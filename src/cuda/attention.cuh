@@ -25,6 +25,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/decode_merge.cuh"
+#include "cuda/kv_tensor_maps.h"
 #include "cuda/wgmma.cuh"
 #include "nsa/params.h"
 
@@ -173,9 +174,18 @@ struct QInSharedMemory {
   __device__ __forceinline__ void load(const T* q_tile, int) { tile = q_tile; }
 };
 
+// Element offset of (row, column `dim`, a multiple of 8) in a shared-memory tile read by ldmatrix:
+// padded [*][D+8], or kSwizzled a 64-row tile in the 128-byte swizzle (tile_chunk_offset).
+template <int D, bool kSwizzled>
+__device__ __forceinline__ int ldmatrix_offset(int row, int dim) {
+  if constexpr (kSwizzled) return tile_chunk_offset<D, 64, true>(row, dim >> 3);
+  else return row * (D + 8) + dim;
+}
+
 // S = A B^T for the warp's 16 rows of A (a fragment source: Q, or dO, or in the backward K / V)
-// and the NB * 8 rows of a shared-memory tile B ([NB*8][D+8]: K, V, or in the backward Q / dO).
-template <class T, int D, int NB = 8, class Source>
+// and the NB * 8 rows of a shared-memory tile B ([NB*8][D+8]: K, V, or in the backward Q / dO; or
+// kSwizzled a whole swizzled 64-row tile).
+template <class T, int D, int NB = 8, bool kSwizzled = false, class Source>
 __device__ __forceinline__ void qk_tile(const Source& src, const T* tile, float (&s)[NB][4]) {
   static_assert(NB % 2 == 0, "n-blocks come in pairs");
   const int lane = threadIdx.x & 31;
@@ -192,7 +202,7 @@ __device__ __forceinline__ void qk_tile(const Source& src, const T* tile, float 
       uint32_t b[4];
       const int key = nb * 8 + (lane & 7) + (lane >> 4) * 8;
       const int dim = ks * 16 + ((lane >> 3) & 1) * 8;
-      ldmatrix_x4(b, tile + key * (D + 8) + dim);
+      ldmatrix_x4(b, tile + ldmatrix_offset<D, kSwizzled>(key, dim));
       TypeTraits<T>::mma(s[nb], a, b[0], b[1]);
       TypeTraits<T>::mma(s[nb + 1], a, b[2], b[3]);
     }
@@ -200,9 +210,9 @@ __device__ __forceinline__ void qk_tile(const Source& src, const T* tile, float 
 }
 
 // acc += P X for the warp's 16 rows: P is a C-fragment tile [16][NB*8] in registers (rounded to
-// T here: the tensor cores take 16-bit operands), X a shared-memory tile [NB*8][D+8]. The
-// forward's P V; the backward's dS K, P^T dO and dS^T Q.
-template <class T, int D, int NB = 8>
+// T here: the tensor cores take 16-bit operands), X a shared-memory tile [NB*8][D+8] (kSwizzled: a
+// whole swizzled 64-row tile). The forward's P V; the backward's dS K, P^T dO and dS^T Q.
+template <class T, int D, int NB = 8, bool kSwizzled = false>
 __device__ __forceinline__ void accumulate_ptile(float (&acc)[D / 8][4], const float (&p)[NB][4], const T* tile) {
   using Tr = TypeTraits<T>;
   const int lane = threadIdx.x & 31;
@@ -216,7 +226,7 @@ __device__ __forceinline__ void accumulate_ptile(float (&acc)[D / 8][4], const f
       uint32_t b[4];
       const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
       const int dim = nb * 8 + (lane >> 4) * 8;
-      ldmatrix_x4_trans(b, tile + key * (D + 8) + dim);
+      ldmatrix_x4_trans(b, tile + ldmatrix_offset<D, kSwizzled>(key, dim));
       Tr::mma(acc[nb], a, b[0], b[1]);
       Tr::mma(acc[nb + 1], a, b[2], b[3]);
     }
@@ -225,22 +235,26 @@ __device__ __forceinline__ void accumulate_ptile(float (&acc)[D / 8][4], const f
 
 // How a sweep multiplies its rows with the shared-memory K and V tiles. MmaSyncTiles: each warp on
 // its own 16 rows (ldmatrix + mma.sync, padded tiles; every architecture), so a warp may skip a
-// tile its rows do not see (kEveryWarp false). WgmmaTiles: a warpgroup's 64 rows at once (wgmma,
+// tile its rows do not see (kEveryWarp false); MmaSyncTilesT<true> reads whole swizzled tiles (the
+// TMA slc sweep's). WgmmaTiles: a warpgroup's 64 rows at once (wgmma,
 // swizzled tiles; sm_90a), which every warp of the warpgroup must issue together, so every warp takes
 // every tile, whole (NB = 8, key0 = 0): the prefill's cmp and win sweeps (and slc at Dk = 64:
 // prefill_sweep_wgmma), the selection kernel's scores, the backward's dq kernel and dK / dV kernel.
-struct MmaSyncTiles {
-  static constexpr bool kSwizzled = false, kEveryWarp = false;
+template <bool kSwizzledTiles>
+struct MmaSyncTilesT {
+  static constexpr bool kSwizzled = kSwizzledTiles, kEveryWarp = false;
   template <class T, int Dk, int NB, class QSource>
   static __device__ __forceinline__ void scores(const QSource& qf, const T* tk, int key0, float (&s)[NB][4]) {
-    qk_tile<T, Dk, NB>(qf, tk + key0 * (Dk + 8), s);
+    static_assert(!kSwizzled || NB == 8, "swizzled: whole 64-key tiles");
+    qk_tile<T, Dk, NB, kSwizzled>(qf, kSwizzled ? tk : tk + key0 * (Dk + 8), s);
   }
   template <class T, int Dv, int NB>
   static __device__ __forceinline__ void accumulate(float (&acc)[Dv / 8][4], const float (&p)[NB][4], const T* tv,
                                                     int key0) {
-    accumulate_ptile<T, Dv, NB>(acc, p, tv + key0 * (Dv + 8));
+    accumulate_ptile<T, Dv, NB, kSwizzled>(acc, p, kSwizzled ? tv : tv + key0 * (Dv + 8));
   }
 };
+using MmaSyncTiles = MmaSyncTilesT<false>;
 
 struct WgmmaTiles {
   static constexpr bool kSwizzled = true, kEveryWarp = true;
@@ -362,6 +376,15 @@ __device__ __forceinline__ void softmax_tile(const Tiles& tiles, const TileInfo&
   Mma::template accumulate<T, Dv, NB>(acc, s, tv, key0);
 }
 
+// Adds the key rows of a CTA's tiles to *keys_read (optional: ForwardArgs::tokens_read).
+template <class Tiles>
+__device__ __forceinline__ void count_keys_read(const Tiles& tiles, int64_t* keys_read) {
+  if (keys_read == nullptr || threadIdx.x != 0) return;
+  long long keys = 0;
+  for (int k = 0; k < tiles.num_tiles(); ++k) keys += tiles.info(k).count;
+  if (keys > 0) atomicAdd(reinterpret_cast<unsigned long long*>(keys_read), static_cast<unsigned long long>(keys));
+}
+
 // The key-tile loop of a branch: tiles k = 0 .. num_tiles-1 of K ([*, Dk], row stride kstride)
 // and V are loaded into the Stages-deep ring buffers sK / sV (Stages - 1 tiles in flight while one
 // is computed), and body(tiles, ti, tile_k, tile_v) runs on each tile the warp does not skip (a
@@ -382,11 +405,7 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
   constexpr int64_t kKElems = AttentionSmem::k_elems(Dk), kVElems = AttentionSmem::v_elems(Dv);
   const int tid = threadIdx.x;
   const int num_tiles = tiles.num_tiles();
-  if (keys_read != nullptr && tid == 0) {
-    long long keys = 0;
-    for (int k = 0; k < num_tiles; ++k) keys += tiles.info(k).count;
-    if (keys > 0) atomicAdd(reinterpret_cast<unsigned long long*>(keys_read), static_cast<unsigned long long>(keys));
-  }
+  count_keys_read(tiles, keys_read);
   if (num_tiles <= 0) return;
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -457,6 +476,91 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
   }
   cp_async_wait<0>();  // (only empty groups remain)
 }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// The slc sweep on sm_90 (slc_gather_kernel): the four warps wait for the tiles to land, not for
+// each other. Stage st of the Stages-deep ring holds tiles st, st + Stages, ...; full[st] completes
+// a phase when its tile has landed: a whole tile as one TMA box per 64 columns of K and of V, issued
+// by one thread; a tile with fewer keys (the block holding t_hi, or a sequence's end) as cp.async
+// by a warp, which zero-fills the rows past them (P V must not meet what lies there) and arrives
+// on the barrier once they have landed. Every warp waits for every tile (a warp that skipped a wait could take a later
+// phase of that stage for an earlier one), computes those its positions selected, and counts
+// itself out in released[st]; the last of the four to leave a tile refills its stage with tile
+// k + Stages. So a warp runs up to Stages - 1 tiles ahead of the slowest, where sweep_key_tiles'
+// CTA barriers hold every warp on every tile until the one that computes it is done
+// (docs/decisions/0003: the barriers were the slc kernel's largest stall). The barriers and counts
+// are initialized by the caller before a CTA barrier. keys: (row0, batch) of the sequence in the
+// maps' [B][rows] (varlen: (seq.row0, 0); padded: (0, b)); kbase / vbase as in sweep_key_tiles.
+template <class T, int Dk, int Dv, int Stages, class Body>
+__device__ __forceinline__ void sweep_slc_tma(const SlcTiles& tiles, const KvTensorMaps& maps, int kv_head,
+                                              int map_row0, int map_batch, const T* kbase, int64_t kstride,
+                                              const T* vbase, int64_t vstride, T* sK, T* sV, uint64_t* full,
+                                              uint32_t* released, uint64_t warp_positions, Body&& body) {
+  constexpr int64_t kKElems = AttentionSmem::k_elems(Dk), kVElems = AttentionSmem::v_elems(Dv);
+  constexpr uint32_t kTileBytes = 64 * (Dk + Dv) * sizeof(T);
+  constexpr int kWarps = kAttnThreads / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int num_tiles = tiles.num_tiles();
+  // Tile k into its stage; every lane of the calling warp calls it.
+  const auto refill = [&](int k) {
+    if (k >= num_tiles) return;
+    const TileInfo ti = tiles.info(k);
+    uint64_t* bar = &full[k % Stages];
+    T* k_dst = sK + (k % Stages) * kKElems;
+    T* v_dst = sV + (k % Stages) * kVElems;
+    if (ti.count == 64) {
+      if (lane == 0) {
+        fence_proxy_async_smem();  // the stage's earlier generic-proxy reads and cp.async writes
+        mbarrier_arrive_expect_tx(bar, kTileBytes);
+#pragma unroll
+        for (int c = 0; c < Dk / 64; ++c)
+          tma_load_4d(k_dst + c * 64 * 64, &maps.k, bar, c * 64, kv_head, map_row0 + ti.key0, map_batch);
+#pragma unroll
+        for (int c = 0; c < Dv / 64; ++c)
+          tma_load_4d(v_dst + c * 64 * 64, &maps.v, bar, c * 64, kv_head, map_row0 + ti.key0, map_batch);
+      }
+    } else {
+      // Rolled loops: a tile like this comes once or twice per CTA.
+      const auto load_rows = [&](T* dst, const T* base, int64_t stride, auto dim) {
+        constexpr int kChunks = decltype(dim)::value / 8;
+#pragma unroll 1
+        for (int idx = lane; idx < 64 * kChunks; idx += 32) {
+          const int r = idx / kChunks, c = idx % kChunks;
+          const bool valid = r < ti.count;
+          cp_async_16(dst + tile_chunk_offset<decltype(dim)::value, 64, true>(r, c),
+                      valid ? base + int64_t{ti.key0 + r} * stride + c * 8 : base, valid);
+        }
+      };
+      load_rows(k_dst, kbase, kstride, std::integral_constant<int, Dk>{});
+      load_rows(v_dst, vbase, vstride, std::integral_constant<int, Dv>{});
+      // The warp waits for its copies, then announces the tile. (cp.async.mbarrier.arrive, letting
+      // the barrier wait for them, completed the phase before they landed: a chunked-prefill test
+      // read NaN from the stage.)
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive(bar);
+    }
+  };
+  if (warp == 0)
+#pragma unroll
+    for (int k = 0; k < Stages; ++k) refill(k);
+  for (int k = 0; k < num_tiles; ++k) {
+    const int st = k % Stages;
+    mbarrier_wait(&full[st], static_cast<uint32_t>((k / Stages) & 1));
+    const TileInfo ti = tiles.info(k);
+    if (!tiles.warp_skips(ti, warp_positions)) body(tiles, ti, sK + st * kKElems, sV + st * kVElems);
+    __syncwarp();  // the warp's reads of the stage are done
+    uint32_t before = 0;
+    if (lane == 0) {
+      __threadfence_block();  // ordered before the count that lets the last warp refill the stage
+      before = atomicAdd(&released[st], 1u);
+    }
+    before = __shfl_sync(0xffffffffu, before, 0);
+    if (before % kWarps == kWarps - 1) refill(k + Stages);
+  }
+}
+#endif
 
 // The Rows rows m0 .. m0+Rows-1 (64 per warpgroup) of the flattened (t, g) space of one
 // (sequence, kv head): row R = t * G + g is query head kv_head * G + g at position t. The thread's two
@@ -596,6 +700,17 @@ __device__ __forceinline__ void build_block_union(const ForwardArgs& a, const Se
   *list_out = list;
 }
 
+// The slc tile set of the rows of `rt`: the union of their selected blocks, built in union_smem
+// (every thread calls it; it synchronizes).
+__device__ __forceinline__ SlcTiles slc_tiles(const ForwardArgs& a, const SeqInfo& seq, int kv_head, const RowTile& rt,
+                                              unsigned char* union_smem) {
+  int union_size = 0;
+  uint64_t* union_masks = nullptr;
+  int* union_blocks = nullptr;
+  build_block_union(a, seq, kv_head, rt.t_lo, rt.t_hi, union_smem, &union_size, &union_masks, &union_blocks);
+  return SlcTiles{union_blocks, union_masks, union_size, (a.sel_block + 63) / 64, a.sel_block, rt.t_hi};
+}
+
 // The key-tile loop of branch kBranch for the rows of `rt` (sequence b, kv head kv_head): builds
 // the branch's tile set (for slc from the selected-block union in `union_smem`, which every
 // thread must reach) and runs sweep_key_tiles with its keys and values. keys_read: as there.
@@ -624,12 +739,7 @@ __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const 
           seq_head_ptr<T>(a.v_cmp, a, b, seq.cmp_row0, kv_head), a.v_cmp.seq_stride);
   } else if constexpr (kBranch == kBranchSlc) {
     static_assert(kThreads == kAttnThreads, "the block union is built by one warpgroup");
-    int union_size = 0;
-    uint64_t* union_masks = nullptr;
-    int* union_blocks = nullptr;
-    build_block_union(a, seq, kv_head, rt.t_lo, rt.t_hi, union_smem, &union_size, &union_masks, &union_blocks);
-    const SlcTiles tiles{union_blocks, union_masks, union_size, (a.sel_block + 63) / 64, a.sel_block, rt.t_hi};
-    sweep(tiles, seq_head_ptr<T>(a.k, a, b, seq.row0, kv_head), a.k.seq_stride,
+    sweep(slc_tiles(a, seq, kv_head, rt, union_smem), seq_head_ptr<T>(a.k, a, b, seq.row0, kv_head), a.k.seq_stride,
           seq_head_ptr<T>(a.v, a, b, seq.row0, kv_head), a.v.seq_stride);
   } else {
     const WinTiles tiles{max(0, rt.t_lo - static_cast<int>(a.window) + 1), rt.t_hi, static_cast<int>(a.window)};
@@ -711,10 +821,11 @@ __device__ __forceinline__ void fold_warps(unsigned char* smem, float (&acc)[Dv 
 // its scaled scores to cmp_scores.
 // The CTA (tile_x: its row tile, or with kSplit its split; kv head kv_head of sequence b) of
 // attention_kernel (grid: tile_x, kv head, sequence), also run by the decode path's cmp + win
-// kernel (decode.cuh).
-template <class T, int Dk, int Dv, int kBranch, bool kSplit, bool kWarpSplit>
+// kernel (decode.cuh). kTmaGather (slc_gather_kernel: the prefill slc sweep on sm_90 at Dk >= 128,
+// mma.sync): the K / V tiles come through a TMA ring described by `maps` (sweep_slc_tma).
+template <class T, int Dk, int Dv, int kBranch, bool kSplit, bool kWarpSplit, bool kTmaGather = false>
 __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, int kv_head, int b,
-                                              unsigned char* smem) {
+                                              unsigned char* smem, const KvTensorMaps* maps = nullptr) {
   static_assert(Dk % 16 == 0 && Dv % 16 == 0, "head dims");
   static_assert(kBranch == kBranchCmp || kBranch == kBranchSlc || kBranch == kBranchWin, "branch");
   static_assert(kSplit || !kWarpSplit, "the warps share rows only in the decode path");
@@ -722,20 +833,22 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   // With wgmma (kAttnWgmma) every warp takes every tile; with mma.sync a warp skips the slc blocks
   // its positions did not select.
   constexpr bool kWgmma = kAttnWgmma<Dk, kBranch, kSplit>;
-  using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTiles>;
+  static_assert(!kTmaGather || (kBranch == kBranchSlc && !kSplit && !kWgmma), "the TMA ring: prefill slc, mma.sync");
+  using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTilesT<kTmaGather>>;
   // Warpgroups, each on its 64 rows of the Q tile (the Q tile stays in shared memory only with wgmma).
   constexpr int kWarpgroups = kAttnWarpgroups<Dk, kBranch, kSplit>;
   static_assert(kWarpgroups == 1 || kWgmma, "several warpgroups keep the Q tile in shared memory (wgmma)");
   constexpr int kThreads = kAttnThreads * kWarpgroups, kRows = 64 * kWarpgroups;
   check_block_threads<kThreads>();
-  constexpr int kStages = sweep_stages(kSplit, Dk, Dv);
-  constexpr int64_t kSweepBytes = AttentionSmem::sweep_bytes(Dk, Dv, kStages, kWgmma, kWarpgroups);
+  constexpr int kStages = kTmaGather ? slc_gather_stages(Dk, Dv) : sweep_stages(kSplit, Dk, Dv);
+  constexpr int64_t kSweepBytes = kTmaGather ? AttentionSmem::tiles_bytes(Dk, Dv, kStages) + AttentionSmem::kRingSyncBytes
+                                             : AttentionSmem::sweep_bytes(Dk, Dv, kStages, kWgmma, kWarpgroups);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kStages * AttentionSmem::k_elems(Dk);
   // The Q tile: in the first K buffer until its fragments are in registers, or (wgmma) after the
   // K / V buffers for the whole sweep (AttentionSmem::sweep_bytes, as the launch code sizes it).
   T* sQ = kWgmma ? reinterpret_cast<T*>(smem + AttentionSmem::tiles_bytes(Dk, Dv, kStages)) : sK;
-  if constexpr (kWgmma) wgmma_check_smem(smem, static_cast<uint32_t>(kSweepBytes));
+  if constexpr (kWgmma || kTmaGather) wgmma_check_smem(smem, static_cast<uint32_t>(kSweepBytes));
 
   const SeqInfo seq = seq_info(a, b);
   // 32-bit row arithmetic (the host checks seqlen * G < 2^31 - 256): no 64-bit divisions.
@@ -745,7 +858,7 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   const int warp = threadIdx.x >> 5, tig = threadIdx.x & 3;
   const int row_warp = kWarpSplit ? 0 : warp;
 
-  load_head_rows_async<T, Dk, Mma::kSwizzled, kRows, kThreads>(sQ, a.q, a, b, seq, kv_head, m0);
+  load_head_rows_async<T, Dk, kWgmma, kRows, kThreads>(sQ, a.q, a, b, seq, kv_head, m0);
   cp_async_commit();
   const RowTile rt = make_row_tile(a, kv_head, m0, seq, row_warp, kRows);
   const RowState(&rows)[2] = rt.rows;
@@ -787,15 +900,36 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
                 make_float2(scores[nb][2 * r], scores[nb][2 * r + 1]);
     }
   };
-  sweep_branch<T, Dk, Dv, kBranch, kSplit, Mma, kThreads>(
-      a, b, seq, kv_head, rt, smem + kSweepBytes, sK, sV, keys_read,
-      [&](const auto& tiles, const TileInfo& ti, const T* tk, const T* tv) {
-        if constexpr (kWarpSplit)
-          softmax_tile<T, Dk, Dv, 2>(tiles, ti, tk, tv, qf, a.scale_log2, rows, acc, m, l, to_scores, warp * 16);
-        else
-          softmax_tile<T, Dk, Dv, 8, Mma>(tiles, ti, tk, tv, qf, a.scale_log2, rows, acc, m, l, to_scores);
-      },
-      tile_x);
+  const auto tile_body = [&](const auto& tiles, const TileInfo& ti, const T* tk, const T* tv) {
+    if constexpr (kWarpSplit)
+      softmax_tile<T, Dk, Dv, 2>(tiles, ti, tk, tv, qf, a.scale_log2, rows, acc, m, l, to_scores, warp * 16);
+    else
+      softmax_tile<T, Dk, Dv, 8, Mma>(tiles, ti, tk, tv, qf, a.scale_log2, rows, acc, m, l, to_scores);
+  };
+  if constexpr (kTmaGather) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // The ring's barriers and counts (after the tiles), published by slc_tiles' CTA barriers.
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem + AttentionSmem::tiles_bytes(Dk, Dv, kStages));
+    uint32_t* released = reinterpret_cast<uint32_t*>(full + kStages);
+    if (threadIdx.x == 0) {
+      for (int st = 0; st < kStages; ++st) {
+        mbarrier_init(&full[st], 1);
+        released[st] = 0;
+      }
+      mbarrier_init_fence();
+    }
+    const SlcTiles tiles = slc_tiles(a, seq, kv_head, rt, smem + kSweepBytes);
+    count_keys_read(tiles, keys_read);
+    const bool varlen = a.cu_seqlens != nullptr;
+    sweep_slc_tma<T, Dk, Dv, kStages>(tiles, *maps, kv_head, varlen ? static_cast<int>(seq.row0) : 0, varlen ? 0 : b,
+                                      seq_head_ptr<T>(a.k, a, b, seq.row0, kv_head), a.k.seq_stride,
+                                      seq_head_ptr<T>(a.v, a, b, seq.row0, kv_head), a.v.seq_stride, sK, sV, full,
+                                      released, rt.warp_positions, tile_body);
+#endif
+  } else {
+    sweep_branch<T, Dk, Dv, kBranch, kSplit, Mma, kThreads>(a, b, seq, kv_head, rt, smem + kSweepBytes, sK, sV,
+                                                            keys_read, tile_body, tile_x);
+  }
 
   if constexpr (kSplit) allow_next_kernel();  // the decode path's next kernel may launch
 
@@ -875,6 +1009,22 @@ __global__ void __launch_bounds__(kAttnThreads * kAttnWarpgroups<Dk, kBranch, kS
   extern __shared__ __align__(16) unsigned char smem[];  // wgmma's 1024-byte alignment: wgmma_check_smem
   attention_cta<T, Dk, Dv, kBranch, kSplit, kWarpSplit>(a, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
                                                         static_cast<int>(blockIdx.z), smem);
+}
+
+// The prefill slc kernel on sm_90 where its warps multiply on their own (mma.sync, Dk >= 128): the
+// K / V tiles come through a TMA ring (sweep_slc_tma), grid and threads as attention_kernel's.
+// Launched only on a 9.0 device with sm_90a code (launch_forward); other passes trap.
+template <class T, int Dk, int Dv>
+__global__ void __launch_bounds__(kAttnThreads, (kAttnMinBlocks<Dk, kBranchSlc>))
+    slc_gather_kernel(const ForwardArgs a, const __grid_constant__ KvTensorMaps maps) {
+  extern __shared__ __align__(16) unsigned char smem[];  // the 128-byte swizzle's 1024-byte alignment
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  attention_cta<T, Dk, Dv, kBranchSlc, false, false, true>(a, static_cast<int>(blockIdx.x),
+                                                           static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.z),
+                                                           smem, &maps);
+#else
+  __trap();
+#endif
 }
 
 }  // namespace nsa::cuda_detail

@@ -132,6 +132,20 @@ __device__ __forceinline__ void bulk_copy_to_smem(void* dst, const void* src, ui
                : "memory");
 }
 
+// An arrival on bar without bytes to wait for.
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+// The box at coordinates (c0, c1, c2, c3), innermost first, of the tensor map `map` (a
+// __grid_constant__ kernel parameter) into shared memory; completes on bar.
+__device__ __forceinline__ void tma_load_4d(void* dst, const void* map, uint64_t* bar, int c0, int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_addr(bar))
+      : "memory");
+}
+
 // Waits until the older of the (at most two) cp.async groups in flight has landed; the newer one
 // (the next tile, when it was issued) may stay pending.
 __device__ __forceinline__ void cp_async_wait_older(bool newer_in_flight) {

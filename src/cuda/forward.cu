@@ -173,6 +173,7 @@ ForwardArgs make_args(const ForwardParams& p, void* workspace) {
   }
   // Block scores of every eligible block per selection position (launch_forward shrinks P to fit).
   a.select_blocks = static_cast<int>((a.key_extent + c.sel_block - 1) / c.sel_block);
+  a.key_rows = p.varlen.cu_seqlens != nullptr ? p.varlen.total_tokens : a.key_extent;
   return a;
 }
 

@@ -32,6 +32,7 @@ struct ForwardArgs {
   const int32_t* cache_seqlens;
   int64_t cache_max_held;           // the most keys the cache's raw and compressed capacities allow
   int64_t key_extent;               // bound on key positions + 1: seqlen, or the cache capacity
+  int64_t key_rows;                 // rows of k / v along their token axis: key_extent, or total_tokens (varlen)
   int64_t* tokens_read;             // [B, 3] optional: key rows gathered per branch (atomics)
 
   // Config (validated and range-checked on the host).
@@ -115,6 +116,9 @@ struct AttentionSmem {
   NSA_HOST_DEVICE static constexpr int64_t sweep_bytes(int dk, int dv, int stages, bool wgmma, int warpgroups = 1) {
     return tiles_bytes(dk, dv, stages) + (wgmma ? int64_t{kRows} * warpgroups * dk * 2 : 0);
   }
+  // The slc kernel's TMA ring (slc_gather_kernel): a full barrier (uint64) and a count of the warps
+  // done with its tile (uint32) per stage, between the tiles and the union.
+  static constexpr int64_t kRingSyncBytes = 64;
   NSA_HOST_DEVICE static constexpr int64_t union_bytes(int words, int capacity) {
     return int64_t{8} * capacity + int64_t{8} * words + int64_t{4} * capacity + 4;
   }
@@ -136,6 +140,12 @@ NSA_HOST_DEVICE constexpr int decode_stages(int dk, int dv) {
 }
 // The stages of an attention sweep: the decode path's (kSplit) or the prefill's two.
 NSA_HOST_DEVICE constexpr int sweep_stages(bool decode, int dk, int dv) { return decode ? decode_stages(dk, dv) : 2; }
+
+// Stages of the slc kernel's TMA ring (slc_gather_kernel, sm_90): three while two CTAs of them
+// still fit an SM (Dk <= 128: 102 KB of tiles at D = 128), else two.
+NSA_HOST_DEVICE constexpr int slc_gather_stages(int dk, int dv) {
+  return 3 * AttentionSmem::stage_bytes(dk, dv) <= 110 * 1024 ? 3 : 2;
+}
 
 // Whether the prefill attention kernel of `branch` runs wgmma where the library and the device
 // allow it (sm_90a): cmp and win always, slc at Dk <= 64. The slc kernel's four warps then take

@@ -3,6 +3,7 @@
 //   1. attention_kernel<cmp>:  compressed attention       grid (ceil(T*G/(64*W)), Hkv, B), 128*W threads
 //   2. select_kernel:          scores + top-n             grid (ceil(T/P), Hkv, B), P <= max(1, 16*warps/R)
 //   3. attention_kernel<slc>:  selected attention         grid (ceil(T*G/64), Hkv, B), 128 threads
+//      (slc_gather_kernel, the same with a TMA ring, on sm_90a at Dk >= 128 where the K / V tensor maps encode)
 //   4. attention_kernel<win>:  window attention + gated combine, grid as 1.
 // W: the CTA's warpgroups (prefill_warpgroups: three for cmp and win on wgmma at Dk >= 128).
 // The decode path (ForwardArgs::num_splits > 0) launches the kernels of src/cuda/decode.cuh instead.
@@ -16,6 +17,7 @@
 #include "cuda/launch_common.cuh"
 #include "cuda/stages.h"
 #include "cuda/forward_launch.h"
+#include "cuda/kv_tensor_maps.h"
 #include "cuda/select.cuh"
 
 namespace nsa::cuda_detail {
@@ -76,7 +78,16 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
     return AttentionSmem::sweep_bytes(Dk, Dv, sweep_stages(false, Dk, Dv), wgmma(branch), warpgroups(branch));
   };
   const int64_t cmp_smem = sweep_smem(kBranchCmp), win_smem = sweep_smem(kBranchWin);
-  const int64_t slc_smem = sweep_smem(kBranchSlc) + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
+  const int64_t union_bytes = AttentionSmem::union_bytes(a.union_words, a.union_capacity);
+  const int64_t slc_smem = sweep_smem(kBranchSlc) + union_bytes;
+  // The slc kernel with a TMA ring: where the slc sweep runs mma.sync (Dk >= 128) on a device that
+  // runs the sm_90a code, if the driver encodes tensor maps of this K / V layout.
+  KvTensorMaps maps{};
+  bool slc_gather = false;
+  if constexpr (!prefill_sweep_wgmma(kBranchSlc, Dk))
+    slc_gather = device.wgmma_sweeps && encode_kv_tensor_maps(a, Dk, Dv, &maps);
+  const int64_t slc_gather_smem = AttentionSmem::tiles_bytes(Dk, Dv, slc_gather_stages(Dk, Dv)) +
+                                  AttentionSmem::kRingSyncBytes + union_bytes;
   // Selection: P positions per CTA keep [P][ceil(T / l')] block scores in shared memory
   // (select_tiling). 3 <= G <= 16 take the shuffle path (whole positions per warp).
   const SelectTiling select = select_tiling(a.group, Dk, device.wgmma_sweeps, a.select_blocks, max_smem);
@@ -94,7 +105,11 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
                                               : select_kernel<T, Dk, 0>;
   const bool run_select = (stages & kStageSelect) && !a.indices_given;
   st = prepare_kernel(kForwardApi, cmp_kernel, cmp_smem, max_smem, "the cmp attention kernel");
-  if (st.ok()) st = prepare_kernel(kForwardApi, slc_kernel, slc_smem, max_smem, "the slc attention kernel");
+  if (st.ok() && !slc_gather) st = prepare_kernel(kForwardApi, slc_kernel, slc_smem, max_smem, "the slc attention kernel");
+  if constexpr (!prefill_sweep_wgmma(kBranchSlc, Dk))
+    if (st.ok() && slc_gather)
+      st = prepare_kernel(kForwardApi, slc_gather_kernel<T, Dk, Dv>, slc_gather_smem, max_smem,
+                          "the slc attention kernel (TMA)");
   if (st.ok()) st = prepare_kernel(kForwardApi, win_kernel, win_smem, max_smem, "the win attention kernel");
   if (st.ok() && run_select) st = prepare_kernel(kForwardApi, sel_kernel, select_smem, max_smem, "the selection kernel");
   if (!st.ok()) return st;
@@ -116,7 +131,9 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
     if (!(st = launch_status(kForwardApi, "launching the selection kernel")).ok()) return st;
   }
   if (stages & kStageSlc) {
-    slc_kernel<<<attn_grid(kBranchSlc), attn_threads(kBranchSlc), slc_smem, stream>>>(a);
+    if constexpr (!prefill_sweep_wgmma(kBranchSlc, Dk))
+      if (slc_gather) slc_gather_kernel<T, Dk, Dv><<<attn_grid(kBranchSlc), kAttnThreads, slc_gather_smem, stream>>>(a, maps);
+    if (!slc_gather) slc_kernel<<<attn_grid(kBranchSlc), attn_threads(kBranchSlc), slc_smem, stream>>>(a);
     if (!(st = launch_status(kForwardApi, "launching the slc attention kernel")).ok()) return st;
   }
   if (stages & kStageWin) {

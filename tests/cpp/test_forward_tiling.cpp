@@ -1,20 +1,28 @@
 // The CUDA forward's host-side tiling (src/cuda/forward_args.h), checked on the CPU against the
 // invariants its kernels rely on: the selection CTA's rows hold whole positions in whole warps and
 // chunks, its shared memory fits or its positions are down to one; the attention CTAs' shared
-// memory fits an H100 and keeps wgmma's 1024-byte tile alignment. In builds with CUDA (the header
-// needs the toolkit's vector types); no device needed.
+// memory fits an H100 and keeps wgmma's 1024-byte tile alignment; the slc kernel's TMA ring keeps
+// the swizzle's alignment, and its tensor maps encode for the layouts the API takes (that one needs
+// a driver). In builds with CUDA (the header needs the toolkit's vector types); no device needed.
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <string>
 
 #if NSA_TEST_WITH_CUDA
+#include <cuda_runtime.h>
+
 #include "cuda/forward_args.h"
+#include "cuda/kv_tensor_maps.h"
 
 namespace nsa_test {
 namespace {
 
 using nsa::cuda_detail::AttentionSmem;
+using nsa::cuda_detail::encode_kv_tensor_maps;
+using nsa::cuda_detail::ForwardArgs;
+using nsa::cuda_detail::KvTensorMaps;
+using nsa::cuda_detail::slc_gather_stages;
 using nsa::cuda_detail::prefill_sweep_wgmma;
 using nsa::cuda_detail::prefill_warpgroups;
 using nsa::cuda_detail::select_padded_group;
@@ -109,6 +117,54 @@ TEST(ForwardTiling, OneWarpgroupCmpAndWinCtasFitThreeToAnH100Sm) {
       EXPECT_TRUE(three_ctas_fit(sweep)) << "Dk " << dims[0] << ", wgmma " << wgmma << ": " << sweep;
     }
   }
+}
+
+TEST(ForwardTiling, SlcGatherRingKeepsTheSwizzleAlignmentAndTwoCtasPerSm) {
+  for (const auto& dims : kHeadDims) {
+    if (prefill_sweep_wgmma(nsa::kBranchSlc, dims[0])) continue;  // slc on wgmma: no TMA ring
+    SCOPED_TRACE("Dk " + std::to_string(dims[0]));
+    const int stages = slc_gather_stages(dims[0], dims[1]);
+    // Every stage's K and V tile starts on a 1024-byte boundary (the TMA boxes' 128-byte swizzle).
+    EXPECT_EQ(AttentionSmem::k_elems(dims[0]) * 2 % 1024, 0);
+    EXPECT_EQ(AttentionSmem::v_elems(dims[1]) * 2 % 1024, 0);
+    EXPECT_GE(AttentionSmem::kRingSyncBytes, stages * (8 + 4));
+    // Two CTAs per SM (kAttnMinBlocks) with the paper config's union at 128k (4 positions of 16
+    // blocks, 2048 blocks): 228 KB per SM, 1 KB reserved per CTA.
+    const int64_t cta = AttentionSmem::tiles_bytes(dims[0], dims[1], stages) + AttentionSmem::kRingSyncBytes +
+                        AttentionSmem::union_bytes(2048 / 32, 64);
+    EXPECT_LE(2 * (cta + 1024), 233472) << cta;
+    EXPECT_EQ(stages, dims[0] <= 128 ? 3 : 2);
+  }
+}
+
+TEST(ForwardTiling, KvTensorMapsEncodeTheLayoutsTheApiTakes) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA driver or device";
+  alignas(256) static unsigned char storage[256];  // never read: encoding takes the address only
+  ForwardArgs a{};
+  a.batch = 3;
+  a.num_kv_heads = 4;
+  a.key_rows = 1000;
+  KvTensorMaps maps;
+  for (const auto& dims : kHeadDims) {
+    SCOPED_TRACE("Dk " + std::to_string(dims[0]));
+    a.k = {storage, 1000 * 4 * dims[0], 4 * dims[0], dims[0]};  // [B, T, Hkv, Dk] contiguous
+    a.v = {storage, 1000 * 4 * dims[1], 4 * dims[1], dims[1]};
+    a.cu_seqlens = nullptr;
+    EXPECT_TRUE(encode_kv_tensor_maps(a, dims[0], dims[1], &maps));
+    // Heads interleaved with other tensors (strides past the row), and the packed varlen layout.
+    a.k.seq_stride = 3 * 4 * dims[0];
+    a.k.batch_stride = 1000 * a.k.seq_stride;
+    EXPECT_TRUE(encode_kv_tensor_maps(a, dims[0], dims[1], &maps));
+    static const int32_t cu_seqlens[2] = {0, 1000};
+    a.cu_seqlens = cu_seqlens;
+    EXPECT_TRUE(encode_kv_tensor_maps(a, dims[0], dims[1], &maps));
+    // Beyond the copies' 32-bit coordinates: the caller falls back to the cp.async kernel.
+    a.key_rows = int64_t{1} << 31;
+    EXPECT_FALSE(encode_kv_tensor_maps(a, dims[0], dims[1], &maps));
+    a.key_rows = 1000;
+  }
+  EXPECT_FALSE(encode_kv_tensor_maps(a, 96, 96, &maps)) << "boxes of 64 columns";
 }
 
 }  // namespace
