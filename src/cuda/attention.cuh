@@ -520,7 +520,8 @@ __device__ __forceinline__ void sweep_slc_tma(const SlcTiles& tiles, const KvTen
           tma_load_4d(v_dst + c * 64 * 64, &maps.v, bar, c * 64, kv_head, map_row0 + ti.key0, map_batch);
       }
     } else {
-      // Rolled loops: a tile like this comes once or twice per CTA.
+      // Rolled loops: with l' a multiple of 64 (slc_gather_applies) such a tile is the block
+      // holding t_hi or a sequence's end, once or twice per CTA.
       const auto load_rows = [&](T* dst, const T* base, int64_t stride, auto dim) {
         constexpr int kChunks = decltype(dim)::value / 8;
 #pragma unroll 1
@@ -533,9 +534,8 @@ __device__ __forceinline__ void sweep_slc_tma(const SlcTiles& tiles, const KvTen
       };
       load_rows(k_dst, kbase, kstride, std::integral_constant<int, Dk>{});
       load_rows(v_dst, vbase, vstride, std::integral_constant<int, Dv>{});
-      // The warp waits for its copies, then announces the tile. (cp.async.mbarrier.arrive, letting
-      // the barrier wait for them, completed the phase before they landed: a chunked-prefill test
-      // read NaN from the stage.)
+      // The warp waits for its copies, then announces the tile. (With cp.async.mbarrier.arrive
+      // instead, the phase completed before they landed: a chunked-prefill test read NaN there.)
       cp_async_commit();
       cp_async_wait<0>();
       __syncwarp();
@@ -552,12 +552,13 @@ __device__ __forceinline__ void sweep_slc_tma(const SlcTiles& tiles, const KvTen
     if (!tiles.warp_skips(ti, warp_positions)) body(tiles, ti, sK + st * kKElems, sV + st * kVElems);
     __syncwarp();  // the warp's reads of the stage are done
     uint32_t before = 0;
-    if (lane == 0) {
-      __threadfence_block();  // ordered before the count that lets the last warp refill the stage
-      before = atomicAdd(&released[st], 1u);
-    }
+    // Release: the warp's reads before the count; acquire: the other warps' reads before the refill.
+    if (lane == 0) before = atomic_add_acq_rel_cta(&released[st], 1u);
     before = __shfl_sync(0xffffffffu, before, 0);
-    if (before % kWarps == kWarps - 1) refill(k + Stages);
+    if (before % kWarps == kWarps - 1) {
+      __syncwarp();  // the lanes of a cp.async refill after lane 0's acquire
+      refill(k + Stages);
+    }
   }
 }
 #endif

@@ -132,6 +132,13 @@ __device__ __forceinline__ void bulk_copy_to_smem(void* dst, const void* src, ui
                : "memory");
 }
 
+// *counter += v in shared memory, acquire-release at CTA scope; returns the old value.
+__device__ __forceinline__ uint32_t atomic_add_acq_rel_cta(uint32_t* counter, uint32_t v) {
+  uint32_t old;
+  asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], %2;\n" : "=r"(old) : "r"(smem_addr(counter)), "r"(v)
+               : "memory");
+  return old;
+}
 // An arrival on bar without bytes to wait for.
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");

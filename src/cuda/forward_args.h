@@ -124,9 +124,11 @@ struct AttentionSmem {
   }
 };
 
-// Whether three CTAs of `smem_bytes` dynamic shared memory fit an H100 SM (228 KB, 1 KB reserved
-// per CTA), as a minimum of three CTAs in __launch_bounds__ asks (kAttnMinBlocks, kDqMinBlocks).
+// Whether three (two) CTAs of `smem_bytes` dynamic shared memory fit an H100 SM (228 KB, 1 KB
+// reserved per CTA), as a minimum of three (two) CTAs in __launch_bounds__ asks (kAttnMinBlocks,
+// kDqMinBlocks).
 NSA_HOST_DEVICE constexpr bool three_ctas_fit(int64_t smem_bytes) { return 3 * (smem_bytes + 1024) <= 233472; }
+NSA_HOST_DEVICE constexpr bool two_ctas_fit(int64_t smem_bytes) { return 2 * (smem_bytes + 1024) <= 233472; }
 
 // Key/value stages of the decode path's sweeps (attention.cuh, sweep_key_tiles): as many (up to
 // four) as keep two CTAs on an SM (<= 112 KB of tiles each). A decode sweep is one long stream of
@@ -154,6 +156,26 @@ NSA_HOST_DEVICE constexpr int slc_gather_stages(int dk, int dv) {
 // 17.7 -> 16.9 ms for G = 16 at 64k) and slower at Dk = 128 (26.7 -> 30.2 ms in the paper config
 // at 64k): docs/decisions/0007.
 NSA_HOST_DEVICE constexpr bool prefill_sweep_wgmma(int branch, int dk) { return branch != kBranchSlc || dk <= 64; }
+
+// Dynamic shared memory of the slc kernel with the TMA ring: its stages, their barriers and
+// counts, the block union.
+NSA_HOST_DEVICE constexpr int64_t slc_gather_smem(int dk, int dv, int union_words, int union_capacity) {
+  return AttentionSmem::tiles_bytes(dk, dv, slc_gather_stages(dk, dv)) + AttentionSmem::kRingSyncBytes +
+         AttentionSmem::union_bytes(union_words, union_capacity);
+}
+
+// Whether the prefill slc sweep takes the TMA ring (slc_gather_kernel) on a device that runs the
+// sm_90a code (wgmma_sweeps), before its tensor maps are encoded: where the sweep multiplies with
+// mma.sync (Dk >= 128, prefill_sweep_wgmma), the blocks are whole 64-key tiles (other l' would
+// send most tiles through the ring's one-warp cp.async path), and two CTAs still fit an SM (a
+// large union, e.g. G = 1 at Dk = 128 from about 56k tokens, would leave one where the cp.async
+// kernel keeps two; kAttnMinBlocks).
+NSA_HOST_DEVICE constexpr bool slc_gather_applies(int dk, int dv, int sel_block, int union_words, int union_capacity,
+                                                  bool wgmma_sweeps) {
+  return wgmma_sweeps && !prefill_sweep_wgmma(kBranchSlc, dk) && sel_block % 64 == 0 &&
+         two_ctas_fit(slc_gather_smem(dk, dv, union_words, union_capacity));
+}
+
 // Warpgroups of a prefill attention CTA, each on its own 64 rows of the Q tile, all sharing every K / V
 // tile: three for the cmp and win sweeps on wgmma at Dk >= 128, which cuts their K / V bytes per row
 // to a third at the same 12 warps per SM (paper config at 64k: cmp 17.1 -> 12.8 ms, win 7.0 -> 6.0;

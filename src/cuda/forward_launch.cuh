@@ -80,14 +80,15 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   const int64_t cmp_smem = sweep_smem(kBranchCmp), win_smem = sweep_smem(kBranchWin);
   const int64_t union_bytes = AttentionSmem::union_bytes(a.union_words, a.union_capacity);
   const int64_t slc_smem = sweep_smem(kBranchSlc) + union_bytes;
-  // The slc kernel with a TMA ring: where the slc sweep runs mma.sync (Dk >= 128) on a device that
-  // runs the sm_90a code, if the driver encodes tensor maps of this K / V layout.
+  // The slc kernel with a TMA ring where slc_gather_applies, if the driver encodes tensor maps of
+  // this K / V layout.
   KvTensorMaps maps{};
   bool slc_gather = false;
   if constexpr (!prefill_sweep_wgmma(kBranchSlc, Dk))
-    slc_gather = device.wgmma_sweeps && encode_kv_tensor_maps(a, Dk, Dv, &maps);
-  const int64_t slc_gather_smem = AttentionSmem::tiles_bytes(Dk, Dv, slc_gather_stages(Dk, Dv)) +
-                                  AttentionSmem::kRingSyncBytes + union_bytes;
+    slc_gather = (stages & kStageSlc) &&
+                 slc_gather_applies(Dk, Dv, a.sel_block, a.union_words, a.union_capacity, device.wgmma_sweeps) &&
+                 encode_kv_tensor_maps(a, Dk, Dv, &maps);
+  const int64_t gather_smem = slc_gather_smem(Dk, Dv, a.union_words, a.union_capacity);
   // Selection: P positions per CTA keep [P][ceil(T / l')] block scores in shared memory
   // (select_tiling). 3 <= G <= 16 take the shuffle path (whole positions per warp).
   const SelectTiling select = select_tiling(a.group, Dk, device.wgmma_sweeps, a.select_blocks, max_smem);
@@ -108,7 +109,7 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   if (st.ok() && !slc_gather) st = prepare_kernel(kForwardApi, slc_kernel, slc_smem, max_smem, "the slc attention kernel");
   if constexpr (!prefill_sweep_wgmma(kBranchSlc, Dk))
     if (st.ok() && slc_gather)
-      st = prepare_kernel(kForwardApi, slc_gather_kernel<T, Dk, Dv>, slc_gather_smem, max_smem,
+      st = prepare_kernel(kForwardApi, slc_gather_kernel<T, Dk, Dv>, gather_smem, max_smem,
                           "the slc attention kernel (TMA)");
   if (st.ok()) st = prepare_kernel(kForwardApi, win_kernel, win_smem, max_smem, "the win attention kernel");
   if (st.ok() && run_select) st = prepare_kernel(kForwardApi, sel_kernel, select_smem, max_smem, "the selection kernel");
@@ -132,7 +133,7 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   }
   if (stages & kStageSlc) {
     if constexpr (!prefill_sweep_wgmma(kBranchSlc, Dk))
-      if (slc_gather) slc_gather_kernel<T, Dk, Dv><<<attn_grid(kBranchSlc), kAttnThreads, slc_gather_smem, stream>>>(a, maps);
+      if (slc_gather) slc_gather_kernel<T, Dk, Dv><<<attn_grid(kBranchSlc), kAttnThreads, gather_smem, stream>>>(a, maps);
     if (!slc_gather) slc_kernel<<<attn_grid(kBranchSlc), attn_threads(kBranchSlc), slc_smem, stream>>>(a);
     if (!(st = launch_status(kForwardApi, "launching the slc attention kernel")).ok()) return st;
   }

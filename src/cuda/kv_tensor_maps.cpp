@@ -27,16 +27,18 @@ bool encode(const TensorRef& t, const ForwardArgs& a, int d, CUtensorMap* map) {
   const int64_t batch = varlen ? 1 : a.batch;
   // One sequence (or the packed rows): any batch stride the driver takes will do, so this one.
   const int64_t batch_stride = batch == 1 ? a.key_rows * t.seq_stride : t.batch_stride;
+  // Likewise one kv head: its stride is never stepped.
+  const int64_t head_stride = a.num_kv_heads == 1 ? d : t.head_stride;
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(d), static_cast<cuuint64_t>(a.num_kv_heads),
                               static_cast<cuuint64_t>(a.key_rows), static_cast<cuuint64_t>(batch)};
-  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(t.head_stride) * 2, static_cast<cuuint64_t>(t.seq_stride) * 2,
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(head_stride) * 2, static_cast<cuuint64_t>(t.seq_stride) * 2,
                                  static_cast<cuuint64_t>(batch_stride) * 2};
   const cuuint32_t box[4] = {64, 1, 64, 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   const auto encoder = tensor_map_encoder();
   // The copies take signed 32-bit coordinates.
   constexpr int64_t kMaxRows = int64_t{1} << 31;
-  if (encoder == nullptr || a.key_rows <= 0 || a.key_rows >= kMaxRows || t.head_stride <= 0 || t.seq_stride <= 0 ||
+  if (encoder == nullptr || a.key_rows <= 0 || a.key_rows >= kMaxRows || head_stride <= 0 || t.seq_stride <= 0 ||
       batch_stride <= 0)
     return false;
   return encoder(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, const_cast<void*>(t.data), dims, strides, box, element_strides,

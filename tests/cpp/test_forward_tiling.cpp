@@ -22,6 +22,8 @@ using nsa::cuda_detail::AttentionSmem;
 using nsa::cuda_detail::encode_kv_tensor_maps;
 using nsa::cuda_detail::ForwardArgs;
 using nsa::cuda_detail::KvTensorMaps;
+using nsa::cuda_detail::slc_gather_applies;
+using nsa::cuda_detail::slc_gather_smem;
 using nsa::cuda_detail::slc_gather_stages;
 using nsa::cuda_detail::prefill_sweep_wgmma;
 using nsa::cuda_detail::prefill_warpgroups;
@@ -32,6 +34,7 @@ using nsa::cuda_detail::SelectSmem;
 using nsa::cuda_detail::SelectTiling;
 using nsa::cuda_detail::sweep_stages;
 using nsa::cuda_detail::three_ctas_fit;
+using nsa::cuda_detail::two_ctas_fit;
 
 constexpr int64_t kH100Smem = 227 * 1024;  // the opt-in dynamic shared memory of a CTA
 constexpr int kHeadDims[][2] = {{64, 64}, {128, 128}, {192, 128}};
@@ -124,17 +127,27 @@ TEST(ForwardTiling, SlcGatherRingKeepsTheSwizzleAlignmentAndTwoCtasPerSm) {
     if (prefill_sweep_wgmma(nsa::kBranchSlc, dims[0])) continue;  // slc on wgmma: no TMA ring
     SCOPED_TRACE("Dk " + std::to_string(dims[0]));
     const int stages = slc_gather_stages(dims[0], dims[1]);
+    EXPECT_EQ(stages, dims[0] <= 128 ? 3 : 2);
     // Every stage's K and V tile starts on a 1024-byte boundary (the TMA boxes' 128-byte swizzle).
     EXPECT_EQ(AttentionSmem::k_elems(dims[0]) * 2 % 1024, 0);
     EXPECT_EQ(AttentionSmem::v_elems(dims[1]) * 2 % 1024, 0);
     EXPECT_GE(AttentionSmem::kRingSyncBytes, stages * (8 + 4));
-    // Two CTAs per SM (kAttnMinBlocks) with the paper config's union at 128k (4 positions of 16
-    // blocks, 2048 blocks): 228 KB per SM, 1 KB reserved per CTA.
-    const int64_t cta = AttentionSmem::tiles_bytes(dims[0], dims[1], stages) + AttentionSmem::kRingSyncBytes +
-                        AttentionSmem::union_bytes(2048 / 32, 64);
-    EXPECT_LE(2 * (cta + 1024), 233472) << cta;
-    EXPECT_EQ(stages, dims[0] <= 128 ? 3 : 2);
+    // The paper config's union at 128k (4 positions of 16 blocks among 2048) leaves two CTAs per SM.
+    EXPECT_TRUE(two_ctas_fit(slc_gather_smem(dims[0], dims[1], 2048 / 32, 64)));
   }
+}
+
+TEST(ForwardTiling, SlcGatherAppliesWhereItKeepsTheCpAsyncKernelsOccupancy) {
+  // Paper config (G = 16, l' = 64) at 64k: 4 positions' 64 blocks among 1024.
+  EXPECT_TRUE(slc_gather_applies(128, 128, 64, 1024 / 32, 64, true));
+  EXPECT_TRUE(slc_gather_applies(192, 128, 64, 1024 / 32, 64, true));
+  EXPECT_TRUE(slc_gather_applies(128, 128, 128, 512 / 32, 64, true)) << "l' = 128: two whole tiles a block";
+  EXPECT_FALSE(slc_gather_applies(128, 128, 64, 1024 / 32, 64, false)) << "no sm_90a code on the device";
+  EXPECT_FALSE(slc_gather_applies(64, 64, 64, 1024 / 32, 64, true)) << "Dk = 64: the wgmma slc kernel";
+  EXPECT_FALSE(slc_gather_applies(128, 128, 32, 2048 / 32, 128, true)) << "l' = 32: every tile partial";
+  // G = 1 at 64k: 64 positions of 16 blocks; the union would leave one CTA per SM.
+  EXPECT_FALSE(two_ctas_fit(slc_gather_smem(128, 128, 1024 / 32, 1024)));
+  EXPECT_FALSE(slc_gather_applies(128, 128, 64, 1024 / 32, 1024, true));
 }
 
 TEST(ForwardTiling, KvTensorMapsEncodeTheLayoutsTheApiTakes) {
