@@ -280,6 +280,20 @@ std::vector<GpuCase> gpu_cases() {
                                 make_config(64, 16, 32, 4, 0, 0, 7), DType::kBFloat16, ++seed));
   cases.push_back(make_gpu_case("l32d32s64_n2_scale0.05", padded_spec(1, 500, 6, 3, 128, 128),
                                 make_config(32, 32, 64, 2, 0, 1, 64, 0.05), DType::kFloat16, ++seed));
+  // At Dk = 128 on sm_90a the slc kernel's TMA ring (slc_gather_applies): l' = 128 (two boxes of
+  // a block, the second partial at the sequence end), and heads-outer K / V of two sequences (the
+  // tensor maps' head and batch strides).
+  cases.push_back(make_gpu_case("l32d16s128_n3_D128", padded_spec(1, 700, 8, 2, 128, 128),
+                                make_config(32, 16, 128, 3, 1, 1, 64), DType::kBFloat16, ++seed));
+  {
+    Layout heads_outer;
+    heads_outer.heads_outer = true;
+    heads_outer.row_pad = 3;
+    GpuCase c = make_gpu_case("strided_D128", padded_spec(2, 257, 8, 2, 128, 128), tight_config(), DType::kBFloat16,
+                              ++seed);
+    c.input_layout = heads_outer;
+    cases.push_back(c);
+  }
   // Isolating l (cmp), l' (selection blocks) and n_init.
   cases.push_back(make_gpu_case("l16d8s64_n5_init0_local3", padded_spec(1, 400, 6, 2, 64, 64),
                                 make_config(16, 8, 64, 5, 0, 3, 100), DType::kBFloat16, ++seed));

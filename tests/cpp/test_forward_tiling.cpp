@@ -165,10 +165,13 @@ TEST(ForwardTiling, KvTensorMapsEncodeTheLayoutsTheApiTakes) {
     a.v = {storage, 1000 * 4 * dims[1], 4 * dims[1], dims[1]};
     a.cu_seqlens = nullptr;
     EXPECT_TRUE(encode_kv_tensor_maps(a, dims[0], dims[1], &maps));
-    // Heads interleaved with other tensors (strides past the row), and the packed varlen layout.
+    // Heads interleaved with other tensors (strides past the row), heads outer ([B, Hkv, T, D]:
+    // the head stride above the row's), and the packed varlen layout.
     a.k.seq_stride = 3 * 4 * dims[0];
     a.k.batch_stride = 1000 * a.k.seq_stride;
     EXPECT_TRUE(encode_kv_tensor_maps(a, dims[0], dims[1], &maps));
+    a.v = {storage, 4 * 1003 * dims[1], dims[1], 1003 * dims[1]};
+    EXPECT_TRUE(encode_kv_tensor_maps(a, dims[0], dims[1], &maps)) << "heads outer";
     static const int32_t cu_seqlens[2] = {0, 1000};
     a.cu_seqlens = cu_seqlens;
     EXPECT_TRUE(encode_kv_tensor_maps(a, dims[0], dims[1], &maps));
