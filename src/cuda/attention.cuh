@@ -483,10 +483,10 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
 // a phase when its tile has landed: a whole tile as one TMA box per 64 columns of K and of V, issued
 // by one thread; a tile with fewer keys (the block holding t_hi, or a sequence's end) as cp.async
 // by a warp, which zero-fills the rows past them (P V must not meet what lies there) and arrives
-// on the barrier once they have landed. Every warp waits for every tile (a warp that skipped a wait could take a later
-// phase of that stage for an earlier one), computes those its positions selected, and counts
-// itself out in released[st]; the last of the four to leave a tile refills its stage with tile
-// k + Stages. So a warp runs up to Stages - 1 tiles ahead of the slowest, where sweep_key_tiles'
+// on the barrier once they have landed. Every warp waits for every tile (a warp that skipped a
+// wait could take a later phase of that stage for an earlier one), computes those its positions
+// selected, and counts itself out in released[st]; the last of the four to leave a tile refills
+// its stage with tile k + Stages. So a warp runs up to Stages - 1 tiles ahead of the slowest, where sweep_key_tiles'
 // CTA barriers hold every warp on every tile until the one that computes it is done
 // (docs/decisions/0003: the barriers were the slc kernel's largest stall). The barriers and counts
 // are initialized by the caller before a CTA barrier. keys: (row0, batch) of the sequence in the
@@ -842,8 +842,10 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   constexpr int kThreads = kAttnThreads * kWarpgroups, kRows = 64 * kWarpgroups;
   check_block_threads<kThreads>();
   constexpr int kStages = kTmaGather ? slc_gather_stages(Dk, Dv) : sweep_stages(kSplit, Dk, Dv);
-  constexpr int64_t kSweepBytes = kTmaGather ? AttentionSmem::tiles_bytes(Dk, Dv, kStages) + AttentionSmem::kRingSyncBytes
-                                             : AttentionSmem::sweep_bytes(Dk, Dv, kStages, kWgmma, kWarpgroups);
+  // (The TMA ring: its tiles, then their barriers and counts; slc_gather_smem adds the union.)
+  constexpr int64_t kSweepBytes =
+      kTmaGather ? AttentionSmem::tiles_bytes(Dk, Dv, kStages) + AttentionSmem::kRingSyncBytes
+                 : AttentionSmem::sweep_bytes(Dk, Dv, kStages, kWgmma, kWarpgroups);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kStages * AttentionSmem::k_elems(Dk);
   // The Q tile: in the first K buffer until its fragments are in registers, or (wgmma) after the
