@@ -85,7 +85,7 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   KvTensorMaps maps{};
   bool slc_gather = false;
   if constexpr (!prefill_sweep_wgmma(kBranchSlc, Dk))
-    slc_gather = (stages & kStageSlc) &&
+    slc_gather = (stages & kStageSlc) && !(stages & kStageSlcCpAsync) &&
                  slc_gather_applies(Dk, Dv, a.sel_block, a.union_words, a.union_capacity, device.wgmma_sweeps) &&
                  encode_kv_tensor_maps(a, Dk, Dv, &maps);
   const int64_t gather_smem = slc_gather_smem(Dk, Dv, a.union_words, a.union_capacity);

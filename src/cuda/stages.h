@@ -15,6 +15,9 @@ enum Stage : unsigned {
   kStageSlc = 4u,     // selected attention: o_slc, lse[1]
   kStageWin = 8u,     // window attention and the gated combine: out, o_win, lse[2]
   kStageAll = 15u,
+  // With kStageSlc: the slc sweep's cp.async kernel even where the TMA ring would run
+  // (slc_gather_applies), so that tests compare the two and the bench times both.
+  kStageSlcCpAsync = 16u,
 };
 
 enum BackwardStage : unsigned {

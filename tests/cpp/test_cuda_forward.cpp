@@ -19,12 +19,15 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <cstdint>
 #include <ostream>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
+#include "cuda/stages.h"
 #include "nsa/nsa.h"
 #include "test_util.h"
 
@@ -337,6 +340,43 @@ Problem prefix_of(const Problem& problem, int64_t len) {
 // same order whatever the positions per CTA). G = 1 (the shared-memory head sum, halved from
 // T of about 35k at Dk = 128) and G = 4 (the shuffle path, on sm_90a two warpgroups with the
 // second left without rows, from about 72k).
+// On sm_90a at Dk >= 128 the slc kernel takes its K / V tiles through the TMA ring (decision 0010)
+// and each warp its own pace; the arithmetic is the cp.async kernel's, tile for tile, so the
+// outputs are bitwise the same. (Elsewhere both runs take the cp.async kernel.)
+TEST(CudaForwardProperties, SlcRingMatchesCpAsyncKernel) {
+  NSA_SKIP_WITHOUT_DEVICE();
+  std::vector<GpuCase> cases;
+  cases.push_back(make_gpu_case("paper_G16", padded_spec(1, 3000, 16, 1, 128, 128), nsa::Config{},
+                                DType::kBFloat16, 4400));
+  cases.push_back(make_gpu_case("varlen_G6", varlen_spec({1, 700, 64, 2500}, 12, 2, 128, 128), tight_config(),
+                                DType::kFloat16, 4401));
+  cases.push_back(make_gpu_case("l128_Dk192", padded_spec(2, 1000, 8, 2, 192, 128),
+                                make_config(32, 16, 128, 4, 1, 2, 100), DType::kBFloat16, 4402));
+  for (const GpuCase& c : cases) {
+    SCOPED_TRACE(c.name);
+    const Problem problem = make_problem(c.spec);
+    Buffers ring_buffers = make_buffers(problem), cp_buffers = make_buffers(problem);
+    nsa::Status st_ring, st_cp;
+    const Outputs ring = run_cuda_forward_stages(ring_buffers, nsa::cuda_detail::kStageAll, &st_ring);
+    const Outputs cp = run_cuda_forward_stages(
+        cp_buffers, nsa::cuda_detail::kStageAll | nsa::cuda_detail::kStageSlcCpAsync, &st_cp);
+    ASSERT_TRUE(st_ring.ok()) << st_ring.message;
+    ASSERT_TRUE(st_cp.ok()) << st_cp.message;
+    ASSERT_FALSE(ring.out_branch.empty());
+    EXPECT_EQ(ring.indices, cp.indices);
+    for (const auto& [name, a, b] : {std::tuple<const char*, const std::vector<double>&, const std::vector<double>&>{
+                                         "out", ring.out, cp.out},
+                                     {"out_branch", ring.out_branch, cp.out_branch},
+                                     {"lse", ring.lse, cp.lse}}) {
+      ASSERT_EQ(a.size(), b.size()) << name;
+      const auto diff = std::mismatch(a.begin(), a.end(), b.begin(),
+                                      [](double x, double y) { return x == y || (std::isnan(x) && std::isnan(y)); });
+      EXPECT_TRUE(diff.first == a.end()) << name << " element " << (diff.first - a.begin()) << ": " << *diff.first
+                                         << " (ring) vs " << *diff.second << " (cp.async)";
+    }
+  }
+}
+
 TEST(CudaForwardProperties, HalvedSelectionMatchesShortRun) {
   NSA_SKIP_WITHOUT_DEVICE();
   for (auto [group, seqlen] : {std::pair<int64_t, int64_t>{1, 40000}, {4, 80000}}) {

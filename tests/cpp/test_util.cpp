@@ -12,6 +12,8 @@
 #include <stdexcept>
 #include <thread>
 
+#include "cuda/stages.h"
+
 #if NSA_TEST_WITH_CUDA
 #include <cuda_runtime.h>
 #endif
@@ -1351,13 +1353,17 @@ bool cuda_device_available() {
 }
 
 Outputs run_cuda_forward(Buffers& hb, nsa::Status* status) {
+  return run_cuda_forward_stages(hb, nsa::cuda_detail::kStageAll, status);
+}
+
+Outputs run_cuda_forward_stages(Buffers& hb, unsigned stages, nsa::Status* status) {
   hb.poison_forward();
   DeviceMirror mirror;
   DeviceBuffer workspace;
   nsa::ForwardParams p = hb.forward_params();
   const size_t ws_bytes = nsa::cuda::forward_workspace_bytes(p);
   if (!stage_on_device(hb, p, ws_bytes, mirror, workspace, status)) return {};
-  *status = nsa::cuda::forward(p, workspace.ptr, ws_bytes, nullptr);
+  *status = nsa::cuda_detail::forward_stages(p, workspace.ptr, ws_bytes, nullptr, stages);
   if (status->ok()) *status = synchronize("forward");
   if (!status->ok()) return {};
   bool ok = mirror.download(hb.out.buf.data()) && mirror.download(hb.lse.data()) &&
@@ -1404,6 +1410,11 @@ Grads run_cuda_backward(Buffers& hb, bool deterministic, nsa::Status* status) {
 bool cuda_device_available() { return false; }
 
 Outputs run_cuda_forward(Buffers&, nsa::Status* status) {
+  *status = nsa::Status::Unsupported("the test binary was built without CUDA");
+  return {};
+}
+
+Outputs run_cuda_forward_stages(Buffers&, unsigned, nsa::Status* status) {
   *status = nsa::Status::Unsupported("the test binary was built without CUDA");
   return {};
 }

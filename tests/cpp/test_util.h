@@ -303,6 +303,9 @@ bool cuda_device_available();
 // gaps of out and returns them. `status` receives the forward's status (a launch error found by
 // the synchronization after it included).
 Outputs run_cuda_forward(Buffers& buffers, nsa::Status* status);
+// The same through nsa::cuda_detail::forward_stages with `stages` (src/cuda/stages.h): every stage,
+// with kStageSlcCpAsync among them to run the cp.async slc kernel where the TMA ring would.
+Outputs run_cuda_forward_stages(Buffers& buffers, unsigned stages, nsa::Status* status);
 // Runs nsa::cuda::backward (with `deterministic`) on device copies of `buffers`: inputs, grad_out,
 // and block_indices / out_branch / lse as they are in `buffers` (run_cuda_forward leaves the GPU
 // forward's there); every grad poisoned with NaN, the workspace with 0xFF bytes. Copies the grads
