@@ -24,6 +24,7 @@ the prefill result at those positions.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -79,6 +80,16 @@ def cmp_gather_index(starts: torch.Tensor, cmp_block: int) -> torch.Tensor:
 def gather_blocks(raw: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """raw [..., T, H, D] (token dim third from last), index [Tc, l] -> blocks [..., Tc, l, H, D]."""
     return raw.index_select(-3, index.flatten()).unflatten(-3, tuple(index.shape))
+
+
+def strided_blocks(raw: torch.Tensor, cmp_block: int, cmp_stride: int) -> torch.Tensor:
+    """raw [..., T, H, D] of padded sequences -> blocks [..., Tc, l, H, D], block i = raw tokens
+    i*d .. i*d+l-1: gather_blocks with cmp_gather_index's padded index, as a view (unfold). Its
+    backward sums the overlapping windows without index_add's sort and scatter."""
+    if raw.shape[-3] < cmp_block:  # no block (a view of raw still, for autograd)
+        empty = raw.narrow(-3, 0, 0).unsqueeze(-3)  # [..., 0, 1, H, D]
+        return empty.expand(*empty.shape[:-3], cmp_block, *empty.shape[-2:])
+    return raw.unfold(-3, cmp_block, cmp_stride).movedim(-1, -3)  # [..., Tc, H, D, l] -> [..., Tc, l, H, D]
 
 
 class Compressor(nn.Module):
@@ -232,14 +243,7 @@ class NSAAttention(nn.Module):
                 f"share_window_kv={self.share_window_kv}, rope_theta={self.rope_theta}, "
                 + ", ".join(f"{k}={v}" for k, v in self.op_config.items()))
 
-    # ---- layout: positions and the compression gather index ---------------------------------
-
-    def _padded_layout(self, seqlen: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] and gather index [Tc, l] of a padded batch; no host sync."""
-        l, d = self.op_config["cmp_block"], self.op_config["cmp_stride"]
-        positions = torch.arange(seqlen, device=device)
-        starts = torch.arange(num_cmp_tokens(seqlen, l, d), device=device) * d
-        return positions, cmp_gather_index(starts, l)
+    # ---- layout of packed sequences: positions and the compression gather index -------------
 
     def _packed_layout(self, cu_seqlens: torch.Tensor, total: int, max_seqlen: Optional[int]):
         """positions [total], gather index [total_cmp, l], cu_seqlens_cmp [N+1], max_seqlen.
@@ -315,7 +319,9 @@ class NSAAttention(nn.Module):
             if x.dim() != 3:
                 raise ValueError(f"NSAAttention: x must be [B, T, dim] (or [total, dim] with cu_seqlens), "
                                  f"got shape {tuple(x.shape)}")
-            positions, gather_index = self._padded_layout(x.shape[1], x.device)
+            positions = torch.arange(x.shape[1], device=x.device)  # no host sync
+            l, d = self.op_config["cmp_block"], self.op_config["cmp_stride"]
+            blocks_of = functools.partial(strided_blocks, cmp_block=l, cmp_stride=d)
             varlen = {}
         else:
             if x.dim() != 2:
@@ -323,11 +329,12 @@ class NSAAttention(nn.Module):
                                  f"got shape {tuple(x.shape)}")
             positions, gather_index, cu_seqlens_cmp, max_seqlen = self._packed_layout(
                 cu_seqlens, x.shape[0], max_seqlen)
+            blocks_of = functools.partial(gather_blocks, index=gather_index)
             varlen = dict(cu_seqlens=cu_seqlens, cu_seqlens_cmp=cu_seqlens_cmp, max_seqlen=max_seqlen)
 
         q, keys, values, gate_logits = self._project(x, positions)
-        k_cmp = self.compress_k(gather_blocks(keys[0], gather_index))
-        v_cmp = self.compress_v(gather_blocks(values[0], gather_index))
+        k_cmp = self.compress_k(blocks_of(keys[0]))
+        v_cmp = self.compress_v(blocks_of(values[0]))
         k_win, v_win = (None, None) if self.share_window_kv else (keys[2], values[2])
         gates = torch.sigmoid(gate_logits)
 

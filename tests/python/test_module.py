@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import nsa.module as nsa_module
-from nsa.module import Compressor, NSAAttention, apply_rope, cmp_gather_index, gather_blocks, rope_cos_sin
+from nsa.module import (Compressor, NSAAttention, apply_rope, cmp_gather_index, gather_blocks, rope_cos_sin,
+                        strided_blocks)
 
 CONFIG = dict(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=3, num_init=1, num_local=1, window=12)
 DIM, HQ, HKV, DK, DV = 32, 4, 2, 8, 6
@@ -161,6 +162,22 @@ def test_avg_phi_on_known_input():
     assert out.shape == (4, 3, 2)
     expected = torch.tensor([1.5, 3.5, 5.5, 7.5], dtype=torch.float64)[:, None, None].expand(4, 3, 2)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("T, l, d", [(10, 4, 2), (77, 32, 16), (64, 32, 32), (31, 32, 16), (32, 32, 16)])
+def test_strided_blocks_equal_the_gather(T, l, d):
+    # The padded path's view (unfold) against the gather by index: same blocks, same gradient (the
+    # overlapping windows' contributions summed) into raw.
+    raw = torch.randn(2, T, 3, 5, dtype=torch.float64, requires_grad=True)  # [B, T, H, D]
+    tc = (T - l) // d + 1 if T >= l else 0
+    index = cmp_gather_index(torch.arange(tc) * d, l)
+    viewed, gathered = strided_blocks(raw, l, d), gather_blocks(raw, index)
+    assert viewed.shape == gathered.shape == (2, tc, l, 3, 5)
+    torch.testing.assert_close(viewed, gathered, rtol=0, atol=0)
+    weight = torch.randn_like(gathered)
+    (grad_viewed,) = torch.autograd.grad((viewed * weight).sum(), raw)
+    (grad_gathered,) = torch.autograd.grad((gathered * weight).sum(), raw)
+    torch.testing.assert_close(grad_viewed, grad_gathered, rtol=0, atol=1e-12)
 
 
 def test_linear_phi_starts_as_avg():
