@@ -85,7 +85,7 @@ def gather_blocks(raw: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def strided_blocks(raw: torch.Tensor, cmp_block: int, cmp_stride: int) -> torch.Tensor:
     """raw [..., T, H, D] of padded sequences -> blocks [..., Tc, l, H, D], block i = raw tokens
     i*d .. i*d+l-1: gather_blocks with cmp_gather_index's padded index, as a view (unfold). Its
-    backward sums the overlapping windows without index_add's sort and scatter."""
+    backward sums the overlapping windows in place of index_add's atomic scatter."""
     if raw.shape[-3] < cmp_block:  # no block (a view of raw still, for autograd)
         empty = raw.narrow(-3, 0, 0).unsqueeze(-3)  # [..., 0, 1, H, D]
         return empty.expand(*empty.shape[:-3], cmp_block, *empty.shape[-2:])
