@@ -522,18 +522,8 @@ __device__ __forceinline__ void sweep_slc_tma(const SlcTiles& tiles, const KvTen
     } else {
       // Rolled loops: with l' a multiple of 64 (slc_gather_applies) such a tile is the block
       // holding t_hi or a sequence's end, once or twice per CTA.
-      const auto load_rows = [&](T* dst, const T* base, int64_t stride, auto dim) {
-        constexpr int kChunks = decltype(dim)::value / 8;
-#pragma unroll 1
-        for (int idx = lane; idx < 64 * kChunks; idx += 32) {
-          const int r = idx / kChunks, c = idx % kChunks;
-          const bool valid = r < ti.count;
-          cp_async_16(dst + tile_chunk_offset<decltype(dim)::value, 64, true>(r, c),
-                      valid ? base + int64_t{ti.key0 + r} * stride + c * 8 : base, valid);
-        }
-      };
-      load_rows(k_dst, kbase, kstride, std::integral_constant<int, Dk>{});
-      load_rows(v_dst, vbase, vstride, std::integral_constant<int, Dv>{});
+      load_rows_async<T, Dk, 64, 32, false, true, false>(k_dst, kbase, kstride, ti.key0, ti.count, lane);
+      load_rows_async<T, Dv, 64, 32, false, true, false>(v_dst, vbase, vstride, ti.key0, ti.count, lane);
       // The warp waits for its copies, then announces the tile. (With cp.async.mbarrier.arrive
       // instead, the phase completed before they landed: a chunked-prefill test read NaN there.)
       cp_async_commit();
@@ -842,10 +832,8 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   constexpr int kThreads = kAttnThreads * kWarpgroups, kRows = 64 * kWarpgroups;
   check_block_threads<kThreads>();
   constexpr int kStages = kTmaGather ? slc_gather_stages(Dk, Dv) : sweep_stages(kSplit, Dk, Dv);
-  // (The TMA ring: its tiles, then their barriers and counts; slc_gather_smem adds the union.)
-  constexpr int64_t kSweepBytes =
-      kTmaGather ? AttentionSmem::tiles_bytes(Dk, Dv, kStages) + AttentionSmem::kRingSyncBytes
-                 : AttentionSmem::sweep_bytes(Dk, Dv, kStages, kWgmma, kWarpgroups);
+  constexpr int64_t kSweepBytes = kTmaGather ? slc_gather_sweep_bytes(Dk, Dv)
+                                             : AttentionSmem::sweep_bytes(Dk, Dv, kStages, kWgmma, kWarpgroups);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kStages * AttentionSmem::k_elems(Dk);
   // The Q tile: in the first K buffer until its fragments are in registers, or (wgmma) after the

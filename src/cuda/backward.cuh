@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kAttnThreads, kDqMinBlocks<Dk>) dq_kernel(cons
   T* sDo = sQ + 64 * (Dk + 8);
   T* sK = sDo + 64 * (Dv + 8);
   T* sV = sK + 2 * AttentionSmem::k_elems(Dk);
-  static_assert(kDqMinBlocks<Dk> < 3 || three_ctas_fit(DqSmem::tiles_bytes(Dk, Dv)));
+  static_assert(kDqMinBlocks<Dk> < 3 || ctas_fit(3, DqSmem::tiles_bytes(Dk, Dv)));
   unsigned char* union_smem = smem + DqSmem::tiles_bytes(Dk, Dv);
 
   const int b = blockIdx.z, kv_head = blockIdx.y;
@@ -354,7 +354,7 @@ template <class T, int Dk, int Dv, int kBranch>
 __global__ void __launch_bounds__(kAttnThreads, (kDkvMinBlocks<Dk, kBranch>))
     dkv_kernel(const BackwardArgs a, int tiles_per_seq) {
   constexpr int R = kDkvRows<Dk>, NB = R / 8;
-  static_assert(kDkvMinBlocks<Dk, kBranch> < 3 || three_ctas_fit(DkvSmem::bytes(Dk, Dv, R)));
+  static_assert(kDkvMinBlocks<Dk, kBranch> < 3 || ctas_fit(3, DkvSmem::bytes(Dk, Dv, R)));
   using Tr = TypeTraits<T>;
   // wgmma on sm_90a (64-row tiles, Dk <= 128): the four warps take every row tile (they split the
   // keys), so the CTA issues its products together; K and V are the A operands from shared memory

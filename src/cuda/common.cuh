@@ -278,17 +278,24 @@ __device__ __forceinline__ bool is_forced(int j, int last_block, int num_init, i
 
 // Loads rows [key0, key0 + count) of a [*, D] tile (row stride `stride` elements) into a shared
 // memory tile of Rows rows (layout: tile_chunk_offset) with cp.async (kStream: as cp_async_16),
-// zero-filling rows >= count. All threads of the CTA call it.
-template <class T, int D, int Rows, int Threads, bool kStream = false, bool kSwizzled = false>
+// zero-filling rows >= count. The Threads threads tid = 0 .. Threads - 1 call it (the CTA's, or a
+// warp's); kUnrolled false keeps the loop rolled (a rare load that should not cost registers).
+template <class T, int D, int Rows, int Threads, bool kStream = false, bool kSwizzled = false, bool kUnrolled = true>
 __device__ __forceinline__ void load_rows_async(T* smem, const T* base, int64_t stride, int key0, int count,
                                                 int tid) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
-#pragma unroll
-  for (int idx = tid; idx < Rows * kChunks; idx += Threads) {
+  const auto load = [&](int idx) {
     const int r = idx / kChunks, c = idx % kChunks;
     const bool valid = r < count;
     const T* src = valid ? base + int64_t{key0 + r} * stride + c * 8 : base;
     cp_async_16<kStream>(smem + tile_chunk_offset<D, Rows, kSwizzled>(r, c), src, valid);
+  };
+  if constexpr (kUnrolled) {
+#pragma unroll
+    for (int idx = tid; idx < Rows * kChunks; idx += Threads) load(idx);
+  } else {
+#pragma unroll 1
+    for (int idx = tid; idx < Rows * kChunks; idx += Threads) load(idx);
   }
 }
 

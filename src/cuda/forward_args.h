@@ -124,11 +124,9 @@ struct AttentionSmem {
   }
 };
 
-// Whether three (two) CTAs of `smem_bytes` dynamic shared memory fit an H100 SM (228 KB, 1 KB
-// reserved per CTA), as a minimum of three (two) CTAs in __launch_bounds__ asks (kAttnMinBlocks,
-// kDqMinBlocks).
-NSA_HOST_DEVICE constexpr bool three_ctas_fit(int64_t smem_bytes) { return 3 * (smem_bytes + 1024) <= 233472; }
-NSA_HOST_DEVICE constexpr bool two_ctas_fit(int64_t smem_bytes) { return 2 * (smem_bytes + 1024) <= 233472; }
+// Whether `ctas` CTAs of `smem_bytes` dynamic shared memory fit an H100 SM (228 KB, 1 KB reserved
+// per CTA), as a minimum of that many CTAs in __launch_bounds__ asks (kAttnMinBlocks, kDqMinBlocks).
+NSA_HOST_DEVICE constexpr bool ctas_fit(int ctas, int64_t smem_bytes) { return ctas * (smem_bytes + 1024) <= 233472; }
 
 // Key/value stages of the decode path's sweeps (attention.cuh, sweep_key_tiles): as many (up to
 // four) as keep two CTAs on an SM (<= 112 KB of tiles each). A decode sweep is one long stream of
@@ -158,10 +156,12 @@ NSA_HOST_DEVICE constexpr int slc_gather_stages(int dk, int dv) {
 NSA_HOST_DEVICE constexpr bool prefill_sweep_wgmma(int branch, int dk) { return branch != kBranchSlc || dk <= 64; }
 
 // Dynamic shared memory of the slc kernel with the TMA ring: its stages, their barriers and
-// counts, the block union.
+// counts (slc_gather_sweep_bytes, where the union starts), the block union.
+NSA_HOST_DEVICE constexpr int64_t slc_gather_sweep_bytes(int dk, int dv) {
+  return AttentionSmem::tiles_bytes(dk, dv, slc_gather_stages(dk, dv)) + AttentionSmem::kRingSyncBytes;
+}
 NSA_HOST_DEVICE constexpr int64_t slc_gather_smem(int dk, int dv, int union_words, int union_capacity) {
-  return AttentionSmem::tiles_bytes(dk, dv, slc_gather_stages(dk, dv)) + AttentionSmem::kRingSyncBytes +
-         AttentionSmem::union_bytes(union_words, union_capacity);
+  return slc_gather_sweep_bytes(dk, dv) + AttentionSmem::union_bytes(union_words, union_capacity);
 }
 
 // Whether the prefill slc sweep takes the TMA ring (slc_gather_kernel) on a device that runs the
@@ -173,7 +173,7 @@ NSA_HOST_DEVICE constexpr int64_t slc_gather_smem(int dk, int dv, int union_word
 NSA_HOST_DEVICE constexpr bool slc_gather_applies(int dk, int dv, int sel_block, int union_words, int union_capacity,
                                                   bool wgmma_sweeps) {
   return wgmma_sweeps && !prefill_sweep_wgmma(kBranchSlc, dk) && sel_block % 64 == 0 &&
-         two_ctas_fit(slc_gather_smem(dk, dv, union_words, union_capacity));
+         ctas_fit(2, slc_gather_smem(dk, dv, union_words, union_capacity));
 }
 
 // Warpgroups of a prefill attention CTA, each on its own 64 rows of the Q tile, all sharing every K / V

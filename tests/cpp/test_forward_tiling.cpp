@@ -19,6 +19,7 @@ namespace nsa_test {
 namespace {
 
 using nsa::cuda_detail::AttentionSmem;
+using nsa::cuda_detail::ctas_fit;
 using nsa::cuda_detail::encode_kv_tensor_maps;
 using nsa::cuda_detail::ForwardArgs;
 using nsa::cuda_detail::KvTensorMaps;
@@ -33,8 +34,6 @@ using nsa::cuda_detail::select_tiling;
 using nsa::cuda_detail::SelectSmem;
 using nsa::cuda_detail::SelectTiling;
 using nsa::cuda_detail::sweep_stages;
-using nsa::cuda_detail::three_ctas_fit;
-using nsa::cuda_detail::two_ctas_fit;
 
 constexpr int64_t kH100Smem = 227 * 1024;  // the opt-in dynamic shared memory of a CTA
 constexpr int kHeadDims[][2] = {{64, 64}, {128, 128}, {192, 128}};
@@ -117,7 +116,7 @@ TEST(ForwardTiling, OneWarpgroupCmpAndWinCtasFitThreeToAnH100Sm) {
     for (bool wgmma : {false, true}) {
       if (prefill_warpgroups(nsa::kBranchCmp, dims[0], wgmma) > 1) continue;  // one CTA of 12 warps
       const int64_t sweep = AttentionSmem::sweep_bytes(dims[0], dims[1], sweep_stages(false, dims[0], dims[1]), wgmma);
-      EXPECT_TRUE(three_ctas_fit(sweep)) << "Dk " << dims[0] << ", wgmma " << wgmma << ": " << sweep;
+      EXPECT_TRUE(ctas_fit(3, sweep)) << "Dk " << dims[0] << ", wgmma " << wgmma << ": " << sweep;
     }
   }
 }
@@ -133,7 +132,7 @@ TEST(ForwardTiling, SlcGatherRingKeepsTheSwizzleAlignmentAndTwoCtasPerSm) {
     EXPECT_EQ(AttentionSmem::v_elems(dims[1]) * 2 % 1024, 0);
     EXPECT_GE(AttentionSmem::kRingSyncBytes, stages * (8 + 4));
     // The paper config's union at 128k (4 positions of 16 blocks among 2048) leaves two CTAs per SM.
-    EXPECT_TRUE(two_ctas_fit(slc_gather_smem(dims[0], dims[1], 2048 / 32, 64)));
+    EXPECT_TRUE(ctas_fit(2, slc_gather_smem(dims[0], dims[1], 2048 / 32, 64)));
   }
 }
 
@@ -146,7 +145,7 @@ TEST(ForwardTiling, SlcGatherAppliesWhereItKeepsTheCpAsyncKernelsOccupancy) {
   EXPECT_FALSE(slc_gather_applies(64, 64, 64, 1024 / 32, 64, true)) << "Dk = 64: the wgmma slc kernel";
   EXPECT_FALSE(slc_gather_applies(128, 128, 32, 2048 / 32, 128, true)) << "l' = 32: every tile partial";
   // G = 1 at 64k: 64 positions of 16 blocks; the union would leave one CTA per SM.
-  EXPECT_FALSE(two_ctas_fit(slc_gather_smem(128, 128, 1024 / 32, 1024)));
+  EXPECT_FALSE(ctas_fit(2, slc_gather_smem(128, 128, 1024 / 32, 1024)));
   EXPECT_FALSE(slc_gather_applies(128, 128, 64, 1024 / 32, 1024, true));
 }
 
