@@ -76,6 +76,24 @@ spilling=$(grep "bytes spill stores" "$OUT/build.log" | grep -vc " 0 bytes spill
 R[spills]="$spilling of $kernels kernel builds spill"
 grep -E "Compiling entry|Used [0-9]+ registers|spill stores" "$OUT/build.log" | sed 's/ptxas info *: //' |
   paste - - - | awk '{print}' | head -n 40
+# ptxas (nvcc 13.0, sm_90a) compiles `x == 64` of x = max(0, min(64, y)) into the predicate output of
+# VIMNMX.RELU, which is true for x < 64 too (docs/decisions/0001, 0010): no kernel may hold that form.
+if command -v cuobjdump >/dev/null 2>&1 && [ -f "$BUILD/libnsa_cuda.a" ]; then
+  vimnmx=$(cuobjdump -sass "$BUILD/libnsa_cuda.a" 2>/dev/null | awk '/Function :/ {fn = $3} /VIMNMX[.A-Z0-9]* R[0-9]+, !?P[0-9]/ {print fn}' | sort -u)
+  if [ -z "$vimnmx" ]; then
+    R[sass]="ok: no VIMNMX with predicate outputs"
+  else
+    R[sass]="FAILED: VIMNMX with predicate outputs in $(echo "$vimnmx" | wc -l) kernels: $(echo "$vimnmx" | head -n 2)"
+  fi
+  # The form itself, on this toolchain and device (scripts/vimnmx_repro.cu).
+  repro="not built"
+  nvcc -arch=sm_"$ARCH" -O3 -o "$OUT/vimnmx_repro" scripts/vimnmx_repro.cu > /dev/null 2>&1 &&
+    repro=$("$OUT/vimnmx_repro" 2>&1 | tail -n 1)
+  rm -f "$OUT/vimnmx_repro"
+  R[sass]="${R[sass]}; repro: $repro"
+else
+  R[sass]="not checked (no cuobjdump)"
+fi
 
 gtest_counts() {  # passed failed skipped of a gtest log
   local p f s
@@ -240,7 +258,7 @@ fi
 section summary
 {
   echo "nsa gpu_check  $(date -u +%Y-%m-%dT%H:%MZ)  GPU: ${GPU:-unknown}  arch sm_$ARCH"
-  printf "%-10s %s\n" build "${R[build]}" spills "${R[spills]}" tests "${R[tests]}" pytest "${R[pytest]}" \
+  printf "%-10s %s\n" build "${R[build]}" spills "${R[spills]}" sass "${R[sass]}" tests "${R[tests]}" pytest "${R[pytest]}" \
     memcheck "${R[memcheck]}" \
     racecheck "${R[racecheck]}" initcheck "${R[initcheck]}" T=256k "${R[large]}"
   printf "%-10s %s\n" prefill "${R[prefill]}" decode "${R[decode]}" bench "${R[bench]}"

@@ -508,7 +508,12 @@ __device__ __forceinline__ void sweep_slc_tma(const SlcTiles& tiles, const KvTen
     uint64_t* bar = &full[k % Stages];
     T* k_dst = sK + (k % Stages) * kKElems;
     T* v_dst = sV + (k % Stages) * kVElems;
-    if (ti.count == 64) {
+    // Whole: its 64 keys end at or before t_hi (l' is a multiple of 64: slc_gather_applies). Not
+    // `ti.count == 64`: ptxas (nvcc 13.0, sm_90a) fuses that test of a clamped min into the
+    // predicate of VIMNMX.RELU, which reads true for counts below 64 as well (docs/decisions/0001),
+    // and the partial tiles came whole by TMA: rows past a cache's length (NaN in the
+    // chunked-prefill tests) met P V.
+    if (ti.key0 + 63 <= tiles.t_hi) {
       if (lane == 0) {
         fence_proxy_async_smem();  // the stage's earlier generic-proxy reads and cp.async writes
         mbarrier_arrive_expect_tx(bar, kTileBytes);
