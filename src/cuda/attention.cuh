@@ -529,8 +529,7 @@ __device__ __forceinline__ void sweep_slc_tma(const SlcTiles& tiles, const KvTen
       // holding t_hi or a sequence's end, once or twice per CTA.
       load_rows_async<T, Dk, 64, 32, false, true, false>(k_dst, kbase, kstride, ti.key0, ti.count, lane);
       load_rows_async<T, Dv, 64, 32, false, true, false>(v_dst, vbase, vstride, ti.key0, ti.count, lane);
-      // The warp waits for its copies, then announces the tile. (With cp.async.mbarrier.arrive
-      // instead, the phase completed before they landed: a chunked-prefill test read NaN there.)
+      // The warp waits for its copies, then announces the tile.
       cp_async_commit();
       cp_async_wait<0>();
       __syncwarp();
