@@ -121,6 +121,22 @@ TEST(CudaDecodeSanitizer, Small) {
   }
 }
 
+// The prefill kernels on a cache at Dk = 128 (m * G = 200), for compute-sanitizer: on sm_90a the
+// slc TMA ring, whose tiles reaching past the cache's length (NaN there) a warp copies with zero
+// fill and announces on the stage's barrier (racecheck reports those copies: decision 0010).
+TEST(CudaDecodeSanitizer, ChunkedPrefillD128) {
+  NSA_SKIP_WITHOUT_DEVICE();
+  ProblemSpec spec = padded_spec(1, 200, 4, 2, 128, 128);
+  spec.config = make_config(32, 16, 64, 4, 1, 2, 100);
+  spec.dtype = DType::kBFloat16;
+  spec.seed = 78;
+  const Problem problem = make_problem(spec);
+  const DecodeResult decoded = run_decode(problem, chunked_schedule(problem, 100), run_cuda_forward);
+  ASSERT_TRUE(decoded.ok);
+  EXPECT_TRUE(outputs_well_formed(problem, decoded.outputs));
+  expect_16bit_forward_matches_reference(problem, decoded.outputs);
+}
+
 // Cache lengths the device cannot validate (past the capacity, below m) are clamped to the cache
 // in the kernels: the call stays inside the cache (compute-sanitizer runs this case) and a length
 // past the capacity gives what the full cache gives.
