@@ -88,7 +88,7 @@ if command -v cuobjdump >/dev/null 2>&1 && [ -f "$BUILD/libnsa_cuda.a" ]; then
   # The form itself, on this toolchain and device (scripts/vimnmx_repro.cu).
   repro="not built"
   nvcc -arch=sm_"$ARCH" -O3 -o "$OUT/vimnmx_repro" scripts/vimnmx_repro.cu > /dev/null 2>&1 &&
-    repro=$("$OUT/vimnmx_repro" 2>&1 | tail -n 1)
+    repro=$("$OUT/vimnmx_repro" 2>&1 | tail -n 1 | sed "s/^vimnmx repro: //")
   rm -f "$OUT/vimnmx_repro"
   R[sass]="${R[sass]}; repro: $repro"
 else
@@ -252,7 +252,7 @@ else
     summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" | tail -n 1)
     R[$tool]="rc $rc: ${summary:-no summary} (${LAST_SECONDS}s)"
   done
-  grep -E "^---|SUMMARY|Invalid|Race|Hazard|OK \]|FAILED \]" "$OUT/sanitizer.log" | head -n 40
+  grep -E "^---|SUMMARY|Invalid|Race|Hazard|access at|OK \]|FAILED \]" "$OUT/sanitizer.log" | head -n 60
 fi
 
 section summary
