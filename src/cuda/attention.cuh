@@ -510,9 +510,9 @@ __device__ __forceinline__ void sweep_slc_tma(const SlcTiles& tiles, const KvTen
     T* v_dst = sV + (k % Stages) * kVElems;
     // Whole: its 64 keys end at or before t_hi (l' is a multiple of 64: slc_gather_applies). Not
     // `ti.count == 64`: ptxas (nvcc 13.0, sm_90a) fuses that test of a clamped min into the
-    // predicate of VIMNMX.RELU, which reads true for counts below 64 as well (docs/decisions/0001),
-    // and the partial tiles came whole by TMA: rows past a cache's length (NaN in the
-    // chunked-prefill tests) met P V.
+    // predicate of VIMNMX.RELU, which is true wherever the clamp did not bite (0..64), not only at
+    // 64 (docs/decisions/0001, 0010): partial tiles came whole by TMA, and rows past a cache's
+    // length (NaN in the chunked-prefill tests) met P V.
     if (ti.key0 + 63 <= tiles.t_hi) {
       if (lane == 0) {
         fence_proxy_async_smem();  // the stage's earlier generic-proxy reads and cp.async writes
