@@ -76,31 +76,14 @@ spilling=$(grep "bytes spill stores" "$OUT/build.log" | grep -vc " 0 bytes spill
 R[spills]="$spilling of $kernels kernel builds spill"
 grep -E "Compiling entry|Used [0-9]+ registers|spill stores" "$OUT/build.log" | sed 's/ptxas info *: //' |
   paste - - - | awk '{print}' | head -n 40
-# ptxas (nvcc 13.0, sm_90a) compiles `x == 64` of x = max(0, min(64, y)) into the predicate output of
-# VIMNMX.RELU, which is true wherever the clamp did not bite (docs/decisions/0001, 0010): no kernel may
-# hold that form.
-if ! command -v cuobjdump >/dev/null 2>&1; then
-  R[sass]="not checked (no cuobjdump)"
-elif [ ! -f "$BUILD/libnsa_cuda.a" ]; then
-  R[sass]="not checked (no $BUILD/libnsa_cuda.a)"
-else
-  sass=$(cuobjdump -sass "$BUILD/libnsa_cuda.a" 2>&1)
-  functions=$(grep -c "Function :" <<< "$sass")
-  vimnmx=$(awk '/Function :/ {fn = $3} /VIMNMX[.A-Z0-9]* R(Z|[0-9]+), !?P[0-9]/ {print fn}' <<< "$sass" | sort -u)
-  if [ "$functions" -eq 0 ]; then
-    R[sass]="FAILED: cuobjdump listed no kernels"
-  elif [ -z "$vimnmx" ]; then
-    R[sass]="ok: no VIMNMX with predicate outputs in $functions kernels"
-  else
-    R[sass]="FAILED: VIMNMX with predicate outputs in $(wc -l <<< "$vimnmx") kernels: $(head -n 2 <<< "$vimnmx" | paste -sd ' ')"
-  fi
-  # The form itself, on this toolchain and device (scripts/vimnmx_repro.cu).
-  repro="not built"
-  nvcc -arch=sm_"${ARCH%%;*}" -O3 -o "$OUT/vimnmx_repro" scripts/vimnmx_repro.cu > /dev/null 2>&1 &&
-    repro=$(timeout "$(limit 60)" "$OUT/vimnmx_repro" 2>&1 | tail -n 1 | sed "s/^vimnmx repro: //")
-  rm -f "$OUT/vimnmx_repro"
-  R[sass]="${R[sass]}; repro: $repro"
-fi
+# The form ptxas miscompiles must not be in any kernel (scripts/check_sass.sh); and the form itself on this
+# toolchain and device (scripts/vimnmx_repro.cu).
+R[sass]=$(bash scripts/check_sass.sh "$BUILD/libnsa_cuda.a" | sed "s/^sass check: //")
+repro="not built"
+nvcc -arch=sm_"${ARCH%%;*}" -O3 -o "$OUT/vimnmx_repro" scripts/vimnmx_repro.cu > /dev/null 2>&1 &&
+  repro=$(timeout "$(limit 60)" "$OUT/vimnmx_repro" 2>&1 | tail -n 1 | sed "s/^vimnmx repro: //")
+rm -f "$OUT/vimnmx_repro"
+R[sass]="${R[sass]}; repro: $repro"
 
 gtest_counts() {  # passed failed skipped of a gtest log
   local p f s
