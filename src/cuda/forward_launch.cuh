@@ -82,9 +82,11 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   const int64_t slc_smem = sweep_smem(kBranchSlc) + union_bytes;
   // The slc kernel with a TMA ring where slc_gather_applies, if the driver encodes tensor maps of
   // this K / V layout.
+  // (The ring's kernel is instantiated only for the head dims where the slc sweep is mma.sync.)
+  constexpr bool kSlcRingBuilt = !prefill_sweep_wgmma(kBranchSlc, Dk);
   KvTensorMaps maps{};
   bool slc_gather = false;
-  if constexpr (!prefill_sweep_wgmma(kBranchSlc, Dk))
+  if constexpr (kSlcRingBuilt)
     slc_gather = (stages & kStageSlc) && !(stages & kStageSlcCpAsync) &&
                  slc_gather_applies(Dk, Dv, a.sel_block, a.union_words, a.union_capacity, device.wgmma_sweeps) &&
                  encode_kv_tensor_maps(a, Dk, Dv, &maps);
@@ -107,7 +109,7 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   const bool run_select = (stages & kStageSelect) && !a.indices_given;
   st = prepare_kernel(kForwardApi, cmp_kernel, cmp_smem, max_smem, "the cmp attention kernel");
   if (st.ok() && !slc_gather) st = prepare_kernel(kForwardApi, slc_kernel, slc_smem, max_smem, "the slc attention kernel");
-  if constexpr (!prefill_sweep_wgmma(kBranchSlc, Dk))
+  if constexpr (kSlcRingBuilt)
     if (st.ok() && slc_gather)
       st = prepare_kernel(kForwardApi, slc_gather_kernel<T, Dk, Dv>, gather_smem, max_smem,
                           "the slc attention kernel (TMA)");
@@ -132,7 +134,7 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
     if (!(st = launch_status(kForwardApi, "launching the selection kernel")).ok()) return st;
   }
   if (stages & kStageSlc) {
-    if constexpr (!prefill_sweep_wgmma(kBranchSlc, Dk))
+    if constexpr (kSlcRingBuilt)
       if (slc_gather) slc_gather_kernel<T, Dk, Dv><<<attn_grid(kBranchSlc), kAttnThreads, gather_smem, stream>>>(a, maps);
     if (!slc_gather) slc_kernel<<<attn_grid(kBranchSlc), attn_threads(kBranchSlc), slc_smem, stream>>>(a);
     if (!(st = launch_status(kForwardApi, "launching the slc attention kernel")).ok()) return st;
