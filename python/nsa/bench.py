@@ -109,6 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--seq-len", type=int, help="default: the preset's")
     t.add_argument("--iters", type=int, default=10)
     t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--compile", action="store_true", help="torch.compile the model (the warm-up steps compile)")
     t.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 2 profiled steps")
     t.add_argument("--profile-rows", type=int, default=18, help="kernels --profile prints (default 18)")
     d = sub.add_parser("decode", help="decode step (m = 1) against a KV cache: NSA vs SDPA dense on the same cache")
@@ -716,7 +717,7 @@ def run_train_step(args) -> int:
     import torch
     import torch.nn.functional as F
 
-    from nsa.model import PRESETS, LanguageModel, ModelConfig
+    from nsa.model import PRESETS, LanguageModel, ModelConfig, compile_for_training
 
     if not torch.cuda.is_available():
         print("nsa.bench train-step: no CUDA device visible", file=sys.stderr)
@@ -724,7 +725,8 @@ def run_train_step(args) -> int:
     preset = PRESETS[args.preset]
     B = args.batch_size or preset["train"]["batch_size"]
     print(f"train step, {torch.cuda.get_device_name(0)}, torch {torch.__version__}, preset {args.preset}, "
-          f"batch {B}, bf16 autocast, fused AdamW; median of {args.iters} after {args.warmup}", flush=True)
+          f"batch {B}, bf16 autocast, fused AdamW{', torch.compile' if args.compile else ''}; "
+          f"median of {args.iters} after {args.warmup}", flush=True)
     for attn in [a.strip() for a in args.attn.split(",") if a.strip()]:
         fields = dict(preset["model"], attn=attn)
         if args.seq_len:
@@ -735,10 +737,11 @@ def run_train_step(args) -> int:
         model = LanguageModel(cfg, checkpoint_activations=preset["train"].get("checkpoint_activations", False)).cuda()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
+        forward = compile_for_training(model) if args.compile else model
 
         def step(_):
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = model(tokens[:, :-1])
+                logits = forward(tokens[:, :-1])
             F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -757,7 +760,7 @@ def run_train_step(args) -> int:
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile_rows,
                                             max_name_column_width=70))
-        del model, opt
+        del model, forward, opt
         torch.cuda.empty_cache()
     return 0
 

@@ -234,6 +234,20 @@ def _keep_attention(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if func in _attention_ops() else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def compile_for_training(module: nn.Module) -> nn.Module:
+    """torch.compile(module) for training steps (``nsa.train --compile``, ``nsa.bench train-step
+    --compile``): TorchInductor fuses the element-wise work around the attention cores, which run
+    as registered (the NSA op through its fake kernel and autograd formula, without a graph break).
+
+    NSAAttention records its statistics in forward. Under activation checkpointing the recompute
+    would replay that side effect (storing the same values again), which a checkpointed region
+    cannot do when compiled, so the graph would break at every block; dynamo is told to skip the
+    replay (a process-wide setting).
+    """
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    return torch.compile(module)
+
+
 class LanguageModel(nn.Module):
     """Byte-level decoder LM. forward(tokens [B, T] int64) -> logits [B, T, vocab].
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import WindowSampler, build_token_files
-from .model import ATTN_KINDS, PRESETS, LanguageModel, ModelConfig, generate
+from .model import ATTN_KINDS, PRESETS, LanguageModel, ModelConfig, compile_for_training, generate
 from .module import STAT_NAMES
 
 try:
@@ -75,6 +75,9 @@ class TrainConfig:
     data: Optional[str] = None  # corpus: None = the Python stdlib on this machine (data.py)
     cache_dir: Optional[str] = None  # token cache root (default ~/.cache/nsa)
     checkpoint_activations: bool = False
+    # torch.compile the model for the training steps (TorchInductor fuses the element-wise work
+    # around the attention op; the op itself runs as registered). The first step compiles.
+    compile: bool = False
     # torch.use_deterministic_algorithms(True) for the run (process-wide; warn-only for ops without
     # a deterministic kernel): the NSA backward takes its bitwise-reproducible mode and cuBLAS a
     # fixed workspace, so a resumed GPU run repeats the uninterrupted one's losses.
@@ -92,7 +95,7 @@ class TrainConfig:
 
 # Fields that change the sequence of losses; changing one on --resume ends the exact continuation.
 _TRAJECTORY_FIELDS = ("steps", "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "beta1", "beta2",
-                      "grad_clip", "seed", "data", "deterministic", "parallel")
+                      "grad_clip", "seed", "data", "deterministic", "parallel", "compile")
 
 
 @dataclass
@@ -104,8 +107,12 @@ class RunResult:
     tokens: int  # all ranks, since step 0 (resumed runs included)
     losses: List[Tuple[int, float]] = field(default_factory=list)
     val_losses: List[Tuple[int, float]] = field(default_factory=list)
-    tokens_per_s: float = 0.0  # all ranks, over the training steps of this invocation (eval, checkpoints excluded)
-    train_s: float = 0.0  # time in training steps, this invocation
+    # All ranks, over the training steps of this invocation after its first (eval and checkpoints
+    # excluded): the first step pays one-time costs (compilation, cuBLAS and allocator warm-up). Over
+    # that one step when it is the only one.
+    tokens_per_s: float = 0.0
+    train_s: float = 0.0  # time in training steps, this invocation (the first included)
+    first_step_s: float = 0.0  # the first step of this invocation alone
     wall_s: float = 0.0  # whole invocation
     num_parameters: int = 0
     peak_gpu_memory_gib: Optional[float] = None  # torch.cuda.max_memory_allocated, this rank
@@ -353,6 +360,14 @@ def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def _steady_seconds_per_step(result: RunResult, steps_done: int) -> float:
+    """Mean seconds of this invocation's steps after its first (RunResult.tokens_per_s); the first
+    step's when it is the only one."""
+    if steps_done <= 1:
+        return result.first_step_s
+    return (result.train_s - result.first_step_s) / (steps_done - 1)
+
+
 def _loss(model, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> torch.Tensor:
     with _autocast(device):
         logits = model(x)
@@ -525,6 +540,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
     # FSDP shards `model` in place (its forward gathers the weights), so it is its own net.
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dst.enabled and not fsdp else model
+    if cfg.compile:
+        net = compile_for_training(net)  # the training steps only: evaluation and sampling run `model` eagerly
 
     tokens_per_step = cfg.batch_size * seq_len * dst.world_size
     result = RunResult(out_dir=out_dir, steps=start_step, tokens=start_step * tokens_per_step,
@@ -567,6 +584,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
         result.losses.append((step, loss_value))
         result.steps, result.tokens = step, step * tokens_per_step
         result.train_s += step_s
+        if step == start_step + 1:
+            result.first_step_s = step_s
 
         val_loss = None
         if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -586,10 +605,10 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
         printed_losses.append(loss_value)
         now = time.perf_counter()
         if now - last_print >= cfg.progress_seconds or val_loss is not None or step in (start_step + 1, cfg.steps):
-            done_here = step - start_step
-            eta = result.train_s / done_here * (cfg.steps - step)
+            seconds_per_step = _steady_seconds_per_step(result, step - start_step)
+            eta = seconds_per_step * (cfg.steps - step)
             log(f"step {step}/{cfg.steps}  loss {sum(printed_losses) / len(printed_losses):.4f}  lr {lr:.2e}  "
-                f"{tokens_per_step * done_here / result.train_s:,.0f} tok/s  eta {_format_duration(eta)}"
+                f"{tokens_per_step / seconds_per_step:,.0f} tok/s  eta {_format_duration(eta)}"
                 + (f"  val {val_loss:.4f}" if val_loss is not None else ""))
             last_print, printed_losses = now, []
 
@@ -611,8 +630,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
 
     if not result.val_losses:  # nothing trained here (resumed at the last step): still report a val loss
         result.val_losses.append((result.steps, evaluate(model, val_tokens, cfg, seq_len, dst)))
-    if result.train_s > 0:
-        result.tokens_per_s = tokens_per_step * len(result.losses) / result.train_s
+    if result.losses:
+        result.tokens_per_s = tokens_per_step / _steady_seconds_per_step(result, len(result.losses))
     if device.type == "cuda":
         result.peak_gpu_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
 
@@ -655,7 +674,8 @@ def format_summary(result: RunResult, model_config: ModelConfig, cfg: TrainConfi
     lines = [
         f"summary: preset {cfg.preset}, attn {model_config.attn}, {result.num_parameters / 1e6:.2f}M parameters",
         f"  steps {result.steps} (this run: {this_run}), tokens {result.tokens:,}",
-        f"  {result.tokens_per_s:,.0f} tokens/s over {result.train_s:.1f} s of training steps; wall {result.wall_s:.1f} s"
+        f"  {result.tokens_per_s:,.0f} tokens/s after the first step ({result.first_step_s:.1f} s of the "
+        f"{result.train_s:.1f} s of training steps{', compiling' if cfg.compile else ''}); wall {result.wall_s:.1f} s"
         + (f"; peak GPU memory {result.peak_gpu_memory_gib:.1f} GiB" if result.peak_gpu_memory_gib is not None else ""),
         f"  final train loss {train_loss} (mean of the last 10 steps), val loss {val} (nats/byte)",
     ]
@@ -690,6 +710,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", help="token cache root (default ~/.cache/nsa)")
     p.add_argument("--checkpoint-activations", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each block's activations in the backward")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model for the training steps (the first step compiles)")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="deterministic algorithms (NSA's bitwise-reproducible backward): exact resume on GPU")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
@@ -723,7 +745,8 @@ def resolve_configs(args: argparse.Namespace) -> Tuple[ModelConfig, TrainConfig,
         for key in ("attn", "seq_len"):
             if key in given and given[key] != model_values[key]:
                 raise SystemExit(f"nsa.train: --{key.replace('_', '-')} cannot change the model of a resumed run")
-        changed = [k for k in _TRAJECTORY_FIELDS if k in given and given[k] != train_values[k]]
+        changed = [k for k in _TRAJECTORY_FIELDS  # a checkpoint older than a field holds its default
+                   if k in given and given[k] != train_values.get(k, getattr(TrainConfig, k))]
         if changed:
             print(f"nsa.train: note: {', '.join(changed)} differ from the checkpoint: the resumed run will not "
                   "match an uninterrupted one", file=sys.stderr)

@@ -289,6 +289,25 @@ def test_activation_checkpointing_matches(small_cfg):
     assert recomputed.losses == plain.losses
 
 
+@pytest.mark.parametrize("checkpoint_activations", [False, True])
+def test_compiled_training_matches_eager(small_cfg, checkpoint_activations):
+    # --compile (torch.compile, fullgraph through the NSA op's fake kernel and autograd formula):
+    # the same losses as eager up to the fused element-wise work's rounding.
+    cfg = replace(small_cfg, steps=3, checkpoint_activations=checkpoint_activations)
+    eager = train(SMALL, cfg, log=_quiet)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = train(SMALL, replace(cfg, compile=True), log=_quiet)
+    counters = torch._dynamo.utils.counters
+    assert not counters["graph_break"] and not counters["unimplemented"], dict(counters)
+    assert counters["stats"]["unique_graphs"] == 1  # the whole model in one graph: nothing ran eagerly
+    assert [s for s, _ in compiled.losses] == [s for s, _ in eager.losses]
+    for (_, a), (_, b) in zip(compiled.losses, eager.losses):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert compiled.losses[-1][1] < compiled.losses[0][1]  # it trained
+    assert compiled.first_step_s > 0 and compiled.tokens_per_s > 0
+
+
 class _CountOps(TorchDispatchMode):
     """Counts the calls of the attention cores (the NSA op, SDPA's CPU kernel) below autograd."""
 
