@@ -827,8 +827,10 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   using Tr = TypeTraits<T>;
   // With wgmma (kAttnWgmma) every warp takes every tile; with mma.sync a warp skips the slc blocks
   // its positions did not select.
-  constexpr bool kWgmma = kAttnWgmma<Dk, kBranch, kSplit>;
-  static_assert(!kTmaGather || (kBranch == kBranchSlc && !kSplit && !kWgmma), "the TMA ring: prefill slc, mma.sync");
+  // The TMA ring multiplies with mma.sync at every Dk (at Dk = 64 it replaces the wgmma sweep on long
+  // sequences: slc_gather_applies).
+  constexpr bool kWgmma = !kTmaGather && kAttnWgmma<Dk, kBranch, kSplit>;
+  static_assert(!kTmaGather || (kBranch == kBranchSlc && !kSplit), "the TMA ring: prefill slc");
   using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTilesT<kTmaGather>>;
   // Warpgroups, each on its 64 rows of the Q tile (the Q tile stays in shared memory only with wgmma).
   constexpr int kWarpgroups = kAttnWarpgroups<Dk, kBranch, kSplit>;

@@ -164,16 +164,23 @@ NSA_HOST_DEVICE constexpr int64_t slc_gather_smem(int dk, int dv, int union_word
   return slc_gather_sweep_bytes(dk, dv) + AttentionSmem::union_bytes(union_words, union_capacity);
 }
 
+// Keys from which the ring replaces the wgmma slc sweep (Dk = 64): a long sequence's CTAs have long
+// unions, which pay for the ring's per-warp products. On an H100 (Hq 12, Hkv 2, B * T = 32k) the ring
+// against wgmma took 0.766 / 0.633 ms at T = 2048, 1.203 / 1.176 at 4096, 1.693 / 1.911 at 8192 and
+// 2.519 / 3.400 at 32k (decision 0010 section 3c).
+inline constexpr int64_t kSlcRingMinKeysWgmma = 8192;
+
 // Whether the prefill slc sweep takes the TMA ring (slc_gather_kernel) on a device that runs the
 // sm_90a code (wgmma_sweeps), before its tensor maps are encoded: where the sweep multiplies with
-// mma.sync (Dk >= 128, prefill_sweep_wgmma), the blocks are whole 64-key tiles (other l' would
-// send most tiles through the ring's one-warp cp.async path), and two CTAs still fit an SM (a
-// large union, e.g. G = 1 at Dk = 128 from about 56k tokens, would leave one where the cp.async
-// kernel keeps two; kAttnMinBlocks).
+// mma.sync (Dk >= 128, prefill_sweep_wgmma), or with wgmma from kSlcRingMinKeysWgmma keys
+// (key_extent) on; where the blocks are whole 64-key tiles (other l' would send most tiles through
+// the ring's one-warp cp.async path); and where two CTAs still fit an SM (a large union, e.g.
+// G = 1 at Dk = 128 from about 56k tokens, would leave one where the cp.async kernel keeps two;
+// kAttnMinBlocks).
 NSA_HOST_DEVICE constexpr bool slc_gather_applies(int dk, int dv, int sel_block, int union_words, int union_capacity,
-                                                  bool wgmma_sweeps) {
-  return wgmma_sweeps && !prefill_sweep_wgmma(kBranchSlc, dk) && sel_block % 64 == 0 &&
-         ctas_fit(2, slc_gather_smem(dk, dv, union_words, union_capacity));
+                                                  bool wgmma_sweeps, int64_t key_extent) {
+  return wgmma_sweeps && (!prefill_sweep_wgmma(kBranchSlc, dk) || key_extent >= kSlcRingMinKeysWgmma) &&
+         sel_block % 64 == 0 && ctas_fit(2, slc_gather_smem(dk, dv, union_words, union_capacity));
 }
 
 // Warpgroups of a prefill attention CTA, each on its own 64 rows of the Q tile, all sharing every K / V

@@ -82,14 +82,12 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   const int64_t slc_smem = sweep_smem(kBranchSlc) + union_bytes;
   // The slc kernel with a TMA ring where slc_gather_applies, if the driver encodes tensor maps of
   // this K / V layout.
-  // (The ring's kernel is instantiated only for the head dims where the slc sweep is mma.sync.)
-  constexpr bool kSlcRingBuilt = !prefill_sweep_wgmma(kBranchSlc, Dk);
   KvTensorMaps maps{};
   bool slc_gather = false;
-  if constexpr (kSlcRingBuilt)
-    slc_gather = (stages & kStageSlc) && !(stages & kStageSlcCpAsync) &&
-                 slc_gather_applies(Dk, Dv, a.sel_block, a.union_words, a.union_capacity, device.wgmma_sweeps) &&
-                 encode_kv_tensor_maps(a, Dk, Dv, &maps);
+  slc_gather = (stages & kStageSlc) && !(stages & kStageSlcCpAsync) &&
+               slc_gather_applies(Dk, Dv, a.sel_block, a.union_words, a.union_capacity, device.wgmma_sweeps,
+                                  a.key_extent) &&
+               encode_kv_tensor_maps(a, Dk, Dv, &maps);
   const int64_t gather_smem = slc_gather_smem(Dk, Dv, a.union_words, a.union_capacity);
   // Selection: P positions per CTA keep [P][ceil(T / l')] block scores in shared memory
   // (select_tiling). 3 <= G <= 16 take the shuffle path (whole positions per warp).
@@ -109,10 +107,9 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   const bool run_select = (stages & kStageSelect) && !a.indices_given;
   st = prepare_kernel(kForwardApi, cmp_kernel, cmp_smem, max_smem, "the cmp attention kernel");
   if (st.ok() && !slc_gather) st = prepare_kernel(kForwardApi, slc_kernel, slc_smem, max_smem, "the slc attention kernel");
-  if constexpr (kSlcRingBuilt)
-    if (st.ok() && slc_gather)
-      st = prepare_kernel(kForwardApi, slc_gather_kernel<T, Dk, Dv>, gather_smem, max_smem,
-                          "the slc attention kernel (TMA)");
+  if (st.ok() && slc_gather)
+    st = prepare_kernel(kForwardApi, slc_gather_kernel<T, Dk, Dv>, gather_smem, max_smem,
+                        "the slc attention kernel (TMA)");
   if (st.ok()) st = prepare_kernel(kForwardApi, win_kernel, win_smem, max_smem, "the win attention kernel");
   if (st.ok() && run_select) st = prepare_kernel(kForwardApi, sel_kernel, select_smem, max_smem, "the selection kernel");
   if (!st.ok()) return st;
@@ -134,8 +131,7 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
     if (!(st = launch_status(kForwardApi, "launching the selection kernel")).ok()) return st;
   }
   if (stages & kStageSlc) {
-    if constexpr (kSlcRingBuilt)
-      if (slc_gather) slc_gather_kernel<T, Dk, Dv><<<attn_grid(kBranchSlc), kAttnThreads, gather_smem, stream>>>(a, maps);
+    if (slc_gather) slc_gather_kernel<T, Dk, Dv><<<attn_grid(kBranchSlc), kAttnThreads, gather_smem, stream>>>(a, maps);
     if (!slc_gather) slc_kernel<<<attn_grid(kBranchSlc), attn_threads(kBranchSlc), slc_smem, stream>>>(a);
     if (!(st = launch_status(kForwardApi, "launching the slc attention kernel")).ok()) return st;
   }

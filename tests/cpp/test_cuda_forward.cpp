@@ -316,6 +316,9 @@ std::vector<GpuCase> gpu_cases() {
     cases.push_back(make_gpu_case("G" + std::to_string(G) + "_D128",
                                   padded_spec(1, G > 16 ? 130 : 777, G, 1, 128, 128), tight_config(),
                                   DType::kBFloat16, ++seed));
+  // The TMA ring at Dk = 64 (from kSlcRingMinKeysWgmma keys; below, the wgmma slc sweep), G = 6.
+  cases.push_back(make_gpu_case("ring_D64_T8200", padded_spec(1, 8200, 6, 1, 64, 64), tight_config(),
+                                DType::kBFloat16, ++seed));
   return cases;
 }
 

@@ -23,6 +23,7 @@ using nsa::cuda_detail::ctas_fit;
 using nsa::cuda_detail::encode_kv_tensor_maps;
 using nsa::cuda_detail::ForwardArgs;
 using nsa::cuda_detail::KvTensorMaps;
+using nsa::cuda_detail::kSlcRingMinKeysWgmma;
 using nsa::cuda_detail::slc_gather_applies;
 using nsa::cuda_detail::slc_gather_smem;
 using nsa::cuda_detail::slc_gather_stages;
@@ -138,15 +139,17 @@ TEST(ForwardTiling, SlcGatherRingKeepsTheSwizzleAlignmentAndTwoCtasPerSm) {
 
 TEST(ForwardTiling, SlcGatherAppliesWhereItKeepsTheCpAsyncKernelsOccupancy) {
   // Paper config (G = 16, l' = 64) at 64k: 4 positions' 64 blocks among 1024.
-  EXPECT_TRUE(slc_gather_applies(128, 128, 64, 1024 / 32, 64, true));
-  EXPECT_TRUE(slc_gather_applies(192, 128, 64, 1024 / 32, 64, true));
-  EXPECT_TRUE(slc_gather_applies(128, 128, 128, 512 / 32, 64, true)) << "l' = 128: two whole tiles a block";
-  EXPECT_FALSE(slc_gather_applies(128, 128, 64, 1024 / 32, 64, false)) << "no sm_90a code on the device";
-  EXPECT_FALSE(slc_gather_applies(64, 64, 64, 1024 / 32, 64, true)) << "Dk = 64: the wgmma slc kernel";
-  EXPECT_FALSE(slc_gather_applies(128, 128, 32, 2048 / 32, 128, true)) << "l' = 32: every tile partial";
+  EXPECT_TRUE(slc_gather_applies(128, 128, 64, 1024 / 32, 64, true, 65536));
+  EXPECT_TRUE(slc_gather_applies(192, 128, 64, 1024 / 32, 64, true, 65536));
+  EXPECT_TRUE(slc_gather_applies(128, 128, 128, 512 / 32, 64, true, 65536)) << "l' = 128: two whole tiles a block";
+  EXPECT_FALSE(slc_gather_applies(128, 128, 64, 1024 / 32, 64, false, 65536)) << "no sm_90a code on the device";
+  EXPECT_FALSE(slc_gather_applies(64, 64, 64, 64 / 32, 64, true, 2048)) << "Dk = 64 at 2k: the wgmma slc kernel";
+  EXPECT_FALSE(slc_gather_applies(64, 64, 64, 1, 64, true, kSlcRingMinKeysWgmma - 1));
+  EXPECT_TRUE(slc_gather_applies(64, 64, 64, 1024 / 32, 64, true, 65536)) << "Dk = 64 at 64k: the ring";
+  EXPECT_FALSE(slc_gather_applies(128, 128, 32, 2048 / 32, 128, true, 65536)) << "l' = 32: every tile partial";
   // G = 1 at 64k: 64 positions of 16 blocks; the union would leave one CTA per SM.
   EXPECT_FALSE(ctas_fit(2, slc_gather_smem(128, 128, 1024 / 32, 1024)));
-  EXPECT_FALSE(slc_gather_applies(128, 128, 64, 1024 / 32, 1024, true));
+  EXPECT_FALSE(slc_gather_applies(128, 128, 64, 1024 / 32, 1024, true, 65536));
 }
 
 TEST(ForwardTiling, KvTensorMapsEncodeTheLayoutsTheApiTakes) {
