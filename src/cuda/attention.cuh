@@ -253,6 +253,21 @@ struct MmaSyncTilesT {
                                                     int key0) {
     accumulate_ptile<T, Dv, NB, kSwizzled>(acc, p, kSwizzled ? tv : tv + key0 * (Dv + 8));
   }
+  // Two independent products of one tile (the backward's S and dP, dV and dK): in turn here; wgmma
+  // issues them as one group where kOneGroup.
+  template <class T, int Da, int Db, int NB, bool kOneGroup, class SourceA, class SourceB>
+  static __device__ __forceinline__ void scores_pair(const SourceA& qa, const T* ta, float (&sa)[NB][4],
+                                                     const SourceB& qb, const T* tb, float (&sb)[NB][4]) {
+    scores<T, Da, NB>(qa, ta, 0, sa);
+    scores<T, Db, NB>(qb, tb, 0, sb);
+  }
+  template <class T, int Da, int Db, int NB, bool kOneGroup>
+  static __device__ __forceinline__ void accumulate_pair(float (&acc_a)[Da / 8][4], const float (&pa)[NB][4],
+                                                         const T* ta, float (&acc_b)[Db / 8][4],
+                                                         const float (&pb)[NB][4], const T* tb) {
+    accumulate<T, Da, NB>(acc_a, pa, ta, 0);
+    accumulate<T, Db, NB>(acc_b, pb, tb, 0);
+  }
 };
 using MmaSyncTiles = MmaSyncTilesT<false>;
 
@@ -260,54 +275,118 @@ struct WgmmaTiles {
   static constexpr bool kSwizzled = true, kEveryWarp = true;
   static constexpr uint32_t kAtomBytes = 8 * 128;     // 8 rows of 128 bytes
   static constexpr uint32_t kPartBytes = 64 * 128;    // 64 rows of 64 elements
-  // S = Q K^T, both from shared memory: the k-step ks reads columns 16 ks .. 16 ks + 15 of the Q
-  // and K tiles, 32 bytes into the swizzle atoms of their part ks / 4. Q comes from shared memory,
-  // not registers: with the loop-invariant Q fragments as the register operand, ptxas (CUDA 13.0)
-  // gave the P fragments of the same tile those registers at Dk = 64 (the PV HGMMA read the
-  // registers LDSM had loaded Q into), and fresh per-tile copies serialized the HGMMAs at Dk = 128.
+  // S = Q K^T, both from shared memory (issue_scores). Q comes from shared memory, not registers:
+  // with the loop-invariant Q fragments as the register operand, ptxas (CUDA 13.0) gave the P
+  // fragments of the same tile those registers at Dk = 64 (the PV HGMMA read the registers LDSM had
+  // loaded Q into), and fresh per-tile copies serialized the HGMMAs at Dk = 128.
   template <class T, int Dk, int NB>
   static __device__ __forceinline__ void scores(const QInSharedMemory<T>& qs, const T* tk, int, float (&s)[NB][4]) {
     static_assert(NB == 8, "whole 64-key tiles");
     wgmma_pin(s);
     wgmma_fence();
+    issue_scores<T, Dk>(qs, tk, s);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_pin(s);
+  }
+  // O += P V, P from registers (issue_accumulate).
+  template <class T, int Dv, int NB>
+  static __device__ __forceinline__ void accumulate(float (&acc)[Dv / 8][4], const float (&p)[NB][4], const T* tv,
+                                                    int) {
+    static_assert(NB == 8, "whole 64-key tiles");
+    uint32_t a[NB / 2][4];
+    pack_p<T>(p, a);
+    wgmma_pin(acc);
+    wgmma_fence();
+    issue_accumulate<T, Dv>(acc, a, tv);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_pin(acc);
+  }
+  // Two independent products of one tile, with kOneGroup as one wgmma group (the second runs while
+  // the first drains, where two groups wait for each in turn; it also holds both products' registers
+  // at once, which decides where it pays: backward.cuh, kBackwardPairedProducts).
+  template <class T, int Da, int Db, int NB, bool kOneGroup>
+  static __device__ __forceinline__ void scores_pair(const QInSharedMemory<T>& qa, const T* ta, float (&sa)[NB][4],
+                                                     const QInSharedMemory<T>& qb, const T* tb, float (&sb)[NB][4]) {
+    static_assert(NB == 8, "whole 64-key tiles");
+    if constexpr (!kOneGroup) {
+      scores<T, Da, NB>(qa, ta, 0, sa);
+      scores<T, Db, NB>(qb, tb, 0, sb);
+      return;
+    }
+    wgmma_pin(sa);
+    wgmma_pin(sb);
+    wgmma_fence();
+    issue_scores<T, Da>(qa, ta, sa);
+    issue_scores<T, Db>(qb, tb, sb);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_pin(sa);
+    wgmma_pin(sb);
+  }
+  template <class T, int Da, int Db, int NB, bool kOneGroup>
+  static __device__ __forceinline__ void accumulate_pair(float (&acc_a)[Da / 8][4], const float (&pa)[NB][4],
+                                                         const T* ta, float (&acc_b)[Db / 8][4],
+                                                         const float (&pb)[NB][4], const T* tb) {
+    static_assert(NB == 8, "whole 64-key tiles");
+    if constexpr (!kOneGroup) {
+      accumulate<T, Da, NB>(acc_a, pa, ta, 0);
+      accumulate<T, Db, NB>(acc_b, pb, tb, 0);
+      return;
+    }
+    uint32_t a[NB / 2][4], b[NB / 2][4];
+    pack_p<T>(pa, a);
+    pack_p<T>(pb, b);
+    wgmma_pin(acc_a);
+    wgmma_pin(acc_b);
+    wgmma_fence();
+    issue_accumulate<T, Da>(acc_a, a, ta);
+    issue_accumulate<T, Db>(acc_b, b, tb);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_pin(acc_a);
+    wgmma_pin(acc_b);
+  }
+
+ private:
+  // S = Q K^T, both from shared memory: the k-step ks reads columns 16 ks .. 16 ks + 15 of the Q
+  // and K tiles, 32 bytes into the swizzle atoms of their part ks / 4. Issues only.
+  template <class T, int Dk>
+  static __device__ __forceinline__ void issue_scores(const QInSharedMemory<T>& qs, const T* tk, float (&s)[8][4]) {
 #pragma unroll
     for (int ks = 0; ks < Dk / 16; ++ks) {
       const int offset = (ks / 4) * 64 * 64 + (ks % 4) * 16;
       wgmma_m64n64k16_ss<T>(s, wgmma_desc(qs.tile + offset, 0, kAtomBytes), wgmma_desc(tk + offset, 0, kAtomBytes),
                             ks > 0);
     }
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_pin(s);
   }
-  // O += P V: the k-step kk reads keys 16 kk .. 16 kk + 15 (two atoms) of the V tile, transposed;
-  // one instruction per 64 columns of O.
-  template <class T, int Dv, int NB>
-  static __device__ __forceinline__ void accumulate(float (&acc)[Dv / 8][4], const float (&p)[NB][4], const T* tv,
-                                                    int) {
-    static_assert(NB == 8 && (Dv == 64 || Dv == 128), "whole 64-key tiles; one or two 64-column parts");
+  // P (fp32 C fragments) -> the bf16 / f16 A fragments of its four 16-key k-steps.
+  template <class T>
+  static __device__ __forceinline__ void pack_p(const float (&p)[8][4], uint32_t (&a)[4][4]) {
     using Tr = TypeTraits<T>;
-    uint32_t a[NB / 2][4];
 #pragma unroll
-    for (int kk = 0; kk < NB / 2; ++kk) {
+    for (int kk = 0; kk < 4; ++kk) {
       a[kk][0] = Tr::pack(p[2 * kk][0], p[2 * kk][1]);
       a[kk][1] = Tr::pack(p[2 * kk][2], p[2 * kk][3]);
       a[kk][2] = Tr::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]);
       a[kk][3] = Tr::pack(p[2 * kk + 1][2], p[2 * kk + 1][3]);
       wgmma_pin(a[kk]);
     }
-    wgmma_pin(acc);
-    wgmma_fence();
+  }
+  // acc += P V with P's A fragments a: the k-step kk reads keys 16 kk .. 16 kk + 15 (two atoms) of
+  // the V tile, transposed; one instruction per 64 columns of acc. Issues only.
+  template <class T, int Dv>
+  static __device__ __forceinline__ void issue_accumulate(float (&acc)[Dv / 8][4], const uint32_t (&a)[4][4],
+                                                          const T* tv) {
+    static_assert(Dv == 64 || Dv == 128, "one or two 64-column parts");
 #pragma unroll
-    for (int kk = 0; kk < NB / 2; ++kk) {
+    for (int kk = 0; kk < 4; ++kk) {
       const T* rows = tv + kk * 16 * 64;
       wgmma_m64n64k16<T, true, 0>(acc, a[kk], wgmma_desc(rows, kPartBytes, kAtomBytes), true);
       if constexpr (Dv == 128)
         wgmma_m64n64k16<T, true, 8>(acc, a[kk], wgmma_desc(rows + 64 * 64, kPartBytes, kAtomBytes), true);
     }
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_pin(acc);
   }
 };
 

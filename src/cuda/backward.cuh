@@ -136,8 +136,7 @@ __device__ __forceinline__ void dq_tile(const Tiles& tiles, const TileInfo& ti, 
                                         const RowState (&rows)[2], const BranchRows& br, float (&dq)[Dk / 8][4]) {
   const int tig = threadIdx.x & 3;
   float s[8][4], dp[8][4];
-  Mma::template scores<T, Dk, 8>(qf, tk, 0, s);
-  Mma::template scores<T, Dv, 8>(dof, tv, 0, dp);
+  Mma::template scores_pair<T, Dk, Dv, 8, false>(qf, tk, s, dof, tv, dp);  // two groups (kBackwardPairedProducts)
 #pragma unroll
   for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
@@ -244,6 +243,14 @@ __global__ void __launch_bounds__(kAttnThreads, kDqMinBlocks<Dk>) dq_kernel(cons
 // the warp's 16 keys plus S^T and dP^T for the tile, so wide heads take half tiles.
 template <int Dk>
 inline constexpr int kDkvRows = Dk > 128 ? 32 : 64;
+
+// Whether the dK / dV kernel issues S^T and dP^T, then dV and dK, as one wgmma group each. On an H100
+// (2026-12-06, nsa_bench_forward --backward) the pairs took the Dk = 128 kernels' spills away (paper
+// config at 8k: slc 3.547 -> 3.467 ms, win 1.898 -> 1.726; at 64k 28.80 -> 27.86, 14.59 -> 13.40),
+// while at Dk = 64 the slc kernel spilled more and slowed (m7c-125m: 1.228 -> 1.259). The dq kernel
+// keeps two groups: its S / dP pair slowed Dk = 128 (3.711 -> 3.837 at 8k). Decision 0007, section 4.
+template <int Dk>
+inline constexpr bool kBackwardPairedProducts = Dk > 64;
 
 template <int Dk, int kBranch>
 inline constexpr int kDkvMinBlocks = kBranch != kBranchWin ? kDqMinBlocks<Dk> : 0;
@@ -447,8 +454,8 @@ __global__ void __launch_bounds__(kAttnThreads, (kDkvMinBlocks<Dk, kBranch>))
     const T* tq = sQ + buf * R * (Dk + 8);
     const T* tdo = sDo + buf * R * (Dv + 8);
     float s[NB][4], dp[NB][4];
-    Mma::template scores<T, Dk, NB>(kf, tq, 0, s);   // S^T: the warp's 16 keys x R rows
-    Mma::template scores<T, Dv, NB>(vf, tdo, 0, dp);  // (dO V^T)^T
+    // S^T (the warp's 16 keys x R rows) and dP^T
+    Mma::template scores_pair<T, Dk, Dv, NB, kBackwardPairedProducts<Dk>>(kf, tq, s, vf, tdo, dp);
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
@@ -461,8 +468,7 @@ __global__ void __launch_bounds__(kAttnThreads, (kDkvMinBlocks<Dk, kBranch>))
         s[nb][e] = p * s_gate[n];                                   // P^T g: for dV += P^T (g dO)
         dp[nb][e] = p * (s_gate[n] * dp[nb][e] - s_delta[n]);      // dS^T
       }
-    Mma::template accumulate<T, Dv, NB>(dv, s, tdo, 0);
-    Mma::template accumulate<T, Dk, NB>(dk, dp, tq, 0);
+    Mma::template accumulate_pair<T, Dv, Dk, NB, kBackwardPairedProducts<Dk>>(dv, s, tdo, dk, dp, tq);
     __syncthreads();  // buffer i & 1 is refilled by the issue of tile i + 2
   }
 
