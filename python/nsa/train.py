@@ -488,6 +488,11 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
     """
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ValueError(f"nsa.train: parallel must be 'ddp' or 'fsdp', got {cfg.parallel!r}")
+    if cfg.compile and cfg.parallel == "fsdp":
+        # FSDP2 keeps its hooks out of dynamo, so the root forward is not compiled: only the blocks,
+        # and under activation checkpointing nothing. A silent eager run would be worse than none.
+        raise ValueError("nsa.train: compile is supported with a single process and with parallel='ddp', "
+                         "not with parallel='fsdp' (FSDP2's hooks keep the model out of torch.compile)")
     wall_start = time.perf_counter()
     dst = _setup_distributed(ddp or cfg.parallel == "fsdp", cfg.device)
     fsdp = dst.enabled and cfg.parallel == "fsdp"
@@ -605,11 +610,15 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
         printed_losses.append(loss_value)
         now = time.perf_counter()
         if now - last_print >= cfg.progress_seconds or val_loss is not None or step in (start_step + 1, cfg.steps):
-            seconds_per_step = _steady_seconds_per_step(result, step - start_step)
-            eta = seconds_per_step * (cfg.steps - step)
+            done_here = step - start_step
+            if done_here == 1:  # one-time costs: no rate or ETA from it
+                speed = f"first step {result.first_step_s:.1f} s{' (compiling)' if cfg.compile else ''}"
+            else:
+                seconds_per_step = _steady_seconds_per_step(result, done_here)
+                speed = (f"{tokens_per_step / seconds_per_step:,.0f} tok/s  "
+                         f"eta {_format_duration(seconds_per_step * (cfg.steps - step))}")
             log(f"step {step}/{cfg.steps}  loss {sum(printed_losses) / len(printed_losses):.4f}  lr {lr:.2e}  "
-                f"{tokens_per_step / seconds_per_step:,.0f} tok/s  eta {_format_duration(eta)}"
-                + (f"  val {val_loss:.4f}" if val_loss is not None else ""))
+                + speed + (f"  val {val_loss:.4f}" if val_loss is not None else ""))
             last_print, printed_losses = now, []
 
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
@@ -667,6 +676,17 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
     return result
 
 
+def _rate_line(result: RunResult, cfg: TrainConfig) -> str:
+    """The summary's throughput: tokens/s after the invocation's first step (RunResult.tokens_per_s)."""
+    steps = len(result.losses)
+    if steps == 0:
+        return "no training steps in this invocation"
+    if steps == 1:
+        return f"{result.tokens_per_s:,.0f} tokens/s over its one step ({result.train_s:.1f} s)"
+    return (f"{result.tokens_per_s:,.0f} tokens/s after the first step ({result.first_step_s:.1f} s of the "
+            f"{result.train_s:.1f} s of training steps{', compiling' if cfg.compile else ''})")
+
+
 def format_summary(result: RunResult, model_config: ModelConfig, cfg: TrainConfig) -> str:
     this_run = f"{result.losses[0][0]}-{result.losses[-1][0]}" if result.losses else "none"
     val = f"{result.final_val_loss:.4f}" if result.final_val_loss is not None else "n/a"
@@ -674,8 +694,7 @@ def format_summary(result: RunResult, model_config: ModelConfig, cfg: TrainConfi
     lines = [
         f"summary: preset {cfg.preset}, attn {model_config.attn}, {result.num_parameters / 1e6:.2f}M parameters",
         f"  steps {result.steps} (this run: {this_run}), tokens {result.tokens:,}",
-        f"  {result.tokens_per_s:,.0f} tokens/s after the first step ({result.first_step_s:.1f} s of the "
-        f"{result.train_s:.1f} s of training steps{', compiling' if cfg.compile else ''}); wall {result.wall_s:.1f} s"
+        f"  {_rate_line(result, cfg)}; wall {result.wall_s:.1f} s"
         + (f"; peak GPU memory {result.peak_gpu_memory_gib:.1f} GiB" if result.peak_gpu_memory_gib is not None else ""),
         f"  final train loss {train_loss} (mean of the last 10 steps), val loss {val} (nats/byte)",
     ]
@@ -774,6 +793,7 @@ def compare(model_config: ModelConfig, cfg: TrainConfig, out_dir: Path, ddp: boo
         print(f"== {attn} ==")
         results[attn] = train(variant, cfg, out_dir / attn, ddp=ddp)
         print(format_summary(results[attn], variant, cfg))
+    # tokens/s after each run's first step; train s counts every step
     header = f"{'attn':<6} {'params':>8} {'train loss':>10} {'val loss':>9} {'tokens/s':>10} {'train s':>8}"
     print(header)
     for attn, r in results.items():

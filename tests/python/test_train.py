@@ -292,20 +292,26 @@ def test_activation_checkpointing_matches(small_cfg):
 @pytest.mark.parametrize("checkpoint_activations", [False, True])
 def test_compiled_training_matches_eager(small_cfg, checkpoint_activations):
     # --compile (torch.compile, fullgraph through the NSA op's fake kernel and autograd formula):
-    # the same losses as eager up to the fused element-wise work's rounding.
+    # the same losses as eager up to the fused element-wise work's rounding (about 1e-7 here; a
+    # parameter whose gradient is lost moves them by 1e-4 by the third step).
     cfg = replace(small_cfg, steps=3, checkpoint_activations=checkpoint_activations)
     eager = train(SMALL, cfg, log=_quiet)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = train(SMALL, replace(cfg, compile=True), log=_quiet)
+    # compile_for_training sets a process-wide dynamo option; the patch restores it afterwards
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False):
+        compiled = train(SMALL, replace(cfg, compile=True), log=_quiet)
     counters = torch._dynamo.utils.counters
     assert not counters["graph_break"] and not counters["unimplemented"], dict(counters)
     assert counters["stats"]["unique_graphs"] == 1  # the whole model in one graph: nothing ran eagerly
     assert [s for s, _ in compiled.losses] == [s for s, _ in eager.losses]
     for (_, a), (_, b) in zip(compiled.losses, eager.losses):
-        assert a == pytest.approx(b, rel=1e-4)
-    assert compiled.losses[-1][1] < compiled.losses[0][1]  # it trained
-    assert compiled.first_step_s > 0 and compiled.tokens_per_s > 0
+        assert a == pytest.approx(b, rel=1e-5, abs=0)
+
+
+def test_compile_refuses_fsdp(small_cfg):
+    with pytest.raises(ValueError, match="parallel='fsdp'"):
+        train(SMALL, replace(small_cfg, compile=True, parallel="fsdp"), log=_quiet)
 
 
 class _CountOps(TorchDispatchMode):
