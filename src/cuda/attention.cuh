@@ -242,7 +242,7 @@ __device__ __forceinline__ void accumulate_ptile(float (&acc)[D / 8][4], const f
 // prefill_sweep_wgmma), the selection kernel's scores, the backward's dq kernel and dK / dV kernel.
 template <bool kSwizzledTiles>
 struct MmaSyncTilesT {
-  static constexpr bool kSwizzled = kSwizzledTiles, kEveryWarp = false;
+  static constexpr bool kSwizzled = kSwizzledTiles, kEveryWarp = false, kGroups = false;
   template <class T, int Dk, int NB, class QSource>
   static __device__ __forceinline__ void scores(const QSource& qf, const T* tk, int key0, float (&s)[NB][4]) {
     static_assert(!kSwizzled || NB == 8, "swizzled: whole 64-key tiles");
@@ -253,26 +253,11 @@ struct MmaSyncTilesT {
                                                     int key0) {
     accumulate_ptile<T, Dv, NB, kSwizzled>(acc, p, kSwizzled ? tv : tv + key0 * (Dv + 8));
   }
-  // Two independent products of one tile (the backward's S and dP, dV and dK): in turn here; wgmma
-  // issues them as one group where kOneGroup.
-  template <class T, int Da, int Db, int NB, bool kOneGroup, class SourceA, class SourceB>
-  static __device__ __forceinline__ void scores_pair(const SourceA& qa, const T* ta, float (&sa)[NB][4],
-                                                     const SourceB& qb, const T* tb, float (&sb)[NB][4]) {
-    scores<T, Da, NB>(qa, ta, 0, sa);
-    scores<T, Db, NB>(qb, tb, 0, sb);
-  }
-  template <class T, int Da, int Db, int NB, bool kOneGroup>
-  static __device__ __forceinline__ void accumulate_pair(float (&acc_a)[Da / 8][4], const float (&pa)[NB][4],
-                                                         const T* ta, float (&acc_b)[Db / 8][4],
-                                                         const float (&pb)[NB][4], const T* tb) {
-    accumulate<T, Da, NB>(acc_a, pa, ta, 0);
-    accumulate<T, Db, NB>(acc_b, pb, tb, 0);
-  }
 };
 using MmaSyncTiles = MmaSyncTilesT<false>;
 
 struct WgmmaTiles {
-  static constexpr bool kSwizzled = true, kEveryWarp = true;
+  static constexpr bool kSwizzled = true, kEveryWarp = true, kGroups = true;
   static constexpr uint32_t kAtomBytes = 8 * 128;     // 8 rows of 128 bytes
   static constexpr uint32_t kPartBytes = 64 * 128;    // 64 rows of 64 elements
   // S = Q K^T, both from shared memory (issue_scores). Q comes from shared memory, not registers:
@@ -282,12 +267,7 @@ struct WgmmaTiles {
   template <class T, int Dk, int NB>
   static __device__ __forceinline__ void scores(const QInSharedMemory<T>& qs, const T* tk, int, float (&s)[NB][4]) {
     static_assert(NB == 8, "whole 64-key tiles");
-    wgmma_pin(s);
-    wgmma_fence();
-    issue_scores<T, Dk>(qs, tk, s);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_pin(s);
+    one_group([&] { issue_scores<T, Dk>(qs, tk, s); }, s);
   }
   // O += P V, P from registers (issue_accumulate).
   template <class T, int Dv, int NB>
@@ -296,60 +276,48 @@ struct WgmmaTiles {
     static_assert(NB == 8, "whole 64-key tiles");
     uint32_t a[NB / 2][4];
     pack_p<T>(p, a);
-    wgmma_pin(acc);
-    wgmma_fence();
-    issue_accumulate<T, Dv>(acc, a, tv);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_pin(acc);
+    one_group([&] { issue_accumulate<T, Dv>(acc, a, tv); }, acc);
   }
-  // Two independent products of one tile, with kOneGroup as one wgmma group (the second runs while
-  // the first drains, where two groups wait for each in turn; it also holds both products' registers
-  // at once, which decides where it pays: backward.cuh, kBackwardPairedProducts).
-  template <class T, int Da, int Db, int NB, bool kOneGroup>
-  static __device__ __forceinline__ void scores_pair(const QInSharedMemory<T>& qa, const T* ta, float (&sa)[NB][4],
-                                                     const QInSharedMemory<T>& qb, const T* tb, float (&sb)[NB][4]) {
+  // Two independent products as one wgmma group (scores_pair / accumulate_pair below).
+  template <class T, int Da, int Db, int NB>
+  static __device__ __forceinline__ void scores_one_group(const QInSharedMemory<T>& qa, const T* ta,
+                                                          float (&sa)[NB][4], const QInSharedMemory<T>& qb,
+                                                          const T* tb, float (&sb)[NB][4]) {
     static_assert(NB == 8, "whole 64-key tiles");
-    if constexpr (!kOneGroup) {
-      scores<T, Da, NB>(qa, ta, 0, sa);
-      scores<T, Db, NB>(qb, tb, 0, sb);
-      return;
-    }
-    wgmma_pin(sa);
-    wgmma_pin(sb);
-    wgmma_fence();
-    issue_scores<T, Da>(qa, ta, sa);
-    issue_scores<T, Db>(qb, tb, sb);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_pin(sa);
-    wgmma_pin(sb);
+    const auto issue = [&] {
+      issue_scores<T, Da>(qa, ta, sa);
+      issue_scores<T, Db>(qb, tb, sb);
+    };
+    one_group(issue, sa, sb);
   }
-  template <class T, int Da, int Db, int NB, bool kOneGroup>
-  static __device__ __forceinline__ void accumulate_pair(float (&acc_a)[Da / 8][4], const float (&pa)[NB][4],
-                                                         const T* ta, float (&acc_b)[Db / 8][4],
-                                                         const float (&pb)[NB][4], const T* tb) {
+  template <class T, int Da, int Db, int NB>
+  static __device__ __forceinline__ void accumulate_one_group(float (&acc_a)[Da / 8][4], const float (&pa)[NB][4],
+                                                              const T* ta, float (&acc_b)[Db / 8][4],
+                                                              const float (&pb)[NB][4], const T* tb) {
     static_assert(NB == 8, "whole 64-key tiles");
-    if constexpr (!kOneGroup) {
-      accumulate<T, Da, NB>(acc_a, pa, ta, 0);
-      accumulate<T, Db, NB>(acc_b, pb, tb, 0);
-      return;
-    }
     uint32_t a[NB / 2][4], b[NB / 2][4];
     pack_p<T>(pa, a);
     pack_p<T>(pb, b);
-    wgmma_pin(acc_a);
-    wgmma_pin(acc_b);
-    wgmma_fence();
-    issue_accumulate<T, Da>(acc_a, a, ta);
-    issue_accumulate<T, Db>(acc_b, b, tb);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_pin(acc_a);
-    wgmma_pin(acc_b);
+    const auto issue = [&] {
+      issue_accumulate<T, Da>(acc_a, a, ta);
+      issue_accumulate<T, Db>(acc_b, b, tb);
+    };
+    one_group(issue, acc_a, acc_b);
   }
 
  private:
+  // Runs `issue` (wgmma instructions writing `outputs`) as one group: fence, issue, commit, wait,
+  // with the output registers pinned on both sides so that the compiler moves no access to them
+  // across the asynchronous products.
+  template <class Issue, class... Outputs>
+  static __device__ __forceinline__ void one_group(const Issue& issue, Outputs&... outputs) {
+    (wgmma_pin(outputs), ...);
+    wgmma_fence();
+    issue();
+    wgmma_commit();
+    wgmma_wait<0>();
+    (wgmma_pin(outputs), ...);
+  }
   // S = Q K^T, both from shared memory: the k-step ks reads columns 16 ks .. 16 ks + 15 of the Q
   // and K tiles, 32 bytes into the swizzle atoms of their part ks / 4. Issues only.
   template <class T, int Dk>
@@ -389,6 +357,31 @@ struct WgmmaTiles {
     }
   }
 };
+
+// Two independent products of one tile (the backward's S and dP, dV and dK): with kOneGroup on
+// wgmma as one group (the second runs while the first drains, where two groups wait for each in
+// turn; it holds both products' registers at once, which decides where it pays: backward.cuh,
+// kBackwardPairedProducts), otherwise one after the other.
+template <class Mma, class T, int Da, int Db, int NB, bool kOneGroup, class SourceA, class SourceB>
+__device__ __forceinline__ void scores_pair(const SourceA& qa, const T* ta, float (&sa)[NB][4], const SourceB& qb,
+                                            const T* tb, float (&sb)[NB][4]) {
+  if constexpr (kOneGroup && Mma::kGroups) {
+    Mma::template scores_one_group<T, Da, Db, NB>(qa, ta, sa, qb, tb, sb);
+  } else {
+    Mma::template scores<T, Da, NB>(qa, ta, 0, sa);
+    Mma::template scores<T, Db, NB>(qb, tb, 0, sb);
+  }
+}
+template <class Mma, class T, int Da, int Db, int NB, bool kOneGroup>
+__device__ __forceinline__ void accumulate_pair(float (&acc_a)[Da / 8][4], const float (&pa)[NB][4], const T* ta,
+                                                float (&acc_b)[Db / 8][4], const float (&pb)[NB][4], const T* tb) {
+  if constexpr (kOneGroup && Mma::kGroups) {
+    Mma::template accumulate_one_group<T, Da, Db, NB>(acc_a, pa, ta, acc_b, pb, tb);
+  } else {
+    Mma::template accumulate<T, Da, NB>(acc_a, pa, ta, 0);
+    Mma::template accumulate<T, Db, NB>(acc_b, pb, tb, 0);
+  }
+}
 
 // One key tile of a sweep for the warp's 16 rows: S = Q K^T, mask, online softmax, O += P V. The
 // warp takes the NB * 8 keys key0 .. key0 + NB*8 - 1 of the 64-key tile (all of them, or a quarter

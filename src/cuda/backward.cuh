@@ -136,7 +136,7 @@ __device__ __forceinline__ void dq_tile(const Tiles& tiles, const TileInfo& ti, 
                                         const RowState (&rows)[2], const BranchRows& br, float (&dq)[Dk / 8][4]) {
   const int tig = threadIdx.x & 3;
   float s[8][4], dp[8][4];
-  Mma::template scores_pair<T, Dk, Dv, 8, false>(qf, tk, s, dof, tv, dp);  // two groups (kBackwardPairedProducts)
+  scores_pair<Mma, T, Dk, Dv, 8, false>(qf, tk, s, dof, tv, dp);  // two groups (kBackwardPairedProducts)
 #pragma unroll
   for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
@@ -455,7 +455,7 @@ __global__ void __launch_bounds__(kAttnThreads, (kDkvMinBlocks<Dk, kBranch>))
     const T* tdo = sDo + buf * R * (Dv + 8);
     float s[NB][4], dp[NB][4];
     // S^T (the warp's 16 keys x R rows) and dP^T
-    Mma::template scores_pair<T, Dk, Dv, NB, kBackwardPairedProducts<Dk>>(kf, tq, s, vf, tdo, dp);
+    scores_pair<Mma, T, Dk, Dv, NB, kBackwardPairedProducts<Dk>>(kf, tq, s, vf, tdo, dp);
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
@@ -468,7 +468,7 @@ __global__ void __launch_bounds__(kAttnThreads, (kDkvMinBlocks<Dk, kBranch>))
         s[nb][e] = p * s_gate[n];                                   // P^T g: for dV += P^T (g dO)
         dp[nb][e] = p * (s_gate[n] * dp[nb][e] - s_delta[n]);      // dS^T
       }
-    Mma::template accumulate_pair<T, Dv, Dk, NB, kBackwardPairedProducts<Dk>>(dv, s, tdo, dk, dp, tq);
+    accumulate_pair<Mma, T, Dv, Dk, NB, kBackwardPairedProducts<Dk>>(dv, s, tdo, dk, dp, tq);
     __syncthreads();  // buffer i & 1 is refilled by the issue of tile i + 2
   }
 
