@@ -248,7 +248,7 @@ inline constexpr int kDkvRows = Dk > 128 ? 32 : 64;
 // (2026-12-06, nsa_bench_forward --backward) the pairs took the Dk = 128 kernels' spills away (paper
 // config at 8k: slc 3.547 -> 3.467 ms, win 1.898 -> 1.726; at 64k 28.80 -> 27.86, 14.59 -> 13.40),
 // while at Dk = 64 the slc kernel spilled more and slowed (m7c-125m: 1.228 -> 1.259). The dq kernel
-// keeps two groups: its S / dP pair slowed Dk = 128 (3.711 -> 3.837 at 8k). Decision 0007, section 4.
+// keeps two groups: its S / dP pair slowed Dk = 128 (3.711 -> 3.837 at 8k). Decision 0011.
 template <int Dk>
 inline constexpr bool kBackwardPairedProducts = Dk > 64;
 

@@ -167,7 +167,7 @@ NSA_HOST_DEVICE constexpr int64_t slc_gather_smem(int dk, int dv, int union_word
 // Keys from which the ring replaces the wgmma slc sweep (Dk = 64): a long sequence's CTAs have long
 // unions, which pay for the ring's per-warp products. On an H100 (Hq 12, Hkv 2, B * T = 32k) the ring
 // against wgmma took 0.766 / 0.633 ms at T = 2048, 1.203 / 1.176 at 4096, 1.693 / 1.911 at 8192 and
-// 2.519 / 3.400 at 32k (decision 0010 section 3c).
+// 2.519 / 3.400 at 32k (decision 0010, section 3c).
 inline constexpr int64_t kSlcRingMinKeysWgmma = 8192;
 
 // Whether the prefill slc sweep takes the TMA ring (slc_gather_kernel) on a device that runs the
