@@ -309,6 +309,22 @@ def test_compiled_training_matches_eager(small_cfg, checkpoint_activations):
         assert a == pytest.approx(b, rel=1e-5, abs=0)
 
 
+def test_compiled_ddp_world_size_one(small_cfg, tmp_path):
+    # torch.compile of the DDP wrapper (DDP's graph optimizer splits the graph at its buckets): the
+    # same losses as the eager DDP run up to rounding.
+    cfg = replace(small_cfg, steps=2)
+    with _group_of_one(tmp_path):
+        eager = train(SMALL, cfg, ddp=True, log=_quiet)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False):
+            compiled = train(SMALL, replace(cfg, compile=True), ddp=True, log=_quiet)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the model ran compiled
+    assert [s for s, _ in compiled.losses] == [s for s, _ in eager.losses]
+    for (_, a), (_, b) in zip(compiled.losses, eager.losses):
+        assert a == pytest.approx(b, rel=1e-5, abs=0)
+
+
 def test_compile_refuses_fsdp(small_cfg):
     with pytest.raises(ValueError, match="parallel='fsdp'"):
         train(SMALL, replace(small_cfg, compile=True, parallel="fsdp"), log=_quiet)
