@@ -743,6 +743,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                  "checkpoint's run directory)")
     p.add_argument("--resume", help="checkpoint state file or run directory to continue from")
     p.add_argument("--compare", action="store_true", help="train nsa and dense with the same settings, compare")
+    p.add_argument("--compare-runs", nargs="+", metavar="LABEL=RUN_DIR",
+                   help="compare finished runs (no training): losses at equal steps, tokens/s; with --out, "
+                        "compare.png there")
     p.add_argument("--ddp", action="store_true", help="use DDP even without torchrun (a group of one)")
     p.add_argument("--parallel", choices=("ddp", "fsdp"),
                    help="with a process group (torchrun, --ddp): ddp (default) or fsdp (FSDP2 fully_shard: "
@@ -784,6 +787,43 @@ def _default_out(cfg: TrainConfig, label: str) -> Path:
     return Path("runs") / f"{cfg.preset}-{label}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def compare_report(runs: Dict[str, Path], png: Optional[Path] = None) -> str:
+    """Side by side, from finished run directories (their summary.json and metrics.csv; labels are
+    the keys): parameters, final train and validation loss, tokens/s (after each run's first step)
+    and training seconds (every step); then the validation losses at the steps every run evaluated,
+    with, for two runs, the first's relative to the second's. With ``png``, the loss curves and
+    throughputs are plotted there (when matplotlib imports)."""
+    summaries, val = {}, {}
+    for label, run_dir in runs.items():
+        try:
+            summaries[label] = json.loads((Path(run_dir) / "summary.json").read_text())
+            rows = read_metrics(Path(run_dir) / "metrics.csv")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"nsa.train: {run_dir} is not a finished run directory ({e.filename} is missing)")
+        val[label] = {int(r["step"]): float(r["val_loss"]) for r in rows if r.get("val_loss")}
+    lines = [f"{'run':<8} {'params':>8} {'train loss':>10} {'val loss':>9} {'tokens/s':>10} {'train s':>8}"]
+    for label, summary in summaries.items():
+        train_loss, val_loss = (f"{summary[k]:.4f}" if summary[k] is not None else "n/a"
+                                for k in ("final_train_loss", "final_val_loss"))
+        lines.append(f"{label:<8} {summary['num_parameters'] / 1e6:>7.2f}M {train_loss:>10} {val_loss:>9} "
+                     f"{summary['tokens_per_s']:>10,.0f} {summary['train_s']:>8.1f}")
+    labels = list(runs)
+    steps = sorted(set.intersection(*(set(v) for v in val.values()))) if val else []
+    if steps:
+        lines.append("validation loss at equal steps" + (f" ({labels[0]} relative to {labels[1]})"
+                                                         if len(labels) == 2 else ""))
+        lines.append(f"{'step':>8} " + " ".join(f"{label:>9}" for label in labels))
+        for step in steps:
+            row = f"{step:>8} " + " ".join(f"{val[label][step]:>9.4f}" for label in labels)
+            if len(labels) == 2:
+                row += f" {val[labels[0]][step] / val[labels[1]][step] - 1:>+8.1%}"
+            lines.append(row)
+    if png is not None and plot_losses({label: Path(d) / "metrics.csv" for label, d in runs.items()}, png,
+                                       {label: s["tokens_per_s"] for label, s in summaries.items()}):
+        lines.append(f"plot: {png}")
+    return "\n".join(lines)
+
+
 def compare(model_config: ModelConfig, cfg: TrainConfig, out_dir: Path, ddp: bool) -> Dict[str, RunResult]:
     """Trains the nsa and the dense variant with the same settings and seed (same data windows),
     prints both side by side and plots the two loss curves and throughputs (compare.png)."""
@@ -793,20 +833,21 @@ def compare(model_config: ModelConfig, cfg: TrainConfig, out_dir: Path, ddp: boo
         print(f"== {attn} ==")
         results[attn] = train(variant, cfg, out_dir / attn, ddp=ddp)
         print(format_summary(results[attn], variant, cfg))
-    # tokens/s after each run's first step; train s counts every step
-    header = f"{'attn':<6} {'params':>8} {'train loss':>10} {'val loss':>9} {'tokens/s':>10} {'train s':>8}"
-    print(header)
-    for attn, r in results.items():
-        print(f"{attn:<6} {r.num_parameters / 1e6:>7.2f}M {r.final_train_loss:>10.4f} {r.final_val_loss:>9.4f} "
-              f"{r.tokens_per_s:>10,.0f} {r.train_s:>8.1f}")
-    if plot_losses({a: out_dir / a / "metrics.csv" for a in results}, out_dir / "compare.png",
-                   {a: r.tokens_per_s for a, r in results.items()}):
-        print(f"plot: {out_dir / 'compare.png'}")
+    print(compare_report({attn: out_dir / attn for attn in results}, out_dir / "compare.png"))
     return results
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
+    if args.compare_runs:
+        runs = dict(item.split("=", 1) if "=" in item else (Path(item).name, item) for item in args.compare_runs)
+        if len(runs) != len(args.compare_runs):
+            raise SystemExit(f"nsa.train: --compare-runs needs distinct labels, got {args.compare_runs}")
+        png = Path(args.out) / "compare.png" if args.out else None
+        if png is not None:
+            png.parent.mkdir(parents=True, exist_ok=True)
+        print(compare_report({label: Path(d) for label, d in runs.items()}, png))
+        return
     model_config, cfg, resume = resolve_configs(args)
     if args.compare:
         if resume is not None:

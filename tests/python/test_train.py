@@ -282,6 +282,38 @@ def test_compare_runs_both_variants(cache_dir, tmp_path):
     assert (tmp_path / "compare.png").is_file() and (tmp_path / "nsa" / "loss_curve.png").is_file()
 
 
+def test_compare_finished_runs(cache_dir, tmp_path, capsys):
+    # Runs trained apart (as on a device whose calls fit one run each) compared afterwards: the
+    # validation losses at the steps both evaluated, the first run's relative to the second's.
+    common = ["--preset", "tiny", "--seq-len", "64", "--batch-size", "2", "--eval-batches", "1", "--sample-tokens",
+              "0", "--cache-dir", cache_dir, "--device", "cpu", "--progress-seconds", "1e9"]
+    nsa_train.main(common + ["--steps", "4", "--eval-every", "2", "--out", str(tmp_path / "a")])
+    nsa_train.main(common + ["--steps", "6", "--eval-every", "3", "--attn", "dense", "--out", str(tmp_path / "b")])
+    capsys.readouterr()
+    nsa_train.main(["--compare-runs", f"nsa={tmp_path / 'a'}", f"dense={tmp_path / 'b'}", "--out", str(tmp_path)])
+    report = capsys.readouterr().out.splitlines()
+    val = {run: {int(r["step"]): float(r["val_loss"]) for r in nsa_train.read_metrics(tmp_path / run / "metrics.csv")
+                 if r["val_loss"]} for run in ("a", "b")}
+    assert sorted(val["a"]) == [2, 4] and sorted(val["b"]) == [3, 6]  # no step in common ...
+    assert not any(line.startswith("validation loss at equal steps") for line in report)
+    assert report[1].startswith("nsa ") and report[2].startswith("dense ")
+    # ... until b's log has step 4 too: the table then holds that row, with the ratio
+    with open(tmp_path / "b" / "metrics.csv") as f:
+        header, *rows = f.read().splitlines()
+    cols = header.split(",")
+    rows[3] = ",".join(v if c != "val_loss" else "2.5" for c, v in zip(cols, rows[3].split(",")))
+    (tmp_path / "b" / "metrics.csv").write_text("\n".join([header] + rows) + "\n")
+    capsys.readouterr()
+    nsa_train.main(["--compare-runs", f"nsa={tmp_path / 'a'}", f"dense={tmp_path / 'b'}"])
+    report = capsys.readouterr().out.splitlines()
+    at = report.index("validation loss at equal steps (nsa relative to dense)")
+    step, a, b, rel = report[at + 2].split()
+    assert int(step) == 4 and float(a) == pytest.approx(val["a"][4], abs=1e-4) and float(b) == 2.5
+    assert float(rel.rstrip("%")) == pytest.approx((val["a"][4] / 2.5 - 1) * 100, abs=0.06)
+    with pytest.raises(FileNotFoundError, match="not a finished run directory"):
+        nsa_train.compare_report({"x": tmp_path / "missing"})
+
+
 def test_activation_checkpointing_matches(small_cfg):
     cfg = replace(small_cfg, steps=2)
     plain = train(SMALL, cfg, log=_quiet)
