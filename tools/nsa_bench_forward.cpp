@@ -210,7 +210,8 @@ int main(int argc, char** argv) {
                   {"cmp", nsa::cuda_detail::kStageCmp, scale * f_cmp},
                   {"select", nsa::cuda_detail::kStageSelect, scale * f_sel},
                   {"slc", nsa::cuda_detail::kStageSlc, scale * f_slc},
-                  // The cp.async slc kernel, where the TMA ring runs the row above (sm_90a, Dk >= 128).
+                  // The cp.async (or, at Dk = 64, wgmma) slc kernel, where the TMA ring runs the row above
+                  // (sm_90a: slc_gather_applies).
                   {"slc.cp", nsa::cuda_detail::kStageSlc | nsa::cuda_detail::kStageSlcCpAsync, scale * f_slc},
                   {"win", nsa::cuda_detail::kStageWin, scale * f_win}};
     auto time_runs = [&](const char* name, double flops, auto&& run) {

@@ -136,7 +136,8 @@ __device__ __forceinline__ void dq_tile(const Tiles& tiles, const TileInfo& ti, 
                                         const RowState (&rows)[2], const BranchRows& br, float (&dq)[Dk / 8][4]) {
   const int tig = threadIdx.x & 3;
   float s[8][4], dp[8][4];
-  scores_pair<Mma, T, Dk, Dv, 8, false>(qf, tk, s, dof, tv, dp);  // two groups (kBackwardPairedProducts)
+  Mma::template scores<T, Dk, 8>(qf, tk, 0, s);  // two groups (kBackwardPairedProducts)
+  Mma::template scores<T, Dv, 8>(dof, tv, 0, dp);
 #pragma unroll
   for (int nb = 0; nb < 8; ++nb)
 #pragma unroll

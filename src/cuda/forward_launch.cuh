@@ -83,11 +83,10 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   // The slc kernel with a TMA ring where slc_gather_applies, if the driver encodes tensor maps of
   // this K / V layout.
   KvTensorMaps maps{};
-  bool slc_gather = false;
-  slc_gather = (stages & kStageSlc) && !(stages & kStageSlcCpAsync) &&
-               slc_gather_applies(Dk, Dv, a.sel_block, a.union_words, a.union_capacity, device.wgmma_sweeps,
-                                  a.key_extent) &&
-               encode_kv_tensor_maps(a, Dk, Dv, &maps);
+  const bool slc_gather = (stages & kStageSlc) && !(stages & kStageSlcCpAsync) &&
+                          slc_gather_applies(Dk, Dv, a.sel_block, a.union_words, a.union_capacity,
+                                             device.wgmma_sweeps, a.key_extent) &&
+                          encode_kv_tensor_maps(a, Dk, Dv, &maps);
   const int64_t gather_smem = slc_gather_smem(Dk, Dv, a.union_words, a.union_capacity);
   // Selection: P positions per CTA keep [P][ceil(T / l')] block scores in shared memory
   // (select_tiling). 3 <= G <= 16 take the shuffle path (whole positions per warp).
@@ -131,8 +130,10 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
     if (!(st = launch_status(kForwardApi, "launching the selection kernel")).ok()) return st;
   }
   if (stages & kStageSlc) {
-    if (slc_gather) slc_gather_kernel<T, Dk, Dv><<<attn_grid(kBranchSlc), kAttnThreads, gather_smem, stream>>>(a, maps);
-    if (!slc_gather) slc_kernel<<<attn_grid(kBranchSlc), attn_threads(kBranchSlc), slc_smem, stream>>>(a);
+    if (slc_gather)
+      slc_gather_kernel<T, Dk, Dv><<<attn_grid(kBranchSlc), kAttnThreads, gather_smem, stream>>>(a, maps);
+    else
+      slc_kernel<<<attn_grid(kBranchSlc), attn_threads(kBranchSlc), slc_smem, stream>>>(a);
     if (!(st = launch_status(kForwardApi, "launching the slc attention kernel")).ok()) return st;
   }
   if (stages & kStageWin) {
