@@ -22,7 +22,7 @@ def _find_library() -> Path:
     if not candidates:
         raise ImportError(
             f"nsa: the compiled ops library _nsa_ops.so is not in {here}; install the package with "
-            "`pip install .` or build it with `make build-torch` and set NSA_OPS_LIBRARY"
+            "`pip install .` or build it with `make build` and set NSA_OPS_LIBRARY=build/_nsa_ops.so"
         )
     return candidates[0]
 
