@@ -1,18 +1,10 @@
 #!/usr/bin/env python3
 """Prefill (forward) benchmark: NSA vs PyTorch SDPA dense causal attention. Same as
-``python -m nsa.bench prefill ...``; see benchmarks/README.md.
-
-Loads python/nsa/bench.py by path, so ``--plot-only`` works without the compiled ops library
-(importing the ``nsa`` package loads it); timing needs it (NSA_OPS_LIBRARY, PYTHONPATH=python).
-"""
-import importlib.util
+``python -m nsa.bench prefill ...``; see benchmarks/README.md. ``--plot-only`` works without the
+compiled ops library (_bench_by_path.py)."""
 import sys
-from pathlib import Path
 
-_PATH = Path(__file__).resolve().parent.parent / "python" / "nsa" / "bench.py"
-_spec = importlib.util.spec_from_file_location("nsa_bench", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from _bench_by_path import run
 
 if __name__ == "__main__":
-    sys.exit(bench.main(["prefill"] + sys.argv[1:]))
+    sys.exit(run("prefill"))
