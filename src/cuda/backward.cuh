@@ -136,7 +136,8 @@ __device__ __forceinline__ void dq_tile(const Tiles& tiles, const TileInfo& ti, 
                                         const RowState (&rows)[2], const BranchRows& br, float (&dq)[Dk / 8][4]) {
   const int tig = threadIdx.x & 3;
   float s[8][4], dp[8][4];
-  Mma::template scores<T, Dk, 8>(qf, tk, 0, s);  // two groups (kBackwardPairedProducts)
+  // Two groups, not scores_pair: one group slowed this kernel (kBackwardPairedProducts, decision 0011).
+  Mma::template scores<T, Dk, 8>(qf, tk, 0, s);
   Mma::template scores<T, Dv, 8>(dof, tv, 0, dp);
 #pragma unroll
   for (int nb = 0; nb < 8; ++nb)
