@@ -254,16 +254,21 @@ inline constexpr int kDkvRows = Dk > 128 ? 32 : 64;
 template <int Dk>
 inline constexpr bool kBackwardPairedProducts = Dk > 64;
 
-template <int Dk, int kBranch>
-inline constexpr int kDkvMinBlocks = kBranch != kBranchWin ? kDqMinBlocks<Dk> : 0;
+// All three dK / dV kernels, the win one included, run at the dq kernel's occupancy. With the row
+// terms loaded ahead the win kernel fits 3 CTAs per SM at Dk = 64 with 8 bytes of spills; the two
+// together took m7c-125m's win dK / dV from 0.640 to 0.607 ms on an H200 (docs/performance.md).
+template <int Dk>
+inline constexpr int kDkvMinBlocks = kDqMinBlocks<Dk>;
 
 struct DkvSmem {
   // K [64][Dk+8], V [64][Dv+8], Q double buffer [2][R][Dk+8], dO double buffer [2][R][Dv+8]
-  // (2-byte elements), then per row of both buffers: t (int), lse2, delta, gate (float).
+  // (2-byte elements), then the row terms of three row tiles [3][R]: t (int), lse2, delta, gate
+  // (float); three, since a tile's terms are stored while the tile before it is being computed.
+  static constexpr int kTermBuffers = 3;
   NSA_HOST_DEVICE static constexpr int64_t bytes(int dk, int dv, int rows) {
     return 2 * (int64_t{64} * (dk + 8) + int64_t{64} * (dv + 8) + 2 * int64_t{rows} * (dk + 8) +
                 2 * int64_t{rows} * (dv + 8)) +
-           4 * 4 * 2 * int64_t{rows};
+           4 * 4 * kTermBuffers * int64_t{rows};
   }
 };
 
@@ -273,22 +278,27 @@ struct KeyTile {
   int num_positions;
   int first_position;          // cmp / win: position p of the list is first_position + p
   const uint64_t* list;        // slc: position p is the low 31 bits of list[p]
-  __device__ __forceinline__ int position(int p) const {
-    return list != nullptr ? static_cast<int>(list[p] & 0x7fffffffu) : first_position + p;
+  // Position p's list entry as loaded (its low 32 bits), or for cmp / win its t; position_of gives
+  // t. Apart so that a load issued a row tile ahead is not waited on where it is issued.
+  __device__ __forceinline__ uint32_t entry(int p) const {
+    return list != nullptr ? reinterpret_cast<const uint32_t*>(list + p)[0] : static_cast<uint32_t>(first_position + p);
   }
+  static __device__ __forceinline__ int position_of(uint32_t entry) { return static_cast<int>(entry & 0x7fffffffu); }
+  __device__ __forceinline__ int position(int p) const { return position_of(entry(p)); }
 };
 
-// cp.async of row tile i of a key-major CTA (rows (p, g), p-major, from list position p0; R rows
-// per tile) of a per-query-head tensor (Q or dO, `base` at query head kv_head * G) into a tile of R
-// rows at dst (layout: tile_chunk_offset); rows past num_rows are zeros. Not committed.
+// cp.async of row tile i of a key-major CTA (rows (p, g), p-major; R rows per tile) of a
+// per-query-head tensor (Q or dO, `base` at query head kv_head * G) into a tile of R rows at dst
+// (layout: tile_chunk_offset). tile_t [R] (shared memory): each row's position t, -1 past the
+// CTA's rows, which are zeros. Not committed.
 template <class T, int D, int R, bool kSwizzled>
-__device__ __forceinline__ void load_list_rows_async(T* dst, const T* base, const TensorRef& ref, const KeyTile& kt,
-                                                     int p0, int i, int num_rows, int G) {
+__device__ __forceinline__ void load_list_rows_async(T* dst, const T* base, const TensorRef& ref, const int* tile_t,
+                                                     int i, int G) {
   for (int idx = threadIdx.x; idx < R * (D / 8); idx += kAttnThreads) {
     const int r = idx / (D / 8), c = idx % (D / 8);
-    const int row = i * R + r;
-    const bool valid = row < num_rows;
-    const T* src = valid ? base + int64_t{kt.position(p0 + row / G)} * ref.seq_stride + int64_t{row % G} * ref.head_stride + c * 8
+    const int t = tile_t[r];
+    const bool valid = t >= 0;
+    const T* src = valid ? base + int64_t{t} * ref.seq_stride + int64_t{(i * R + r) % G} * ref.head_stride + c * 8
                          : base;
     cp_async_16(dst + tile_chunk_offset<D, R, kSwizzled>(r, c), src, valid);
   }
@@ -360,10 +370,10 @@ __device__ __forceinline__ void add_to_accumulator(float* acc, int64_t key_row0,
 }
 
 template <class T, int Dk, int Dv, int kBranch>
-__global__ void __launch_bounds__(kAttnThreads, (kDkvMinBlocks<Dk, kBranch>))
+__global__ void __launch_bounds__(kAttnThreads, (kDkvMinBlocks<Dk>))
     dkv_kernel(const BackwardArgs a, int tiles_per_seq) {
   constexpr int R = kDkvRows<Dk>, NB = R / 8;
-  static_assert(kDkvMinBlocks<Dk, kBranch> < 3 || ctas_fit(3, DkvSmem::bytes(Dk, Dv, R)));
+  static_assert(kDkvMinBlocks<Dk> < 3 || ctas_fit(3, DkvSmem::bytes(Dk, Dv, R)));
   using Tr = TypeTraits<T>;
   // wgmma on sm_90a (64-row tiles, Dk <= 128): the four warps take every row tile (they split the
   // keys), so the CTA issues its products together; K and V are the A operands from shared memory
@@ -378,10 +388,11 @@ __global__ void __launch_bounds__(kAttnThreads, (kDkvMinBlocks<Dk, kBranch>))
   T* sV = sK + 64 * (Dk + 8);
   T* sQ = sV + 64 * (Dv + 8);
   T* sDo = sQ + 2 * R * (Dk + 8);
-  int* s_t = reinterpret_cast<int*>(sDo + 2 * R * (Dv + 8));  // [2][R]
-  float* s_lse2 = reinterpret_cast<float*>(s_t + 2 * R);      // [2][R]
-  float* s_delta = s_lse2 + 2 * R;                            // [2][R]
-  float* s_gate = s_delta + 2 * R;                            // [2][R]
+  constexpr int kTB = DkvSmem::kTermBuffers;
+  int* s_t = reinterpret_cast<int*>(sDo + 2 * R * (Dv + 8));  // [kTB][R]
+  float* s_lse2 = reinterpret_cast<float*>(s_t + kTB * R);    // [kTB][R]
+  float* s_delta = s_lse2 + kTB * R;                          // [kTB][R]
+  float* s_gate = s_delta + kTB * R;                          // [kTB][R]
 
   const int b = static_cast<int>(blockIdx.x) / tiles_per_seq, tile = static_cast<int>(blockIdx.x) % tiles_per_seq;
   const int kv_head = blockIdx.y;
@@ -408,29 +419,47 @@ __global__ void __launch_bounds__(kAttnThreads, (kDkvMinBlocks<Dk, kBranch>))
 
   const T* qbase = seq_head_ptr<T>(a.q, a, b, seq.row0, kv_head * G);
   const T* dobase = seq_head_ptr<T>(a.grad_out, a, b, seq.row0, kv_head * G);
-  // Row tile i into buffer i & 1: Q and dO rows by cp.async, the row terms by plain loads.
+  // Row r of tile i is list position p0 + (i R + r) / G at query head kv_head G + (i R + r) % G;
+  // thread tid < R carries row tid's terms. They reach shared memory (buffer i % kTB) two tiles
+  // before tile i is computed, from global loads issued one tile before that, so that no warp waits
+  // on a global load inside the loop: at the end of iteration i the terms of tile i + 2 are stored,
+  // those of tile i + 3 loaded, and the list entry of tile i + 4. Loaded values stay raw until they
+  // are stored (a conversion where they are loaded would wait for them there).
+  struct RowTerms {
+    int t;  // -1 past the CTA's rows
+    float lse, delta;
+    T gate;
+  };
+  auto row_valid = [&](int i) { return tid < R && i * R + tid < num_rows; };
+  auto load_entry = [&](int i) { return row_valid(i) ? kt.entry(p0 + (i * R + tid) / G) : 0u; };
+  auto load_terms = [&](int i, uint32_t entry) {
+    RowTerms terms{-1, 0.f, 0.f, T{}};
+    if (row_valid(i)) {
+      terms.t = KeyTile::position_of(entry);
+      const int head = kv_head * G + (i * R + tid) % G;
+      const int64_t idx = ((seq.row0 + terms.t) * H + head) * 3 + kBranch;
+      terms.lse = a.lse[idx];
+      terms.delta = a.delta[idx];
+      terms.gate = seq_head_ptr<T>(a.gates, a, b, seq.row0, head)[int64_t{terms.t} * a.gates.seq_stride + kBranch];
+    }
+    return terms;
+  };
+  auto store_terms = [&](int i, const RowTerms& terms) {
+    if (tid < R) {
+      const int n = (i % kTB) * R + tid;
+      s_t[n] = terms.t;
+      s_lse2[n] = terms.lse * kLog2e;
+      s_delta[n] = terms.delta;
+      s_gate[n] = Tr::to_float(terms.gate);
+    }
+  };
+  // Row tile i's Q and dO rows into buffer i & 1 by cp.async (its terms are in shared memory).
   auto issue = [&](int i) {
     const int buf = i & 1;
-    load_list_rows_async<T, Dk, R, kWgmma>(sQ + buf * R * (Dk + 8), qbase, a.q, kt, p0, i, num_rows, G);
-    load_list_rows_async<T, Dv, R, kWgmma>(sDo + buf * R * (Dv + 8), dobase, a.grad_out, kt, p0, i, num_rows, G);
+    const int* tile_t = s_t + (i % kTB) * R;
+    load_list_rows_async<T, Dk, R, kWgmma>(sQ + buf * R * (Dk + 8), qbase, a.q, tile_t, i, G);
+    load_list_rows_async<T, Dv, R, kWgmma>(sDo + buf * R * (Dv + 8), dobase, a.grad_out, tile_t, i, G);
     cp_async_commit();
-    if (tid < R) {
-      const int row = i * R + tid;
-      int t = -1;
-      float lse2 = 0.f, delta = 0.f, gate = 0.f;
-      if (row < num_rows) {
-        t = kt.position(p0 + row / G);
-        const int head = kv_head * G + row % G;
-        const int64_t idx = ((seq.row0 + t) * H + head) * 3 + kBranch;
-        lse2 = a.lse[idx] * kLog2e;
-        delta = a.delta[idx];
-        gate = Tr::to_float(seq_head_ptr<T>(a.gates, a, b, seq.row0, head)[int64_t{t} * a.gates.seq_stride + kBranch]);
-      }
-      s_t[buf * R + tid] = t;
-      s_lse2[buf * R + tid] = lse2;
-      s_delta[buf * R + tid] = delta;
-      s_gate[buf * R + tid] = gate;
-    }
   };
 
   float dk[Dk / 8][4], dv[Dv / 8][4];
@@ -447,6 +476,11 @@ __global__ void __launch_bounds__(kAttnThreads, (kDkvMinBlocks<Dk, kBranch>))
   std::conditional_t<kWgmma, QInSharedMemory<T>, RowsInSmem<T, Dv>> vf;
   vf.load(sV, warp * 16);
 
+  store_terms(0, load_terms(0, load_entry(0)));
+  store_terms(1, load_terms(1, load_entry(1)));
+  RowTerms terms_ahead = load_terms(2, load_entry(2));  // tile i + 2's, stored at the end of iteration i
+  uint32_t entry_ahead = load_entry(3);                 // tile i + 3's
+  __syncthreads();
   issue(0);
   for (int i = 0; i < num_row_tiles; ++i) {
     if (i + 1 < num_row_tiles) issue(i + 1);
@@ -463,7 +497,7 @@ __global__ void __launch_bounds__(kAttnThreads, (kDkvMinBlocks<Dk, kBranch>))
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key_local = warp * 16 + group + 8 * (e >> 1);
-        const int n = buf * R + nb * 8 + tig * 2 + (e & 1);
+        const int n = (i % kTB) * R + nb * 8 + tig * 2 + (e & 1);
         const int t = s_t[n];
         const bool valid = t >= 0 && key_local < kt.count && key_visible<kBranch>(a, kt.key0 + key_local, t);
         const float p = valid ? fast_exp2(s[nb][e] * a.scale_log2 - s_lse2[n]) : 0.f;
@@ -471,6 +505,11 @@ __global__ void __launch_bounds__(kAttnThreads, (kDkvMinBlocks<Dk, kBranch>))
         dp[nb][e] = p * (s_gate[n] * dp[nb][e] - s_delta[n]);      // dS^T
       }
     accumulate_pair<Mma, T, Dv, Dk, NB, kBackwardPairedProducts<Dk>>(dv, s, tdo, dk, dp, tq);
+    if (i + 2 < num_row_tiles) {
+      store_terms(i + 2, terms_ahead);  // buffer (i + 2) % kTB: tile i - 1's, done before the last barrier
+      terms_ahead = load_terms(i + 3, entry_ahead);
+      entry_ahead = load_entry(i + 4);
+    }
     __syncthreads();  // buffer i & 1 is refilled by the issue of tile i + 2
   }
 
