@@ -153,6 +153,12 @@ def build_token_files(data: Optional[str] = None, cache_dir: Optional[str] = Non
     return TokenFiles(train_path, val_path, meta)
 
 
+def inputs_and_targets(windows: torch.Tensor, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Windows [B, L + 1] -> (inputs, targets) [B, L] on ``device``, the targets shifted by one."""
+    windows = windows.to(device, non_blocking=True)
+    return windows[:, :-1], windows[:, 1:]
+
+
 class WindowSampler:
     """Batches of random windows from a token array, drawn with a seeded torch.Generator.
 
@@ -170,11 +176,14 @@ class WindowSampler:
         self.tokens, self.batch_size, self.seq_len, self.device = tokens, batch_size, seq_len, device
         self.generator = torch.Generator().manual_seed(seed)
 
-    def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def next_windows(self) -> torch.Tensor:
+        """The next batch's windows, int64 [batch_size, seq_len + 1] on the CPU."""
         starts = torch.randint(0, len(self.tokens) - self.seq_len, (self.batch_size,), generator=self.generator)
         windows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts.tolist()])
-        windows = torch.from_numpy(windows.astype(np.int64)).to(self.device, non_blocking=True)
-        return windows[:, :-1], windows[:, 1:]
+        return torch.from_numpy(windows.astype(np.int64))
+
+    def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return inputs_and_targets(self.next_windows(), self.device)
 
     def state_dict(self) -> Dict:
         return {"generator": self.generator.get_state()}

@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
+
+from .data import inputs_and_targets
 from .model import LanguageModel, generate
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
@@ -44,6 +47,44 @@ def passkey_prompt(length: int, depth: float, key: str) -> bytes:
     filler = (FILLER * (fill // len(FILLER) + 1))[:fill]
     at = round(depth * fill)
     return (filler[:at] + needle(key) + filler[at:] + QUESTION).encode()
+
+
+def passkey_document(length: int, depth: float, key: str) -> bytes:
+    """The evaluation's prompt followed by its answer: exactly ``length`` bytes, ending in ``key``."""
+    return passkey_prompt(length - len(key), depth, key) + key.encode()
+
+
+class PasskeyMixer:
+    """Training batches with passkey documents mixed in: wraps a ``WindowSampler`` and replaces each
+    of its windows, with probability ``fraction``, by ``passkey_document(seq_len + 1, depth, key)``
+    for a uniform depth and a uniform ``digits``-digit key, so that the model learns the retrieval
+    that ``evaluate_passkey`` measures (and the needle table reports more than chance). Seeded
+    (its own generator); ``state_dict`` holds both generators, so a resumed run draws the same
+    batches."""
+
+    def __init__(self, sampler, fraction: float, seed: int, digits: int = 5):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"PasskeyMixer: fraction must be in [0, 1], got {fraction}")
+        passkey_document(sampler.seq_len + 1, 0.0, "0" * digits)  # raises when a window is too short
+        self.sampler, self.fraction, self.digits = sampler, fraction, digits
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self):
+        windows = self.sampler.next_windows()
+        replace = torch.rand(windows.shape[0], generator=self.generator) < self.fraction
+        for row in replace.nonzero().flatten().tolist():
+            depth = torch.rand((), generator=self.generator).item()
+            key = f"{torch.randint(10 ** self.digits, (), generator=self.generator).item():0{self.digits}d}"
+            document = passkey_document(windows.shape[1], depth, key)
+            windows[row] = torch.frombuffer(bytearray(document), dtype=torch.uint8).to(torch.int64)
+        return inputs_and_targets(windows, self.sampler.device)
+
+    def state_dict(self):
+        return {"sampler": self.sampler.state_dict(), "passkey": self.generator.get_state()}
+
+    def load_state_dict(self, state) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.generator.set_state(state["passkey"])
 
 
 def evaluate_passkey(model: LanguageModel, lengths: Sequence[int], depths: Sequence[float], trials: int,
@@ -94,8 +135,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--lengths takes integers and --depths numbers, comma-separated")
     if args.trials < 1 or not lengths or not depths:
         parser.error("--trials must be >= 1 and --lengths / --depths non-empty")
-
-    import torch
 
     from .train import load_model
 

@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import WindowSampler, build_token_files
+from .evals import PasskeyMixer
 from .model import ATTN_KINDS, PRESETS, LanguageModel, ModelConfig, compile_for_training, generate
 from .module import STAT_NAMES
 
@@ -91,11 +92,15 @@ class TrainConfig:
     # With a process group: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2, fully_shard per block
     # and on the root). "fsdp" without torchrun or a caller's group makes a group of one, like --ddp.
     parallel: str = "ddp"
+    # Each training window is replaced, with this probability, by a passkey document of the same
+    # length (nsa.evals.PasskeyMixer): teaches the retrieval the passkey evaluation measures.
+    # Validation windows stay plain text.
+    passkey_fraction: float = 0.0
 
 
 # Fields that change the sequence of losses; changing one on --resume ends the exact continuation.
 _TRAJECTORY_FIELDS = ("steps", "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "beta1", "beta2",
-                      "grad_clip", "seed", "data", "deterministic", "parallel", "compile")
+                      "grad_clip", "seed", "data", "deterministic", "parallel", "compile", "passkey_fraction")
 
 
 @dataclass
@@ -390,14 +395,14 @@ def evaluate(model: LanguageModel, val_tokens, cfg: TrainConfig, seq_len: int, d
     return total.item() / (cfg.eval_batches * dst.world_size)
 
 
-def _rank_state(sampler: WindowSampler, device: torch.device) -> Dict:
+def _rank_state(sampler: Union[WindowSampler, PasskeyMixer], device: torch.device) -> Dict:
     state = {"sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _restore_rank_state(state: Dict, sampler: WindowSampler, device: torch.device) -> None:
+def _restore_rank_state(state: Dict, sampler: Union[WindowSampler, PasskeyMixer], device: torch.device) -> None:
     sampler.load_state_dict(state["sampler"])
     torch.set_rng_state(state["torch_rng"])
     if device.type == "cuda" and "cuda_rng" in state:
@@ -488,6 +493,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
     """
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ValueError(f"nsa.train: parallel must be 'ddp' or 'fsdp', got {cfg.parallel!r}")
+    if not 0.0 <= cfg.passkey_fraction <= 1.0:
+        raise ValueError(f"nsa.train: passkey_fraction must be in [0, 1], got {cfg.passkey_fraction}")
     if cfg.compile and cfg.parallel == "fsdp":
         # FSDP2 keeps its hooks out of dynamo, so the root forward is not compiled: only the blocks,
         # and under activation checkpointing nothing. A silent eager run would be worse than none.
@@ -521,6 +528,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
     train_tokens, val_tokens = token_files.load("train"), token_files.load("val")
     # Each rank draws its own windows.
     sampler = WindowSampler(train_tokens, cfg.batch_size, seq_len, cfg.seed + 1000 * (dst.rank + 1), device)
+    if cfg.passkey_fraction > 0:
+        sampler = PasskeyMixer(sampler, cfg.passkey_fraction, cfg.seed + 1000 * (dst.rank + 1) + 1)
 
     optimizer = _make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -734,6 +743,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="deterministic algorithms (NSA's bitwise-reproducible backward): exact resume on GPU")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--passkey-fraction", type=float,
+                   help="replace each training window with this probability by a passkey document (default 0)")
     p.add_argument("--prompt", help="prompt of the end-of-run sample")
     p.add_argument("--sample-tokens", type=int, help="bytes to generate at the end (0: none)")
     p.add_argument("--temperature", type=float)

@@ -410,3 +410,62 @@ def test_presets_build():
     assert ModelConfig(**PRESETS["long"]["model"]).seq_len == 32768
     with torch.device("meta"):
         assert LanguageModel(big).num_parameters() > 50e6
+
+
+# ---------------------------------------------------------------------------------------------
+# Passkey documents mixed into training (--passkey-fraction, nsa.evals.PasskeyMixer).
+
+def _windows(x: torch.Tensor, y: torch.Tensor):
+    return [bytes(x[r].tolist() + [y[r, -1].item()]) for r in range(x.shape[0])]
+
+
+def test_passkey_mixer_replaces_windows_with_documents(cache_dir):
+    from nsa import evals
+
+    tokens = nsa_data.build_token_files(None, cache_dir).load("train")
+    mixer = evals.PasskeyMixer(nsa_data.WindowSampler(tokens, 6, 127, seed=3), 1.0, seed=4)
+    x, y = mixer.next_batch()
+    assert x.shape == y.shape == (6, 127) and torch.equal(x[:, 1:], y[:, :-1])
+    for window in _windows(x, y):
+        key = window[-5:].decode()
+        assert key.isdigit()
+        assert window.endswith((evals.QUESTION + key).encode()) and evals.needle(key).encode() in window
+    # fraction 0 draws the plain sampler's windows; in between, some of each.
+    plain = nsa_data.WindowSampler(tokens, 6, 127, seed=3).next_batch()
+    none = evals.PasskeyMixer(nsa_data.WindowSampler(tokens, 6, 127, seed=3), 0.0, seed=4).next_batch()
+    assert torch.equal(none[0], plain[0]) and torch.equal(none[1], plain[1])
+    half = evals.PasskeyMixer(nsa_data.WindowSampler(tokens, 16, 127, seed=3), 0.5, seed=4)
+    documents = [evals.QUESTION.encode() in w for _ in range(3) for w in _windows(*half.next_batch())]
+    assert 0 < sum(documents) < len(documents)
+
+
+def test_passkey_mixer_state_roundtrip_and_checks(cache_dir):
+    from nsa import evals
+
+    tokens = nsa_data.build_token_files(None, cache_dir).load("train")
+    mixer = evals.PasskeyMixer(nsa_data.WindowSampler(tokens, 8, 127, seed=1), 0.5, seed=2)
+    mixer.next_batch()
+    state = mixer.state_dict()
+    expected = mixer.next_batch()
+    other = evals.PasskeyMixer(nsa_data.WindowSampler(tokens, 8, 127, seed=9), 0.5, seed=9)
+    other.load_state_dict(state)
+    got = other.next_batch()
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    with pytest.raises(ValueError, match="fraction must be in"):
+        evals.PasskeyMixer(nsa_data.WindowSampler(tokens, 2, 127, seed=1), 1.5, seed=2)
+    with pytest.raises(ValueError, match="shorter than the needle"):
+        evals.PasskeyMixer(nsa_data.WindowSampler(tokens, 2, 63, seed=1), 0.5, seed=2)
+
+
+def test_passkey_fraction_resume_is_exact(small_cfg, tmp_path):
+    model = replace(SMALL, seq_len=128)
+    k = 2
+    cfg = replace(small_cfg, steps=2 * k, passkey_fraction=0.5)
+    uninterrupted = train(model, cfg, tmp_path / "a", log=_quiet)
+    assert uninterrupted.losses != train(model, replace(cfg, passkey_fraction=0.0), log=_quiet).losses
+    train(model, replace(cfg, ckpt_every=k), tmp_path / "b", log=_quiet)
+    nsa_train.main(["--resume", str(tmp_path / "b" / "checkpoints" / f"step_{k:07d}.state.pt"),
+                    "--progress-seconds", "1e9"])
+    assert _csv_losses(tmp_path / "b" / "metrics.csv") == uninterrupted.losses
+    with pytest.raises(ValueError, match="passkey_fraction must be in"):
+        train(model, replace(cfg, passkey_fraction=-0.1), log=_quiet)
