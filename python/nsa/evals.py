@@ -49,6 +49,11 @@ def passkey_prompt(length: int, depth: float, key: str) -> bytes:
     return (filler[:at] + needle(key) + filler[at:] + QUESTION).encode()
 
 
+def passkey_min_length(digits: int = 5) -> int:
+    """Bytes of the shortest passkey document (no filler) with a ``digits``-digit key."""
+    return len(needle("0" * digits)) + len(QUESTION) + digits
+
+
 def passkey_document(length: int, depth: float, key: str) -> bytes:
     """The evaluation's prompt followed by its answer: exactly ``length`` bytes, ending in ``key``."""
     return passkey_prompt(length - len(key), depth, key) + key.encode()
@@ -57,15 +62,17 @@ def passkey_document(length: int, depth: float, key: str) -> bytes:
 class PasskeyMixer:
     """Training batches with passkey documents mixed in: wraps a ``WindowSampler`` and replaces each
     of its windows, with probability ``fraction``, by ``passkey_document(seq_len + 1, depth, key)``
-    for a uniform depth and a uniform ``digits``-digit key, so that the model learns the retrieval
-    that ``evaluate_passkey`` measures (and the needle table reports more than chance). Seeded
-    (its own generator); ``state_dict`` holds both generators, so a resumed run draws the same
-    batches."""
+    for a uniform depth and a uniform ``digits``-digit key: training on them is meant to teach the
+    retrieval that ``evaluate_passkey`` measures. Seeded (its own generator); ``state_dict`` holds
+    both generators, so a resumed run draws the same batches; ``load_state_dict`` also takes a
+    plain sampler's state (a run resumed with passkey documents added)."""
 
     def __init__(self, sampler, fraction: float, seed: int, digits: int = 5):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"PasskeyMixer: fraction must be in [0, 1], got {fraction}")
-        passkey_document(sampler.seq_len + 1, 0.0, "0" * digits)  # raises when a window is too short
+        if sampler.seq_len + 1 < passkey_min_length(digits):
+            raise ValueError(f"PasskeyMixer: a passkey document needs seq_len >= {passkey_min_length(digits) - 1}, "
+                             f"got seq_len = {sampler.seq_len}")
         self.sampler, self.fraction, self.digits = sampler, fraction, digits
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -83,6 +90,9 @@ class PasskeyMixer:
         return {"sampler": self.sampler.state_dict(), "passkey": self.generator.get_state()}
 
     def load_state_dict(self, state) -> None:
+        if "passkey" not in state:  # a plain sampler's: this mixer's generator stays as seeded
+            self.sampler.load_state_dict(state)
+            return
         self.sampler.load_state_dict(state["sampler"])
         self.generator.set_state(state["passkey"])
 

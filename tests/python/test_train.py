@@ -453,8 +453,10 @@ def test_passkey_mixer_state_roundtrip_and_checks(cache_dir):
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     with pytest.raises(ValueError, match="fraction must be in"):
         evals.PasskeyMixer(nsa_data.WindowSampler(tokens, 2, 127, seed=1), 1.5, seed=2)
-    with pytest.raises(ValueError, match="shorter than the needle"):
-        evals.PasskeyMixer(nsa_data.WindowSampler(tokens, 2, 63, seed=1), 0.5, seed=2)
+    shortest = evals.passkey_min_length() - 1  # seq_len + 1 bytes per window
+    evals.PasskeyMixer(nsa_data.WindowSampler(tokens, 2, shortest, seed=1), 1.0, seed=2).next_batch()
+    with pytest.raises(ValueError, match=f"needs seq_len >= {shortest}, got seq_len = {shortest - 1}"):
+        evals.PasskeyMixer(nsa_data.WindowSampler(tokens, 2, shortest - 1, seed=1), 0.5, seed=2)
 
 
 def test_passkey_fraction_resume_is_exact(small_cfg, tmp_path):
@@ -469,3 +471,21 @@ def test_passkey_fraction_resume_is_exact(small_cfg, tmp_path):
     assert _csv_losses(tmp_path / "b" / "metrics.csv") == uninterrupted.losses
     with pytest.raises(ValueError, match="passkey_fraction must be in"):
         train(model, replace(cfg, passkey_fraction=-0.1), log=_quiet)
+    with pytest.raises(ValueError, match="passkey_fraction needs seq_len >= "):
+        train(SMALL, cfg, log=_quiet)  # T = 64 holds no passkey document
+
+
+@pytest.mark.parametrize("before, after", [(0.0, 0.5), (0.5, 0.0)])
+def test_resume_adds_or_drops_passkey_documents(small_cfg, tmp_path, before, after):
+    """A run resumed with passkey documents turned on (fine-tuning a finished run) or off continues
+    its window stream: the steps before the checkpoint are kept, the ones after use the new mix."""
+    model = replace(SMALL, seq_len=128)
+    k = 2
+    cfg = replace(small_cfg, steps=2 * k, ckpt_every=k, passkey_fraction=before)
+    unchanged = train(model, cfg, tmp_path / "run", log=_quiet).losses
+    before_losses = _csv_losses(tmp_path / "run" / "metrics.csv")[:k]
+    nsa_train.main(["--resume", str(tmp_path / "run" / "checkpoints" / f"step_{k:07d}.state.pt"),
+                    "--passkey-fraction", str(after), "--progress-seconds", "1e9"])
+    resumed = _csv_losses(tmp_path / "run" / "metrics.csv")
+    assert [s for s, _ in resumed] == list(range(1, 2 * k + 1)) and resumed[:k] == before_losses
+    assert resumed[k:] != unchanged[k:]  # the new mix is in use after the checkpoint
