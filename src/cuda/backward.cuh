@@ -108,10 +108,13 @@ __global__ void __launch_bounds__(kPreprocessThreads) preprocess_kernel(const Ba
 // device's wgmma_sweeps on the host.
 NSA_HOST_DEVICE constexpr bool backward_three_ctas(int dk, bool sm90a) { return sm90a && dk <= 64; }
 
-// __launch_bounds__'s minimum CTAs per SM; 0 sets none, as before (an explicit 1 changed ptxas's
-// choice: the win dk/dv kernel took 211 registers instead of 168).
+// __launch_bounds__'s minimum CTAs per SM of the dq and the three dK / dV kernels; 0 sets none, as
+// before (an explicit 1 changed ptxas's choice: the win dk/dv kernel took 211 registers instead of
+// 168). The win dK / dV kernel runs at 3 CTAs per SM at Dk = 64 too since its row terms are loaded
+// ahead (8 bytes of spills); that change as a whole took m7c-125m's win dK / dV from 0.640 to 0.607
+// ms on an H200 (docs/performance.md).
 template <int Dk>
-inline constexpr int kDqMinBlocks = backward_three_ctas(Dk, kHaveWgmma) ? 3 : 0;
+inline constexpr int kBackwardMinBlocks = backward_three_ctas(Dk, kHaveWgmma) ? 3 : 0;
 
 struct DqSmem {
   // Q [64][Dk+8], dO [64][Dv+8], K and V double buffers [2][64][D+8] (2-byte elements; wgmma's
@@ -152,14 +155,14 @@ __device__ __forceinline__ void dq_tile(const Tiles& tiles, const TileInfo& ti, 
 }
 
 template <class T, int Dk, int Dv>
-__global__ void __launch_bounds__(kAttnThreads, kDqMinBlocks<Dk>) dq_kernel(const BackwardArgs a) {
+__global__ void __launch_bounds__(kAttnThreads, kBackwardMinBlocks<Dk>) dq_kernel(const BackwardArgs a) {
   using Tr = TypeTraits<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sDo = sQ + 64 * (Dk + 8);
   T* sK = sDo + 64 * (Dv + 8);
   T* sV = sK + 2 * AttentionSmem::k_elems(Dk);
-  static_assert(kDqMinBlocks<Dk> < 3 || ctas_fit(3, DqSmem::tiles_bytes(Dk, Dv)));
+  static_assert(kBackwardMinBlocks<Dk> < 3 || ctas_fit(3, DqSmem::tiles_bytes(Dk, Dv)));
   unsigned char* union_smem = smem + DqSmem::tiles_bytes(Dk, Dv);
 
   const int b = blockIdx.z, kv_head = blockIdx.y;
@@ -254,12 +257,6 @@ inline constexpr int kDkvRows = Dk > 128 ? 32 : 64;
 template <int Dk>
 inline constexpr bool kBackwardPairedProducts = Dk > 64;
 
-// All three dK / dV kernels, the win one included, run at the dq kernel's occupancy. With the row
-// terms loaded ahead the win kernel fits 3 CTAs per SM at Dk = 64 with 8 bytes of spills; the two
-// together took m7c-125m's win dK / dV from 0.640 to 0.607 ms on an H200 (docs/performance.md).
-template <int Dk>
-inline constexpr int kDkvMinBlocks = kDqMinBlocks<Dk>;
-
 struct DkvSmem {
   // K [64][Dk+8], V [64][Dv+8], Q double buffer [2][R][Dk+8], dO double buffer [2][R][Dv+8]
   // (2-byte elements), then the row terms of three row tiles [3][R]: t (int), lse2, delta, gate
@@ -279,12 +276,11 @@ struct KeyTile {
   int first_position;          // cmp / win: position p of the list is first_position + p
   const uint64_t* list;        // slc: position p is the low 31 bits of list[p]
   // Position p's list entry as loaded (its low 32 bits), or for cmp / win its t; position_of gives
-  // t. Apart so that a load issued a row tile ahead is not waited on where it is issued.
+  // t. Two steps so that a load issued a row tile ahead is not waited on where it is issued.
   __device__ __forceinline__ uint32_t entry(int p) const {
     return list != nullptr ? reinterpret_cast<const uint32_t*>(list + p)[0] : static_cast<uint32_t>(first_position + p);
   }
   static __device__ __forceinline__ int position_of(uint32_t entry) { return static_cast<int>(entry & 0x7fffffffu); }
-  __device__ __forceinline__ int position(int p) const { return position_of(entry(p)); }
 };
 
 // cp.async of row tile i of a key-major CTA (rows (p, g), p-major; R rows per tile) of a
@@ -370,10 +366,10 @@ __device__ __forceinline__ void add_to_accumulator(float* acc, int64_t key_row0,
 }
 
 template <class T, int Dk, int Dv, int kBranch>
-__global__ void __launch_bounds__(kAttnThreads, (kDkvMinBlocks<Dk>))
+__global__ void __launch_bounds__(kAttnThreads, (kBackwardMinBlocks<Dk>))
     dkv_kernel(const BackwardArgs a, int tiles_per_seq) {
   constexpr int R = kDkvRows<Dk>, NB = R / 8;
-  static_assert(kDkvMinBlocks<Dk> < 3 || ctas_fit(3, DkvSmem::bytes(Dk, Dv, R)));
+  static_assert(kBackwardMinBlocks<Dk> < 3 || ctas_fit(3, DkvSmem::bytes(Dk, Dv, R)));
   using Tr = TypeTraits<T>;
   // wgmma on sm_90a (64-row tiles, Dk <= 128): the four warps take every row tile (they split the
   // keys), so the CTA issues its products together; K and V are the A operands from shared memory

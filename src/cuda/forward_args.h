@@ -125,7 +125,7 @@ struct AttentionSmem {
 };
 
 // Whether `ctas` CTAs of `smem_bytes` dynamic shared memory fit an H100 SM (228 KB, 1 KB reserved
-// per CTA), as a minimum of that many CTAs in __launch_bounds__ asks (kAttnMinBlocks, kDqMinBlocks).
+// per CTA), as a minimum of that many CTAs in __launch_bounds__ asks (kAttnMinBlocks, kBackwardMinBlocks).
 NSA_HOST_DEVICE constexpr bool ctas_fit(int ctas, int64_t smem_bytes) { return ctas * (smem_bytes + 1024) <= 233472; }
 
 // Key/value stages of the decode path's sweeps (attention.cuh, sweep_key_tiles): as many (up to
