@@ -188,5 +188,5 @@ class WindowSampler:
     def state_dict(self) -> Dict:
         return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: Dict) -> None:
+    def load_state_dict(self, state: Dict) -> None:  # other keys (PasskeyMixer's) are not its own
         self.generator.set_state(state["generator"])

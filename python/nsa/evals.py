@@ -54,6 +54,16 @@ def passkey_min_length(digits: int = 5) -> int:
     return len(needle("0" * digits)) + len(QUESTION) + digits
 
 
+def check_passkey_mix(fraction: float, seq_len: int, digits: int = 5, caller: str = "PasskeyMixer") -> None:
+    """Raises ValueError unless ``fraction`` is in [0, 1] and, where it is > 0, windows of
+    ``seq_len`` + 1 bytes hold a passkey document."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"{caller}: passkey_fraction must be in [0, 1], got {fraction}")
+    if fraction > 0 and seq_len + 1 < passkey_min_length(digits):
+        raise ValueError(f"{caller}: passkey_fraction needs seq_len >= {passkey_min_length(digits) - 1}, "
+                         f"got seq_len = {seq_len}")
+
+
 def passkey_document(length: int, depth: float, key: str) -> bytes:
     """The evaluation's prompt followed by its answer: exactly ``length`` bytes, ending in ``key``."""
     return passkey_prompt(length - len(key), depth, key) + key.encode()
@@ -63,16 +73,12 @@ class PasskeyMixer:
     """Training batches with passkey documents mixed in: wraps a ``WindowSampler`` and replaces each
     of its windows, with probability ``fraction``, by ``passkey_document(seq_len + 1, depth, key)``
     for a uniform depth and a uniform ``digits``-digit key: training on them is meant to teach the
-    retrieval that ``evaluate_passkey`` measures. Seeded (its own generator); ``state_dict`` holds
-    both generators, so a resumed run draws the same batches; ``load_state_dict`` also takes a
-    plain sampler's state (a run resumed with passkey documents added)."""
+    retrieval that ``evaluate_passkey`` measures. Seeded (its own generator). ``state_dict`` is the
+    sampler's plus the key "passkey", so either sampler loads the other's state (a run resumed with
+    passkey documents turned on or off) and a resumed run draws the same batches."""
 
     def __init__(self, sampler, fraction: float, seed: int, digits: int = 5):
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"PasskeyMixer: fraction must be in [0, 1], got {fraction}")
-        if sampler.seq_len + 1 < passkey_min_length(digits):
-            raise ValueError(f"PasskeyMixer: a passkey document needs seq_len >= {passkey_min_length(digits) - 1}, "
-                             f"got seq_len = {sampler.seq_len}")
+        check_passkey_mix(fraction, sampler.seq_len, digits)
         self.sampler, self.fraction, self.digits = sampler, fraction, digits
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -87,14 +93,12 @@ class PasskeyMixer:
         return inputs_and_targets(windows, self.sampler.device)
 
     def state_dict(self):
-        return {"sampler": self.sampler.state_dict(), "passkey": self.generator.get_state()}
+        return {**self.sampler.state_dict(), "passkey": self.generator.get_state()}
 
     def load_state_dict(self, state) -> None:
-        if "passkey" not in state:  # a plain sampler's: this mixer's generator stays as seeded
-            self.sampler.load_state_dict(state)
-            return
-        self.sampler.load_state_dict(state["sampler"])
-        self.generator.set_state(state["passkey"])
+        self.sampler.load_state_dict(state)
+        if "passkey" in state:  # else a plain sampler's: this generator stays as seeded
+            self.generator.set_state(state["passkey"])
 
 
 def evaluate_passkey(model: LanguageModel, lengths: Sequence[int], depths: Sequence[float], trials: int,

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import WindowSampler, build_token_files
-from .evals import PasskeyMixer, passkey_min_length
+from .evals import PasskeyMixer, check_passkey_mix
 from .model import ATTN_KINDS, PRESETS, LanguageModel, ModelConfig, compile_for_training, generate
 from .module import STAT_NAMES
 
@@ -403,10 +403,7 @@ def _rank_state(sampler: Union[WindowSampler, PasskeyMixer], device: torch.devic
 
 
 def _restore_rank_state(state: Dict, sampler: Union[WindowSampler, PasskeyMixer], device: torch.device) -> None:
-    sampler_state = state["sampler"]
-    if isinstance(sampler, WindowSampler) and "passkey" in sampler_state:  # resumed with passkey documents off
-        sampler_state = sampler_state["sampler"]
-    sampler.load_state_dict(sampler_state)
+    sampler.load_state_dict(state["sampler"])
     torch.set_rng_state(state["torch_rng"])
     if device.type == "cuda" and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
@@ -496,11 +493,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
     """
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ValueError(f"nsa.train: parallel must be 'ddp' or 'fsdp', got {cfg.parallel!r}")
-    if not 0.0 <= cfg.passkey_fraction <= 1.0:
-        raise ValueError(f"nsa.train: passkey_fraction must be in [0, 1], got {cfg.passkey_fraction}")
-    if cfg.passkey_fraction > 0 and model_config.seq_len + 1 < passkey_min_length():
-        raise ValueError(f"nsa.train: passkey_fraction needs seq_len >= {passkey_min_length() - 1}, "
-                         f"got {model_config.seq_len}")
+    check_passkey_mix(cfg.passkey_fraction, model_config.seq_len, caller="nsa.train")  # before the token cache
     if cfg.compile and cfg.parallel == "fsdp":
         # FSDP2 keeps its hooks out of dynamo, so the root forward is not compiled: only the blocks,
         # and under activation checkpointing nothing. A silent eager run would be worse than none.
