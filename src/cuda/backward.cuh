@@ -257,6 +257,14 @@ inline constexpr int kDkvRows = Dk > 128 ? 32 : 64;
 template <int Dk>
 inline constexpr bool kBackwardPairedProducts = Dk > 64;
 
+// Whether the dK / dV kernel skips the per-element mask on row tiles whose rows all see all of a
+// warp's 16 keys (every branch's keys form an interval per row and its rows an interval per key, so
+// the four corners decide; rows come in ascending t). At Dk = 64 on an H200 (2026-12-06, in the
+// same call as the prefetch below it): m7c-125m 2.90 -> 2.83-2.86 ms, long 7.52 -> 7.35; at Dk = 128
+// the second loop body spilled and the paper config's 8k backward slowed (9.15 -> 9.94 ms).
+template <int Dk>
+inline constexpr bool kDkvUnmaskedTiles = Dk <= 64;
+
 struct DkvSmem {
   // K [64][Dk+8], V [64][Dv+8], Q double buffer [2][R][Dk+8], dO double buffer [2][R][Dv+8]
   // (2-byte elements), then the row terms of three row tiles [3][R]: t (int), lse2, delta, gate
@@ -472,6 +480,16 @@ __global__ void __launch_bounds__(kAttnThreads, (kBackwardMinBlocks<Dk>))
   std::conditional_t<kWgmma, QInSharedMemory<T>, RowsInSmem<T, Dv>> vf;
   vf.load(sV, warp * 16);
 
+  // Whether every row of tile i sees every key of the warp (kDkvUnmaskedTiles): the tile's first and
+  // last rows (t ascending; -1 past the CTA's rows) against the warp's first and last keys.
+  const auto tile_sees_all_keys = [&](int i) {
+    const int t_first = s_t[(i % kTB) * R], t_last = s_t[(i % kTB) * R + R - 1];
+    const int k0 = kt.key0 + warp * 16, k1 = k0 + 15;
+    return warp * 16 + 15 < kt.count && t_first >= 0 && t_last >= 0 && key_visible<kBranch>(a, k0, t_first) &&
+           key_visible<kBranch>(a, k1, t_first) && key_visible<kBranch>(a, k0, t_last) &&
+           key_visible<kBranch>(a, k1, t_last);
+  };
+
   store_terms(0, load_terms(0, load_entry(0)));
   store_terms(1, load_terms(1, load_entry(1)));
   RowTerms terms_ahead = load_terms(2, load_entry(2));  // tile i + 2's, stored at the end of iteration i
@@ -488,18 +506,23 @@ __global__ void __launch_bounds__(kAttnThreads, (kBackwardMinBlocks<Dk>))
     float s[NB][4], dp[NB][4];
     // S^T (the warp's 16 keys x R rows) and dP^T
     scores_pair<Mma, T, Dk, Dv, NB, kBackwardPairedProducts<Dk>>(kf, tq, s, vf, tdo, dp);
+    const auto row_terms = [&](auto masked) {
 #pragma unroll
-    for (int nb = 0; nb < NB; ++nb)
+      for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key_local = warp * 16 + group + 8 * (e >> 1);
-        const int n = (i % kTB) * R + nb * 8 + tig * 2 + (e & 1);
-        const int t = s_t[n];
-        const bool valid = t >= 0 && key_local < kt.count && key_visible<kBranch>(a, kt.key0 + key_local, t);
-        const float p = valid ? fast_exp2(s[nb][e] * a.scale_log2 - s_lse2[n]) : 0.f;
-        s[nb][e] = p * s_gate[n];                                   // P^T g: for dV += P^T (g dO)
-        dp[nb][e] = p * (s_gate[n] * dp[nb][e] - s_delta[n]);      // dS^T
-      }
+        for (int e = 0; e < 4; ++e) {
+          const int key_local = warp * 16 + group + 8 * (e >> 1);
+          const int n = (i % kTB) * R + nb * 8 + tig * 2 + (e & 1);
+          const int t = s_t[n];
+          const bool valid = !decltype(masked)::value ||
+                             (t >= 0 && key_local < kt.count && key_visible<kBranch>(a, kt.key0 + key_local, t));
+          const float p = valid ? fast_exp2(s[nb][e] * a.scale_log2 - s_lse2[n]) : 0.f;
+          s[nb][e] = p * s_gate[n];                                   // P^T g: for dV += P^T (g dO)
+          dp[nb][e] = p * (s_gate[n] * dp[nb][e] - s_delta[n]);      // dS^T
+        }
+    };
+    if (kDkvUnmaskedTiles<Dk> && tile_sees_all_keys(i)) row_terms(std::false_type{});
+    else row_terms(std::true_type{});
     accumulate_pair<Mma, T, Dv, Dk, NB, kBackwardPairedProducts<Dk>>(dv, s, tdo, dk, dp, tq);
     if (i + 2 < num_row_tiles) {
       store_terms(i + 2, terms_ahead);  // buffer (i + 2) % kTB: tile i - 1's, done before the last barrier
