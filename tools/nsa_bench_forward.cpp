@@ -5,7 +5,7 @@
 //
 //   nsa_bench_forward [--seqlens 8192,32768] [--batch 1] [--q-heads 64] [--kv-heads 4] [--dk 128]
 //                     [--dv 128] [--dtype bf16|fp16] [--iters 20] [--warmup 3] [--no-out-branch] [--check]
-//                     [--backward]
+//                     [--backward] [--selected-dq auto|query|key]
 //
 // Stages (src/cuda/stages.h): cmp = compressed attention, select = scores + top-n,
 // slc = selected attention, win = window attention + gated combine; all = nsa::cuda::forward.
@@ -13,7 +13,9 @@
 // zeroing + dgates/delta + block -> query index, bwd-dq = dq of all branches, bwd-cmp / bwd-slc /
 // bwd-win = dk, dv of a branch, bwd-conv = fp32 accumulators -> gradients. TFLOP/s of a backward
 // stage counts the products it does (dq: S, dP, dQ; dk/dv: S, dP, dV, dK), of bwd and bwd-det the
-// products a backward needs (S, dP, dV, dK, dQ once per attended key).
+// products a backward needs (S, dP, dV, dK, dQ once per attended key). --selected-dq: the selection
+// branch's dq (nsa::SelectedDq; bwd-det always runs query-major); key-major moves its products from
+// bwd-dq to bwd-slc (as kAuto picks on sm_90a: selected_dq_key_major_pays).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -25,6 +27,7 @@
 #include <vector>
 
 #include "cpu/layout.h"
+#include "cuda/backward_split.h"
 #include "cuda/stages.h"
 #include "nsa/nsa.h"
 
@@ -38,6 +41,7 @@ struct Options {
   bool out_branch = true;
   bool check = false;  // after the runs: every element of out finite (sanity at sizes the tests can't reach)
   bool backward = false;
+  nsa::SelectedDq selected_dq = nsa::SelectedDq::kAuto;
 };
 
 [[noreturn]] void fail(const std::string& what) {
@@ -75,6 +79,11 @@ Options parse(int argc, char** argv) {
         o.seqlens.push_back(std::atoll(value.substr(pos, comma - pos).c_str()));
         pos = comma == std::string::npos ? value.size() : comma + 1;
       }
+    } else if (flag == "--selected-dq") {
+      if (value == "auto") o.selected_dq = nsa::SelectedDq::kAuto;
+      else if (value == "query") o.selected_dq = nsa::SelectedDq::kQueryMajor;
+      else if (value == "key") o.selected_dq = nsa::SelectedDq::kKeyMajor;
+      else fail("--selected-dq must be auto, query or key");
     } else if (flag == "--dtype") {
       if (value == "bf16") o.dtype = nsa::DType::kBFloat16;
       else if (value == "fp16") o.dtype = nsa::DType::kFloat16;
@@ -267,6 +276,13 @@ int main(int argc, char** argv) {
       const double keys_cmp = scale * f_cmp / (2 * (dk + dv)), keys_slc = scale * f_slc / (2 * (dk + dv)),
                    keys_win = scale * f_win / (2 * (dk + dv)), keys = keys_cmp + keys_slc + keys_win;
       namespace cd = nsa::cuda_detail;
+      const bool key_major_dq =
+          o.selected_dq == nsa::SelectedDq::kKeyMajor ||
+          (o.selected_dq == nsa::SelectedDq::kAuto &&
+           cd::selected_dq_key_major_pays(Dk, Hq / Hkv, T, bp.config.sel_block, bp.config.num_selected,
+                                          bp.config.num_init + bp.config.num_local));
+      const double keys_dq = key_major_dq ? keys_cmp + keys_win : keys;
+      const double slc_dq = key_major_dq ? dk : 0.0;
       const struct {
         const char* name;
         unsigned mask;
@@ -275,13 +291,14 @@ int main(int argc, char** argv) {
       } bwd_stages[] = {{"bwd", cd::kBwdStageAll, false, keys * 2 * (3 * dk + 2 * dv)},
                         {"bwd-det", cd::kBwdStageAll, true, keys * 2 * (3 * dk + 2 * dv)},
                         {"bwd-prep", cd::kBwdStagePrep, false, 0},
-                        {"bwd-dq", cd::kBwdStageDq, false, keys * 2 * (2 * dk + dv)},
+                        {"bwd-dq", cd::kBwdStageDq, false, keys_dq * 2 * (2 * dk + dv)},
                         {"bwd-cmp", cd::kBwdStageCmp, false, keys_cmp * 2 * (2 * dk + 2 * dv)},
-                        {"bwd-slc", cd::kBwdStageSlc, false, keys_slc * 2 * (2 * dk + 2 * dv)},
+                        {"bwd-slc", cd::kBwdStageSlc, false, keys_slc * 2 * (2 * dk + 2 * dv + slc_dq)},
                         {"bwd-win", cd::kBwdStageWin, false, keys_win * 2 * (2 * dk + 2 * dv)},
                         {"bwd-conv", cd::kBwdStageConvert, false, 0}};
       for (const auto& st : bwd_stages) {
         bp.deterministic = st.deterministic;
+        bp.selected_dq = st.deterministic ? nsa::SelectedDq::kAuto : o.selected_dq;
         time_runs(st.name, st.flops,
                   [&] { return cd::backward_stages(bp, bwd_workspace, bwd_bytes, stream, st.mask); });
       }

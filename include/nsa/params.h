@@ -111,6 +111,16 @@ struct ForwardParams {
   int64_t* tokens_read = nullptr;
 };
 
+// How the CUDA backward computes the selection branch's dq (the other branches' dq is always
+// query-major). kQueryMajor: the dq kernel sweeps, for each 64-row tile of (t, g) rows, the union of
+// the blocks its positions selected (it computes every row against every block of that union, so
+// for G < 64 it does up to 64 / G times the products the rows need). kKeyMajor: the selection
+// branch's dK / dV kernel, which visits each (block, position) pair once, also forms dq = dS K and
+// adds it to an fp32 accumulator in the workspace with atomics; it needs the sm_90a code, head dims
+// Dk <= 128 and deterministic = false. kAuto: kKeyMajor where it applies and pays
+// (docs/decisions/0012), else kQueryMajor.
+enum class SelectedDq { kAuto, kQueryMajor, kKeyMajor };
+
 struct BackwardParams {
   Config config;
   DType dtype = DType::kFloat32;
@@ -133,6 +143,7 @@ struct BackwardParams {
   OutputTensor grad_gates;  // [B, T, Hq, 3]
 
   bool deterministic = false;  // bitwise reproducible results (the CPU backend always is)
+  SelectedDq selected_dq = SelectedDq::kAuto;  // CUDA only; the CPU backend ignores it
 };
 
 }  // namespace nsa

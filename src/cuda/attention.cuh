@@ -304,6 +304,25 @@ struct WgmmaTiles {
     };
     one_group(issue, acc_a, acc_b);
   }
+  // acc = A B for the warpgroup's 64 rows, both operands stored k-row by k-row in swizzled 64-row
+  // tiles: a_t [64 k][64 m] (the backward's dS^T, written to shared memory by the key-major kernel)
+  // and b [64 k][D n] (its K tile): the key-major dq = dS K. Overwrites acc.
+  template <class T, int D>
+  static __device__ __forceinline__ void product_of_transposed(float (&acc)[D / 8][4], const T* a_t, const T* b) {
+    static_assert(D == 64 || D == 128, "one or two 64-column parts");
+    const auto issue = [&] {
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t a_desc = wgmma_desc(a_t + kk * 16 * 64, kPartBytes, kAtomBytes);
+        const T* rows = b + kk * 16 * 64;
+        wgmma_m64n64k16_ss<T, true, true, 0>(acc, a_desc, wgmma_desc(rows, kPartBytes, kAtomBytes), kk > 0);
+        if constexpr (D == 128)
+          wgmma_m64n64k16_ss<T, true, true, 8>(acc, a_desc, wgmma_desc(rows + 64 * 64, kPartBytes, kAtomBytes),
+                                               kk > 0);
+      }
+    };
+    one_group(issue, acc);
+  }
 
  private:
   // Runs `issue` (wgmma instructions writing `outputs`) as one group: fence, issue, commit, wait,

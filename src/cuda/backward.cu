@@ -18,6 +18,7 @@
 #include "cuda/backward_split.h"
 #include "cuda/dispatch.h"
 #include "cuda/instantiations/instances.h"
+#include "cuda/launch_common.cuh"
 #include "cuda/stages.h"
 #include "nsa/nsa.h"
 
@@ -73,13 +74,26 @@ __global__ void segment_offsets_kernel(const uint64_t* keys, int64_t num_pairs, 
 }
 
 
-// Byte offsets of the workspace's parts (each 256-byte aligned). The fp32 accumulators are one
-// contiguous range [acc_begin, acc_end) so that one memset zeroes them.
+// Whether the workspace holds the key-major dq accumulator: SelectedDq::kKeyMajor asked, or kAuto
+// on dims where it pays. Independent of params.deterministic, so that the workspace size is too.
+bool workspace_has_dq_slc(const BackwardParams& p) {
+  if (p.selected_dq == SelectedDq::kQueryMajor) return false;
+  if (p.selected_dq == SelectedDq::kKeyMajor) return true;
+  const Shape& s = p.shape;
+  const Config& c = p.config;
+  return selected_dq_key_major_pays(s.head_dim_qk, s.num_q_heads / s.num_kv_heads, s.seqlen, c.sel_block,
+                                    c.num_selected, c.num_init + c.num_local);
+}
+
+// Byte offsets of the workspace's parts (each 256-byte aligned). The fp32 dK / dV accumulators are
+// one contiguous range [acc_begin, acc_end) so that one memset zeroes them; the key-major dq
+// accumulator (when held, dq_slc_bytes > 0) is zeroed apart, only when that mode runs.
 struct Workspace {
   int64_t num_pairs = 0;     // rows * Hkv * n entries of block_indices
   int64_t num_segments = 0;  // B * Hkv * max_blocks
   int end_bit = 0;           // bits of the sort keys
   size_t delta = 0, acc_begin = 0, dk = 0, dv = 0, dkw = 0, dvw = 0, dkc = 0, dvc = 0, acc_end = 0;
+  size_t dq_slc = 0, dq_slc_bytes = 0;
   size_t keys_in = 0, keys_out = 0, offsets = 0, sort_temp = 0, sort_temp_bytes = 0, total = 0;
 };
 
@@ -109,6 +123,10 @@ Workspace layout(const BackwardParams& p) {
   w.dkc = take(f * static_cast<size_t>(cmp_rows * s.num_kv_heads * s.head_dim_qk));
   w.dvc = take(f * static_cast<size_t>(cmp_rows * s.num_kv_heads * s.head_dim_v));
   w.acc_end = at;
+  if (workspace_has_dq_slc(p)) {
+    w.dq_slc_bytes = f * static_cast<size_t>(rows * s.num_q_heads * s.head_dim_qk);
+    w.dq_slc = take(w.dq_slc_bytes);
+  }
   w.keys_in = take(sizeof(uint64_t) * static_cast<size_t>(w.num_pairs));
   w.keys_out = take(sizeof(uint64_t) * static_cast<size_t>(w.num_pairs));
   w.offsets = take(sizeof(int32_t) * static_cast<size_t>(w.num_segments + 1));
@@ -145,6 +163,16 @@ Status check_supported(const BackwardParams& p, const Workspace& w) {
   if (!st.ok()) return st;
   if (!aligned(p.out_branch, 4) || !aligned(p.lse, 4) || !aligned(p.block_indices, 4))
     return Status::Unsupported(cat(kApi, ": out_branch, lse and block_indices must be 4-byte aligned"));
+  if (p.selected_dq != SelectedDq::kAuto && p.selected_dq != SelectedDq::kQueryMajor &&
+      p.selected_dq != SelectedDq::kKeyMajor)
+    return Status::Invalid(cat(kApi, ": selected_dq must be kAuto, kQueryMajor or kKeyMajor; got ",
+                               static_cast<int>(p.selected_dq)));
+  if (p.selected_dq == SelectedDq::kKeyMajor && p.deterministic)
+    return Status::Invalid(cat(kApi, ": selected_dq = kKeyMajor adds dq with floating-point atomics; it cannot be "
+                                     "deterministic (use kQueryMajor or kAuto with deterministic = true)"));
+  if (p.selected_dq == SelectedDq::kKeyMajor && p.shape.head_dim_qk > kKeyMajorDqMaxDk)
+    return Status::Unsupported(cat(kApi, ": selected_dq = kKeyMajor supports Dk <= ", kKeyMajorDqMaxDk, "; got Dk = ",
+                                   p.shape.head_dim_qk));
   if (w.num_pairs >= std::numeric_limits<int32_t>::max() || w.num_segments >= std::numeric_limits<int32_t>::max())
     return Status::Unsupported(cat(kApi, ": rows * Hkv * num_selected and B * Hkv * ceil(T / sel_block) must be < 2^31, "
                                    "got ",
@@ -181,6 +209,7 @@ BackwardArgs make_args(const BackwardParams& p, const Workspace& w, char* worksp
   a.dvw_acc = f32(w.dvw);
   a.dkc_acc = f32(w.dkc);
   a.dvc_acc = f32(w.dvc);
+  a.dq_slc_acc = w.dq_slc_bytes > 0 && !p.deterministic ? f32(w.dq_slc) : nullptr;
   a.sel_keys = reinterpret_cast<const uint64_t*>(workspace + w.keys_out);
   a.seg_offsets = reinterpret_cast<const int32_t*>(workspace + w.offsets);
   a.max_blocks = static_cast<int>((s.seqlen + p.config.sel_block - 1) / p.config.sel_block);
@@ -241,10 +270,21 @@ Status backward_stages(const BackwardParams& p, void* workspace, size_t workspac
                                " bytes, 256-byte aligned; got ", workspace_bytes, " bytes at ", workspace));
   if (total_rows(p) == 0) return Status::Ok();
   char* ws = static_cast<char*>(workspace);
-  const BackwardArgs args = make_args(p, w, ws);
+  BackwardArgs args = make_args(p, w, ws);
+  if (args.dq_slc_acc != nullptr) {
+    // Key-major dq is wgmma code: kAuto falls back to query-major without it, kKeyMajor is refused.
+    DeviceLimits device;
+    st = device_limits(kApi, &device);
+    if (!st.ok()) return st;
+    if (!device.wgmma_sweeps && p.selected_dq == SelectedDq::kKeyMajor)
+      return Status::Unsupported(cat(kApi, ": selected_dq = kKeyMajor needs the sm_90a code (a Hopper GPU and a "
+                                           "build for sm_90a); this device runs without it"));
+    if (!device.wgmma_sweeps) args.dq_slc_acc = nullptr;
+  }
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (stages & kBwdStagePrep) {
-    const cudaError_t err = cudaMemsetAsync(ws + w.acc_begin, 0, w.acc_end - w.acc_begin, s);
+    cudaError_t err = cudaMemsetAsync(ws + w.acc_begin, 0, w.acc_end - w.acc_begin, s);
+    if (err == cudaSuccess && args.dq_slc_acc != nullptr) err = cudaMemsetAsync(ws + w.dq_slc, 0, w.dq_slc_bytes, s);
     if (err != cudaSuccess) return {StatusCode::kBackendError, cat(kApi, ": cudaMemsetAsync: ", cudaGetErrorString(err))};
     st = build_selection_index(args, w, ws, s);
     if (!st.ok()) return st;

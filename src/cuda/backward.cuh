@@ -6,7 +6,10 @@
 //      selected block j of kv head h;
 //   3. dq_kernel: query-major, the rows of the forward's attention CTAs (64 rows of the flattened
 //      (t, g) space), sweeps the key tiles of all three branches and accumulates
-//      dq = scale * sum_c dS_c K_c in registers: one writer per element, no atomics;
+//      dq = scale * sum_c dS_c K_c in registers: one writer per element, no atomics. With key-major
+//      dq for the selection branch (SelectedDq, dq_slc_acc) the slc dK / dV kernel of step 4 runs
+//      first and also adds its dS K to an fp32 accumulator, and this kernel sweeps cmp and win only
+//      and adds that accumulator to its own sums;
 //   4. dkv_kernel<branch>: key-major, a CTA owns 64 keys of one kv head and sweeps the rows
 //      (t, g) that attend to them: the positions t >= i*d + l - 1 (cmp), t in [s, s + w) (win),
 //      the query list of the block from step 2 (slc); dK += scale * dS^T Q, dV += P^T (g dO) in
@@ -28,6 +31,7 @@
 namespace nsa::cuda_detail {
 
 inline constexpr float kLog2e = 1.4426950408889634f;
+
 
 // Element offset of packed row `row` (padded: b * rows_per_seq + t) of a strided tensor.
 // rows_per_seq == 0: varlen layout (rows are packed; batch strides ignored).
@@ -223,8 +227,11 @@ __global__ void __launch_bounds__(kAttnThreads, kBackwardMinBlocks<Dk>) dq_kerne
   };
   sweep_branch<T, Dk, Dv, kBranchCmp, false, Mma>(a, b, seq, kv_head, rt, union_smem, sK, sV, nullptr,
                                                   body(br[kBranchCmp]));
-  sweep_branch<T, Dk, Dv, kBranchSlc, false, Mma>(a, b, seq, kv_head, rt, union_smem, sK, sV, nullptr,
-                                                  body(br[kBranchSlc]));
+  // Key-major (dq_slc_acc): the slc dK / dV kernel, launched before this one, has summed the slc
+  // branch's dS K there.
+  if (a.dq_slc_acc == nullptr)
+    sweep_branch<T, Dk, Dv, kBranchSlc, false, Mma>(a, b, seq, kv_head, rt, union_smem, sK, sV, nullptr,
+                                                    body(br[kBranchSlc]));
   sweep_branch<T, Dk, Dv, kBranchWin, false, Mma>(a, b, seq, kv_head, rt, union_smem, sK, sV, nullptr,
                                                   body(br[kBranchWin]));
 
@@ -234,10 +241,15 @@ __global__ void __launch_bounds__(kAttnThreads, kBackwardMinBlocks<Dk>) dq_kerne
     const int64_t base = a.cu_seqlens != nullptr ? (seq.row0 + rows[r].t) * a.grad_q.seq_stride
                                                  : int64_t{b} * a.grad_q.batch_stride + int64_t{rows[r].t} * a.grad_q.seq_stride;
     T* dst = static_cast<T*>(a.grad_q.data) + base + int64_t{rows[r].head} * a.grad_q.head_stride;
+    const float* slc = a.dq_slc_acc != nullptr
+                           ? a.dq_slc_acc + ((seq.row0 + rows[r].t) * H + rows[r].head) * Dk + tig * 2
+                           : nullptr;
 #pragma unroll
-    for (int nb = 0; nb < Dk / 8; ++nb)
+    for (int nb = 0; nb < Dk / 8; ++nb) {
+      const float2 added = slc != nullptr ? *reinterpret_cast<const float2*>(slc + nb * 8) : make_float2(0.f, 0.f);
       *reinterpret_cast<uint32_t*>(dst + nb * 8 + tig * 2) =
-          Tr::pack(dq[nb][2 * r] * a.scale, dq[nb][2 * r + 1] * a.scale);
+          Tr::pack((dq[nb][2 * r] + added.x) * a.scale, (dq[nb][2 * r + 1] + added.y) * a.scale);
+    }
   }
 }
 
@@ -373,17 +385,23 @@ __device__ __forceinline__ void add_to_accumulator(float* acc, int64_t key_row0,
   }
 }
 
-template <class T, int Dk, int Dv, int kBranch>
+// kKeyMajorDq (slc only; SelectedDq::kKeyMajor, BackwardArgs::dq_slc_acc): the kernel also forms
+// each row tile's dq = dS K (dS^T through shared memory, in the tile's dO buffer once dV's product
+// has read it) and adds it to dq_slc_acc. A separate instance, so that the query-major kernel keeps
+// its registers; the host launches it only with the sm_90a code.
+template <class T, int Dk, int Dv, int kBranch, bool kKeyMajorDq = false>
 __global__ void __launch_bounds__(kAttnThreads, (kBackwardMinBlocks<Dk>))
     dkv_kernel(const BackwardArgs a, int tiles_per_seq) {
   constexpr int R = kDkvRows<Dk>, NB = R / 8;
   static_assert(kBackwardMinBlocks<Dk> < 3 || ctas_fit(3, DkvSmem::bytes(Dk, Dv, R)));
+  static_assert(!kKeyMajorDq || kBranch == kBranchSlc, "key-major dq is the selection branch's");
   using Tr = TypeTraits<T>;
   // wgmma on sm_90a (64-row tiles, Dk <= 128): the four warps take every row tile (they split the
   // keys), so the CTA issues its products together; K and V are the A operands from shared memory
   // (as Q in the forward: no loop-invariant register operands, docs/decisions/0006).
   constexpr bool kWgmma = kHaveWgmma && R == 64;
   using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTiles>;
+  if constexpr (kKeyMajorDq && !kWgmma) __trap();  // (passes without wgmma: never launched there)
   extern __shared__ __align__(16) unsigned char smem[];
   // wgmma's swizzle atoms need 1024-byte aligned tiles: every tile of DkvSmem is a multiple of 1024
   // bytes, and the base is checked.
@@ -523,7 +541,46 @@ __global__ void __launch_bounds__(kAttnThreads, (kBackwardMinBlocks<Dk>))
     };
     if (kDkvUnmaskedTiles<Dk> && tile_sees_all_keys(i)) row_terms(std::false_type{});
     else row_terms(std::true_type{});
+    // Key-major dq: dS^T rounded to T (the product's operand) now, so that dp's fp32 registers need
+    // not live across the dV / dK products.
+    [[maybe_unused]] uint32_t ds_t[NB][2];
+    if constexpr (kKeyMajorDq && kWgmma) {
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+        ds_t[nb][0] = Tr::pack(dp[nb][0], dp[nb][1]);
+        ds_t[nb][1] = Tr::pack(dp[nb][2], dp[nb][3]);
+      }
+    }
     accumulate_pair<Mma, T, Dv, Dk, NB, kBackwardPairedProducts<Dk>>(dv, s, tdo, dk, dp, tq);
+    if constexpr (kKeyMajorDq && kWgmma) {
+      // dS^T [64 keys][R rows] into the swizzled layout of a 64-column tile, in tile i's dO buffer,
+      // once every warp's dV product has read it; then dq [R rows][Dk] = dS K for the whole
+      // warpgroup, added per row (rows 16 warp + group (+ 8) of the C fragments) to dq_slc_acc.
+      T* sds_t = sDo + buf * R * (Dv + 8);
+      __syncthreads();
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          *reinterpret_cast<uint32_t*>(sds_t + tile_chunk_offset<64, 64, true>(warp * 16 + group + 8 * r, nb) +
+                                       tig * 2) = ds_t[nb][r];
+      fence_proxy_async_smem();
+      __syncthreads();
+      float dq[Dk / 8][4];
+      Mma::template product_of_transposed<T, Dk>(dq, sds_t, sK);
+      const int* tile_t = s_t + (i % kTB) * R;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = warp * 16 + group + 8 * r;
+        const int t = tile_t[row];
+        if (t < 0) continue;
+        const int head = kv_head * G + (i * R + row) % G;
+        float* dst = a.dq_slc_acc + ((seq.row0 + t) * H + head) * Dk + tig * 2;
+#pragma unroll
+        for (int nb = 0; nb < Dk / 8; ++nb)
+          atomicAdd(reinterpret_cast<float2*>(dst + nb * 8), make_float2(dq[nb][2 * r], dq[nb][2 * r + 1]));
+      }
+    }
     if (i + 2 < num_row_tiles) {
       store_terms(i + 2, terms_ahead);  // buffer (i + 2) % kTB: tile i - 1's, done before the last barrier
       terms_ahead = load_terms(i + 3, entry_ahead);

@@ -40,6 +40,10 @@ struct BackwardArgs : ForwardArgs {
   float* dvw_acc;  // [rows, Hkv, Dv] (== dv_acc when v_win is null)
   float* dkc_acc;  // [cmp_rows, Hkv, Dk]
   float* dvc_acc;  // [cmp_rows, Hkv, Dv]
+  // The selection branch's dq, key-major (SelectedDq): [rows, Hq, Dk] fp32, unscaled dS K, added to
+  // by the slc dK / dV kernel (which then runs before the dq kernel, and the dq kernel skips its slc
+  // sweep and adds this in its epilogue); null: the dq kernel sweeps the slc blocks itself.
+  float* dq_slc_acc;
 
   // The selection branch's block -> query index: sel_keys sorted ascending, each
   // (segment << 31) | t with segment = (b * Hkv + kv_head) * max_blocks + j for the position t of

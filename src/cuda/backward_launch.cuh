@@ -1,6 +1,7 @@
 // Definition of launch_backward<T, Dk, Dv>: grids, dynamic shared memory and attributes of the
 // backward's (T, Dk, Dv)-dependent kernels (src/cuda/backward.cuh), in stream order:
 //   preprocess_kernel     grid rows, a warp per (row, query head)
+//   (key-major dq: dkv_kernel<slc, kKeyMajorDq> here, as below, so that dq can add its sums)
 //   dq_kernel             grid (ceil(T*G/64), Hkv, B), as the forward's attention kernels
 //   dkv_kernel<cmp>       grid (B * ceil(Tc/64), Hkv, splits)  splits = ceil(T / split_positions[branch])
 //   dkv_kernel<slc>       grid (B * ceil(T/l') * ceil(l'/64), Hkv, splits)
@@ -11,6 +12,7 @@
 
 #include "cuda/backward.cuh"
 #include "cuda/backward_launch.h"
+#include "cuda/backward_split.h"
 #include "cuda/launch_common.cuh"
 #include "cuda/stages.h"
 
@@ -38,11 +40,19 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
   const bool varlen = a.cu_seqlens != nullptr;
   const int64_t total = a.total_rows, cmp_total = a.total_cmp_rows;
 
-  const int64_t dq_smem = DqSmem::tiles_bytes(Dk, Dv) + AttentionSmem::union_bytes(a.union_words, a.union_capacity);
+  // Key-major dq (a.dq_slc_acc; backward.cu set it only with the sm_90a code, Dk <= 128): the dq
+  // kernel then has no slc sweep, so no block union in its shared memory.
+  const bool key_major_dq = a.dq_slc_acc != nullptr;
+  const int64_t dq_smem =
+      DqSmem::tiles_bytes(Dk, Dv) + (key_major_dq ? 0 : AttentionSmem::union_bytes(a.union_words, a.union_capacity));
   const int64_t dkv_smem = DkvSmem::bytes(Dk, Dv, kDkvRows<Dk>);
   const auto dq = dq_kernel<T, Dk, Dv>;
   const auto dkv_cmp = dkv_kernel<T, Dk, Dv, kBranchCmp>;
-  const auto dkv_slc = dkv_kernel<T, Dk, Dv, kBranchSlc>;
+  auto dkv_slc = dkv_kernel<T, Dk, Dv, kBranchSlc>;
+  if constexpr (Dk <= kKeyMajorDqMaxDk)
+    if (key_major_dq) dkv_slc = dkv_kernel<T, Dk, Dv, kBranchSlc, true>;
+  if (key_major_dq && Dk > kKeyMajorDqMaxDk)
+    return Status::Unsupported(std::string(kBackwardApi) + ": key-major dq at Dk = " + std::to_string(Dk));
   const auto dkv_win = dkv_kernel<T, Dk, Dv, kBranchWin>;
   // With three CTAs per SM asked (backward_three_ctas: dq, cmp and slc dk/dv), the largest carveout.
   const Carveout carveout =
@@ -58,13 +68,6 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
     if (!(st = launch_status(kBackwardApi, "launching the preprocess kernel")).ok()) return st;
   }
 
-  const dim3 dq_grid(static_cast<unsigned>((a.seqlen * a.group + 63) / 64), static_cast<unsigned>(a.num_kv_heads),
-                     static_cast<unsigned>(a.batch));
-  if (stages & kBwdStageDq) {
-    dq<<<dq_grid, kAttnThreads, dq_smem, stream>>>(a);
-    if (!(st = launch_status(kBackwardApi, "launching the dq kernel")).ok()) return st;
-  }
-
   const auto splits = [&](int branch) {
     return static_cast<unsigned>((a.seqlen + a.split_positions[branch] - 1) / a.split_positions[branch]);
   };
@@ -72,16 +75,26 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
   const int slc_tiles = static_cast<int>(key_major_tiles(a, kBranchSlc));
   const int win_tiles = static_cast<int>(key_major_tiles(a, kBranchWin));
   const unsigned kv_heads = static_cast<unsigned>(a.num_kv_heads);
+  const auto launch_slc = [&] {
+    dkv_slc<<<dim3(static_cast<unsigned>(a.batch * slc_tiles), kv_heads, splits(kBranchSlc)), kAttnThreads, dkv_smem,
+              stream>>>(a, slc_tiles);
+    return launch_status(kBackwardApi, "launching the slc dk/dv kernel");
+  };
+  if (key_major_dq && (stages & kBwdStageSlc) && !(st = launch_slc()).ok()) return st;
+
+  const dim3 dq_grid(static_cast<unsigned>((a.seqlen * a.group + 63) / 64), static_cast<unsigned>(a.num_kv_heads),
+                     static_cast<unsigned>(a.batch));
+  if (stages & kBwdStageDq) {
+    dq<<<dq_grid, kAttnThreads, dq_smem, stream>>>(a);
+    if (!(st = launch_status(kBackwardApi, "launching the dq kernel")).ok()) return st;
+  }
+
   if ((stages & kBwdStageCmp) && cmp_tiles > 0) {
     dkv_cmp<<<dim3(static_cast<unsigned>(a.batch * cmp_tiles), kv_heads, splits(kBranchCmp)), kAttnThreads, dkv_smem,
               stream>>>(a, cmp_tiles);
     if (!(st = launch_status(kBackwardApi, "launching the cmp dk/dv kernel")).ok()) return st;
   }
-  if (stages & kBwdStageSlc) {
-    dkv_slc<<<dim3(static_cast<unsigned>(a.batch * slc_tiles), kv_heads, splits(kBranchSlc)), kAttnThreads, dkv_smem,
-              stream>>>(a, slc_tiles);
-    if (!(st = launch_status(kBackwardApi, "launching the slc dk/dv kernel")).ok()) return st;
-  }
+  if (!key_major_dq && (stages & kBwdStageSlc) && !(st = launch_slc()).ok()) return st;
   if (stages & kBwdStageWin) {
     dkv_win<<<dim3(static_cast<unsigned>(a.batch * win_tiles), kv_heads, splits(kBranchWin)), kAttnThreads, dkv_smem,
               stream>>>(a, win_tiles);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace nsa::cuda_detail {
@@ -25,6 +26,40 @@ inline int64_t key_major_split_positions(int64_t key_tile_ctas, int64_t list_pos
   const int64_t rows = static_cast<int64_t>(
       std::min<double>(kMaxRows, std::max<double>(kMinRows, work_rows / kTargetCtas)));
   return std::max<int64_t>({1, (rows + group - 1) / group, (seqlen + 65534) / 65535});
+}
+
+// The selection branch's dq (params.h SelectedDq). Query-major, a dq CTA's 64 rows span
+// max(1, 64 / G) positions and are multiplied with the union of the blocks those positions
+// selected; key-major computes each (block, row) pair once, for one more product in the slc
+// dK / dV kernel and fp32 atomics. The union factor: the union's expected size over the n blocks a
+// row needs, for positions that see ceil(T / l') / 2 blocks (the causal average), share their
+// `forced` blocks (initial and local) and pick the others at random. kAuto takes key-major from
+// kKeyMajorDqMinUnionFactor on, which the measurements of docs/decisions/0012 set (H100,
+// 2026-12-07): key-major won at factors 2.5 (Dk 64), 3.3 (Dk 128) and 7.0, and lost at 1.0 (Dk 64)
+// and 2.5 (Dk 128).
+inline constexpr int kKeyMajorDqMaxDk = 128;
+
+inline double selected_dq_union_factor(int64_t group, int64_t seqlen, int64_t sel_block, int64_t num_selected,
+                                       int64_t forced) {
+  const double n = static_cast<double>(std::max<int64_t>(1, num_selected));
+  const double positions = std::max(1.0, 64.0 / static_cast<double>(std::max<int64_t>(1, group)));
+  const double blocks = static_cast<double>((seqlen + sel_block - 1) / std::max<int64_t>(1, sel_block));
+  const double visible = std::max(n, blocks / 2);
+  const double shared = std::min(n, static_cast<double>(std::max<int64_t>(0, forced)));
+  const double free_blocks = visible - shared, picks = n - shared;
+  const double picked_union =
+      free_blocks > 0 ? free_blocks * (1 - std::pow(1 - picks / free_blocks, positions)) : 0.0;
+  return (shared + picked_union) / n;
+}
+
+inline double key_major_dq_min_union_factor(int64_t head_dim_qk) { return head_dim_qk <= 64 ? 2.0 : 3.0; }
+
+// Whether kAuto takes key-major for these dims (the device and the deterministic mode are the
+// caller's to check).
+inline bool selected_dq_key_major_pays(int64_t head_dim_qk, int64_t group, int64_t seqlen, int64_t sel_block,
+                                       int64_t num_selected, int64_t forced) {
+  return head_dim_qk <= kKeyMajorDqMaxDk && selected_dq_union_factor(group, seqlen, sel_block, num_selected, forced) >=
+                                                key_major_dq_min_union_factor(head_dim_qk);
 }
 
 }  // namespace nsa::cuda_detail

@@ -121,16 +121,19 @@ __device__ __forceinline__ void wgmma_wait() {
       "{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"                                                              \
       " wgmma.mma_async.sync.aligned.m64n64k16.f32" type type                                                     \
       " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28," \
-      "%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                                \
-      : NSA_WGMMA_D_OPERANDS(d, 0)                                                                                \
-      : "l"(a_desc), "l"(b_desc), "r"(static_cast<int>(accumulate)))
+      "%29,%30,%31}, %32, %33, p, 1, 1, %35, %36;\n}\n"                                                            \
+      : NSA_WGMMA_D_OPERANDS(d, NB0)                                                                              \
+      : "l"(a_desc), "l"(b_desc), "r"(static_cast<int>(accumulate)), "n"(kTransA), "n"(kTransB))
 
-// d (+)= A B^T for the warpgroup's 64 rows, both operands in shared memory and k-contiguous: A = the
-// 64 x 16 operand a_desc points at (Q), B = the 64 x 16 one b_desc points at (K), so d is 64 x 64.
-// Issues the instruction only, as below.
-template <class T>
-__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[8][4], uint64_t a_desc, uint64_t b_desc,
+// d[NB0 .. NB0 + 7] (+)= A B for the warpgroup's 64 rows, both operands in shared memory: A = the
+// 64 x 16 operand a_desc points at, stored m-row by m-row ([m][k], k contiguous, like Q) or kTransA
+// k-row by k-row ([k][m], m contiguous, like a dS^T tile); B = the 16 x 64 one b_desc points at,
+// stored n-row by n-row ([n][k], k contiguous, like K: d = Q K^T) or kTransB k-row by k-row ([k][n],
+// like K read as the B of dS K). Issues the instruction only, as below.
+template <class T, bool kTransA = false, bool kTransB = false, int NB0 = 0, int NB>
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[NB][4], uint64_t a_desc, uint64_t b_desc,
                                                    bool accumulate) {
+  static_assert(NB0 + 8 <= NB, "the accumulator blocks exist");
   (void)d, (void)a_desc, (void)b_desc, (void)accumulate;  // (unused where wgmma is not compiled)
   NSA_WGMMA_BY_TYPE(T, NSA_WGMMA_M64N64K16_SS);
 }

@@ -13,6 +13,8 @@ namespace nsa_test {
 namespace {
 
 using nsa::cuda_detail::key_major_split_positions;
+using nsa::cuda_detail::selected_dq_key_major_pays;
+using nsa::cuda_detail::selected_dq_union_factor;
 
 TEST(BackwardSplit, SmallGridsSplitToTheRowFloor) {
   // The showcase's cmp dk/dv: B = 16, 2 key tiles, Hkv = 2, G = 6, T = 2048, lists ~1024 positions.
@@ -42,6 +44,25 @@ TEST(BackwardSplit, GridZLimitAndDegenerateShapes) {
   // Estimates whose product passes 2^63 (2^40 * 2^29 * 16; a varlen batch is sized by its longest
   // sequence): the row cap, not an overflow.
   EXPECT_EQ(key_major_split_positions(int64_t{1} << 40, int64_t{1} << 29, 16, int64_t{1} << 20), 16384 / 16);
+}
+
+// The selection branch's dq (SelectedDq::kAuto): the union factor of the measured shapes
+// (docs/decisions/0012), its edge cases, and the choice on each side of the thresholds.
+TEST(SelectedDqPolicy, UnionFactorAndChoice) {
+  constexpr int64_t kForced = 3;  // the paper's n_init + n_local
+  EXPECT_NEAR(selected_dq_union_factor(16, 65536, 64, 16, kForced), 3.31, 0.01);  // paper 64k: ~53 blocks a tile
+  EXPECT_NEAR(selected_dq_union_factor(16, 8192, 64, 16, kForced), 2.54, 0.01);   // paper 8k
+  EXPECT_NEAR(selected_dq_union_factor(6, 32768, 64, 16, kForced), 6.99, 0.01);   // long
+  EXPECT_DOUBLE_EQ(selected_dq_union_factor(6, 2048, 64, 16, kForced), 1.0);     // m7c-125m: every visible block
+  EXPECT_DOUBLE_EQ(selected_dq_union_factor(128, 65536, 64, 16, kForced), 1.0);  // G > 64: one position a tile
+  EXPECT_DOUBLE_EQ(selected_dq_union_factor(2, 1000, 64, 16, kForced), 1.0);     // T < n l'
+  EXPECT_DOUBLE_EQ(selected_dq_union_factor(2, 1 << 20, 64, 16, 16), 1.0);       // all forced: shared by all
+  EXPECT_TRUE(selected_dq_key_major_pays(128, 16, 65536, 64, 16, kForced));
+  EXPECT_FALSE(selected_dq_key_major_pays(128, 16, 8192, 64, 16, kForced));
+  EXPECT_TRUE(selected_dq_key_major_pays(64, 16, 8192, 64, 16, kForced));
+  EXPECT_TRUE(selected_dq_key_major_pays(64, 6, 32768, 64, 16, kForced));
+  EXPECT_FALSE(selected_dq_key_major_pays(64, 6, 2048, 64, 16, kForced));
+  EXPECT_FALSE(selected_dq_key_major_pays(192, 16, 65536, 64, 16, kForced)) << "key-major dq stops at Dk = 128";
 }
 
 }  // namespace

@@ -2,9 +2,10 @@
 //
 // For every case: random inputs and grad_out rounded to the dtype (bfloat16 or float16), then
 //   - the GPU forward (run_cuda_forward, out_branch saved) gives block_indices, out_branch and lse;
-//   - the GPU backward runs three times on them, every gradient poisoned with NaN and the workspace
-//     with 0xFF bytes before each run: once with deterministic = false (the default), twice with
-//     deterministic = true;
+//   - the GPU backward runs four times on them, every gradient poisoned with NaN and the workspace
+//     with 0xFF bytes before each run: with deterministic = false and the selection branch's dq
+//     query-major, then key-major (SelectedDq; where the sm_90a code runs and Dk <= 128, else the
+//     call must be refused as unsupported), and twice with deterministic = true;
 //   - the reference is nsa::cpu::forward + nsa::cpu::backward in float64 on the same rounded values,
 //     fed the GPU forward's block_indices (block_indices_given, so both use the same selection), with
 //     the CPU forward's own out_branch and lse;
@@ -250,6 +251,48 @@ TEST(CudaBackwardApi, InvalidParamsAreRefused) {
   refused("Hq % Hkv != 0", p);
 }
 
+// SelectedDq: key-major is refused with deterministic (its dq adds are float atomics) and above
+// Dk = 128, an out-of-range value is refused, and the workspace holds the dq accumulator
+// ([rows, Hq, Dk] fp32) with kKeyMajor only, whatever deterministic says.
+TEST(CudaBackwardApi, SelectedDqRefusalsAndWorkspace) {
+  if (!nsa::cuda::built()) GTEST_SKIP() << "built without CUDA";
+  HostParams h(small_spec(DType::kBFloat16, 64, 64));
+  std::vector<unsigned char> ws = fake_workspace(h.params);
+  nsa::BackwardParams p = h.params;
+  p.selected_dq = nsa::SelectedDq::kKeyMajor;
+  p.deterministic = true;
+  nsa::Status st = nsa::cuda::backward(p, ws.data(), ws.size(), nullptr);
+  EXPECT_EQ(st.code, nsa::StatusCode::kInvalidArgument) << st.message;
+  EXPECT_NE(st.message.find("deterministic"), std::string::npos) << st.message;
+
+  p = h.params;
+  p.selected_dq = static_cast<nsa::SelectedDq>(7);
+  st = nsa::cuda::backward(p, ws.data(), ws.size(), nullptr);
+  EXPECT_EQ(st.code, nsa::StatusCode::kInvalidArgument) << st.message;
+  EXPECT_NE(st.message.find("selected_dq"), std::string::npos) << st.message;
+
+  HostParams wide(small_spec(DType::kBFloat16, 192, 128));
+  std::vector<unsigned char> wide_ws = fake_workspace(wide.params);
+  p = wide.params;
+  p.selected_dq = nsa::SelectedDq::kKeyMajor;
+  st = nsa::cuda::backward(p, wide_ws.data(), wide_ws.size(), nullptr);
+  EXPECT_EQ(st.code, nsa::StatusCode::kUnsupported) << st.message;
+  EXPECT_NE(st.message.find("Dk <= 128"), std::string::npos) << st.message;
+  EXPECT_NE(st.message.find("Dk = 192"), std::string::npos) << st.message;
+
+  p = h.params;
+  p.selected_dq = nsa::SelectedDq::kQueryMajor;
+  const size_t query_major = nsa::cuda::backward_workspace_bytes(p);
+  p.selected_dq = nsa::SelectedDq::kKeyMajor;
+  const size_t key_major = nsa::cuda::backward_workspace_bytes(p);
+  p.deterministic = true;
+  EXPECT_EQ(nsa::cuda::backward_workspace_bytes(p), key_major) << "the workspace does not depend on deterministic";
+  const nsa::Shape& s = p.shape;
+  const size_t acc = sizeof(float) * static_cast<size_t>(s.batch * s.seqlen * s.num_q_heads * s.head_dim_qk);
+  EXPECT_GE(key_major, query_major + acc);
+  EXPECT_LE(key_major, query_major + acc + 256);
+}
+
 // ------------------------------------------------------------------------------------------------
 // The rule itself (no device): the CPU backward run in the 16-bit dtype (bf16/fp16 inputs and
 // out_branch, each gradient rounded to the dtype: a backend with only the unavoidable roundings)
@@ -323,9 +366,16 @@ void check_case(const BwdCase& c) {
   ASSERT_TRUE(st.ok()) << "forward: " << nsa::status_code_name(st.code) << ": " << st.message;
   ASSERT_FALSE(fwd.out.empty());
 
-  const Grads fast = run_cuda_backward(hb, false, &st);
+  const Grads fast = run_cuda_backward(hb, false, &st, nsa::SelectedDq::kQueryMajor);
   if (not_compiled(st)) GTEST_SKIP() << st.message;
   ASSERT_TRUE(st.ok()) << "backward: " << nsa::status_code_name(st.code) << ": " << st.message;
+  const bool key_major_runs = cuda_sm90a_runs() && c.spec.dk <= 128;
+  const Grads key_major = run_cuda_backward(hb, false, &st, nsa::SelectedDq::kKeyMajor);
+  if (key_major_runs) {
+    ASSERT_TRUE(st.ok()) << "key-major dq backward: " << nsa::status_code_name(st.code) << ": " << st.message;
+  } else {
+    EXPECT_EQ(st.code, nsa::StatusCode::kUnsupported) << "key-major dq without sm_90a or at Dk > 128: " << st.message;
+  }
   const Grads det = run_cuda_backward(hb, true, &st);
   ASSERT_TRUE(st.ok()) << "deterministic backward: " << nsa::status_code_name(st.code) << ": " << st.message;
   const Grads det_again = run_cuda_backward(hb, true, &st);
@@ -340,6 +390,7 @@ void check_case(const BwdCase& c) {
   const Grads ref = reference_gradients(p64, ro);
   ASSERT_FALSE(ref[kQ].empty());
   expect_grads_close(problem, fast, ref, "default");
+  if (key_major_runs) expect_grads_close(problem, key_major, ref, "key-major dq");
   expect_grads_close(problem, det, ref, "deterministic");
 }
 

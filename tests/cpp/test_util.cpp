@@ -1352,6 +1352,18 @@ bool cuda_device_available() {
   return nsa::cuda::built() && cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
 }
 
+bool cuda_sm90a_runs() {
+#if defined(NSA_TEST_WITH_SM90A)
+  int device = 0, major = 0, minor = 0;
+  return cuda_device_available() && cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess && major == 9 &&
+         minor == 0;
+#else
+  return false;
+#endif
+}
+
 Outputs run_cuda_forward(Buffers& hb, nsa::Status* status) {
   return run_cuda_forward_stages(hb, nsa::cuda_detail::kStageAll, status);
 }
@@ -1378,12 +1390,13 @@ Outputs run_cuda_forward_stages(Buffers& hb, unsigned stages, nsa::Status* statu
   return hb.read_forward();
 }
 
-Grads run_cuda_backward(Buffers& hb, bool deterministic, nsa::Status* status) {
+Grads run_cuda_backward(Buffers& hb, bool deterministic, nsa::Status* status, nsa::SelectedDq selected_dq) {
   hb.poison_backward();
   DeviceMirror mirror;
   DeviceBuffer workspace;
   nsa::BackwardParams p = hb.backward_params();
   p.deterministic = deterministic;
+  p.selected_dq = selected_dq;
   const size_t ws_bytes = nsa::cuda::backward_workspace_bytes(p);
   if (!stage_on_device(hb, p, ws_bytes, mirror, workspace, status)) return {};
   *status = nsa::cuda::backward(p, workspace.ptr, ws_bytes, nullptr);
@@ -1419,7 +1432,9 @@ Outputs run_cuda_forward_stages(Buffers&, unsigned, nsa::Status* status) {
   return {};
 }
 
-Grads run_cuda_backward(Buffers&, bool, nsa::Status* status) {
+bool cuda_sm90a_runs() { return false; }
+
+Grads run_cuda_backward(Buffers&, bool, nsa::Status* status, nsa::SelectedDq) {
   *status = nsa::Status::Unsupported("the test binary was built without CUDA");
   return {};
 }

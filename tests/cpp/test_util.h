@@ -306,11 +306,15 @@ Outputs run_cuda_forward(Buffers& buffers, nsa::Status* status);
 // The same through nsa::cuda_detail::forward_stages with `stages` (src/cuda/stages.h): every stage,
 // with kStageSlcCpAsync among them to run the cp.async slc kernel where the TMA ring would.
 Outputs run_cuda_forward_stages(Buffers& buffers, unsigned stages, nsa::Status* status);
-// Runs nsa::cuda::backward (with `deterministic`) on device copies of `buffers`: inputs, grad_out,
-// and block_indices / out_branch / lse as they are in `buffers` (run_cuda_forward leaves the GPU
-// forward's there); every grad poisoned with NaN, the workspace with 0xFF bytes. Copies the grads
-// back, checks their gaps and that no read-only buffer changed, and returns them.
-Grads run_cuda_backward(Buffers& buffers, bool deterministic, nsa::Status* status);
+// Runs nsa::cuda::backward (with `deterministic` and `selected_dq`) on device copies of `buffers`:
+// inputs, grad_out, and block_indices / out_branch / lse as they are in `buffers` (run_cuda_forward
+// leaves the GPU forward's there); every grad poisoned with NaN, the workspace with 0xFF bytes.
+// Copies the grads back, checks their gaps and that no read-only buffer changed, and returns them.
+Grads run_cuda_backward(Buffers& buffers, bool deterministic, nsa::Status* status,
+                        nsa::SelectedDq selected_dq = nsa::SelectedDq::kAuto);
+// Whether the library's sm_90a code runs on the current device (a 9.0 device, and a test build for
+// sm_90a, which the library's build shares): the key-major dq and the other wgmma paths.
+bool cuda_sm90a_runs();
 
 // ------------------------------------------------------------------------------------------------
 // Judging a 16-bit forward (the CUDA backend's) by DESIGN.md section 2. No device needed.
