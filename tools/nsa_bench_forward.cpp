@@ -15,7 +15,7 @@
 // stage counts the products it does (dq: S, dP, dQ; dk/dv: S, dP, dV, dK), of bwd and bwd-det the
 // products a backward needs (S, dP, dV, dK, dQ once per attended key). --selected-dq: the selection
 // branch's dq (nsa::SelectedDq; bwd-det always runs query-major); key-major moves its products from
-// bwd-dq to bwd-slc (as kAuto picks on sm_90a: selected_dq_key_major_pays).
+// bwd-dq to bwd-slc (cuda_detail::backward_key_major_dq says where kAuto takes it).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -27,7 +27,6 @@
 #include <vector>
 
 #include "cpu/layout.h"
-#include "cuda/backward_split.h"
 #include "cuda/stages.h"
 #include "nsa/nsa.h"
 
@@ -266,6 +265,7 @@ int main(int argc, char** argv) {
       bp.grad_k_cmp = output(Tc, Hkv, Dk);
       bp.grad_v_cmp = output(Tc, Hkv, Dv);
       bp.grad_gates = output(T, Hq, 3);
+      bp.selected_dq = o.selected_dq;
       const size_t bwd_bytes = nsa::cuda::backward_workspace_bytes(bp);
       void* bwd_workspace = nullptr;
       check(cudaMalloc(&bwd_workspace, std::max<size_t>(bwd_bytes, 1)), "cudaMalloc backward workspace");
@@ -276,11 +276,7 @@ int main(int argc, char** argv) {
       const double keys_cmp = scale * f_cmp / (2 * (dk + dv)), keys_slc = scale * f_slc / (2 * (dk + dv)),
                    keys_win = scale * f_win / (2 * (dk + dv)), keys = keys_cmp + keys_slc + keys_win;
       namespace cd = nsa::cuda_detail;
-      const bool key_major_dq =
-          o.selected_dq == nsa::SelectedDq::kKeyMajor ||
-          (o.selected_dq == nsa::SelectedDq::kAuto &&
-           cd::selected_dq_key_major_pays(Dk, Hq / Hkv, T, bp.config.sel_block, bp.config.num_selected,
-                                          bp.config.num_init + bp.config.num_local));
+      const bool key_major_dq = cd::backward_key_major_dq(bp);
       const double keys_dq = key_major_dq ? keys_cmp + keys_win : keys;
       const double slc_dq = key_major_dq ? dk : 0.0;
       const struct {

@@ -54,9 +54,10 @@ size_t forward_workspace_bytes(const ForwardParams& params);
 // holds forward_workspace_bytes(params) bytes (it may be null when that is 0). Launch errors
 // return kBackendError with CUDA's message.
 Status forward(const ForwardParams& params, void* workspace, size_t workspace_bytes, void* stream);
-// Bytes of device workspace backward() needs for these params (fp32 gradient accumulators,
-// per-branch softmax row terms, the block -> query index of the selection branch); the same for
-// both values of params.deterministic; 0 when the params do not validate.
+// Bytes of device workspace backward() needs for these params on the current device (fp32
+// gradient accumulators, per-branch softmax row terms, the block -> query index of the selection
+// branch, and where the selection branch's dq runs key-major its fp32 accumulator [rows, Hq, Dk]:
+// params.selected_dq, docs/decisions/0012); 0 when the params do not validate.
 size_t backward_workspace_bytes(const BackwardParams& params);
 // Enqueues the backward on `stream`: every gradient of BackwardParams (grad_k also receives the
 // window branch's when k_win is null, grad_v likewise). Never synchronizes and never allocates;

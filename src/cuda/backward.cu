@@ -74,20 +74,24 @@ __global__ void segment_offsets_kernel(const uint64_t* keys, int64_t num_pairs, 
 }
 
 
-// Whether the workspace holds the key-major dq accumulator: SelectedDq::kKeyMajor asked, or kAuto
-// on dims where it pays. Independent of params.deterministic, so that the workspace size is too.
-bool workspace_has_dq_slc(const BackwardParams& p) {
+// Whether the selection branch's dq runs key-major (and the workspace holds its accumulator):
+// SelectedDq::kKeyMajor asked (refused later where it cannot run), or kAuto on dims where it pays,
+// not deterministic, on a device that runs the sm_90a code (a failed device query: query-major).
+bool key_major_dq(const BackwardParams& p) {
   if (p.selected_dq == SelectedDq::kQueryMajor) return false;
   if (p.selected_dq == SelectedDq::kKeyMajor) return true;
   const Shape& s = p.shape;
   const Config& c = p.config;
-  return selected_dq_key_major_pays(s.head_dim_qk, s.num_q_heads / s.num_kv_heads, s.seqlen, c.sel_block,
-                                    c.num_selected, c.num_init + c.num_local);
+  if (p.deterministic || !selected_dq_key_major_pays(s.head_dim_qk, s.num_q_heads / s.num_kv_heads, s.seqlen,
+                                                     c.sel_block, c.num_selected, c.num_init + c.num_local))
+    return false;
+  DeviceLimits device;
+  return device_limits(kApi, &device).ok() && device.wgmma_sweeps;
 }
 
 // Byte offsets of the workspace's parts (each 256-byte aligned). The fp32 dK / dV accumulators are
 // one contiguous range [acc_begin, acc_end) so that one memset zeroes them; the key-major dq
-// accumulator (when held, dq_slc_bytes > 0) is zeroed apart, only when that mode runs.
+// accumulator (held, dq_slc_bytes > 0, only when that mode runs) is zeroed apart.
 struct Workspace {
   int64_t num_pairs = 0;     // rows * Hkv * n entries of block_indices
   int64_t num_segments = 0;  // B * Hkv * max_blocks
@@ -123,7 +127,7 @@ Workspace layout(const BackwardParams& p) {
   w.dkc = take(f * static_cast<size_t>(cmp_rows * s.num_kv_heads * s.head_dim_qk));
   w.dvc = take(f * static_cast<size_t>(cmp_rows * s.num_kv_heads * s.head_dim_v));
   w.acc_end = at;
-  if (workspace_has_dq_slc(p)) {
+  if (key_major_dq(p)) {
     w.dq_slc_bytes = f * static_cast<size_t>(rows * s.num_q_heads * s.head_dim_qk);
     w.dq_slc = take(w.dq_slc_bytes);
   }
@@ -209,7 +213,7 @@ BackwardArgs make_args(const BackwardParams& p, const Workspace& w, char* worksp
   a.dvw_acc = f32(w.dvw);
   a.dkc_acc = f32(w.dkc);
   a.dvc_acc = f32(w.dvc);
-  a.dq_slc_acc = w.dq_slc_bytes > 0 && !p.deterministic ? f32(w.dq_slc) : nullptr;
+  a.dq_slc_acc = w.dq_slc_bytes > 0 ? f32(w.dq_slc) : nullptr;
   a.sel_keys = reinterpret_cast<const uint64_t*>(workspace + w.keys_out);
   a.seg_offsets = reinterpret_cast<const int32_t*>(workspace + w.offsets);
   a.max_blocks = static_cast<int>((s.seqlen + p.config.sel_block - 1) / p.config.sel_block);
@@ -270,17 +274,15 @@ Status backward_stages(const BackwardParams& p, void* workspace, size_t workspac
                                " bytes, 256-byte aligned; got ", workspace_bytes, " bytes at ", workspace));
   if (total_rows(p) == 0) return Status::Ok();
   char* ws = static_cast<char*>(workspace);
-  BackwardArgs args = make_args(p, w, ws);
-  if (args.dq_slc_acc != nullptr) {
-    // Key-major dq is wgmma code: kAuto falls back to query-major without it, kKeyMajor is refused.
+  if (p.selected_dq == SelectedDq::kKeyMajor) {
     DeviceLimits device;
     st = device_limits(kApi, &device);
     if (!st.ok()) return st;
-    if (!device.wgmma_sweeps && p.selected_dq == SelectedDq::kKeyMajor)
+    if (!device.wgmma_sweeps)
       return Status::Unsupported(cat(kApi, ": selected_dq = kKeyMajor needs the sm_90a code (a Hopper GPU and a "
                                            "build for sm_90a); this device runs without it"));
-    if (!device.wgmma_sweeps) args.dq_slc_acc = nullptr;
   }
+  const BackwardArgs args = make_args(p, w, ws);
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (stages & kBwdStagePrep) {
     cudaError_t err = cudaMemsetAsync(ws + w.acc_begin, 0, w.acc_end - w.acc_begin, s);
@@ -294,6 +296,8 @@ Status backward_stages(const BackwardParams& p, void* workspace, size_t workspac
                                                  return run_instance<T, DK, DV>(args, s, stages);))
   return Status::Unsupported(cat(kApi, ": no kernel for this dtype and head dims"));
 }
+
+bool backward_key_major_dq(const BackwardParams& p) { return layout(p).dq_slc_bytes > 0; }
 
 }  // namespace nsa::cuda_detail
 

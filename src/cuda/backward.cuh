@@ -32,7 +32,6 @@ namespace nsa::cuda_detail {
 
 inline constexpr float kLog2e = 1.4426950408889634f;
 
-
 // Element offset of packed row `row` (padded: b * rows_per_seq + t) of a strided tensor.
 // rows_per_seq == 0: varlen layout (rows are packed; batch strides ignored).
 __device__ __forceinline__ int64_t row_offset(int64_t row, int64_t rows_per_seq, int64_t batch_stride,
@@ -395,6 +394,7 @@ __global__ void __launch_bounds__(kAttnThreads, (kBackwardMinBlocks<Dk>))
   constexpr int R = kDkvRows<Dk>, NB = R / 8;
   static_assert(kBackwardMinBlocks<Dk> < 3 || ctas_fit(3, DkvSmem::bytes(Dk, Dv, R)));
   static_assert(!kKeyMajorDq || kBranch == kBranchSlc, "key-major dq is the selection branch's");
+  static_assert(!kKeyMajorDq || (R == 64 && Dv + 8 >= 64), "dS^T: a 64 x 64 tile in a row tile's dO buffer");
   using Tr = TypeTraits<T>;
   // wgmma on sm_90a (64-row tiles, Dk <= 128): the four warps take every row tile (they split the
   // keys), so the CTA issues its products together; K and V are the A operands from shared memory

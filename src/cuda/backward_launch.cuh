@@ -51,8 +51,9 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
   auto dkv_slc = dkv_kernel<T, Dk, Dv, kBranchSlc>;
   if constexpr (Dk <= kKeyMajorDqMaxDk)
     if (key_major_dq) dkv_slc = dkv_kernel<T, Dk, Dv, kBranchSlc, true>;
-  if (key_major_dq && Dk > kKeyMajorDqMaxDk)
-    return Status::Unsupported(std::string(kBackwardApi) + ": key-major dq at Dk = " + std::to_string(Dk));
+  if (key_major_dq && Dk > kKeyMajorDqMaxDk)  // (backward.cu refuses it first; the dq kernel would skip slc)
+    return Status::Unsupported(std::string(kBackwardApi) + ": key-major dq supports Dk <= " +
+                               std::to_string(kKeyMajorDqMaxDk) + "; got Dk = " + std::to_string(Dk));
   const auto dkv_win = dkv_kernel<T, Dk, Dv, kBranchWin>;
   // With three CTAs per SM asked (backward_three_ctas: dq, cmp and slc dk/dv), the largest carveout.
   const Carveout carveout =

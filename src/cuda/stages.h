@@ -22,9 +22,9 @@ enum Stage : unsigned {
 
 enum BackwardStage : unsigned {
   kBwdStagePrep = 1u,     // zero the accumulators, dgates and delta, the block -> query index
-  kBwdStageDq = 2u,       // dq of all branches
+  kBwdStageDq = 2u,       // dq of all branches (key-major selected dq: adds what kBwdStageSlc summed)
   kBwdStageCmp = 4u,      // dk_cmp, dv_cmp (into the fp32 accumulators)
-  kBwdStageSlc = 8u,      // dk, dv of the selection branch
+  kBwdStageSlc = 8u,      // dk, dv of the selection branch (and its dq when key-major; then run first)
   kBwdStageWin = 16u,     // dk_win, dv_win (or into dk, dv when shared)
   kBwdStageConvert = 32u, // accumulators -> gradient tensors
   kBwdStageAll = 63u,
@@ -35,5 +35,8 @@ Status forward_stages(const ForwardParams& params, void* workspace, size_t works
                       unsigned stages);
 Status backward_stages(const BackwardParams& params, void* workspace, size_t workspace_bytes, void* stream,
                        unsigned stages);
+// Whether the backward with these params computes the selection branch's dq key-major
+// (BackwardParams::selected_dq as resolved on the current device; docs/decisions/0012).
+bool backward_key_major_dq(const BackwardParams& params);
 
 }  // namespace nsa::cuda_detail

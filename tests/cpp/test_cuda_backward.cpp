@@ -31,6 +31,7 @@
 #include <utility>
 #include <vector>
 
+#include "cuda/stages.h"
 #include "nsa/nsa.h"
 #include "test_util.h"
 
@@ -253,7 +254,7 @@ TEST(CudaBackwardApi, InvalidParamsAreRefused) {
 
 // SelectedDq: key-major is refused with deterministic (its dq adds are float atomics) and above
 // Dk = 128, an out-of-range value is refused, and the workspace holds the dq accumulator
-// ([rows, Hq, Dk] fp32) with kKeyMajor only, whatever deterministic says.
+// ([rows, Hq, Dk] fp32) with kKeyMajor, and not with kAuto when deterministic.
 TEST(CudaBackwardApi, SelectedDqRefusalsAndWorkspace) {
   if (!nsa::cuda::built()) GTEST_SKIP() << "built without CUDA";
   HostParams h(small_spec(DType::kBFloat16, 64, 64));
@@ -285,8 +286,9 @@ TEST(CudaBackwardApi, SelectedDqRefusalsAndWorkspace) {
   const size_t query_major = nsa::cuda::backward_workspace_bytes(p);
   p.selected_dq = nsa::SelectedDq::kKeyMajor;
   const size_t key_major = nsa::cuda::backward_workspace_bytes(p);
+  p.selected_dq = nsa::SelectedDq::kAuto;
   p.deterministic = true;
-  EXPECT_EQ(nsa::cuda::backward_workspace_bytes(p), key_major) << "the workspace does not depend on deterministic";
+  EXPECT_EQ(nsa::cuda::backward_workspace_bytes(p), query_major) << "kAuto is query-major when deterministic";
   const nsa::Shape& s = p.shape;
   const size_t acc = sizeof(float) * static_cast<size_t>(s.batch * s.seqlen * s.num_q_heads * s.head_dim_qk);
   EXPECT_GE(key_major, query_major + acc);
@@ -480,6 +482,24 @@ std::vector<BwdCase> gpu_cases() {
 
 INSTANTIATE_TEST_SUITE_P(Cases, CudaBackward, ::testing::ValuesIn(gpu_cases()),
                          case_name<BwdCase>);
+
+// SelectedDq::kAuto takes key-major where the block unions are large (G = 16: 4 positions a dq
+// tile, union factor 2.04 here against the threshold 2 at Dk = 64) on a device that runs the sm_90a
+// code, and never when deterministic; the case itself runs both modes against the reference.
+TEST(CudaBackwardAuto, PicksKeyMajorWhereItPays) {
+  NSA_SKIP_WITHOUT_DEVICE();
+  const BwdCase c = make_case("auto_G16_T4096", padded_spec(1, 4096, 16, 1, 64, 64), tight_config(),
+                              DType::kBFloat16, 4345);
+  HostParams h(c.spec);
+  nsa::BackwardParams p = h.params;
+  EXPECT_EQ(nsa::cuda_detail::backward_key_major_dq(p), cuda_sm90a_runs());
+  p.deterministic = true;
+  EXPECT_FALSE(nsa::cuda_detail::backward_key_major_dq(p));
+  p = h.params;
+  p.shape.seqlen = 2048;  // union factor 1.87
+  EXPECT_FALSE(nsa::cuda_detail::backward_key_major_dq(p));
+  check_case(c);
+}
 
 // A small case for compute-sanitizer (scripts/gpu_check.sh can filter on it): varlen with a
 // length-1 sequence and T < l, G = 3, separate window keys; then padded, shared keys, fp16.
