@@ -297,7 +297,9 @@ Status backward_stages(const BackwardParams& p, void* workspace, size_t workspac
   return Status::Unsupported(cat(kApi, ": no kernel for this dtype and head dims"));
 }
 
-bool backward_key_major_dq(const BackwardParams& p) { return layout(p).dq_slc_bytes > 0; }
+bool backward_key_major_dq(const BackwardParams& p) {
+  return validate(p, MemorySpace::kDevice).ok() && layout(p).dq_slc_bytes > 0;
+}
 
 }  // namespace nsa::cuda_detail
 

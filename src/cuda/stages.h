@@ -36,7 +36,8 @@ Status forward_stages(const ForwardParams& params, void* workspace, size_t works
 Status backward_stages(const BackwardParams& params, void* workspace, size_t workspace_bytes, void* stream,
                        unsigned stages);
 // Whether the backward with these params computes the selection branch's dq key-major
-// (BackwardParams::selected_dq as resolved on the current device; docs/decisions/0012).
+// (BackwardParams::selected_dq as resolved on the current device; docs/decisions/0012); false for
+// params that do not validate.
 bool backward_key_major_dq(const BackwardParams& params);
 
 }  // namespace nsa::cuda_detail
