@@ -82,11 +82,10 @@ bool key_major_dq(const BackwardParams& p) {
   if (p.selected_dq == SelectedDq::kKeyMajor) return true;
   const Shape& s = p.shape;
   const Config& c = p.config;
-  if (p.deterministic || !selected_dq_key_major_pays(s.head_dim_qk, s.num_q_heads / s.num_kv_heads, s.seqlen,
-                                                     c.sel_block, c.num_selected, c.num_init + c.num_local))
-    return false;
-  DeviceLimits device;
-  return device_limits(kApi, &device).ok() && device.wgmma_sweeps;
+  return !p.deterministic &&
+         selected_dq_key_major_pays(s.head_dim_qk, s.num_q_heads / s.num_kv_heads, s.seqlen, c.sel_block,
+                                    c.num_selected, c.num_init + c.num_local) &&
+         sm90a_code_runs();
 }
 
 // Byte offsets of the workspace's parts (each 256-byte aligned). The fp32 dK / dV accumulators are
@@ -274,14 +273,9 @@ Status backward_stages(const BackwardParams& p, void* workspace, size_t workspac
                                " bytes, 256-byte aligned; got ", workspace_bytes, " bytes at ", workspace));
   if (total_rows(p) == 0) return Status::Ok();
   char* ws = static_cast<char*>(workspace);
-  if (p.selected_dq == SelectedDq::kKeyMajor) {
-    DeviceLimits device;
-    st = device_limits(kApi, &device);
-    if (!st.ok()) return st;
-    if (!device.wgmma_sweeps)
-      return Status::Unsupported(cat(kApi, ": selected_dq = kKeyMajor needs the sm_90a code (a Hopper GPU and a "
-                                           "build for sm_90a); this device runs without it"));
-  }
+  if (p.selected_dq == SelectedDq::kKeyMajor && !sm90a_code_runs())
+    return Status::Unsupported(cat(kApi, ": selected_dq = kKeyMajor needs the sm_90a code (a Hopper GPU and a "
+                                         "build for sm_90a); this device runs without it"));
   const BackwardArgs args = make_args(p, w, ws);
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (stages & kBwdStagePrep) {
@@ -295,6 +289,11 @@ Status backward_stages(const BackwardParams& p, void* workspace, size_t workspac
                         NSA_CUDA_HEAD_DIM_SWITCH(p.shape.head_dim_qk, p.shape.head_dim_v, DK, DV,
                                                  return run_instance<T, DK, DV>(args, s, stages);))
   return Status::Unsupported(cat(kApi, ": no kernel for this dtype and head dims"));
+}
+
+bool sm90a_code_runs() {
+  DeviceLimits device;
+  return device_limits(kApi, &device).ok() && device.wgmma_sweeps;
 }
 
 bool backward_key_major_dq(const BackwardParams& p) {

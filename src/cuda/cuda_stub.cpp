@@ -10,6 +10,7 @@ Status forward_stages(const ForwardParams&, void*, size_t, void*, unsigned) {
 Status backward_stages(const BackwardParams&, void*, size_t, void*, unsigned) {
   return Status::Unsupported("nsa was built without CUDA");
 }
+bool sm90a_code_runs() { return false; }
 bool backward_key_major_dq(const BackwardParams&) { return false; }
 }  // namespace nsa::cuda_detail
 

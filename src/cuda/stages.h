@@ -35,6 +35,9 @@ Status forward_stages(const ForwardParams& params, void* workspace, size_t works
                       unsigned stages);
 Status backward_stages(const BackwardParams& params, void* workspace, size_t workspace_bytes, void* stream,
                        unsigned stages);
+// Whether the library's sm_90a code (the wgmma paths, key-major selected dq) runs on the current
+// device: DeviceLimits::wgmma_sweeps; false when the device cannot be queried.
+bool sm90a_code_runs();
 // Whether the backward with these params computes the selection branch's dq key-major
 // (BackwardParams::selected_dq as resolved on the current device; docs/decisions/0012); false for
 // params that do not validate.

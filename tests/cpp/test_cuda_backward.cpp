@@ -371,7 +371,7 @@ void check_case(const BwdCase& c) {
   const Grads fast = run_cuda_backward(hb, false, &st, nsa::SelectedDq::kQueryMajor);
   if (not_compiled(st)) GTEST_SKIP() << st.message;
   ASSERT_TRUE(st.ok()) << "backward: " << nsa::status_code_name(st.code) << ": " << st.message;
-  const bool key_major_runs = cuda_sm90a_runs() && c.spec.dk <= 128;
+  const bool key_major_runs = nsa::cuda_detail::sm90a_code_runs() && c.spec.dk <= 128;
   const Grads key_major = run_cuda_backward(hb, false, &st, nsa::SelectedDq::kKeyMajor);
   if (key_major_runs) {
     ASSERT_TRUE(st.ok()) << "key-major dq backward: " << nsa::status_code_name(st.code) << ": " << st.message;
@@ -492,7 +492,7 @@ TEST(CudaBackwardAuto, PicksKeyMajorWhereItPays) {
                               DType::kBFloat16, 4345);
   HostParams h(c.spec);
   nsa::BackwardParams p = h.params;
-  EXPECT_EQ(nsa::cuda_detail::backward_key_major_dq(p), cuda_sm90a_runs());
+  EXPECT_EQ(nsa::cuda_detail::backward_key_major_dq(p), nsa::cuda_detail::sm90a_code_runs());
   p.deterministic = true;
   EXPECT_FALSE(nsa::cuda_detail::backward_key_major_dq(p));
   p = h.params;

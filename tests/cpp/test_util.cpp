@@ -1352,17 +1352,6 @@ bool cuda_device_available() {
   return nsa::cuda::built() && cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
 }
 
-bool cuda_sm90a_runs() {
-#if defined(NSA_TEST_WITH_SM90A)
-  int device = 0, major = 0, minor = 0;
-  return cuda_device_available() && cudaGetDevice(&device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess && major == 9 &&
-         minor == 0;
-#else
-  return false;
-#endif
-}
 
 Outputs run_cuda_forward(Buffers& hb, nsa::Status* status) {
   return run_cuda_forward_stages(hb, nsa::cuda_detail::kStageAll, status);
@@ -1431,8 +1420,6 @@ Outputs run_cuda_forward_stages(Buffers&, unsigned, nsa::Status* status) {
   *status = nsa::Status::Unsupported("the test binary was built without CUDA");
   return {};
 }
-
-bool cuda_sm90a_runs() { return false; }
 
 Grads run_cuda_backward(Buffers&, bool, nsa::Status* status, nsa::SelectedDq) {
   *status = nsa::Status::Unsupported("the test binary was built without CUDA");

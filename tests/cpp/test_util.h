@@ -312,9 +312,6 @@ Outputs run_cuda_forward_stages(Buffers& buffers, unsigned stages, nsa::Status* 
 // Copies the grads back, checks their gaps and that no read-only buffer changed, and returns them.
 Grads run_cuda_backward(Buffers& buffers, bool deterministic, nsa::Status* status,
                         nsa::SelectedDq selected_dq = nsa::SelectedDq::kAuto);
-// Whether the library's sm_90a code runs on the current device (a 9.0 device, and a test build for
-// sm_90a, which the library's build shares): the key-major dq and the other wgmma paths.
-bool cuda_sm90a_runs();
 
 // ------------------------------------------------------------------------------------------------
 // Judging a 16-bit forward (the CUDA backend's) by DESIGN.md section 2. No device needed.
