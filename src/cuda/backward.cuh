@@ -453,12 +453,13 @@ __global__ void __launch_bounds__(kAttnThreads, (kBackwardMinBlocks<Dk>))
     T gate;
   };
   auto row_valid = [&](int i) { return tid < R && i * R + tid < num_rows; };
+  auto row_head = [&](int i, int r) { return kv_head * G + (i * R + r) % G; };
   auto load_entry = [&](int i) { return row_valid(i) ? kt.entry(p0 + (i * R + tid) / G) : 0u; };
   auto load_terms = [&](int i, uint32_t entry) {
     RowTerms terms{-1, 0.f, 0.f, T{}};
     if (row_valid(i)) {
       terms.t = KeyTile::position_of(entry);
-      const int head = kv_head * G + (i * R + tid) % G;
+      const int head = row_head(i, tid);
       const int64_t idx = ((seq.row0 + terms.t) * H + head) * 3 + kBranch;
       terms.lse = a.lse[idx];
       terms.delta = a.delta[idx];
@@ -574,8 +575,7 @@ __global__ void __launch_bounds__(kAttnThreads, (kBackwardMinBlocks<Dk>))
         const int row = warp * 16 + group + 8 * r;
         const int t = tile_t[row];
         if (t < 0) continue;
-        const int head = kv_head * G + (i * R + row) % G;
-        float* dst = a.dq_slc_acc + ((seq.row0 + t) * H + head) * Dk + tig * 2;
+        float* dst = a.dq_slc_acc + ((seq.row0 + t) * H + row_head(i, row)) * Dk + tig * 2;
 #pragma unroll
         for (int nb = 0; nb < Dk / 8; ++nb)
           atomicAdd(reinterpret_cast<float2*>(dst + nb * 8), make_float2(dq[nb][2 * r], dq[nb][2 * r + 1]));
