@@ -403,9 +403,6 @@ TEST_P(CudaBackward, MatchesReference) {
   check_case(GetParam());
 }
 
-// Paper defaults except a small n and window, so that top-n chooses and the window is shorter than T.
-nsa::Config tight_config() { return make_config(32, 16, 64, 5, 1, 2, 100); }
-
 std::vector<BwdCase> gpu_cases() {
   std::vector<BwdCase> cases;
   const nsa::Config paper;
@@ -422,30 +419,30 @@ std::vector<BwdCase> gpu_cases() {
   // Group sizes.
   for (int64_t G : {1, 2, 3, 4, 6, 8, 16}) {
     const int64_t hkv = G >= 16 ? 1 : 2;
-    cases.push_back(make_case("G" + std::to_string(G), padded_spec(1, 300, G * hkv, hkv, 64, 64), tight_config(),
+    cases.push_back(make_case("G" + std::to_string(G), padded_spec(1, 300, G * hkv, hkv, 64, 64), small_n_config(),
                               DType::kBFloat16, ++seed));
   }
   // Head dims x dtypes.
   for (DType dtype : {DType::kBFloat16, DType::kFloat16})
     for (auto [dk, dv] : {std::pair<int64_t, int64_t>{64, 64}, {128, 128}, {192, 128}})
       cases.push_back(make_case("Dk" + std::to_string(dk) + "_Dv" + std::to_string(dv),
-                                padded_spec(2, 200, 4, 2, dk, dv), tight_config(), dtype, ++seed));
+                                padded_spec(2, 200, 4, 2, dk, dv), small_n_config(), dtype, ++seed));
   // Packed varlen with mixed lengths (1, < l, long; an empty sequence and a block edge in the second).
   {
-    BwdCase c = make_case("varlen_G3_D128_sepwin", varlen_spec({1, 70, 517, 33}, 6, 2, 128, 128), tight_config(),
+    BwdCase c = make_case("varlen_G3_D128_sepwin", varlen_spec({1, 70, 517, 33}, 6, 2, 128, 128), small_n_config(),
                           DType::kBFloat16, ++seed);
     c.spec.separate_window = true;
     cases.push_back(c);
     cases.push_back(make_case("varlen_paper_G4", varlen_spec({1, 70, 0, 517, 64, 33}, 8, 2, 64, 64), paper,
                               DType::kFloat16, ++seed));
-    BwdCase d = make_case("varlen_D192_G2_sepwin", varlen_spec({100, 33, 250}, 4, 2, 192, 128), tight_config(),
+    BwdCase d = make_case("varlen_D192_G2_sepwin", varlen_spec({100, 33, 250}, 4, 2, 192, 128), small_n_config(),
                           DType::kFloat16, ++seed);
     d.spec.separate_window = true;
     cases.push_back(d);
   }
   // Separate window keys / values, padded.
   {
-    BwdCase c = make_case("sepwin", padded_spec(1, 500, 8, 2, 64, 64), tight_config(), DType::kBFloat16, ++seed);
+    BwdCase c = make_case("sepwin", padded_spec(1, 500, 8, 2, 64, 64), small_n_config(), DType::kBFloat16, ++seed);
     c.spec.separate_window = true;
     cases.push_back(c);
   }
@@ -466,12 +463,12 @@ std::vector<BwdCase> gpu_cases() {
     heads_outer.row_pad = 3;
     Layout dim_pad;
     dim_pad.dim_pad = 8;
-    BwdCase c = make_case("strided", padded_spec(2, 257, 8, 2, 64, 64), tight_config(), DType::kBFloat16, ++seed);
+    BwdCase c = make_case("strided", padded_spec(2, 257, 8, 2, 64, 64), small_n_config(), DType::kBFloat16, ++seed);
     c.spec.separate_window = true;
     c.input_layout = heads_outer;
     c.output_layout = dim_pad;
     cases.push_back(c);
-    BwdCase v = make_case("strided_varlen", varlen_spec({100, 257, 3}, 4, 2, 128, 128), tight_config(),
+    BwdCase v = make_case("strided_varlen", varlen_spec({100, 257, 3}, 4, 2, 128, 128), small_n_config(),
                           DType::kFloat16, ++seed);
     v.input_layout = dim_pad;
     v.output_layout = heads_outer;
@@ -488,7 +485,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, CudaBackward, ::testing::ValuesIn(gpu_cases()),
 // code, and never when deterministic; the case itself runs both modes against the reference.
 TEST(CudaBackwardAuto, PicksKeyMajorWhereItPays) {
   NSA_SKIP_WITHOUT_DEVICE();
-  const BwdCase c = make_case("auto_G16_T4096", padded_spec(1, 4096, 16, 1, 64, 64), tight_config(),
+  const BwdCase c = make_case("auto_G16_T4096", padded_spec(1, 4096, 16, 1, 64, 64), small_n_config(),
                               DType::kBFloat16, 4345);
   HostParams h(c.spec);
   nsa::BackwardParams p = h.params;
@@ -505,7 +502,7 @@ TEST(CudaBackwardAuto, PicksKeyMajorWhereItPays) {
 // length-1 sequence and T < l, G = 3, separate window keys; then padded, shared keys, fp16.
 TEST(CudaBackwardSanitizer, Small) {
   NSA_SKIP_WITHOUT_DEVICE();
-  BwdCase c = make_case("sanitizer", varlen_spec({130, 1, 70, 17}, 6, 2, 64, 64), tight_config(), DType::kBFloat16,
+  BwdCase c = make_case("sanitizer", varlen_spec({130, 1, 70, 17}, 6, 2, 64, 64), small_n_config(), DType::kBFloat16,
                         4343);
   c.spec.separate_window = true;
   check_case(c);

@@ -187,9 +187,6 @@ TEST_P(CudaForward, MatchesReference) {
   check_case(GetParam());
 }
 
-// Paper defaults except a small n and window, so that top-n chooses at moderate T.
-nsa::Config tight_config() { return make_config(32, 16, 64, 5, 1, 2, 100); }
-
 std::vector<GpuCase> gpu_cases() {
   std::vector<GpuCase> cases;
   const nsa::Config paper;
@@ -205,18 +202,18 @@ std::vector<GpuCase> gpu_cases() {
   for (int64_t G : {1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 72}) {
     const int64_t hkv = G >= 16 ? 1 : 2;
     cases.push_back(make_gpu_case("G" + std::to_string(G), padded_spec(1, G > 16 ? 130 : 777, G * hkv, hkv, 64, 64),
-                                  tight_config(), DType::kBFloat16, ++seed));
+                                  small_n_config(), DType::kBFloat16, ++seed));
   }
   // Head dims x dtypes.
   for (DType dtype : {DType::kBFloat16, DType::kFloat16})
     for (auto [dk, dv] : {std::pair<int64_t, int64_t>{64, 64}, {128, 128}, {192, 128}})
       cases.push_back(make_gpu_case("Dk" + std::to_string(dk) + "_Dv" + std::to_string(dv),
-                                    padded_spec(2, 300, 8, 2, dk, dv), tight_config(), dtype, ++seed));
+                                    padded_spec(2, 300, 8, 2, dk, dv), small_n_config(), dtype, ++seed));
   // The selection's padded head sums over several key tiles (T = 2048: 127 compressed keys; the
   // showcase's G = 6), and its 4-row padding at G = 3.
   for (int64_t G : {3, 6, 12})
     cases.push_back(make_gpu_case("G" + std::to_string(G) + "_T2048", padded_spec(1, 2048, G * 2, 2, 64, 64),
-                                  tight_config(), DType::kBFloat16, ++seed));
+                                  small_n_config(), DType::kBFloat16, ++seed));
   // A large n (45 free blocks to take of up to 61).
   cases.push_back(make_gpu_case("T4096_n48", padded_spec(1, 4096, 4, 2, 64, 64),
                                 make_config(32, 16, 64, 48, 1, 2, 100), DType::kBFloat16, ++seed));
@@ -225,18 +222,18 @@ std::vector<GpuCase> gpu_cases() {
                                 DType::kBFloat16, ++seed));
   // Packed varlen with mixed lengths (0, 1, < l, block edges, long).
   const std::vector<int64_t> lengths = {1, 17, 300, 64, 0, 1000, 65, 31};
-  cases.push_back(make_gpu_case("varlen_G3_D128", varlen_spec(lengths, 6, 2, 128, 128), tight_config(),
+  cases.push_back(make_gpu_case("varlen_G3_D128", varlen_spec(lengths, 6, 2, 128, 128), small_n_config(),
                                 DType::kBFloat16, ++seed));
   cases.push_back(make_gpu_case("varlen_paper_G4", varlen_spec(lengths, 8, 2, 64, 64), paper, DType::kFloat16,
                                 ++seed));
   // Separate window keys / values.
   {
-    GpuCase c = make_gpu_case("separate_window", padded_spec(1, 500, 8, 2, 64, 64), tight_config(), DType::kBFloat16,
+    GpuCase c = make_gpu_case("separate_window", padded_spec(1, 500, 8, 2, 64, 64), small_n_config(), DType::kBFloat16,
                               ++seed);
     c.spec.separate_window = true;
     c.name += "_sepwin";
     cases.push_back(c);
-    GpuCase v = make_gpu_case("separate_window_varlen", varlen_spec({200, 33, 400}, 6, 3, 192, 128), tight_config(),
+    GpuCase v = make_gpu_case("separate_window_varlen", varlen_spec({200, 33, 400}, 6, 3, 192, 128), small_n_config(),
                               DType::kFloat16, ++seed);
     v.spec.separate_window = true;
     cases.push_back(v);
@@ -245,13 +242,13 @@ std::vector<GpuCase> gpu_cases() {
   for (bool varlen : {false, true}) {
     GpuCase c = make_gpu_case(varlen ? "given_indices_varlen" : "given_indices",
                               varlen ? varlen_spec({130, 1, 600, 64}, 8, 2, 64, 64) : padded_spec(2, 600, 8, 2, 64, 64),
-                              tight_config(), DType::kBFloat16, ++seed);
+                              small_n_config(), DType::kBFloat16, ++seed);
     c.given_indices = true;
     cases.push_back(c);
   }
   // No out_branch: the cmp branch goes through the workspace.
   {
-    GpuCase c = make_gpu_case("no_out_branch", padded_spec(2, 300, 8, 2, 128, 128), tight_config(), DType::kBFloat16,
+    GpuCase c = make_gpu_case("no_out_branch", padded_spec(2, 300, 8, 2, 128, 128), small_n_config(), DType::kBFloat16,
                               ++seed);
     c.with_out_branch = false;
     cases.push_back(c);
@@ -263,11 +260,11 @@ std::vector<GpuCase> gpu_cases() {
     heads_outer.row_pad = 3;
     Layout dim_pad;
     dim_pad.dim_pad = 8;
-    GpuCase c = make_gpu_case("strided", padded_spec(2, 257, 8, 2, 64, 64), tight_config(), DType::kBFloat16, ++seed);
+    GpuCase c = make_gpu_case("strided", padded_spec(2, 257, 8, 2, 64, 64), small_n_config(), DType::kBFloat16, ++seed);
     c.input_layout = heads_outer;
     c.output_layout = dim_pad;
     cases.push_back(c);
-    GpuCase v = make_gpu_case("strided_varlen", varlen_spec({100, 257, 3}, 4, 2, 128, 128), tight_config(),
+    GpuCase v = make_gpu_case("strided_varlen", varlen_spec({100, 257, 3}, 4, 2, 128, 128), small_n_config(),
                               DType::kFloat16, ++seed);
     v.input_layout = dim_pad;
     v.output_layout = heads_outer;
@@ -292,7 +289,7 @@ std::vector<GpuCase> gpu_cases() {
     Layout heads_outer;
     heads_outer.heads_outer = true;
     heads_outer.row_pad = 3;
-    GpuCase c = make_gpu_case("strided_D128", padded_spec(2, 257, 8, 2, 128, 128), tight_config(), DType::kBFloat16,
+    GpuCase c = make_gpu_case("strided_D128", padded_spec(2, 257, 8, 2, 128, 128), small_n_config(), DType::kBFloat16,
                               ++seed);
     c.input_layout = heads_outer;
     cases.push_back(c);
@@ -314,10 +311,10 @@ std::vector<GpuCase> gpu_cases() {
   // G > 64 (a position's heads across the warpgroups' tiles).
   for (int64_t G : {1, 72})
     cases.push_back(make_gpu_case("G" + std::to_string(G) + "_D128",
-                                  padded_spec(1, G > 16 ? 130 : 777, G, 1, 128, 128), tight_config(),
+                                  padded_spec(1, G > 16 ? 130 : 777, G, 1, 128, 128), small_n_config(),
                                   DType::kBFloat16, ++seed));
   // The TMA ring at Dk = 64 (from kSlcRingMinKeysWgmma keys; below, the wgmma slc sweep), G = 6.
-  cases.push_back(make_gpu_case("ring_D64_T8200", padded_spec(1, 8200, 6, 1, 64, 64), tight_config(),
+  cases.push_back(make_gpu_case("ring_D64_T8200", padded_spec(1, 8200, 6, 1, 64, 64), small_n_config(),
                                 DType::kBFloat16, ++seed));
   return cases;
 }
@@ -351,7 +348,7 @@ TEST(CudaForwardProperties, SlcRingMatchesCpAsyncKernel) {
   std::vector<GpuCase> cases;
   cases.push_back(make_gpu_case("paper_G16", padded_spec(1, 3000, 16, 1, 128, 128), nsa::Config{},
                                 DType::kBFloat16, 4400));
-  cases.push_back(make_gpu_case("varlen_G6", varlen_spec({1, 700, 64, 2500}, 12, 2, 128, 128), tight_config(),
+  cases.push_back(make_gpu_case("varlen_G6", varlen_spec({1, 700, 64, 2500}, 12, 2, 128, 128), small_n_config(),
                                 DType::kFloat16, 4401));
   cases.push_back(make_gpu_case("l128_Dk192", padded_spec(2, 1000, 8, 2, 192, 128),
                                 make_config(32, 16, 128, 4, 1, 2, 100), DType::kBFloat16, 4402));
@@ -418,7 +415,7 @@ TEST(CudaForwardProperties, HalvedSelectionMatchesShortRun) {
 // for G = 6 and 16 (the selection's two warpgroups).
 TEST(CudaForwardSanitizer, Small) {
   NSA_SKIP_WITHOUT_DEVICE();
-  GpuCase c = make_gpu_case("sanitizer", varlen_spec({130, 1, 70, 33}, 6, 2, 64, 64), tight_config(),
+  GpuCase c = make_gpu_case("sanitizer", varlen_spec({130, 1, 70, 33}, 6, 2, 64, 64), small_n_config(),
                             DType::kBFloat16, 4242);
   check_case(c);
   c.given_indices = true;
@@ -427,12 +424,12 @@ TEST(CudaForwardSanitizer, Small) {
   for (int64_t G : {2, 6, 16}) {
     SCOPED_TRACE("G = " + std::to_string(G));
     check_case(make_gpu_case("sanitizer_G" + std::to_string(G), varlen_spec({130, 1, 70}, G, 1, 64, 64),
-                             tight_config(), DType::kBFloat16, 4243 + G));
+                             small_n_config(), DType::kBFloat16, 4243 + G));
   }
   for (int64_t G : {6, 16}) {
     SCOPED_TRACE("G = " + std::to_string(G) + ", Dk = 128");
     check_case(make_gpu_case("sanitizer_G" + std::to_string(G) + "_D128", varlen_spec({130, 1, 70}, G, 1, 128, 128),
-                             tight_config(), DType::kBFloat16, 4263 + G));
+                             small_n_config(), DType::kBFloat16, 4263 + G));
   }
 }
 

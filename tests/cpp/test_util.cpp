@@ -251,6 +251,8 @@ nsa::Config make_config(int64_t l, int64_t d, int64_t l_sel, int64_t n, int64_t 
   return nsa::Config{l, d, l_sel, n, n_init, n_local, w, scale};
 }
 
+nsa::Config small_n_config() { return make_config(32, 16, 64, 5, 1, 2, 100); }
+
 ProblemSpec padded_spec(int64_t batch, int64_t seqlen, int64_t hq, int64_t hkv, int64_t dk, int64_t dv) {
   ProblemSpec s;
   s.seqlens.assign(static_cast<size_t>(batch), seqlen);

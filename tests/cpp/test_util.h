@@ -47,6 +47,9 @@ struct ProblemSpec {
 // A config from its fields in paper order (l, d, l', n, n_init, n_local, w, scale).
 nsa::Config make_config(int64_t l, int64_t d, int64_t l_sel, int64_t n, int64_t n_init, int64_t n_local,
                         int64_t w = 512, double scale = 0.0);
+// The paper's l, d and l' with a small n (5: 1 initial, 2 local) and window (100), so that top-n
+// chooses and the window is shorter than T at the moderate lengths the GPU tests run.
+nsa::Config small_n_config();
 
 // Spec factories; adjust the other fields afterwards.
 ProblemSpec padded_spec(int64_t batch, int64_t seqlen, int64_t hq, int64_t hkv, int64_t dk, int64_t dv);
