@@ -86,13 +86,7 @@ void check_gradients(const ProblemSpec& spec, int elements_per_arg) {
 
 ProblemSpec small_spec(int64_t T, int64_t hq, int64_t hkv, int64_t dk, int64_t dv, bool separate_window) {
   ProblemSpec spec = padded_spec(2, T, hq, hkv, dk, dv);
-  spec.config.cmp_block = 16;
-  spec.config.cmp_stride = 8;
-  spec.config.sel_block = 32;
-  spec.config.num_selected = 3;
-  spec.config.num_init = 1;
-  spec.config.num_local = 1;
-  spec.config.window = 20;
+  spec.config = make_config(16, 8, 32, 3, 1, 1, 20);
   spec.separate_window = separate_window;
   spec.seed = static_cast<uint64_t>(T * 31 + hq);
   return spec;

@@ -35,13 +35,7 @@ struct ValidProblem {
 
   static nsa_test::ProblemSpec spec() {
     nsa_test::ProblemSpec spec = nsa_test::padded_spec(B, T, Hq, Hkv, Dk, Dv);
-    spec.config.cmp_block = 16;
-    spec.config.cmp_stride = 8;
-    spec.config.sel_block = 32;
-    spec.config.num_selected = 3;
-    spec.config.num_init = 1;
-    spec.config.num_local = 1;
-    spec.config.window = 20;
+    spec.config = nsa_test::make_config(16, 8, 32, 3, 1, 1, 20);
     spec.dtype = nsa::DType::kFloat32;
     spec.seed = 7;
     return spec;
