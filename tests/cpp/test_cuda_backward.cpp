@@ -31,6 +31,7 @@
 #include <utility>
 #include <vector>
 
+#include "cuda/backward_split.h"
 #include "cuda/stages.h"
 #include "nsa/nsa.h"
 #include "test_util.h"
@@ -371,7 +372,8 @@ void check_case(const BwdCase& c) {
   const Grads fast = run_cuda_backward(hb, false, &st, nsa::SelectedDq::kQueryMajor);
   if (not_compiled(st)) GTEST_SKIP() << st.message;
   ASSERT_TRUE(st.ok()) << "backward: " << nsa::status_code_name(st.code) << ": " << st.message;
-  const bool key_major_runs = nsa::cuda_detail::sm90a_code_runs() && c.spec.dk <= 128;
+  const bool key_major_runs =
+      nsa::cuda_detail::sm90a_code_runs() && c.spec.dk <= nsa::cuda_detail::kKeyMajorDqMaxDk;
   const Grads key_major = run_cuda_backward(hb, false, &st, nsa::SelectedDq::kKeyMajor);
   if (key_major_runs) {
     ASSERT_TRUE(st.ok()) << "key-major dq backward: " << nsa::status_code_name(st.code) << ": " << st.message;

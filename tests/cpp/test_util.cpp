@@ -1354,7 +1354,6 @@ bool cuda_device_available() {
   return nsa::cuda::built() && cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
 }
 
-
 Outputs run_cuda_forward(Buffers& hb, nsa::Status* status) {
   return run_cuda_forward_stages(hb, nsa::cuda_detail::kStageAll, status);
 }
