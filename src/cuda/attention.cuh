@@ -497,7 +497,10 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
   const int tid = threadIdx.x;
   const int num_tiles = tiles.num_tiles();
   count_keys_read(tiles, keys_read);
-  if (num_tiles <= 0) return;
+  if (num_tiles <= 0) {
+    cp_async_wait<0>();  // the caller's Q tile copies (attention_cta with wgmma does not wait for them)
+    return;
+  }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if constexpr (kStream) {
@@ -692,19 +695,33 @@ __device__ __forceinline__ void load_head_rows_async(T* tile, const TensorRef& r
   static_assert(Rows % 64 == 0, "whole 64-row tiles");
   const int G = a.group, len = static_cast<int>(seq.len);
   const T* base = seq_head_ptr<T>(ref, a, b, seq.row0, kv_head * G);
-  constexpr int kChunks = D / 8;
   constexpr int kTileElems = 64 * (kSwizzled ? D : D + 8);
-  for (int idx = threadIdx.x; idx < Rows * kChunks; idx += kThreads) {
-    const int r = idx / kChunks, c = idx % kChunks;
-    const int R = m0 + r;
-    const int t = R / G, g = R % G;
-    const bool valid = t < len;
-    const T* src = valid ? base + int64_t{t} * ref.seq_stride + int64_t{g} * ref.head_stride + c * 8 : base;
-    // (One 64-row tile: the offset as it was, so that the code of those kernels stays the same.)
-    const int offset = Rows == 64 ? tile_chunk_offset<D, 64, kSwizzled>(r, c)
-                                  : (r / 64) * kTileElems + tile_chunk_offset<D, 64, kSwizzled>(r % 64, c);
-    cp_async_16(tile + offset, src, valid);
-  }
+  // Row m0 + r is (t, g) = ((m0 + r) / G, (m0 + r) % G), stepped along without a division per chunk.
+  using Chunks = TileChunks<D, Rows, kThreads>;
+  const int t_step = Chunks::kRowStep / G, g_step = Chunks::kRowStep % G;
+  int t = 0, g = 0;
+  Chunks::visit(
+      static_cast<int>(threadIdx.x),
+      [&](int r, int) {
+        t = (m0 + r) / G;
+        g = (m0 + r) % G;
+      },
+      [&](int r, int c) {
+        const bool valid = t < len;
+        const T* src = valid ? base + int64_t{t} * ref.seq_stride + int64_t{g} * ref.head_stride + c * 8 : base;
+        // (One 64-row tile: the offset as it was, so that the code of those kernels stays the same.)
+        const int offset = Rows == 64 ? tile_chunk_offset<D, 64, kSwizzled>(r, c)
+                                      : (r / 64) * kTileElems + tile_chunk_offset<D, 64, kSwizzled>(r % 64, c);
+        cp_async_16(tile + offset, src, valid);
+      },
+      [&] {
+        t += t_step;
+        g += g_step;
+        if (g >= G) {
+          g -= G;
+          ++t;
+        }
+      });
 }
 
 // Row sums over the quad, normalization factor and natural-log lse of row r after a sweep.
@@ -955,8 +972,12 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   // (Split 0 always gets here: the chain's completion order rests on that, decode.cuh.)
   if constexpr (kSplit) wait_for_previous_kernel();
 
-  cp_async_wait<0>();
-  sync_copied_tiles<kWgmma>();
+  // With wgmma the Q tile stays in its own buffer and the sweep's first wait for a K / V tile
+  // covers its (earlier) copy group too, so its loads overlap those of the first tiles.
+  if constexpr (!kWgmma) {
+    cp_async_wait<0>();
+    sync_copied_tiles<false>();
+  }
   std::conditional_t<kWgmma, QInSharedMemory<T>, QInRegisters<T, Dk>> qf;
   qf.load(kWarpgroups > 1 ? sQ + (warp / 4) * 64 * Dk : sQ, row_warp * 16);  // the warpgroup's 64 rows
   if constexpr (!kWgmma) __syncthreads();  // the first K tile overwrites the Q tile
@@ -1068,10 +1089,19 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
         for (int nb = 0; nb < Dv / 8; ++nb)
           *reinterpret_cast<uint32_t*>(dst + nb * 8 + tig * 2) = Tr::pack(acc[nb][2 * r] * inv, acc[nb][2 * r + 1] * inv);
       } else {
+        // Every load of the row before its first store: the compiler may not move a load of
+        // o_cmp / o_slc past a store to out (they might alias), so loads between the stores would
+        // wait for memory one after the other.
         const T* gate = seq_head_ptr<T>(a.gates, a, b, seq.row0, head) + int64_t{t} * a.gates.seq_stride;
-        const float g_cmp = Tr::to_float(gate[0]), g_slc = Tr::to_float(gate[1]), g_win = Tr::to_float(gate[2]);
         const T* o_cmp = branch_row<T>(a.cmp_out, a, grow, head);
         const T* o_slc = branch_row<T>(a.slc_out, a, grow, head);
+        uint32_t cmp_words[Dv / 8], slc_words[Dv / 8];
+#pragma unroll
+        for (int nb = 0; nb < Dv / 8; ++nb) {
+          cmp_words[nb] = *reinterpret_cast<const uint32_t*>(o_cmp + nb * 8 + tig * 2);
+          slc_words[nb] = *reinterpret_cast<const uint32_t*>(o_slc + nb * 8 + tig * 2);
+        }
+        const float g_cmp = Tr::to_float(gate[0]), g_slc = Tr::to_float(gate[1]), g_win = Tr::to_float(gate[2]);
         T* o_win = a.win_out != nullptr ? branch_row<T>(a.win_out, a, grow, head) : nullptr;
         const int64_t out_base = a.cu_seqlens != nullptr ? seq.row0 * a.out_seq_stride : int64_t{b} * a.out_batch_stride;
         T* out = static_cast<T*>(a.out) + out_base + int64_t{t} * a.out_seq_stride + int64_t{head} * a.out_head_stride;
@@ -1080,8 +1110,8 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
           const int col = nb * 8 + tig * 2;
           const uint32_t win_packed = Tr::pack(acc[nb][2 * r] * inv, acc[nb][2 * r + 1] * inv);
           const float2 ow = Tr::unpack(win_packed);
-          const float2 os = Tr::unpack(*reinterpret_cast<const uint32_t*>(o_slc + col));
-          const float2 oc = Tr::unpack(*reinterpret_cast<const uint32_t*>(o_cmp + col));
+          const float2 os = Tr::unpack(slc_words[nb]);
+          const float2 oc = Tr::unpack(cmp_words[nb]);
           *reinterpret_cast<uint32_t*>(out + col) = Tr::pack(g_cmp * oc.x + g_slc * os.x + g_win * ow.x,
                                                              g_cmp * oc.y + g_slc * os.y + g_win * ow.y);
           if (o_win) *reinterpret_cast<uint32_t*>(o_win + col) = win_packed;

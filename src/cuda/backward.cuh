@@ -234,21 +234,34 @@ __global__ void __launch_bounds__(kAttnThreads, kBackwardMinBlocks<Dk>) dq_kerne
   sweep_branch<T, Dk, Dv, kBranchWin, false, Mma>(a, b, seq, kv_head, rt, union_smem, sK, sV, nullptr,
                                                   body(br[kBranchWin]));
 
+  // The key-major sums of both rows are loaded before the first store: the compiler may not move
+  // a load past a store to grad_q (they might alias), so loads between the stores would wait for
+  // memory one after the other.
+  if (a.dq_slc_acc != nullptr) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (rows[r].t < 0) continue;
+      const float* slc = a.dq_slc_acc + ((seq.row0 + rows[r].t) * H + rows[r].head) * Dk + tig * 2;
+      float2 added[Dk / 8];
+#pragma unroll
+      for (int nb = 0; nb < Dk / 8; ++nb) added[nb] = *reinterpret_cast<const float2*>(slc + nb * 8);
+#pragma unroll
+      for (int nb = 0; nb < Dk / 8; ++nb) {
+        dq[nb][2 * r] += added[nb].x;
+        dq[nb][2 * r + 1] += added[nb].y;
+      }
+    }
+  }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (rows[r].t < 0) continue;
     const int64_t base = a.cu_seqlens != nullptr ? (seq.row0 + rows[r].t) * a.grad_q.seq_stride
                                                  : int64_t{b} * a.grad_q.batch_stride + int64_t{rows[r].t} * a.grad_q.seq_stride;
     T* dst = static_cast<T*>(a.grad_q.data) + base + int64_t{rows[r].head} * a.grad_q.head_stride;
-    const float* slc = a.dq_slc_acc != nullptr
-                           ? a.dq_slc_acc + ((seq.row0 + rows[r].t) * H + rows[r].head) * Dk + tig * 2
-                           : nullptr;
 #pragma unroll
-    for (int nb = 0; nb < Dk / 8; ++nb) {
-      const float2 added = slc != nullptr ? *reinterpret_cast<const float2*>(slc + nb * 8) : make_float2(0.f, 0.f);
+    for (int nb = 0; nb < Dk / 8; ++nb)
       *reinterpret_cast<uint32_t*>(dst + nb * 8 + tig * 2) =
-          Tr::pack((dq[nb][2 * r] + added.x) * a.scale, (dq[nb][2 * r + 1] + added.y) * a.scale);
-    }
+          Tr::pack(dq[nb][2 * r] * a.scale, dq[nb][2 * r + 1] * a.scale);
   }
 }
 
@@ -309,14 +322,22 @@ struct KeyTile {
 template <class T, int D, int R, bool kSwizzled>
 __device__ __forceinline__ void load_list_rows_async(T* dst, const T* base, const TensorRef& ref, const int* tile_t,
                                                      int i, int G) {
-  for (int idx = threadIdx.x; idx < R * (D / 8); idx += kAttnThreads) {
-    const int r = idx / (D / 8), c = idx % (D / 8);
-    const int t = tile_t[r];
-    const bool valid = t >= 0;
-    const T* src = valid ? base + int64_t{t} * ref.seq_stride + int64_t{(i * R + r) % G} * ref.head_stride + c * 8
-                         : base;
-    cp_async_16(dst + tile_chunk_offset<D, R, kSwizzled>(r, c), src, valid);
-  }
+  // Row i R + r is query head (i R + r) % G, stepped along as load_head_rows_async does.
+  using Chunks = TileChunks<D, R, kAttnThreads>;
+  const int g_step = Chunks::kRowStep % G;
+  int g = 0;
+  Chunks::visit(
+      static_cast<int>(threadIdx.x), [&](int r, int) { g = (i * R + r) % G; },
+      [&](int r, int c) {
+        const int t = tile_t[r];
+        const bool valid = t >= 0;
+        const T* src = valid ? base + int64_t{t} * ref.seq_stride + int64_t{g} * ref.head_stride + c * 8 : base;
+        cp_async_16(dst + tile_chunk_offset<D, R, kSwizzled>(r, c), src, valid);
+      },
+      [&] {
+        g += g_step;
+        if (g >= G) g -= G;
+      });
 }
 
 template <int kBranch>
