@@ -34,10 +34,11 @@ inline int64_t key_major_split_positions(int64_t key_tile_ctas, int64_t list_pos
 // dK / dV kernel and fp32 atomics. The union factor: the union's expected size over the n blocks a
 // row needs, for positions that see ceil(T / l') / 2 blocks (the causal average), share their
 // `forced` blocks (initial and local) and pick the others at random. kAuto takes key-major from
-// key_major_dq_min_union_factor on, which the measurements of docs/decisions/0012 set (H100,
-// 2026-12-07): key-major won at factors 2.5 (Dk 64), 3.3 (Dk 128) and 7.0, and lost at 1.0 (Dk 64)
-// and 2.5 (Dk 128). An estimate: varlen batches pass their longest sequence (packed short
-// documents have smaller unions), and caller-given block_indices need not hold the forced blocks.
+// kKeyMajorDqMinUnionFactor on, which the measurements of docs/decisions/0012 set (H100,
+// 2026-12-07, after the loads of decision 0013): key-major won at factors 3.7, 5.6 and 7.0 (Dk 64)
+// and 7.0 (Dk 128), tied at 3.3 (Dk 128) and lost at 3.2 and below. An estimate: varlen batches
+// pass their longest sequence (packed short documents have smaller unions), and caller-given
+// block_indices need not hold the forced blocks.
 inline constexpr int kKeyMajorDqMaxDk = 128;
 
 inline double selected_dq_union_factor(int64_t group, int64_t seqlen, int64_t sel_block, int64_t num_selected,
@@ -53,14 +54,14 @@ inline double selected_dq_union_factor(int64_t group, int64_t seqlen, int64_t se
   return (shared + picked_union) / n;
 }
 
-inline double key_major_dq_min_union_factor(int64_t head_dim_qk) { return head_dim_qk <= 64 ? 2.0 : 3.0; }
+inline constexpr double kKeyMajorDqMinUnionFactor = 3.5;
 
 // Whether kAuto takes key-major for these dims (the device and the deterministic mode are the
 // caller's to check).
 inline bool selected_dq_key_major_pays(int64_t head_dim_qk, int64_t group, int64_t seqlen, int64_t sel_block,
                                        int64_t num_selected, int64_t forced) {
-  return head_dim_qk <= kKeyMajorDqMaxDk && selected_dq_union_factor(group, seqlen, sel_block, num_selected, forced) >=
-                                                key_major_dq_min_union_factor(head_dim_qk);
+  return head_dim_qk <= kKeyMajorDqMaxDk &&
+         selected_dq_union_factor(group, seqlen, sel_block, num_selected, forced) >= kKeyMajorDqMinUnionFactor;
 }
 
 }  // namespace nsa::cuda_detail

@@ -57,9 +57,14 @@ TEST(SelectedDqPolicy, UnionFactorAndChoice) {
   EXPECT_DOUBLE_EQ(selected_dq_union_factor(128, 65536, 64, 16, kForced), 1.0);  // G > 64: one position a tile
   EXPECT_DOUBLE_EQ(selected_dq_union_factor(2, 1000, 64, 16, kForced), 1.0);     // T < n l'
   EXPECT_DOUBLE_EQ(selected_dq_union_factor(2, 1 << 20, 64, 16, 16), 1.0);       // all forced: shared by all
-  EXPECT_TRUE(selected_dq_key_major_pays(128, 16, 65536, 64, 16, kForced));
+  EXPECT_NEAR(selected_dq_union_factor(6, 8192, 64, 16, kForced), 3.70, 0.01);    // long at 8k
+  EXPECT_NEAR(selected_dq_union_factor(16, 32768, 64, 16, kForced), 3.20, 0.01);  // paper 32k
+  EXPECT_FALSE(selected_dq_key_major_pays(128, 16, 65536, 64, 16, kForced)) << "a tie at 3.3: query-major";
   EXPECT_FALSE(selected_dq_key_major_pays(128, 16, 8192, 64, 16, kForced));
-  EXPECT_TRUE(selected_dq_key_major_pays(64, 16, 8192, 64, 16, kForced));
+  EXPECT_TRUE(selected_dq_key_major_pays(128, 6, 32768, 64, 16, kForced));
+  EXPECT_FALSE(selected_dq_key_major_pays(64, 16, 8192, 64, 16, kForced));
+  EXPECT_FALSE(selected_dq_key_major_pays(64, 16, 32768, 64, 16, kForced));
+  EXPECT_TRUE(selected_dq_key_major_pays(64, 6, 8192, 64, 16, kForced));
   EXPECT_TRUE(selected_dq_key_major_pays(64, 6, 32768, 64, 16, kForced));
   EXPECT_FALSE(selected_dq_key_major_pays(64, 6, 2048, 64, 16, kForced));
   EXPECT_FALSE(selected_dq_key_major_pays(192, 16, 65536, 64, 16, kForced)) << "key-major dq stops at Dk = 128";
