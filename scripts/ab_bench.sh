@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # A/B of kernel variants in one device call: builds nsa_bench_forward and nsa_tests for each variant
-# (a source tree, plus optional extra CMake arguments, e.g. a -D switch of an experiment), runs a
-# gtest filter in each, then times each benchmark shape with every variant in turn, AB_RUNS rounds,
-# and prints a summary last: one line per (shape, variant, round) with the chosen stages' medians.
+# (a source tree, or this tree with a patch applied, plus optional extra CMake arguments), all at
+# once; runs a gtest filter in each; then times each benchmark shape with every variant in turn,
+# AB_RUNS rounds, and prints a summary last: one line per (shape, variant, round) with the medians
+# of the chosen stages.
 #
-#   AB_VARIANTS="main=. v2=.ab/v2 f4=.:-DCMAKE_CUDA_FLAGS=-DSOME_SWITCH=1" bash scripts/ab_bench.sh
+#   AB_VARIANTS="main=. slc2=@docs/experiments/0014-slc-ring-two-warpgroups.patch" bash scripts/ab_bench.sh
+#   AB_VARIANTS="main=. f4=.:-DCMAKE_CUDA_FLAGS=-DSOME_SWITCH=1" bash scripts/ab_bench.sh
 #
 # Environment (defaults in brackets):
-#   AB_VARIANTS  space-separated NAME=DIR[:CMAKE_ARGS] (CMAKE_ARGS: comma-separated) [main=.]
+#   AB_VARIANTS  space-separated NAME=SOURCE[:CMAKE_ARGS]: SOURCE a directory, or @PATCH for a copy of this
+#                tree (git's tracked files) with PATCH applied (git apply); CMAKE_ARGS comma-separated [main=.]
 #   AB_FILTER    gtest filter run in each variant, empty to skip [*CudaBackward*]
 #   AB_SHAPES    semicolon-separated NAME:nsa_bench_forward args [m7c-125m 2k, paper 8k, long 32k, paper 64k]
-#   AB_ARGS      arguments for every shape [--backward]
-#   AB_STAGES    egrep of the stage names summarized [bwd |bwd-dq|bwd-slc]
+#   AB_ARGS      arguments for every shape, empty for none [--backward]
+#   AB_STAGES    egrep of the stage names summarized [all|cmp|select|slc|win|bwd|bwd-dq|bwd-cmp|bwd-slc|bwd-win]
 #   AB_RUNS      rounds over the variants [2]
+#   AB_UNTIL     seconds after which no new shape starts [420]
 #   AB_ARCH      CUDA architectures [90a]
 #   OUT          logs: build_NAME.log, tests_NAME.log, ab.log [./ab_out]
-# Each variant builds in DIR/build/ab-NAME (ignored by git), so repeated calls on a warm machine
-# rebuild only what changed.
+# A directory variant builds in DIR/build/ab-NAME, a patch variant in build/ab-src-NAME/build (both
+# ignored by git), so repeated calls on a warm machine rebuild only what changed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/ab_out}
@@ -24,36 +28,69 @@ mkdir -p "$OUT"
 VARIANTS=${AB_VARIANTS:-main=.}
 FILTER=${AB_FILTER-*CudaBackward*}
 SHAPES=${AB_SHAPES:-"m7c-125m:--batch 16 --q-heads 12 --kv-heads 2 --dk 64 --dv 64 --seqlens 2048;paper-8k:--seqlens 8192;long:--batch 1 --q-heads 12 --kv-heads 2 --dk 64 --dv 64 --seqlens 32768;paper-64k:--seqlens 65536"}
-ARGS=${AB_ARGS:---backward}
-STAGES=${AB_STAGES:-bwd |bwd-dq|bwd-slc}
+ARGS=${AB_ARGS---backward}
+STAGES=${AB_STAGES:-all|cmp|select|slc|win|bwd|bwd-dq|bwd-cmp|bwd-slc|bwd-win}
 RUNS=${AB_RUNS:-2}
+UNTIL=${AB_UNTIL:-420}
 ARCH=${AB_ARCH:-90a}
 generator=()
 command -v ninja >/dev/null 2>&1 && generator=(-G Ninja)
 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | sed 's/^/GPU: /'
 
-declare -A BIN
+names=()
+for variant in $VARIANTS; do names+=("${variant%%=*}"); done
+jobs=$(( $(nproc) / ${#names[@]} ))
+[ "$jobs" -ge 1 ] || jobs=1
+
+# Builds one variant (NAME=SOURCE[:CMAKE_ARGS]) into the directory it prints last.
+build_variant() {
+  local name=${1%%=*} spec=${1#*=}
+  local source=${spec%%:*} extra=() dir build
+  [[ $spec == *:* ]] && IFS=, read -r -a extra <<< "${spec#*:}"
+  if [[ $source == @* ]]; then
+    local patch_file=$PWD/${source#@}
+    dir=build/ab-src-$name
+    rm -rf "$dir" && mkdir -p "$dir"
+    # The tracked files (or, in a copy without git's index, everything but build outputs).
+    if git ls-files --error-unmatch CMakeLists.txt > /dev/null 2>&1; then
+      git ls-files -z | xargs -0 tar -cf -
+    else
+      tar -cf - --exclude=./build --exclude=./.ab --exclude=./ab_out .
+    fi | tar -xf - -C "$dir" || return 1
+    (cd "$dir" && { git apply "$patch_file" 2> /dev/null || patch -p1 --forward < "$patch_file"; }) ||
+      { echo "patch ${source#@} does not apply"; return 1; }
+    build=$dir/build
+  else
+    dir=$source
+    build=$dir/build/ab-$name
+  fi
+  cmake -S "$dir" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
+    -DNSA_CUDA=ON -DNSA_BUILD_TORCH=OFF "${extra[@]}" &&
+    cmake --build "$build" -j "$jobs" --target nsa_bench_forward nsa_tests && echo "$build"
+}
+
+start=$SECONDS
 for variant in $VARIANTS; do
   name=${variant%%=*}
-  spec=${variant#*=}
-  dir=${spec%%:*}
-  extra=()
-  [[ $spec == *:* ]] && IFS=, read -r -a extra <<< "${spec#*:}"
-  build="$dir/build/ab-$name"
-  start=$SECONDS
-  if cmake -S "$dir" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
-       -DNSA_CUDA=ON -DNSA_BUILD_TORCH=OFF "${extra[@]}" > "$OUT/build_$name.log" 2>&1 &&
-     cmake --build "$build" -j "$(nproc)" --target nsa_bench_forward nsa_tests >> "$OUT/build_$name.log" 2>&1; then
-    BIN[$name]="$build"
-    echo "build $name: ok ($((SECONDS - start)) s)"
+  build_variant "$variant" > "$OUT/build_$name.log" 2>&1 &
+done
+wait
+declare -A BIN
+for name in "${names[@]}"; do
+  build=$(tail -n 1 "$OUT/build_$name.log")
+  if [ -x "$build/nsa_bench_forward" ] && [ -x "$build/nsa_tests" ]; then
+    BIN[$name]=$build
+    echo "build $name: ok"
   else
     echo "build $name: FAILED (build_$name.log)"
     tail -n 15 "$OUT/build_$name.log"
   fi
 done
+echo "builds: $((SECONDS - start)) s"
 
 if [ -n "$FILTER" ]; then
-  for name in "${!BIN[@]}"; do
+  for name in "${names[@]}"; do
+    [ -n "${BIN[$name]:-}" ] || continue
     timeout 300 "${BIN[$name]}/nsa_tests" --gtest_filter="$FILTER" > "$OUT/tests_$name.log" 2>&1
     rc=$?
     echo "tests $name: rc $rc, $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/tests_$name.log" | tr '\n' ' ')"
@@ -64,9 +101,12 @@ fi
 : > "$OUT/ab.log"
 IFS=';' read -r -a shape_list <<< "$SHAPES"
 for shape in "${shape_list[@]}"; do
+  if [ "$SECONDS" -gt "$UNTIL" ]; then
+    echo "(AB_UNTIL: ${shape%%:*} and later shapes not timed)"
+    break
+  fi
   for round in $(seq 1 "$RUNS"); do
-    for variant in $VARIANTS; do
-      name=${variant%%=*}
+    for name in "${names[@]}"; do
       [ -n "${BIN[$name]:-}" ] || continue
       echo "== ${shape%%:*} $name round $round" >> "$OUT/ab.log"
       # shellcheck disable=SC2086  # the shape's and AB_ARGS' words are separate arguments
@@ -77,5 +117,5 @@ for shape in "${shape_list[@]}"; do
 done
 
 echo "== summary: median ms of the stages matching '$STAGES' (total $SECONDS s)"
-awk -v stages="$STAGES" '/^== /{head = $2 " " $3 " r" $5; next}
-  ($2 " ") ~ "^(" stages ")" {printf "%-28s %8s %-8s %10s\n", head, $1, $2, $3}' "$OUT/ab.log"
+awk -v stages="$STAGES" '/^== /{if (line != "") print line; line = sprintf("%-12s %-8s r%s:", $2, $3, $5); next}
+  $2 ~ "^(" stages ")$" {line = line " " $2 "=" $3} END {if (line != "") print line}' "$OUT/ab.log"
