@@ -276,51 +276,6 @@ __device__ __forceinline__ bool is_forced(int j, int last_block, int num_init, i
   return j < num_init || (last_block - j >= 0 && last_block - j < num_local);
 }
 
-// The 16-byte chunks (row r, column c) of a Rows x D tile (row-major, D / 8 chunks a row) that
-// thread tid of Threads copies: chunks tid, tid + Threads, ... Where Threads is a multiple of the
-// chunks per row, they share the column c = tid % (D / 8) and step by kRowStep rows, so the loop
-// has a compile-time trip count and a caller keeps its per-row state (a source pointer, a head
-// index) by stepping it. The form with idx / (D / 8) per chunk (a trip count that depends on tid,
-// and a division by G per chunk where rows are (t, g) pairs) compiled to 35 to 40 instructions per
-// copy on sm_90a (nvcc 13.0), a third of the prefill sweeps' instructions per key tile
-// (docs/decisions/0013). Calls start(r, c) for the thread's first chunk, then per chunk body(r, c)
-// and step() (advance the state by kRowStep rows); without a common column, start(r, c) and
-// body(r, c) per chunk. kUnrolled false keeps the loop rolled (a rare load that should not cost
-// registers).
-template <int D, int Rows, int Threads>
-struct TileChunks {
-  static constexpr int kChunks = D / 8;
-  static constexpr bool kFixedColumn = Threads % kChunks == 0;
-  static constexpr int kRowStep = kFixedColumn ? Threads / kChunks : 0;
-
-  template <bool kUnrolled = true, class Start, class Body, class Step>
-  static __device__ __forceinline__ void visit(int tid, Start&& start, Body&& body, Step&& step) {
-    if constexpr (kFixedColumn && kUnrolled) {
-      const int row0 = tid / kChunks, c = tid % kChunks;
-      start(row0, c);
-#pragma unroll
-      for (int pass = 0; pass < (Rows + kRowStep - 1) / kRowStep; ++pass) {
-        const int r = row0 + pass * kRowStep;
-        if (Rows % kRowStep == 0 || r < Rows) body(r, c);
-        step();
-      }
-    } else {
-      const auto chunk = [&](int idx) {
-        const int r = idx / kChunks, c = idx % kChunks;
-        start(r, c);
-        body(r, c);
-      };
-      if constexpr (kUnrolled) {
-#pragma unroll
-        for (int idx = tid; idx < Rows * kChunks; idx += Threads) chunk(idx);
-      } else {
-#pragma unroll 1
-        for (int idx = tid; idx < Rows * kChunks; idx += Threads) chunk(idx);
-      }
-    }
-  }
-};
-
 // Loads rows [key0, key0 + count) of a [*, D] tile (row stride `stride` elements) into a shared
 // memory tile of Rows rows (layout: tile_chunk_offset) with cp.async (kStream: as cp_async_16),
 // zero-filling rows >= count. The Threads threads tid = 0 .. Threads - 1 call it (the CTA's, or a

@@ -1,8 +1,10 @@
 // The shared-memory tile layouts of the CUDA kernels (src/cuda/tile_layout.h) on the host: the
 // swizzled layout wgmma reads is a permutation of the tile that fits the padded tile's storage and
 // is the 128-byte swizzle as PTX defines it (CuTe's Swizzle<3, 4, 3>: byte address bits 4-6 XOR
-// bits 7-9, over [D / 64] parts of [Rows][64] elements), and the wgmma descriptor bits sit where the
-// PTX ISA's matrix descriptor format puts them. The GPU tests check the kernels that use them.
+// bits 7-9, over [D / 64] parts of [Rows][64] elements), the wgmma descriptor bits sit where the
+// PTX ISA's matrix descriptor format puts them, and TileChunks gives every chunk of a tile to one
+// thread, with row state that stepping keeps equal to what the row's division would give. The GPU
+// tests check the kernels that use them.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -15,6 +17,7 @@ namespace nsa_test {
 namespace {
 
 using nsa::cuda_detail::tile_chunk_offset;
+using nsa::cuda_detail::TileChunks;
 using nsa::cuda_detail::wgmma_desc_bits;
 
 // Byte offset of element (row, col) in the unswizzled [D / 64][Rows][64] layout, then the 128-byte
@@ -69,6 +72,63 @@ TEST(TileLayout, WgmmaDescriptorFields) {
   // Only the 18 address bits of the shared window count; k-steps move the start by 32 bytes.
   EXPECT_EQ(wgmma_desc_bits(0x40000u + 0x20u, 0u, 1024u) & 0x3FFFu, 0x20u >> 4);
   EXPECT_EQ(wgmma_desc_bits(0x5400u + 32u, 0u, 1024u) - wgmma_desc_bits(0x5400u, 0u, 1024u), 2u);
+}
+
+// Every chunk (r, c) of a Rows x D tile goes to exactly one of the Threads threads, and a thread's
+// (t, g) = ((m0 + r) / G, (m0 + r) % G), set by start and advanced by step as the loaders do
+// (load_head_rows_async), equals the division at every chunk it copies.
+template <int D, int Rows, int Threads>
+void check_tile_chunks() {
+  using Chunks = TileChunks<D, Rows, Threads>;
+  SCOPED_TRACE("D = " + std::to_string(D) + ", Rows = " + std::to_string(Rows) + ", Threads = " +
+               std::to_string(Threads));
+  EXPECT_EQ(Chunks::kFixedColumn, Threads % (D / 8) == 0);
+  for (int unrolled = 0; unrolled < 2; ++unrolled)
+    for (const int group : {1, 2, 3, 5, 6, 16, 72})
+      for (const int m0 : {0, 7 * group + 3, 1000}) {
+        std::vector<int> copies(Rows * (D / 8), 0);
+        for (int tid = 0; tid < Threads; ++tid) {
+          const int t_step = Chunks::kRowStep / group, g_step = Chunks::kRowStep % group;
+          int t = -1, g = -1;
+          const auto start = [&](int r, int) {
+            t = (m0 + r) / group;
+            g = (m0 + r) % group;
+          };
+          const auto body = [&](int r, int c) {
+            ASSERT_GE(r, 0);
+            ASSERT_LT(r, Rows);
+            ASSERT_GE(c, 0);
+            ASSERT_LT(c, D / 8);
+            ++copies[r * (D / 8) + c];
+            EXPECT_EQ(t, (m0 + r) / group) << "tid " << tid << ", row " << r << ", G " << group;
+            EXPECT_EQ(g, (m0 + r) % group) << "tid " << tid << ", row " << r << ", G " << group;
+          };
+          const auto step = [&] {
+            t += t_step;
+            g += g_step;
+            if (g >= group) {
+              g -= group;
+              ++t;
+            }
+          };
+          if (unrolled)
+            Chunks::template visit<true>(tid, start, body, step);
+          else
+            Chunks::template visit<false>(tid, start, body, step);
+        }
+        for (size_t i = 0; i < copies.size(); ++i)
+          ASSERT_EQ(copies[i], 1) << "chunk " << i << ", G " << group << ", m0 " << m0;
+      }
+}
+
+TEST(TileLayout, TileChunksCopyEveryChunkOnceAndStepRowsAsTheyDivide) {
+  check_tile_chunks<64, 64, 128>();    // the K / V tiles of a one-warpgroup sweep
+  check_tile_chunks<128, 64, 384>();   // three warpgroups: 24 rows a pass, the last partial
+  check_tile_chunks<128, 192, 384>();  // their Q tile
+  check_tile_chunks<64, 64, 32>();     // one warp (the slc ring's partial tiles)
+  check_tile_chunks<128, 32, 128>();   // half row tiles
+  check_tile_chunks<192, 64, 128>();   // no common column: one division a chunk
+  check_tile_chunks<192, 64, 384>();
 }
 
 }  // namespace
