@@ -696,32 +696,21 @@ __device__ __forceinline__ void load_head_rows_async(T* tile, const TensorRef& r
   const int G = a.group, len = static_cast<int>(seq.len);
   const T* base = seq_head_ptr<T>(ref, a, b, seq.row0, kv_head * G);
   constexpr int kTileElems = 64 * (kSwizzled ? D : D + 8);
-  // Row m0 + r is (t, g) = ((m0 + r) / G, (m0 + r) % G), stepped along without a division per chunk.
+  // Row m0 + r is position t, head g of the group (GroupedRowCursor).
   using Chunks = TileChunks<D, Rows, kThreads>;
-  const int t_step = Chunks::kRowStep / G, g_step = Chunks::kRowStep % G;
-  int t = 0, g = 0;
+  GroupedRowCursor row(G, Chunks::kRowStep);
   Chunks::visit(
-      static_cast<int>(threadIdx.x),
-      [&](int r, int) {
-        t = (m0 + r) / G;
-        g = (m0 + r) % G;
-      },
+      static_cast<int>(threadIdx.x), [&](int r, int) { row.seek(m0 + r); },
       [&](int r, int c) {
-        const bool valid = t < len;
-        const T* src = valid ? base + int64_t{t} * ref.seq_stride + int64_t{g} * ref.head_stride + c * 8 : base;
+        const bool valid = row.t < len;
+        const T* src =
+            valid ? base + int64_t{row.t} * ref.seq_stride + int64_t{row.g} * ref.head_stride + c * 8 : base;
         // (One 64-row tile: the offset as it was, so that the code of those kernels stays the same.)
         const int offset = Rows == 64 ? tile_chunk_offset<D, 64, kSwizzled>(r, c)
                                       : (r / 64) * kTileElems + tile_chunk_offset<D, 64, kSwizzled>(r % 64, c);
         cp_async_16(tile + offset, src, valid);
       },
-      [&] {
-        t += t_step;
-        g += g_step;
-        if (g >= G) {
-          g -= G;
-          ++t;
-        }
-      });
+      [&] { row.advance(); });
 }
 
 // Row sums over the quad, normalization factor and natural-log lse of row r after a sweep.

@@ -322,22 +322,18 @@ struct KeyTile {
 template <class T, int D, int R, bool kSwizzled>
 __device__ __forceinline__ void load_list_rows_async(T* dst, const T* base, const TensorRef& ref, const int* tile_t,
                                                      int i, int G) {
-  // Row i R + r is query head (i R + r) % G, stepped along as load_head_rows_async does.
+  // Row i R + r is query head (i R + r) % G of the group (GroupedRowCursor; its position is tile_t's).
   using Chunks = TileChunks<D, R, kAttnThreads>;
-  const int g_step = Chunks::kRowStep % G;
-  int g = 0;
+  GroupedRowCursor row(G, Chunks::kRowStep);
   Chunks::visit(
-      static_cast<int>(threadIdx.x), [&](int r, int) { g = (i * R + r) % G; },
+      static_cast<int>(threadIdx.x), [&](int r, int) { row.seek(i * R + r); },
       [&](int r, int c) {
         const int t = tile_t[r];
         const bool valid = t >= 0;
-        const T* src = valid ? base + int64_t{t} * ref.seq_stride + int64_t{g} * ref.head_stride + c * 8 : base;
+        const T* src = valid ? base + int64_t{t} * ref.seq_stride + int64_t{row.g} * ref.head_stride + c * 8 : base;
         cp_async_16(dst + tile_chunk_offset<D, R, kSwizzled>(r, c), src, valid);
       },
-      [&] {
-        g += g_step;
-        if (g >= G) g -= G;
-      });
+      [&] { row.advance(); });
 }
 
 template <int kBranch>

@@ -80,6 +80,28 @@ struct TileChunks {
   }
 };
 
+// Row R of a space of (t, g) pairs, R = t * group + g (a tile's query rows: position t, head g of
+// the kv head's group), as a TileChunks caller walks it: seek(R) divides once, advance() moves
+// `step` rows on (TileChunks::kRowStep) without a division.
+struct GroupedRowCursor {
+  const int group, t_step, g_step;
+  int t = 0, g = 0;
+  NSA_HOST_DEVICE GroupedRowCursor(int group_size, int step)
+      : group(group_size), t_step(step / group_size), g_step(step % group_size) {}
+  NSA_HOST_DEVICE void seek(int row) {
+    t = row / group;
+    g = row % group;
+  }
+  NSA_HOST_DEVICE void advance() {
+    t += t_step;
+    g += g_step;
+    if (g >= group) {
+      g -= group;
+      ++t;
+    }
+  }
+};
+
 // The 64-bit wgmma shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start
 // address >> 4 in bits 0-13, leading-dimension byte offset >> 4 in bits 16-29, stride-dimension
 // byte offset >> 4 in bits 32-45, base offset 0 (1024-byte aligned atoms), swizzle mode 1 (128

@@ -16,6 +16,7 @@
 namespace nsa_test {
 namespace {
 
+using nsa::cuda_detail::GroupedRowCursor;
 using nsa::cuda_detail::tile_chunk_offset;
 using nsa::cuda_detail::TileChunks;
 using nsa::cuda_detail::wgmma_desc_bits;
@@ -75,8 +76,9 @@ TEST(TileLayout, WgmmaDescriptorFields) {
 }
 
 // Every chunk (r, c) of a Rows x D tile goes to exactly one of the Threads threads, and a thread's
-// (t, g) = ((m0 + r) / G, (m0 + r) % G), set by start and advanced by step as the loaders do
-// (load_head_rows_async), equals the division at every chunk it copies.
+// GroupedRowCursor, sought at its first row and advanced by each step as the loaders do
+// (load_head_rows_async, load_list_rows_async), holds ((m0 + r) / G, (m0 + r) % G) at every chunk
+// it copies.
 template <int D, int Rows, int Threads>
 void check_tile_chunks() {
   using Chunks = TileChunks<D, Rows, Threads>;
@@ -88,29 +90,18 @@ void check_tile_chunks() {
       for (const int m0 : {0, 7 * group + 3, 1000}) {
         std::vector<int> copies(Rows * (D / 8), 0);
         for (int tid = 0; tid < Threads; ++tid) {
-          const int t_step = Chunks::kRowStep / group, g_step = Chunks::kRowStep % group;
-          int t = -1, g = -1;
-          const auto start = [&](int r, int) {
-            t = (m0 + r) / group;
-            g = (m0 + r) % group;
-          };
+          GroupedRowCursor row(group, Chunks::kRowStep);
+          const auto start = [&](int r, int) { row.seek(m0 + r); };
           const auto body = [&](int r, int c) {
             ASSERT_GE(r, 0);
             ASSERT_LT(r, Rows);
             ASSERT_GE(c, 0);
             ASSERT_LT(c, D / 8);
             ++copies[r * (D / 8) + c];
-            EXPECT_EQ(t, (m0 + r) / group) << "tid " << tid << ", row " << r << ", G " << group;
-            EXPECT_EQ(g, (m0 + r) % group) << "tid " << tid << ", row " << r << ", G " << group;
+            EXPECT_EQ(row.t, (m0 + r) / group) << "tid " << tid << ", row " << r << ", G " << group;
+            EXPECT_EQ(row.g, (m0 + r) % group) << "tid " << tid << ", row " << r << ", G " << group;
           };
-          const auto step = [&] {
-            t += t_step;
-            g += g_step;
-            if (g >= group) {
-              g -= group;
-              ++t;
-            }
-          };
+          const auto step = [&] { row.advance(); };
           if (unrolled)
             Chunks::template visit<true>(tid, start, body, step);
           else
