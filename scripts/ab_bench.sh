@@ -18,6 +18,8 @@
 #   AB_RUNS      rounds over the variants [2]
 #   AB_UNTIL     seconds after which no new shape starts [420]
 #   AB_ARCH      CUDA architectures [90a]
+#   AB_INSTANCES CUDA instantiations built (NSA_CUDA_INSTANCES; the CudaForward / CudaBackward cases of
+#                the others skip), empty for all [bf16_64_64;bf16_128_128]
 #   OUT          logs: build_NAME.log, tests_NAME.log, ab.log [./ab_out]
 # A directory variant builds in DIR/build/ab-NAME, a patch variant in build/ab-src-NAME/build (both
 # ignored by git), so repeated calls on a warm machine rebuild only what changed.
@@ -33,6 +35,7 @@ STAGES=${AB_STAGES:-all|cmp|select|slc|win|bwd|bwd-dq|bwd-cmp|bwd-slc|bwd-win}
 RUNS=${AB_RUNS:-2}
 UNTIL=${AB_UNTIL:-420}
 ARCH=${AB_ARCH:-90a}
+INSTANCES=${AB_INSTANCES-bf16_64_64;bf16_128_128}
 generator=()
 command -v ninja >/dev/null 2>&1 && generator=(-G Ninja)
 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | sed 's/^/GPU: /'
@@ -65,7 +68,7 @@ build_variant() {
     build=$dir/build/ab-$name
   fi
   cmake -S "$dir" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
-    -DNSA_CUDA=ON -DNSA_BUILD_TORCH=OFF "${extra[@]}" &&
+    -DNSA_CUDA=ON -DNSA_BUILD_TORCH=OFF -DNSA_CUDA_INSTANCES="$INSTANCES" "${extra[@]}" &&
     cmake --build "$build" -j "$jobs" --target nsa_bench_forward nsa_tests && echo "$build"
 }
 

@@ -6,7 +6,8 @@ dispatch in src/cuda/forward.cu and backward.cu which instantiations a build com
 
 Declare / define / instantiate: <launcher>_launch.h declares the template, <launcher>_launch.cuh
 defines it (with the kernels it launches), each generated file instantiates one combination.
-NSA_CUDA_FAST_BUILD (CMake option) compiles only FAST_BUILD_INSTANCE.
+A build compiles the instances CMake defines NSA_CUDA_INSTANCE_<tag>_<Dk>_<Dv> for (the option
+NSA_CUDA_INSTANCES, default all; NSA_CUDA_FAST_BUILD is bf16_64_64 alone).
 
 Usage: python3 scripts/gen_cuda_instantiations.py [--check]
   --check: exit 1 if the committed files differ from what this script generates.
@@ -16,7 +17,6 @@ import sys
 
 DTYPES = [("bf16", "__nv_bfloat16"), ("fp16", "__half")]
 HEAD_DIMS = [(64, 64), (128, 128), (192, 128)]
-FAST_BUILD_INSTANCE = ("bf16", 64, 64)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "src" / "cuda" / "instantiations"
@@ -50,7 +50,8 @@ def instances_header():
     lines = [
         HEADER.rstrip("\n"),
         "// kInstanceCompiled<T, Dk, Dv>: whether this build compiled launch_forward<T, Dk, Dv> and",
-        "// launch_backward<T, Dk, Dv>.",
+        "// launch_backward<T, Dk, Dv> (CMake defines NSA_CUDA_INSTANCE_<dtype>_<Dk>_<Dv> for each);",
+        "// kCompiledInstances names them for error messages.",
         "#pragma once",
         "",
         "#include <cuda_bf16.h>",
@@ -59,26 +60,31 @@ def instances_header():
         '#include "cuda/backward_launch.h"',
         '#include "cuda/forward_launch.h"',
         "",
-        "#ifndef NSA_CUDA_FAST_BUILD",
-        "#define NSA_CUDA_FAST_BUILD 0",
-        "#endif",
-        "",
         "namespace nsa::cuda_detail {",
         "",
         "template <class T, int Dk, int Dv>",
         "inline constexpr bool kInstanceCompiled = false;",
         "",
     ]
-    fast = []
-    full = []
+    names = []
     for tag, ctype in DTYPES:
         for dk, dv in HEAD_DIMS:
-            decl = [
-                f"template <>",
+            instance = f"{tag}_{dk}_{dv}"
+            names.append(f"NSA_CUDA_NAME_{instance}")
+            lines += [
+                f"#ifdef NSA_CUDA_INSTANCE_{instance}",
+                f'#define NSA_CUDA_NAME_{instance} " {instance}"',
+                "template <>",
                 f"inline constexpr bool kInstanceCompiled<{ctype}, {dk}, {dv}> = true;",
-            ] + ["extern " + declaration(launcher, params, ctype, dk, dv) for launcher, params in LAUNCHERS]
-            (fast if (tag, dk, dv) == FAST_BUILD_INSTANCE else full).extend(decl)
-    lines += fast + ["", "#if !NSA_CUDA_FAST_BUILD"] + full + ["#endif", "", "}  // namespace nsa::cuda_detail", ""]
+            ] + ["extern " + declaration(launcher, params, ctype, dk, dv) for launcher, params in LAUNCHERS] + [
+                "#else",
+                f'#define NSA_CUDA_NAME_{instance} ""',
+                "#endif",
+            ]
+    lines += ["", "inline constexpr const char kCompiledInstances[] ="] + [f"    {n}" for n in names]
+    lines[-1] += ";"
+    lines += ["",
+              "}  // namespace nsa::cuda_detail", ""]
     return "\n".join(lines)
 
 

@@ -78,11 +78,12 @@ Status check_common_supported(const P& p, const char* api) {
   return Status::Ok();
 }
 
-// What the dispatch returns for a (dtype, Dk, Dv) this build did not compile.
-inline Status not_compiled(const char* api, int dk, int dv) {
+// What the dispatch returns for a (dtype, Dk, Dv) this build did not compile; compiled: the
+// instances it did (kCompiledInstances).
+inline Status not_compiled(const char* api, int dk, int dv, const char* compiled) {
   return Status::Unsupported(cat(api, ": (Dk, Dv) = (", dk, ", ", dv,
-                                 ") with this dtype is not compiled in this build (NSA_CUDA_FAST_BUILD compiles "
-                                 "bfloat16 with (64, 64) only)"));
+                                 ") with this dtype is not compiled in this build; it compiled:", compiled,
+                                 " (CMake options NSA_CUDA_INSTANCES, NSA_CUDA_FAST_BUILD)"));
 }
 
 inline TensorRef tensor_ref(const InputTensor& t) { return TensorRef{t.data, t.batch_stride, t.seq_stride, t.head_stride}; }

@@ -255,7 +255,7 @@ Status run_instance(const BackwardArgs& a, cudaStream_t stream, unsigned stages)
   if constexpr (kInstanceCompiled<T, Dk, Dv>) {
     return launch_backward<T, Dk, Dv>(a, stream, stages);
   } else {
-    return not_compiled(kApi, Dk, Dv);
+    return not_compiled(kApi, Dk, Dv, kCompiledInstances);
   }
 }
 

@@ -182,7 +182,7 @@ Status run_instance(const ForwardArgs& a, cudaStream_t stream, unsigned stages) 
   if constexpr (kInstanceCompiled<T, Dk, Dv>) {
     return launch_forward<T, Dk, Dv>(a, stream, stages);
   } else {
-    return not_compiled("nsa::cuda::forward", Dk, Dv);
+    return not_compiled("nsa::cuda::forward", Dk, Dv, kCompiledInstances);
   }
 }
 

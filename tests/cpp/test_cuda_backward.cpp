@@ -355,11 +355,6 @@ BwdCase make_case(std::string name, ProblemSpec spec, nsa::Config config, DType 
   return c;
 }
 
-// A build with NSA_CUDA_FAST_BUILD compiles one (dtype, head dims) instance: the others skip.
-bool not_compiled(const nsa::Status& st) {
-  return st.code == nsa::StatusCode::kUnsupported && st.message.find("not compiled in this build") != std::string::npos;
-}
-
 void check_case(const BwdCase& c) {
   const Problem problem = make_problem(c.spec);
   Buffers hb = make_buffers(problem, c.input_layout, c.output_layout);

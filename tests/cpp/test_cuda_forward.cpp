@@ -156,6 +156,7 @@ void check_case(const GpuCase& c) {
   }
   nsa::Status st;
   const Outputs gpu = run_cuda_forward(hb, &st);
+  if (not_compiled(st)) GTEST_SKIP() << st.message;
   ASSERT_TRUE(st.ok()) << nsa::status_code_name(st.code) << ": " << st.message;
   ASSERT_FALSE(gpu.out.empty());
   {

@@ -1199,9 +1199,12 @@ void expect_16bit_forward_matches_reference(const Problem& problem, const Output
   }
 }
 
-
 // ------------------------------------------------------------------------------------------------
 // CUDA runners.
+
+bool not_compiled(const nsa::Status& st) {
+  return st.code == nsa::StatusCode::kUnsupported && st.message.find("not compiled in this build") != std::string::npos;
+}
 
 #if NSA_TEST_WITH_CUDA
 
