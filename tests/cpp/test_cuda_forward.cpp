@@ -361,6 +361,7 @@ TEST(CudaForwardProperties, SlcRingMatchesCpAsyncKernel) {
     const Outputs ring = run_cuda_forward_stages(ring_buffers, nsa::cuda_detail::kStageAll, &st_ring);
     const Outputs cp = run_cuda_forward_stages(
         cp_buffers, nsa::cuda_detail::kStageAll | nsa::cuda_detail::kStageSlcCpAsync, &st_cp);
+    if (not_compiled(st_ring) && not_compiled(st_cp)) continue;  // a build of fewer instances (NSA_CUDA_INSTANCES)
     ASSERT_TRUE(st_ring.ok()) << st_ring.message;
     ASSERT_TRUE(st_cp.ok()) << st_cp.message;
     ASSERT_FALSE(ring.out_branch.empty());
