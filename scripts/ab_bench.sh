@@ -5,17 +5,18 @@
 # AB_RUNS rounds, and prints a summary last: one line per (shape, variant, round) with the medians
 # of the chosen stages.
 #
-#   AB_VARIANTS="main=. slc2=@docs/experiments/0014-slc-ring-two-warpgroups.patch" bash scripts/ab_bench.sh
+#   AB_VARIANTS="main=. tma=@docs/experiments/0013-cmp-win-tma.patch" bash scripts/ab_bench.sh
 #   AB_VARIANTS="main=. f4=.:-DCMAKE_CUDA_FLAGS=-DSOME_SWITCH=1" bash scripts/ab_bench.sh
 #
 # Environment (defaults in brackets):
 #   AB_VARIANTS  space-separated NAME=SOURCE[:CMAKE_ARGS]: SOURCE a directory, or @PATCH for a copy of this
 #                tree (git's tracked files) with PATCH applied (git apply); CMAKE_ARGS comma-separated [main=.]
-#   AB_FILTER    gtest filter run in each variant, empty to skip [*CudaBackward*]
+#   AB_FILTER    gtest filter run in each variant, empty to skip (the parameterized cases are named
+#                Cases/CudaForward.MatchesReference/...: *CudaForward* matches them) [*CudaBackward*]
 #   AB_SHAPES    semicolon-separated NAME:nsa_bench_forward args [m7c-125m 2k, paper 8k, long 32k, paper 64k]
 #   AB_ARGS      arguments for every shape, empty for none [--backward]
 #   AB_STAGES    egrep of the stage names summarized [all|cmp|select|slc|win|bwd|bwd-dq|bwd-cmp|bwd-slc|bwd-win]
-#   AB_RUNS      rounds over the variants [2]
+#   AB_RUNS      rounds over the variants, each starting one variant later than the one before [2]
 #   AB_UNTIL     seconds after which no new shape starts [420]
 #   AB_ARCH      CUDA architectures [90a]
 #   AB_INSTANCES CUDA instantiations built (NSA_CUDA_INSTANCES; the CudaForward / CudaBackward cases of
@@ -109,7 +110,9 @@ for shape in "${shape_list[@]}"; do
     break
   fi
   for round in $(seq 1 "$RUNS"); do
-    for name in "${names[@]}"; do
+    # Each round starts one variant later: the first of a shape ran 2-3% slower (decision 0014).
+    order=("${names[@]:$(( (round - 1) % ${#names[@]} ))}" "${names[@]:0:$(( (round - 1) % ${#names[@]} ))}")
+    for name in "${order[@]}"; do
       [ -n "${BIN[$name]:-}" ] || continue
       echo "== ${shape%%:*} $name round $round" >> "$OUT/ab.log"
       # shellcheck disable=SC2086  # the shape's and AB_ARGS' words are separate arguments
