@@ -57,7 +57,7 @@ build_variant() {
     rm -rf "$dir" && mkdir -p "$dir"
     # The tracked files (or, in a copy without git's index, everything but build outputs).
     if git ls-files --error-unmatch CMakeLists.txt > /dev/null 2>&1; then
-      git ls-files -z | xargs -0 tar -cf -
+      git ls-files -z | xargs -0 tar --ignore-failed-read -cf -
     else
       tar -cf - --exclude=./build --exclude=./.ab --exclude=./ab_out .
     fi | tar -xf - -C "$dir" || return 1
