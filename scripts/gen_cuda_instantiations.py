@@ -83,8 +83,7 @@ def instances_header():
             ]
     lines += ["", "inline constexpr const char kCompiledInstances[] ="] + [f"    {n}" for n in names]
     lines[-1] += ";"
-    lines += ["",
-              "}  // namespace nsa::cuda_detail", ""]
+    lines += ["", "}  // namespace nsa::cuda_detail", ""]
     return "\n".join(lines)
 
 
