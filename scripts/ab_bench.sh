@@ -110,8 +110,9 @@ for shape in "${shape_list[@]}"; do
     break
   fi
   for round in $(seq 1 "$RUNS"); do
-    # Each round starts one variant later: the first of a shape ran 2-3% slower (decision 0014).
-    order=("${names[@]:$(( (round - 1) % ${#names[@]} ))}" "${names[@]:0:$(( (round - 1) % ${#names[@]} ))}")
+    # Each round starts one variant later, so that each runs first in some round (decision 0014).
+    shift_by=$(( (round - 1) % ${#names[@]} ))
+    order=("${names[@]:shift_by}" "${names[@]:0:shift_by}")
     for name in "${order[@]}"; do
       [ -n "${BIN[$name]:-}" ] || continue
       echo "== ${shape%%:*} $name round $round" >> "$OUT/ab.log"

@@ -303,6 +303,7 @@ bool cuda_device_available();
 // The (dtype, head dims) of the call is not compiled in this build (NSA_CUDA_INSTANCES or
 // NSA_CUDA_FAST_BUILD compiles a subset): the cases that need it skip.
 bool not_compiled(const nsa::Status& st);
+
 // Runs nsa::cuda::forward on device copies of `buffers` (inputs, offsets, cache seqlens and
 // tokens_read; out, out_branch, lse and, unless given, block_indices poisoned first; workspace
 // filled with 0xFF bytes), copies the outputs (and tokens_read) back into `buffers`, checks the
