@@ -1,6 +1,6 @@
 """Synthetic long-context evaluation of the showcase model: passkey retrieval.
 
-``python -m nsa.evals passkey --checkpoint RUN_DIR [--lengths 2048,4096,...] [--depths ...]``
+``python -m nsa.evals passkey --checkpoint RUN_DIR [--lengths 2048,4096,...] [--depths ...] [--set window=N]``
 
 A prompt of exactly L bytes is filler text with one needle, "The pass key is 31415. Remember it.
 31415 is the pass key.", placed so that it starts at fraction ``depth`` of the filler, and ends
@@ -10,12 +10,18 @@ as the key has; a trial is correct when they are the key. The report is the accu
 5-digit keys) once the needle is farther back than its window; NSA's compressed and selected
 branches are what can reach it. Lengths past the training length test extrapolation (the model
 sees the whole prompt and its answer so far: ``generate(..., max_context=L + digits)``).
+
+``--set window=N`` / ``--set num_selected=N`` evaluate an NSA model with another window or block
+count than it was trained with (``apply_settings``): a diagnostic of which branch holds what the
+model retrieves. With the window as long as the prompt the window branch is full causal attention,
+and so is the selected branch with ``num_selected`` >= length / l'.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import random
 import sys
 import time
@@ -26,6 +32,7 @@ import torch
 
 from .data import inputs_and_targets
 from .model import LanguageModel, generate
+from .module import NSAAttention
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 QUESTION = " What is the pass key? The pass key is "
@@ -120,6 +127,44 @@ def evaluate_passkey(model: LanguageModel, lengths: Sequence[int], depths: Seque
     return accuracy
 
 
+# The NSA settings an evaluation may change (the op's window w and selected-block count n).
+INFERENCE_SETTINGS = ("window", "num_selected")
+
+
+def parse_settings(items: Sequence[str]) -> Dict[str, int]:
+    """``["window=2048", "num_selected=32"]`` -> ``{"window": 2048, "num_selected": 32}``."""
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in INFERENCE_SETTINGS or not value.strip().isdigit():
+            raise ValueError(f"--set takes KEY=N with KEY one of {', '.join(INFERENCE_SETTINGS)} and N a positive "
+                             f"integer, got {item!r}")
+        settings[key] = int(value)
+    return settings
+
+
+def apply_settings(model: LanguageModel, settings: Dict[str, int]) -> None:
+    """Sets ``settings`` (keys of INFERENCE_SETTINGS) in every NSAAttention layer of ``model`` and in
+    its config, as if it had been built with them; the weights are unchanged."""
+    layers = [m for m in model.modules() if isinstance(m, NSAAttention)]
+    if settings and not layers:
+        raise ValueError(f"apply_settings: {', '.join(settings)} apply to NSA models; this one has "
+                         f"{model.config.attn} attention")
+    for key, value in settings.items():
+        if key not in INFERENCE_SETTINGS:
+            raise ValueError(f"apply_settings: {key!r} is not one of {', '.join(INFERENCE_SETTINGS)}")
+        if value < 1:
+            raise ValueError(f"apply_settings: {key} must be >= 1, got {value}")
+    for layer in layers:
+        config = layer.op_config
+        selected = settings.get("num_selected", config["num_selected"])
+        if selected < config["num_init"] + config["num_local"]:
+            raise ValueError(f"apply_settings: num_selected ({selected}) must be >= num_init + num_local "
+                             f"({config['num_init']} + {config['num_local']})")
+        config.update(settings)
+    model.config = replace(model.config, **settings)
+
+
 def format_table(accuracy: Dict[Tuple[int, float], float]) -> str:
     lengths = sorted({length for length, _ in accuracy})
     depths = sorted({depth for _, depth in accuracy})
@@ -140,6 +185,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--trials", type=int, default=5, help="random keys per (length, depth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=N",
+                   help="evaluate with another window or num_selected than trained with (NSA; repeatable)")
     p.add_argument("--out-json", help="write {'rows': [{length, depth, accuracy, trials}], ...} here")
     args = parser.parse_args(argv)
     try:
@@ -149,20 +196,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--lengths takes integers and --depths numbers, comma-separated")
     if args.trials < 1 or not lengths or not depths:
         parser.error("--trials must be >= 1 and --lengths / --depths non-empty")
+    try:
+        settings = parse_settings(args.set)
+    except ValueError as e:
+        parser.error(str(e))
 
     from .train import load_model
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = load_model(args.checkpoint, device)
-    print(f"passkey: {args.checkpoint} ({model.config.attn} attention, trained at T={model.config.seq_len}) on "
-          f"{device}, {args.trials} trials per cell", flush=True)
+    try:
+        apply_settings(model, settings)
+    except ValueError as e:
+        parser.error(str(e))
+    changed = "".join(f", {key}={value}" for key, value in settings.items())
+    print(f"passkey: {args.checkpoint} ({model.config.attn} attention, trained at T={model.config.seq_len}{changed}) "
+          f"on {device}, {args.trials} trials per cell", flush=True)
     accuracy = evaluate_passkey(model, lengths, depths, args.trials, args.seed)
     print(format_table(accuracy))
     if args.out_json:
         rows = [dict(length=length, depth=depth, accuracy=acc, trials=args.trials)
                 for (length, depth), acc in sorted(accuracy.items())]
         Path(args.out_json).write_text(json.dumps({"rows": rows, "checkpoint": args.checkpoint,
-                                                   "attn": model.config.attn,
+                                                   "attn": model.config.attn, "settings": settings,
                                                    "train_seq_len": model.config.seq_len}, indent=1) + "\n")
         print(f"wrote {args.out_json}")
     return 0

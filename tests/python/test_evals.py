@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -66,7 +67,43 @@ def test_cli_on_a_saved_run(tmp_path, capsys):
     train(TINY, cfg, tmp_path / "run", log=lambda _m: None)
     out = tmp_path / "passkey.json"
     assert evals.main(["passkey", "--checkpoint", str(tmp_path / "run"), "--lengths", "128,160", "--depths", "0,1",
-                       "--trials", "1", "--device", "cpu", "--out-json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["length"], r["depth"]) for r in rows] == [(128, 0.0), (128, 1.0), (160, 0.0), (160, 1.0)]
-    assert "| length | depth 0.00 | depth 1.00 |" in capsys.readouterr().out
+                       "--trials", "1", "--device", "cpu", "--out-json", str(out), "--set", "window=160"]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["length"], r["depth"]) for r in result["rows"]] == [(128, 0.0), (128, 1.0), (160, 0.0), (160, 1.0)]
+    assert result["settings"] == {"window": 160}
+    printed = capsys.readouterr().out
+    assert "| length | depth 0.00 | depth 1.00 |" in printed and "window=160" in printed
+    with pytest.raises(SystemExit):
+        evals.main(["passkey", "--checkpoint", str(tmp_path / "run"), "--set", "num_selected=1", "--device", "cpu"])
+
+
+def test_settings_give_the_model_built_with_them():
+    """apply_settings(window, num_selected) on a model gives the outputs of a model built with
+    those settings and the same weights, and they differ from the unchanged model's."""
+    torch.manual_seed(1)
+    model = LanguageModel(TINY).double().eval()
+    changed = dict(window=48, num_selected=6)
+    built = LanguageModel(replace(TINY, **changed)).double().eval()
+    built.load_state_dict(model.state_dict())
+    tokens = torch.randint(256, (1, TINY.seq_len))
+    with torch.no_grad():
+        before = model(tokens)
+        evals.apply_settings(model, changed)
+        torch.testing.assert_close(model(tokens), built(tokens), rtol=0, atol=0)
+        assert not torch.allclose(before, model(tokens))
+    assert model.config == built.config
+
+
+def test_settings_are_checked():
+    assert evals.parse_settings(["window=128", "num_selected=8"]) == {"window": 128, "num_selected": 8}
+    for bad in ("window", "window=x", "window=-3", "sel_block=64"):
+        with pytest.raises(ValueError, match="--set takes KEY=N"):
+            evals.parse_settings([bad])
+    nsa_model = LanguageModel(TINY)
+    with pytest.raises(ValueError, match=r"num_selected \(1\) must be >= num_init \+ num_local"):
+        evals.apply_settings(nsa_model, {"num_selected": 1})
+    with pytest.raises(ValueError, match="window must be >= 1, got 0"):
+        evals.apply_settings(nsa_model, {"window": 0})
+    assert nsa_model.config == TINY  # nothing changed by the rejected calls
+    with pytest.raises(ValueError, match="apply to NSA models; this one has dense attention"):
+        evals.apply_settings(LanguageModel(replace(TINY, attn="dense")), {"window": 32})
