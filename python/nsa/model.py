@@ -60,6 +60,7 @@ class ModelConfig:
     # "linear": a learned intra-block position embedding + Linear(l*D -> D), initialized to the
     # mean. The paper's MLP phi would add 2 * (l*D)^2 parameters per layer (8.4M at l=32, D=64).
     phi: str = "linear"
+    gate_floor: float = 0.0  # lower bound of the branch gates (NSAAttention; 0: the paper's sigmoid)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 
@@ -190,7 +191,7 @@ class Block(nn.Module):
             self.attn = NSAAttention(c.dim, c.n_q_heads, c.n_kv_heads, c.head_dim, cmp_block=c.cmp_block,
                                      cmp_stride=c.cmp_stride, sel_block=c.sel_block, num_selected=c.num_selected,
                                      num_init=c.num_init, num_local=c.num_local, window=c.window, phi=c.phi,
-                                     rope_theta=c.rope_theta, collect_stats=True)
+                                     rope_theta=c.rope_theta, gate_floor=c.gate_floor, collect_stats=True)
         else:
             self.attn = DenseAttention(c.dim, c.n_q_heads, c.n_kv_heads, c.head_dim, c.rope_theta)
         self.mlp_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)

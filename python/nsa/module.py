@@ -175,6 +175,11 @@ class NSAAttention(nn.Module):
             of its own projection (the paper uses independent ones: the default).
         rope_theta: RoPE base.
         bias: bias in the q, k/v and output projections (phi and the gate always have one).
+        gate_floor: lower bound of every branch's gate, g = floor + (1 - floor) * sigmoid(z), in
+            [0, 1) (0: the paper's sigmoid gate). The blocks the selected branch reads are ranked
+            by the compressed branch's attention, whose keys learn only through that branch's gated
+            output: in m7c-125m runs its gate closed to 0.005 within 400 steps (docs/training.md),
+            and a floor keeps it in the gradient.
         collect_stats: after each forward, ``last_stats`` holds gate and selection statistics.
 
     Parameters: ``q_proj`` dim -> Hq*Dk; ``kv_proj`` dim -> all branches' keys then all values,
@@ -193,7 +198,7 @@ class NSAAttention(nn.Module):
                  sel_block: int = 64, num_selected: int = 16, num_init: int = 1, num_local: int = 2,
                  window: int = 512, phi: str = "avg", phi_hidden: Optional[int] = None,
                  share_window_kv: bool = False, rope_theta: float = 10000.0, bias: bool = False,
-                 collect_stats: bool = False):
+                 gate_floor: float = 0.0, collect_stats: bool = False):
         super().__init__()
         for name, value, minimum in (("dim", dim, 1), ("num_q_heads", num_q_heads, 1),
                                      ("num_kv_heads", num_kv_heads, 1), ("cmp_block", cmp_block, 1),
@@ -217,6 +222,8 @@ class NSAAttention(nn.Module):
             _require_int("phi_hidden", phi_hidden, 1)
         _require(isinstance(rope_theta, (int, float)) and math.isfinite(rope_theta) and rope_theta > 0,
                  "rope_theta", f"must be a finite number > 0, got {rope_theta!r}")
+        _require(isinstance(gate_floor, (int, float)) and 0 <= gate_floor < 1, "gate_floor",
+                 f"must be a number in [0, 1), got {gate_floor!r}")
 
         self.dim, self.num_q_heads, self.num_kv_heads = dim, num_q_heads, num_kv_heads
         self.head_dim_qk, self.head_dim_v = head_dim_qk, head_dim_v
@@ -225,6 +232,7 @@ class NSAAttention(nn.Module):
         self.phi = phi
         self.share_window_kv = bool(share_window_kv)
         self.rope_theta = float(rope_theta)
+        self.gate_floor = float(gate_floor)
         self.collect_stats = bool(collect_stats)
         self.kv_branches = ("cmp", "slc") if self.share_window_kv else ("cmp", "slc", "win")
 
@@ -336,7 +344,7 @@ class NSAAttention(nn.Module):
         k_cmp = self.compress_k(blocks_of(keys[0]))
         v_cmp = self.compress_v(blocks_of(values[0]))
         k_win, v_win = (None, None) if self.share_window_kv else (keys[2], values[2])
-        gates = torch.sigmoid(gate_logits)
+        gates = self._gates(gate_logits)
 
         result = nsa_attention(q, keys[1], values[1], k_cmp, v_cmp, gates, k_win, v_win, **self.op_config,
                                **varlen, return_indices=self.collect_stats)
@@ -385,11 +393,16 @@ class NSAAttention(nn.Module):
         if due.num_due:
             cache.append_cmp(self.compress_k(due.k_blocks), self.compress_v(due.v_blocks))
         view = cache.view(slots)
-        out, indices = nsa_attention_kvcache(q, view.k, view.v, view.k_cmp, view.v_cmp, torch.sigmoid(gate_logits),
+        out, indices = nsa_attention_kvcache(q, view.k, view.v, view.k_cmp, view.v_cmp, self._gates(gate_logits),
                                              start + x.shape[1], self.nsa_config, view.k_win, view.v_win)
         if self.collect_stats:
             self._record_stats(gate_logits, indices, positions)
         return self.o_proj(out.flatten(-2))
+
+    def _gates(self, gate_logits: torch.Tensor) -> torch.Tensor:
+        """The branch gates [..., Hq, 3] from their logits: sigmoid, raised to gate_floor."""
+        gates = torch.sigmoid(gate_logits)
+        return gates if self.gate_floor == 0 else self.gate_floor + (1 - self.gate_floor) * gates
 
     # ---- statistics --------------------------------------------------------------------------
 
@@ -401,10 +414,10 @@ class NSAAttention(nn.Module):
         [total], with indices [total, Hkv, n]; incremental: [B, m], with indices [B, m, Hkv, n]).
         """
         z = gate_logits.detach().double()
-        gates = torch.sigmoid(z)
+        sigmoid = torch.sigmoid(z)
         # Binary entropy of sigmoid(z), stable form: p*softplus(-z) + (1-p)*softplus(z).
-        entropy = gates * nn.functional.softplus(-z) + (1 - gates) * nn.functional.softplus(z)
-        gate_means = gates.flatten(0, -2).mean(dim=0)  # (cmp, slc, win)
+        entropy = sigmoid * nn.functional.softplus(-z) + (1 - sigmoid) * nn.functional.softplus(z)
+        gate_means = self._gates(z).flatten(0, -2).mean(dim=0)  # (cmp, slc, win)
 
         current = (positions // self.op_config["sel_block"])[..., None, None]  # block of t, [..., T, 1, 1]
         forced = (indices < self.op_config["num_init"]) | (indices > current - self.op_config["num_local"])
@@ -417,8 +430,8 @@ class NSAAttention(nn.Module):
     @property
     def last_stats(self) -> Optional[Dict[str, float]]:
         """Statistics of the last forward (None before the first one or without collect_stats):
-        gate_mean_cmp/slc/win (mean sigmoid gate per branch), gate_entropy (mean binary entropy of
-        the gates, in [0, ln 2]), forced_fraction / scored_fraction (share of the selected blocks,
+        gate_mean_cmp/slc/win (mean gate per branch, gate_floor included), gate_entropy (mean binary
+        entropy of the gates' sigmoids, in [0, ln 2]), forced_fraction / scored_fraction (share of the selected blocks,
         -1 padding excluded, that were forced as initial or local vs chosen by score). Reading it
         copies the numbers to the host."""
         if self._stats is None:

@@ -721,6 +721,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), help="model shape and training defaults (default tiny)")
     p.add_argument("--attn", choices=ATTN_KINDS, help="attention: nsa (default) or dense (torch SDPA)")
     p.add_argument("--seq-len", type=int, help="training context length")
+    p.add_argument("--gate-floor", type=float,
+                   help="lower bound of NSA's branch gates, in [0, 1) (default 0: the paper's sigmoid gates)")
     p.add_argument("--steps", type=int, help="total optimizer steps of the run")
     p.add_argument("--batch-size", type=int, help="sequences per step, per rank")
     p.add_argument("--lr", type=float, help="peak learning rate")
@@ -764,6 +766,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# The ModelConfig fields the command line sets (new runs only: a resumed run keeps its model).
+_MODEL_FLAGS = ("attn", "seq_len", "gate_floor")
+
+
 def resolve_configs(args: argparse.Namespace) -> Tuple[ModelConfig, TrainConfig, Optional[Path]]:
     """(model config, train config, checkpoint to resume) from preset / checkpoint / flags."""
     given = {k: v for k, v in vars(args).items() if v is not None}
@@ -774,8 +780,8 @@ def resolve_configs(args: argparse.Namespace) -> Tuple[ModelConfig, TrainConfig,
         if "preset" in given and given["preset"] != train_values["preset"]:
             raise SystemExit(f"nsa.train: --preset {given['preset']} conflicts with the checkpoint's preset "
                              f"{train_values['preset']}")
-        for key in ("attn", "seq_len"):
-            if key in given and given[key] != model_values[key]:
+        for key in _MODEL_FLAGS:  # (a checkpoint older than a field holds its default)
+            if key in given and given[key] != model_values.get(key, getattr(ModelConfig, key)):
                 raise SystemExit(f"nsa.train: --{key.replace('_', '-')} cannot change the model of a resumed run")
         changed = [k for k in _TRAJECTORY_FIELDS  # a checkpoint older than a field holds its default
                    if k in given and given[k] != train_values.get(k, getattr(TrainConfig, k))]
@@ -786,7 +792,7 @@ def resolve_configs(args: argparse.Namespace) -> Tuple[ModelConfig, TrainConfig,
         preset = given.get("preset", "tiny")
         model_values = dict(PRESETS[preset]["model"])
         train_values = dict(PRESETS[preset]["train"], preset=preset)
-        for key in ("attn", "seq_len"):
+        for key in _MODEL_FLAGS:
             if key in given:
                 model_values[key] = given[key]
     train_values.update({f.name: given[f.name] for f in fields(TrainConfig) if f.name in given})

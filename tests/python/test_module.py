@@ -314,6 +314,31 @@ def test_statistics(layout):
     assert 0.0 < stats["scored_fraction"] < 1.0
 
 
+@pytest.mark.parametrize("floor", [0.0, 0.3])
+def test_gate_floor_raises_every_gate(monkeypatch, floor):
+    """gate_floor f: the op (prefill and cache path) gets the gates f + (1 - f) sigmoid(z), and the
+    statistics report their means; f = 0 is the plain sigmoid. Other values are refused."""
+    seen = []
+    for name in ("nsa_attention", "nsa_attention_kvcache"):
+        real = getattr(nsa_module, name)
+        monkeypatch.setattr(nsa_module, name, lambda *args, _real=real, **kwargs: (seen.append(args[5]),
+                                                                                    _real(*args, **kwargs))[1])
+    module = make_module(gate_floor=floor, collect_stats=True)
+    x = torch.randn(1, 20, DIM, dtype=torch.float64)
+    expected = floor + (1 - floor) * torch.sigmoid(module.gate_proj(x)).unflatten(-1, (HQ, 3))
+    module(x)
+    module(x, cache=module.new_cache(1, 20))
+    assert len(seen) == 2
+    for gates in seen:
+        torch.testing.assert_close(gates, expected, rtol=0, atol=1e-15)
+        assert gates.min().item() >= floor
+    for c, name in enumerate(("cmp", "slc", "win")):
+        assert module.last_stats[f"gate_mean_{name}"] == pytest.approx(expected[..., c].mean().item(), abs=1e-12)
+    for bad in (-0.1, 1.0, "0.5", float("nan")):
+        with pytest.raises(ValueError, match="gate_floor"):
+            make_module(gate_floor=bad)
+
+
 # ---- edge cases and causality ------------------------------------------------------------------
 
 

@@ -489,3 +489,19 @@ def test_resume_adds_or_drops_passkey_documents(small_cfg, tmp_path, before, aft
     resumed = _csv_losses(tmp_path / "run" / "metrics.csv")
     assert [s for s, _ in resumed] == list(range(1, 2 * k + 1)) and resumed[:k] == before_losses
     assert resumed[k:] != unchanged[k:]  # the new mix is in use after the checkpoint
+
+
+def test_gate_floor_flag_sets_the_model_and_stays_with_a_resumed_run(cache_dir, tmp_path):
+    common = ["--preset", "tiny", "--seq-len", "64", "--batch-size", "2", "--eval-batches", "1", "--sample-tokens",
+              "0", "--cache-dir", cache_dir, "--device", "cpu", "--progress-seconds", "1e9"]
+    model_config, _, _ = nsa_train.resolve_configs(nsa_train.parse_args(common + ["--gate-floor", "0.1"]))
+    assert model_config.gate_floor == 0.1
+    assert nsa_train.resolve_configs(nsa_train.parse_args(common))[0].gate_floor == 0.0
+    nsa_train.main(common + ["--steps", "2", "--eval-every", "2", "--gate-floor", "0.1", "--out", str(tmp_path / "a")])
+    model = nsa_train.load_model(str(tmp_path / "a"))
+    assert model.config.gate_floor == 0.1
+    assert all(block.attn.gate_floor == 0.1 for block in model.blocks)
+    resume = ["--resume", str(tmp_path / "a"), "--steps", "4"]
+    assert nsa_train.resolve_configs(nsa_train.parse_args(resume + ["--gate-floor", "0.1"]))[0].gate_floor == 0.1
+    with pytest.raises(SystemExit, match="--gate-floor cannot change the model of a resumed run"):
+        nsa_train.resolve_configs(nsa_train.parse_args(resume + ["--gate-floor", "0.2"]))
