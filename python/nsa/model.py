@@ -61,12 +61,17 @@ class ModelConfig:
     # mean. The paper's MLP phi would add 2 * (l*D)^2 parameters per layer (8.4M at l=32, D=64).
     phi: str = "linear"
     gate_floor: float = 0.0  # lower bound of the branch gates (NSAAttention; 0: the paper's sigmoid)
+    # Weight of the selection distillation loss (NSAAttention.selection_distill at
+    # SELECTION_DISTILL_POSITIONS positions per sequence, averaged over the layers; 0: off).
+    selection_distill: float = 0.0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 
     def __post_init__(self):
         if self.attn not in ATTN_KINDS:
             raise ValueError(f"ModelConfig: attn must be one of {ATTN_KINDS}, got {self.attn!r}")
+        if not self.selection_distill >= 0:
+            raise ValueError(f"ModelConfig: selection_distill must be >= 0, got {self.selection_distill}")
         if self.n_q_heads % self.n_kv_heads:
             raise ValueError(f"ModelConfig: n_q_heads ({self.n_q_heads}) must be a multiple of n_kv_heads "
                              f"({self.n_kv_heads})")
@@ -79,6 +84,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: unknown fields {sorted(unknown)}")
         return cls(**values)
 
+
+# Positions per sequence at which the selection distillation compares ranking and target.
+SELECTION_DISTILL_POSITIONS = 32
 
 _M7C_125M = dict(dim=768, n_layers=12, n_q_heads=12, n_kv_heads=2, head_dim=64, mlp_hidden=2048, seq_len=2048,
                  cmp_block=32, cmp_stride=16, sel_block=64, num_selected=16, window=512)
@@ -191,7 +199,9 @@ class Block(nn.Module):
             self.attn = NSAAttention(c.dim, c.n_q_heads, c.n_kv_heads, c.head_dim, cmp_block=c.cmp_block,
                                      cmp_stride=c.cmp_stride, sel_block=c.sel_block, num_selected=c.num_selected,
                                      num_init=c.num_init, num_local=c.num_local, window=c.window, phi=c.phi,
-                                     rope_theta=c.rope_theta, gate_floor=c.gate_floor, collect_stats=True)
+                                     rope_theta=c.rope_theta, gate_floor=c.gate_floor,
+                                     selection_distill=SELECTION_DISTILL_POSITIONS if c.selection_distill > 0 else 0,
+                                     collect_stats=True)
         else:
             self.attn = DenseAttention(c.dim, c.n_q_heads, c.n_kv_heads, c.head_dim, c.rope_theta)
         self.mlp_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
@@ -314,6 +324,15 @@ class LanguageModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def selection_distill_loss(self) -> Optional[torch.Tensor]:
+        """config.selection_distill times the mean over the layers of their last training forward's
+        NSAAttention.aux_loss; None when off (or after a forward that computed none)."""
+        losses = [block.attn.aux_loss for block in self.blocks
+                  if isinstance(block.attn, NSAAttention) and block.attn.aux_loss is not None]
+        if not losses:
+            return None
+        return self.config.selection_distill * torch.stack(losses).mean()
 
     def attention_stats(self) -> Optional[Dict[str, float]]:
         """NSAAttention.last_stats averaged over the layers (None for dense attention or before a

@@ -127,6 +127,59 @@ class Compressor(nn.Module):
         return f"kind={self.kind!r}"
 
 
+def selection_distill_loss(q: torch.Tensor, k_slc: torch.Tensor, k_cmp: torch.Tensor, config: Dict[str, int],
+                           num_positions: int) -> torch.Tensor:
+    """KL(target || ranking), averaged over sequences, kv heads and sampled positions: a gradient for
+    the selection's ranking, which top-n leaves without one (docs/training.md, "Why NSA does not
+    retrieve here").
+
+    q [B, T, Hq, Dk], k_slc [B, T, Hkv, Dk], k_cmp [B, Tc, Hkv, Dk] (RoPE'd, padded sequences). At
+    ``num_positions`` positions t spread evenly over [n l', T) (before n l' every eligible block is
+    selected), per kv head:
+      - the ranking: Eqs. 8-10, the compressed branch's attention summed per block and over the G
+        heads, as the selection ranks blocks;
+      - the target: the mass per block of the selected branch's attention over every key <= t (its
+        queries and keys, dense), summed over the G heads: where that branch would look if it could
+        see everything (as DeepSeek-V3.2 trains its indexer toward the main attention);
+    both over the blocks the ranking decides (eligible, not forced initial or local), normalized.
+    Only k_cmp carries the gradient (the compressed keys and phi): q and the target are detached,
+    so the loss cannot move the branches' own attention toward the ranking.
+    """
+    l, d, ls = config["cmp_block"], config["cmp_stride"], config["sel_block"]
+    B, T, num_q_heads, head_dim = q.shape
+    num_kv_heads, num_cmp = k_slc.shape[-2], k_cmp.shape[-3]
+    first = config["num_selected"] * ls
+    if T <= first or num_cmp == 0 or num_positions <= 0:
+        return k_cmp.sum() * 0  # (a zero that keeps k_cmp in the graph)
+    dev = q.device
+    t = torch.linspace(first, T - 1, min(num_positions, T - first), device=dev).round().long()  # [S]
+    num_blocks = -(-T // ls)
+    scale = head_dim ** -0.5
+    qs = q.detach()[:, t].unflatten(2, (num_kv_heads, num_q_heads // num_kv_heads)).float()  # [B, S, Hkv, G, Dk]
+    with torch.no_grad():
+        logits = torch.einsum("bshgd,bkhd->bshgk", qs, k_slc.detach().float()) * scale  # [B, S, Hkv, G, T]
+        logits = logits.masked_fill((torch.arange(T, device=dev) > t[:, None])[None, :, None, None], float("-inf"))
+        mass = nn.functional.pad(logits.softmax(-1), (0, num_blocks * ls - T))
+        target = mass.unflatten(-1, (num_blocks, ls)).sum(dim=(-1, 3))  # [B, S, Hkv, blocks]
+    scores = torch.einsum("bshgd,bchd->bshgc", qs, k_cmp.float()) * scale  # [B, S, Hkv, G, Tc]
+    cmp_start = torch.arange(num_cmp, device=dev) * d
+    scores = scores.masked_fill((cmp_start + l - 1 > t[:, None])[None, :, None, None], float("-inf"))
+    block_start = torch.arange(num_blocks, device=dev) * ls
+    overlap = (torch.minimum(cmp_start[:, None] + l, block_start[None] + ls)
+               - torch.maximum(cmp_start[:, None], block_start[None])).clamp(min=0) / d  # Eq. 9 [Tc, blocks]
+    ranking = scores.softmax(-1).sum(dim=3) @ overlap  # [B, S, Hkv, blocks]
+    current = (t // ls)[:, None]  # [S, 1]
+    j = torch.arange(num_blocks, device=dev)
+    decided = (j >= config["num_init"]) & (j <= current - config["num_local"])  # [S, blocks]
+    decided = decided[None, :, None]
+    target = torch.where(decided, target, 0)
+    target = target / target.sum(-1, keepdim=True).clamp(min=1e-30)
+    ranking = torch.where(decided, ranking, 0)
+    ranking = ranking / ranking.sum(-1, keepdim=True).clamp(min=1e-30)
+    kl = torch.xlogy(target, target) - target * ranking.clamp(min=1e-30).log()
+    return kl.sum(-1).mean()
+
+
 # --------------------------------------------------------------------------------------------
 # Incremental mode (decode and chunked prefill), shared with DenseAttention (model.py).
 
@@ -180,6 +233,10 @@ class NSAAttention(nn.Module):
             by the compressed branch's attention, whose keys learn only through that branch's gated
             output: in m7c-125m runs its gate closed to 0.005 within 400 steps (docs/training.md),
             and a floor keeps it in the gradient.
+        selection_distill: positions per sequence at which a training forward (padded batches,
+            grad enabled) computes ``aux_loss``, the ``selection_distill_loss`` of its q, selected
+            branch keys and compressed keys (0: none, the paper's training). Add it, weighted, to
+            the loss to train the selection's ranking toward where the selected branch would look.
         collect_stats: after each forward, ``last_stats`` holds gate and selection statistics.
 
     Parameters: ``q_proj`` dim -> Hq*Dk; ``kv_proj`` dim -> all branches' keys then all values,
@@ -198,7 +255,7 @@ class NSAAttention(nn.Module):
                  sel_block: int = 64, num_selected: int = 16, num_init: int = 1, num_local: int = 2,
                  window: int = 512, phi: str = "avg", phi_hidden: Optional[int] = None,
                  share_window_kv: bool = False, rope_theta: float = 10000.0, bias: bool = False,
-                 gate_floor: float = 0.0, collect_stats: bool = False):
+                 gate_floor: float = 0.0, selection_distill: int = 0, collect_stats: bool = False):
         super().__init__()
         for name, value, minimum in (("dim", dim, 1), ("num_q_heads", num_q_heads, 1),
                                      ("num_kv_heads", num_kv_heads, 1), ("cmp_block", cmp_block, 1),
@@ -224,6 +281,7 @@ class NSAAttention(nn.Module):
                  "rope_theta", f"must be a finite number > 0, got {rope_theta!r}")
         _require(isinstance(gate_floor, (int, float)) and 0 <= gate_floor < 1, "gate_floor",
                  f"must be a number in [0, 1), got {gate_floor!r}")
+        _require_int("selection_distill", selection_distill, 0)
 
         self.dim, self.num_q_heads, self.num_kv_heads = dim, num_q_heads, num_kv_heads
         self.head_dim_qk, self.head_dim_v = head_dim_qk, head_dim_v
@@ -233,6 +291,9 @@ class NSAAttention(nn.Module):
         self.share_window_kv = bool(share_window_kv)
         self.rope_theta = float(rope_theta)
         self.gate_floor = float(gate_floor)
+        self.selection_distill = selection_distill
+        # The last training forward's selection_distill_loss (None: off, or not a training forward).
+        self.aux_loss: Optional[torch.Tensor] = None
         self.collect_stats = bool(collect_stats)
         self.kv_branches = ("cmp", "slc") if self.share_window_kv else ("cmp", "slc", "win")
 
@@ -343,6 +404,12 @@ class NSAAttention(nn.Module):
         q, keys, values, gate_logits = self._project(x, positions)
         k_cmp = self.compress_k(blocks_of(keys[0]))
         v_cmp = self.compress_v(blocks_of(values[0]))
+        self.aux_loss = None
+        if self.selection_distill > 0 and self.training and torch.is_grad_enabled():
+            if cu_seqlens is not None:
+                raise ValueError("NSAAttention: selection_distill supports padded batches [B, T, dim] only, "
+                                 "not packed sequences")
+            self.aux_loss = selection_distill_loss(q, keys[1], k_cmp, self.op_config, self.selection_distill)
         k_win, v_win = (None, None) if self.share_window_kv else (keys[2], values[2])
         gates = self._gates(gate_logits)
 

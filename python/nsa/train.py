@@ -51,7 +51,9 @@ except ImportError:  # optional: model weights then go through torch.save
     _safetensors = None
 
 EVAL_SEED = 1_234_567  # validation windows come from a fresh generator with this seed: the same at every evaluation
-CSV_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "val_loss") + STAT_NAMES
+# loss: the cross entropy (what validation reports too); distill_loss: the weighted selection
+# distillation loss the step also minimized (--selection-distill), empty without it.
+CSV_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "val_loss") + STAT_NAMES + ("distill_loss",)
 
 
 @dataclass
@@ -514,6 +516,9 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    if cfg.checkpoint_activations and model_config.selection_distill > 0:
+        # (The loss is kept as a side effect of each block's forward, which a recomputed block replays.)
+        raise ValueError("nsa.train: --selection-distill does not combine with --checkpoint-activations yet")
     model = LanguageModel(model_config, cfg.checkpoint_activations).to(device)
     num_parameters = model.num_parameters()
     if fsdp:  # before the optimizer is made: it must hold the sharded parameters
@@ -580,17 +585,19 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
         step_start = time.perf_counter()
         x, y = sampler.next_batch()
         loss = _loss(net, x, y, device)
+        distill = model.selection_distill_loss()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if distill is None else loss + distill).backward()
         grad_norm = _full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         lr = scheduler.get_last_lr()[0]  # the lr this step uses
         optimizer.step()
         scheduler.step()
-        reported = torch.stack((loss.detach().double(), grad_norm.detach().double()))
+        reported = torch.stack((loss.detach().double(), grad_norm.detach().double(),
+                                (distill if distill is not None else loss.new_zeros(())).detach().double()))
         if dst.enabled:
             dist.all_reduce(reported)
             reported /= dst.world_size
-        loss_value, grad_norm_value = reported.tolist()  # host sync: ends the step's timing
+        loss_value, grad_norm_value, distill_value = reported.tolist()  # host sync: ends the step's timing
         step_s = time.perf_counter() - step_start
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"nsa.train: loss is {loss_value} at step {step}")
@@ -606,12 +613,12 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
             result.val_losses.append((step, val_loss))
         row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
                "tokens_per_s": tokens_per_step / step_s, "elapsed_s": time.perf_counter() - wall_start,
-               "val_loss": val_loss}
+               "val_loss": val_loss, "distill_loss": distill_value if distill is not None else None}
         row.update(model.attention_stats() or {})
         if metrics is not None:
             metrics.write(row)
         if tensorboard is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss") + STAT_NAMES:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "distill_loss") + STAT_NAMES:
                 if row.get(key) is not None:
                     tensorboard.add_scalar(key, row[key], step)
 
@@ -721,6 +728,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), help="model shape and training defaults (default tiny)")
     p.add_argument("--attn", choices=ATTN_KINDS, help="attention: nsa (default) or dense (torch SDPA)")
     p.add_argument("--seq-len", type=int, help="training context length")
+    p.add_argument("--selection-distill", type=float, metavar="WEIGHT",
+                   help="train NSA's block ranking toward the selected branch's dense attention mass, this loss weight "
+                        "(default 0: off; not with --checkpoint-activations)")
     p.add_argument("--gate-floor", type=float,
                    help="lower bound of NSA's branch gates, in [0, 1) (default 0: the paper's sigmoid gates)")
     p.add_argument("--steps", type=int, help="total optimizer steps of the run")
@@ -767,7 +777,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 # The ModelConfig fields the command line sets (new runs only: a resumed run keeps its model).
-_MODEL_FLAGS = ("attn", "seq_len", "gate_floor")
+_MODEL_FLAGS = ("attn", "seq_len", "gate_floor", "selection_distill")
 
 
 def resolve_configs(args: argparse.Namespace) -> Tuple[ModelConfig, TrainConfig, Optional[Path]]:

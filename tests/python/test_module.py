@@ -11,7 +11,7 @@ import torch
 
 import nsa.module as nsa_module
 from nsa.module import (Compressor, NSAAttention, apply_rope, cmp_gather_index, gather_blocks, rope_cos_sin,
-                        strided_blocks)
+                        selection_distill_loss, strided_blocks)
 
 CONFIG = dict(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=3, num_init=1, num_local=1, window=12)
 DIM, HQ, HKV, DK, DV = 32, 4, 2, 8, 6
@@ -337,6 +337,83 @@ def test_gate_floor_raises_every_gate(monkeypatch, floor):
     for bad in (-0.1, 1.0, "0.5", float("nan")):
         with pytest.raises(ValueError, match="gate_floor"):
             make_module(gate_floor=bad)
+
+
+def naive_selection_distill(q, k_slc, k_cmp, cfg, positions):
+    """selection_distill_loss position by position and head by head, from the definitions."""
+    l, d, ls = cfg["cmp_block"], cfg["cmp_stride"], cfg["sel_block"]
+    B, T, hq, dk = q.shape
+    hkv, tc = k_slc.shape[2], k_cmp.shape[1]
+    G, blocks, scale = hq // hkv, -(-T // ls), dk ** -0.5
+    total, count = 0.0, 0
+    for b in range(B):
+        for t in positions:
+            current = t // ls
+            decided = [j for j in range(blocks) if cfg["num_init"] <= j <= current - cfg["num_local"]]
+            for h in range(hkv):
+                target, ranking = [0.0] * blocks, [0.0] * blocks
+                for g in range(G):
+                    qv = q[b, t, h * G + g].double()
+                    p = torch.softmax(torch.stack([qv @ k_slc[b, s, h].double() * scale for s in range(t + 1)]), 0)
+                    for s in range(t + 1):
+                        target[s // ls] += p[s].item()
+                    vis = [i for i in range(tc) if i * d + l - 1 <= t]
+                    pc = torch.softmax(torch.stack([qv @ k_cmp[b, i, h].double() * scale for i in vis]), 0)
+                    for i, pi in zip(vis, pc):
+                        for j in range(blocks):
+                            ranking[j] += pi.item() * max(0, min(i * d + l, (j + 1) * ls) - max(i * d, j * ls)) / d
+                tsum, rsum = sum(target[j] for j in decided), sum(ranking[j] for j in decided)
+                total += sum(target[j] / tsum * math.log((target[j] / tsum) / (ranking[j] / rsum))
+                             for j in decided if target[j] > 0)
+                count += 1
+    return total / count
+
+
+def test_selection_distill_loss_matches_its_definition_and_trains_only_the_compressed_keys():
+    cfg = dict(CONFIG, num_selected=3, num_init=1, num_local=1)  # l 8, d 4, l' 8: 3 blocks before the first t
+    B, T = 2, 45
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(B, T, HQ, DK, dtype=torch.float64, generator=gen, requires_grad=True)
+    k_slc = torch.randn(B, T, HKV, DK, dtype=torch.float64, generator=gen, requires_grad=True)
+    k_cmp = torch.randn(B, (T - 8) // 4 + 1, HKV, DK, dtype=torch.float64, generator=gen, requires_grad=True)
+    loss = selection_distill_loss(q, k_slc, k_cmp, cfg, num_positions=5)
+    positions = torch.linspace(24, T - 1, 5).round().long().tolist()  # from n l' = 24 to T - 1
+    assert loss.item() == pytest.approx(naive_selection_distill(q, k_slc, k_cmp, cfg, positions), rel=1e-5)
+    assert loss.item() > 0
+    loss.backward()
+    assert q.grad is None and k_slc.grad is None  # detached: only the ranking's keys learn
+    assert k_cmp.grad.abs().max().item() > 0
+    # No position past n l', or no positions asked for: zero, with k_cmp still in the graph.
+    for short, positions in ((24, 5), (T, 0)):
+        zero = selection_distill_loss(q[:, :short], k_slc[:, :short], k_cmp, cfg, num_positions=positions)
+        assert zero.item() == 0 and zero.requires_grad
+
+
+def test_module_selection_distill_runs_in_training_forwards_only():
+    module = make_module(selection_distill=4, num_selected=3)
+    x = torch.randn(2, 40, DIM, dtype=torch.float64)
+    module.train()
+    module(x)
+    aux = module.aux_loss
+    assert aux is not None and aux.item() > 0
+    aux.backward()
+    assert module.compress_k.net is None or module.compress_k.net.weight.grad is not None
+    assert module.kv_proj.weight.grad.abs().max().item() > 0  # the compressed branch's key rows
+    assert module.q_proj.weight.grad is None
+    with torch.no_grad():
+        module(x)
+    assert module.aux_loss is None
+    module.eval()
+    module(x)
+    assert module.aux_loss is None
+    module.train()
+    with pytest.raises(ValueError, match="selection_distill supports padded batches"):
+        module(x.flatten(0, 1), packed([40, 40]))
+    plain = make_module()
+    plain(x)
+    assert plain.training and plain.aux_loss is None  # off by default
+    with pytest.raises(ValueError, match="selection_distill"):
+        make_module(selection_distill=-1)
 
 
 # ---- edge cases and causality ------------------------------------------------------------------

@@ -491,11 +491,12 @@ def test_resume_adds_or_drops_passkey_documents(small_cfg, tmp_path, before, aft
     assert resumed[k:] != unchanged[k:]  # the new mix is in use after the checkpoint
 
 
-def test_gate_floor_flag_sets_the_model_and_stays_with_a_resumed_run(cache_dir, tmp_path):
+def test_model_flags_set_the_model_and_stay_with_a_resumed_run(cache_dir, tmp_path):
     common = ["--preset", "tiny", "--seq-len", "64", "--batch-size", "2", "--eval-batches", "1", "--sample-tokens",
               "0", "--cache-dir", cache_dir, "--device", "cpu", "--progress-seconds", "1e9"]
-    model_config, _, _ = nsa_train.resolve_configs(nsa_train.parse_args(common + ["--gate-floor", "0.1"]))
-    assert model_config.gate_floor == 0.1
+    model_config, _, _ = nsa_train.resolve_configs(
+        nsa_train.parse_args(common + ["--gate-floor", "0.1", "--selection-distill", "0.2"]))
+    assert (model_config.gate_floor, model_config.selection_distill) == (0.1, 0.2)
     assert nsa_train.resolve_configs(nsa_train.parse_args(common))[0].gate_floor == 0.0
     nsa_train.main(common + ["--steps", "2", "--eval-every", "2", "--gate-floor", "0.1", "--out", str(tmp_path / "a")])
     model = nsa_train.load_model(str(tmp_path / "a"))
@@ -505,3 +506,26 @@ def test_gate_floor_flag_sets_the_model_and_stays_with_a_resumed_run(cache_dir, 
     assert nsa_train.resolve_configs(nsa_train.parse_args(resume + ["--gate-floor", "0.1"]))[0].gate_floor == 0.1
     with pytest.raises(SystemExit, match="--gate-floor cannot change the model of a resumed run"):
         nsa_train.resolve_configs(nsa_train.parse_args(resume + ["--gate-floor", "0.2"]))
+
+
+def test_selection_distill_trains_logs_and_compiles(small_cfg, tmp_path):
+    """--selection-distill: the weighted loss joins the objective (another trajectory than without),
+    metrics.csv logs it (empty without), compiled training gives eager's losses, and it refuses
+    activation checkpointing."""
+    distilled = replace(SMALL, selection_distill=0.5)
+    cfg = replace(small_cfg, steps=3)
+    result = train(distilled, cfg, tmp_path / "d", log=_quiet)
+    plain = train(SMALL, cfg, tmp_path / "p", log=_quiet)
+    logged = {run: [r["distill_loss"] for r in csv.DictReader(open(tmp_path / run / "metrics.csv"))] for run in "dp"}
+    assert len(logged["d"]) == 3 and all(float(v) > 0 for v in logged["d"])
+    assert logged["p"] == ["", "", ""]
+    assert result.losses[0] == plain.losses[0]  # the first step's cross entropy: same weights, same batch
+    assert result.losses[1:] != plain.losses[1:]
+    torch._dynamo.reset()
+    compiled = train(distilled, replace(cfg, compile=True), log=_quiet)
+    for (_, a), (_, b) in zip(compiled.losses, result.losses):
+        assert a == pytest.approx(b, rel=1e-5, abs=0)
+    with pytest.raises(ValueError, match="does not combine with --checkpoint-activations"):
+        train(distilled, replace(cfg, steps=1, checkpoint_activations=True), log=_quiet)
+    with pytest.raises(ValueError, match="selection_distill must be >= 0"):
+        replace(SMALL, selection_distill=-1.0)
