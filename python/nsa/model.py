@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, fields
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -212,6 +212,12 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cache=cache, slots=slots)
         return x + self.mlp(self.mlp_norm(x))
 
+    def forward_with_aux(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """forward(x) and the attention's aux_loss of that forward (NSAAttention.selection_distill; None
+        without): an output, so that activation checkpointing keeps it in the graph."""
+        x = self.forward(x)
+        return x, getattr(self.attn, "aux_loss", None)
+
 
 class ModelCache:
     """The KV caches of a LanguageModel, one ``KVCache`` per block, all over the same slots."""
@@ -282,6 +288,7 @@ class LanguageModel(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._distill: Optional[torch.Tensor] = None  # selection_distill_loss: the last forward's
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -306,13 +313,21 @@ class LanguageModel(nn.Module):
             if len(cache.layers) != len(self.blocks):
                 raise ValueError(f"LanguageModel: cache has {len(cache.layers)} layers, the model "
                                  f"{len(self.blocks)}; make it with new_cache")
+            self._distill = None
             for block, layer_cache in zip(self.blocks, cache.layers):
                 x = block(x, layer_cache, slots)
             return self.lm_head(self.norm(x))
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         context_fn = functools.partial(create_selective_checkpoint_contexts, _keep_attention)
+        distill_terms = []
         for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False, context_fn=context_fn) if recompute else block(x)
+            if recompute:
+                x, aux = checkpoint(block.forward_with_aux, x, use_reentrant=False, context_fn=context_fn)
+            else:
+                x, aux = block.forward_with_aux(x)
+            if aux is not None:
+                distill_terms.append(aux)
+        self._distill = self.config.selection_distill * torch.stack(distill_terms).mean() if distill_terms else None
         return self.lm_head(self.norm(x))
 
     def new_cache(self, num_slots: int, capacity: int, *, dtype: Optional[torch.dtype] = None,
@@ -326,13 +341,9 @@ class LanguageModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def selection_distill_loss(self) -> Optional[torch.Tensor]:
-        """config.selection_distill times the mean over the layers of their last training forward's
+        """config.selection_distill times the mean over the layers of the last forward's
         NSAAttention.aux_loss; None when off (or after a forward that computed none)."""
-        losses = [block.attn.aux_loss for block in self.blocks
-                  if isinstance(block.attn, NSAAttention) and block.attn.aux_loss is not None]
-        if not losses:
-            return None
-        return self.config.selection_distill * torch.stack(losses).mean()
+        return self._distill
 
     def attention_stats(self) -> Optional[Dict[str, float]]:
         """NSAAttention.last_stats averaged over the layers (None for dense attention or before a

@@ -141,43 +141,49 @@ def selection_distill_loss(q: torch.Tensor, k_slc: torch.Tensor, k_cmp: torch.Te
       - the target: the mass per block of the selected branch's attention over every key <= t (its
         queries and keys, dense), summed over the G heads: where that branch would look if it could
         see everything (as DeepSeek-V3.2 trains its indexer toward the main attention);
-    both over the blocks the ranking decides (eligible, not forced initial or local), normalized.
+    both over the blocks the ranking decides (eligible, not forced initial or local, overlapped by a
+    visible compressed token), normalized.
     Only k_cmp carries the gradient (the compressed keys and phi): q and the target are detached,
     so the loss cannot move the branches' own attention toward the ranking.
     """
     l, d, ls = config["cmp_block"], config["cmp_stride"], config["sel_block"]
     B, T, num_q_heads, head_dim = q.shape
     num_kv_heads, num_cmp = k_slc.shape[-2], k_cmp.shape[-3]
-    first = config["num_selected"] * ls
+    first = max(config["num_selected"] * ls, l - 1)  # (and some compressed token visible)
     if T <= first or num_cmp == 0 or num_positions <= 0:
         return k_cmp.sum() * 0  # (a zero that keeps k_cmp in the graph)
     dev = q.device
-    t = torch.linspace(first, T - 1, min(num_positions, T - first), device=dev).round().long()  # [S]
-    num_blocks = -(-T // ls)
-    scale = head_dim ** -0.5
-    qs = q.detach()[:, t].unflatten(2, (num_kv_heads, num_q_heads // num_kv_heads)).float()  # [B, S, Hkv, G, Dk]
-    with torch.no_grad():
-        logits = torch.einsum("bshgd,bkhd->bshgk", qs, k_slc.detach().float()) * scale  # [B, S, Hkv, G, T]
-        logits = logits.masked_fill((torch.arange(T, device=dev) > t[:, None])[None, :, None, None], float("-inf"))
-        mass = nn.functional.pad(logits.softmax(-1), (0, num_blocks * ls - T))
-        target = mass.unflatten(-1, (num_blocks, ls)).sum(dim=(-1, 3))  # [B, S, Hkv, blocks]
-    scores = torch.einsum("bshgd,bchd->bshgc", qs, k_cmp.float()) * scale  # [B, S, Hkv, G, Tc]
-    cmp_start = torch.arange(num_cmp, device=dev) * d
-    scores = scores.masked_fill((cmp_start + l - 1 > t[:, None])[None, :, None, None], float("-inf"))
-    block_start = torch.arange(num_blocks, device=dev) * ls
-    overlap = (torch.minimum(cmp_start[:, None] + l, block_start[None] + ls)
-               - torch.maximum(cmp_start[:, None], block_start[None])).clamp(min=0) / d  # Eq. 9 [Tc, blocks]
-    ranking = scores.softmax(-1).sum(dim=3) @ overlap  # [B, S, Hkv, blocks]
-    current = (t // ls)[:, None]  # [S, 1]
-    j = torch.arange(num_blocks, device=dev)
-    decided = (j >= config["num_init"]) & (j <= current - config["num_local"])  # [S, blocks]
-    decided = decided[None, :, None]
-    target = torch.where(decided, target, 0)
-    target = target / target.sum(-1, keepdim=True).clamp(min=1e-30)
-    ranking = torch.where(decided, ranking, 0)
-    ranking = ranking / ranking.sum(-1, keepdim=True).clamp(min=1e-30)
-    kl = torch.xlogy(target, target) - target * ranking.clamp(min=1e-30).log()
-    return kl.sum(-1).mean()
+    # fp32 throughout, also under autocast (whose matmuls would round the scores to bf16).
+    with torch.autocast(dev.type, enabled=False):
+        t = torch.linspace(first, T - 1, min(num_positions, T - first), device=dev).round().long()  # [S]
+        num_blocks = -(-T // ls)
+        scale = head_dim ** -0.5
+        group = num_q_heads // num_kv_heads
+        qs = q.detach()[:, t].unflatten(2, (num_kv_heads, group)).float()  # [B, S, Hkv, G, Dk]
+        with torch.no_grad():
+            logits = torch.einsum("bshgd,bkhd->bshgk", qs, k_slc.detach().float()) * scale  # [B, S, Hkv, G, T]
+            future = torch.arange(T, device=dev) > t[:, None]  # [S, T]
+            logits = logits.masked_fill(future[None, :, None, None], float("-inf"))
+            mass = nn.functional.pad(logits.softmax(-1), (0, num_blocks * ls - T))
+            target = mass.unflatten(-1, (num_blocks, ls)).sum(dim=(-1, 3))  # [B, S, Hkv, blocks]
+        scores = torch.einsum("bshgd,bchd->bshgc", qs, k_cmp.float()) * scale  # [B, S, Hkv, G, Tc]
+        cmp_start = torch.arange(num_cmp, device=dev) * d
+        visible = cmp_start + l - 1 <= t[:, None]  # [S, Tc]
+        scores = scores.masked_fill(~visible[None, :, None, None], float("-inf"))
+        block_start = torch.arange(num_blocks, device=dev) * ls
+        overlap = (torch.minimum(cmp_start[:, None] + l, block_start[None] + ls)
+                   - torch.maximum(cmp_start[:, None], block_start[None])).clamp(min=0) / d  # Eq. 9 [Tc, blocks]
+        ranking = scores.softmax(-1).sum(dim=3) @ overlap  # [B, S, Hkv, blocks]
+        current = (t // ls)[:, None]  # [S, 1]
+        j = torch.arange(num_blocks, device=dev)
+        decided = (j >= config["num_init"]) & (j <= current - config["num_local"])  # [S, blocks]
+        decided = (decided & ((visible.float() @ (overlap > 0).float()) > 0))[None, :, None]
+        target = torch.where(decided, target, 0)
+        target = target / target.sum(-1, keepdim=True).clamp(min=1e-30)
+        ranking = torch.where(decided, ranking, 0)
+        ranking = ranking / ranking.sum(-1, keepdim=True).clamp(min=1e-30)
+        kl = torch.xlogy(target, target) - target * ranking.clamp(min=1e-30).log()
+        return kl.sum(-1).mean()
 
 
 # --------------------------------------------------------------------------------------------

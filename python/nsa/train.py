@@ -53,7 +53,8 @@ except ImportError:  # optional: model weights then go through torch.save
 EVAL_SEED = 1_234_567  # validation windows come from a fresh generator with this seed: the same at every evaluation
 # loss: the cross entropy (what validation reports too); distill_loss: the weighted selection
 # distillation loss the step also minimized (--selection-distill), empty without it.
-CSV_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "val_loss") + STAT_NAMES + ("distill_loss",)
+CSV_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "val_loss") + STAT_NAMES + (
+    "distill_loss",)
 
 
 @dataclass
@@ -516,9 +517,6 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    if cfg.checkpoint_activations and model_config.selection_distill > 0:
-        # (The loss is kept as a side effect of each block's forward, which a recomputed block replays.)
-        raise ValueError("nsa.train: --selection-distill does not combine with --checkpoint-activations yet")
     model = LanguageModel(model_config, cfg.checkpoint_activations).to(device)
     num_parameters = model.num_parameters()
     if fsdp:  # before the optimizer is made: it must hold the sharded parameters
@@ -730,7 +728,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, help="training context length")
     p.add_argument("--selection-distill", type=float, metavar="WEIGHT",
                    help="train NSA's block ranking toward the selected branch's dense attention mass, this loss weight "
-                        "(default 0: off; not with --checkpoint-activations)")
+                        "(default 0: off)")
     p.add_argument("--gate-floor", type=float,
                    help="lower bound of NSA's branch gates, in [0, 1) (default 0: the paper's sigmoid gates)")
     p.add_argument("--steps", type=int, help="total optimizer steps of the run")

@@ -349,7 +349,9 @@ def naive_selection_distill(q, k_slc, k_cmp, cfg, positions):
     for b in range(B):
         for t in positions:
             current = t // ls
-            decided = [j for j in range(blocks) if cfg["num_init"] <= j <= current - cfg["num_local"]]
+            vis = [i for i in range(tc) if i * d + l - 1 <= t]
+            covered = {j for i in vis for j in range(blocks) if min(i * d + l, (j + 1) * ls) > max(i * d, j * ls)}
+            decided = [j for j in covered if cfg["num_init"] <= j <= current - cfg["num_local"]]
             for h in range(hkv):
                 target, ranking = [0.0] * blocks, [0.0] * blocks
                 for g in range(G):
@@ -357,7 +359,6 @@ def naive_selection_distill(q, k_slc, k_cmp, cfg, positions):
                     p = torch.softmax(torch.stack([qv @ k_slc[b, s, h].double() * scale for s in range(t + 1)]), 0)
                     for s in range(t + 1):
                         target[s // ls] += p[s].item()
-                    vis = [i for i in range(tc) if i * d + l - 1 <= t]
                     pc = torch.softmax(torch.stack([qv @ k_cmp[b, i, h].double() * scale for i in vis]), 0)
                     for i, pi in zip(vis, pc):
                         for j in range(blocks):
@@ -369,8 +370,9 @@ def naive_selection_distill(q, k_slc, k_cmp, cfg, positions):
     return total / count
 
 
-def test_selection_distill_loss_matches_its_definition_and_trains_only_the_compressed_keys():
-    cfg = dict(CONFIG, num_selected=3, num_init=1, num_local=1)  # l 8, d 4, l' 8: 3 blocks before the first t
+@pytest.mark.parametrize("num_local", [1, 0])  # 0: the current block is decided, its newest tokens not compressed
+def test_selection_distill_loss_matches_its_definition_and_trains_only_the_compressed_keys(num_local):
+    cfg = dict(CONFIG, num_selected=3, num_init=1, num_local=num_local)  # l 8, d 4, l' 8: from t = 24 on
     B, T = 2, 45
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(B, T, HQ, DK, dtype=torch.float64, generator=gen, requires_grad=True)

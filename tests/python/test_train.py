@@ -510,8 +510,8 @@ def test_model_flags_set_the_model_and_stay_with_a_resumed_run(cache_dir, tmp_pa
 
 def test_selection_distill_trains_logs_and_compiles(small_cfg, tmp_path):
     """--selection-distill: the weighted loss joins the objective (another trajectory than without),
-    metrics.csv logs it (empty without), compiled training gives eager's losses, and it refuses
-    activation checkpointing."""
+    metrics.csv logs it (empty without), and activation checkpointing (eager: the same losses) and
+    compiled training (eager's losses to rounding; also checkpointed) keep it in the gradient."""
     distilled = replace(SMALL, selection_distill=0.5)
     cfg = replace(small_cfg, steps=3)
     result = train(distilled, cfg, tmp_path / "d", log=_quiet)
@@ -521,11 +521,12 @@ def test_selection_distill_trains_logs_and_compiles(small_cfg, tmp_path):
     assert logged["p"] == ["", "", ""]
     assert result.losses[0] == plain.losses[0]  # the first step's cross entropy: same weights, same batch
     assert result.losses[1:] != plain.losses[1:]
-    torch._dynamo.reset()
-    compiled = train(distilled, replace(cfg, compile=True), log=_quiet)
-    for (_, a), (_, b) in zip(compiled.losses, result.losses):
-        assert a == pytest.approx(b, rel=1e-5, abs=0)
-    with pytest.raises(ValueError, match="does not combine with --checkpoint-activations"):
-        train(distilled, replace(cfg, steps=1, checkpoint_activations=True), log=_quiet)
+    assert train(distilled, replace(cfg, checkpoint_activations=True), log=_quiet).losses == result.losses
+    for checkpoint_activations in (False, True):
+        torch._dynamo.reset()
+        compiled = train(distilled, replace(cfg, compile=True, checkpoint_activations=checkpoint_activations),
+                         log=_quiet)
+        for (_, a), (_, b) in zip(compiled.losses, result.losses):
+            assert a == pytest.approx(b, rel=1e-5, abs=0)
     with pytest.raises(ValueError, match="selection_distill must be >= 0"):
         replace(SMALL, selection_distill=-1.0)
