@@ -208,15 +208,12 @@ class Block(nn.Module):
         self.mlp = SwiGLU(c.dim, c.mlp_hidden)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
-                slots: Optional[Sequence[int]] = None) -> torch.Tensor:
+                slots: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The block's output and its attention's aux_loss of this forward (NSAAttention's
+        selection_distill; None without): an output, so that activation checkpointing keeps it in
+        the graph. (Called through the module, as FSDP2's and torch.compile's hooks need.)"""
         x = x + self.attn(self.attn_norm(x), cache=cache, slots=slots)
-        return x + self.mlp(self.mlp_norm(x))
-
-    def forward_with_aux(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """forward(x) and the attention's aux_loss of that forward (NSAAttention.selection_distill; None
-        without): an output, so that activation checkpointing keeps it in the graph."""
-        x = self.forward(x)
-        return x, getattr(self.attn, "aux_loss", None)
+        return x + self.mlp(self.mlp_norm(x)), getattr(self.attn, "aux_loss", None)
 
 
 class ModelCache:
@@ -315,16 +312,13 @@ class LanguageModel(nn.Module):
                                  f"{len(self.blocks)}; make it with new_cache")
             self._distill = None
             for block, layer_cache in zip(self.blocks, cache.layers):
-                x = block(x, layer_cache, slots)
+                x, _ = block(x, layer_cache, slots)
             return self.lm_head(self.norm(x))
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         context_fn = functools.partial(create_selective_checkpoint_contexts, _keep_attention)
         distill_terms = []
         for block in self.blocks:
-            if recompute:
-                x, aux = checkpoint(block.forward_with_aux, x, use_reentrant=False, context_fn=context_fn)
-            else:
-                x, aux = block.forward_with_aux(x)
+            x, aux = checkpoint(block, x, use_reentrant=False, context_fn=context_fn) if recompute else block(x)
             if aux is not None:
                 distill_terms.append(aux)
         self._distill = self.config.selection_distill * torch.stack(distill_terms).mean() if distill_terms else None

@@ -384,6 +384,7 @@ class NSAAttention(nn.Module):
         packed path reads cu_seqlens on the host once per call, to size the compressed tokens.
         ``max_seqlen`` (packed only) is checked against, not trusted blindly.
         """
+        self.aux_loss = None
         if cache is not None:
             if cu_seqlens is not None:
                 raise ValueError("NSAAttention: cache and cu_seqlens cannot be combined (a cache holds padded slots)")
@@ -410,7 +411,6 @@ class NSAAttention(nn.Module):
         q, keys, values, gate_logits = self._project(x, positions)
         k_cmp = self.compress_k(blocks_of(keys[0]))
         v_cmp = self.compress_v(blocks_of(values[0]))
-        self.aux_loss = None
         if self.selection_distill > 0 and self.training and torch.is_grad_enabled():
             if cu_seqlens is not None:
                 raise ValueError("NSAAttention: selection_distill supports padded batches [B, T, dim] only, "
