@@ -510,8 +510,9 @@ def test_model_flags_set_the_model_and_stay_with_a_resumed_run(cache_dir, tmp_pa
 
 def test_selection_distill_trains_logs_and_compiles(small_cfg, tmp_path):
     """--selection-distill: the weighted loss joins the objective (another trajectory than without),
-    metrics.csv logs it (empty without), and activation checkpointing (eager: the same losses) and
-    compiled training (eager's losses to rounding; also checkpointed) keep it in the gradient."""
+    metrics.csv logs it (empty without), and activation checkpointing (eager: the same losses),
+    compiled training (eager's losses to rounding; also checkpointed), DDP and FSDP2 with one rank
+    keep it in the gradient."""
     distilled = replace(SMALL, selection_distill=0.5)
     cfg = replace(small_cfg, steps=3)
     result = train(distilled, cfg, tmp_path / "d", log=_quiet)
@@ -522,6 +523,11 @@ def test_selection_distill_trains_logs_and_compiles(small_cfg, tmp_path):
     assert result.losses[0] == plain.losses[0]  # the first step's cross entropy: same weights, same batch
     assert result.losses[1:] != plain.losses[1:]
     assert train(distilled, replace(cfg, checkpoint_activations=True), log=_quiet).losses == result.losses
+    with _group_of_one(tmp_path):
+        assert train(distilled, cfg, ddp=True, log=_quiet).losses == result.losses
+        fsdp = train(distilled, replace(cfg, parallel="fsdp"), log=_quiet)
+    for (_, a), (_, b) in zip(fsdp.losses, result.losses):
+        assert a == pytest.approx(b, rel=1e-6, abs=0)
     for checkpoint_activations in (False, True):
         torch._dynamo.reset()
         compiled = train(distilled, replace(cfg, compile=True, checkpoint_activations=checkpoint_activations),
