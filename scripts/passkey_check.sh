@@ -62,16 +62,19 @@ train_rc=$?
 grep -E "^step |tokens/s after|val loss" "$OUT/train.log" | tail -12
 [ "$train_rc" -eq 0 ] || { tail -20 "$OUT/train.log"; echo "passkey_check: training failed (rc $train_rc)"; exit 1; }
 
-# The gates (NSA): their means every ~400 steps, from the run's metrics.
+# The gates (NSA) every ~400 steps, from the run's metrics, and the distillation loss where it ran.
 gates=$(python3 - "$run/metrics.csv" << 'PY'
 import csv, sys
 rows = [r for r in csv.DictReader(open(sys.argv[1])) if r.get("gate_mean_cmp")]
 if rows:
+    distill = any(r.get("distill_loss") for r in rows)
     picked = [r for r in rows if int(r["step"]) % 400 == 0 or r is rows[0] or r is rows[-1]]
-    print("| step | gate cmp | gate slc | gate win |")
-    print("|---|---|---|---|")
+    print("| step | gate cmp | gate slc | gate win |" + (" distill_loss |" if distill else ""))
+    print("|---|---|---|---|" + ("---|" if distill else ""))
     for r in picked:
-        print(f"| {r['step']} | " + " | ".join(f"{float(r['gate_mean_' + b]):.3f}" for b in ("cmp", "slc", "win")) + " |")
+        cells = [f"{float(r['gate_mean_' + b]):.3f}" for b in ("cmp", "slc", "win")]
+        cells += [f"{float(r['distill_loss']):.4f}"] if distill else []
+        print(f"| {r['step']} | " + " | ".join(cells) + " |")
 PY
 )
 
