@@ -135,8 +135,8 @@ def parse_settings(items: Sequence[str]) -> Dict[str, int]:
     """``["window=2048", "num_selected=32"]`` -> ``{"window": 2048, "num_selected": 32}``."""
     settings = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in INFERENCE_SETTINGS or not value.strip().isdigit():
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in INFERENCE_SETTINGS or not (value.isascii() and value.isdigit()):
             raise ValueError(f"--set takes KEY=N with KEY one of {', '.join(INFERENCE_SETTINGS)} and N a positive "
                              f"integer, got {item!r}")
         settings[key] = int(value)

@@ -70,8 +70,11 @@ class ModelConfig:
     def __post_init__(self):
         if self.attn not in ATTN_KINDS:
             raise ValueError(f"ModelConfig: attn must be one of {ATTN_KINDS}, got {self.attn!r}")
-        if not self.selection_distill >= 0:
-            raise ValueError(f"ModelConfig: selection_distill must be >= 0, got {self.selection_distill}")
+        if not (isinstance(self.gate_floor, (int, float)) and 0 <= self.gate_floor < 1):
+            raise ValueError(f"ModelConfig: gate_floor must be in [0, 1), got {self.gate_floor!r}")
+        if not (isinstance(self.selection_distill, (int, float)) and 0 <= self.selection_distill < math.inf):
+            raise ValueError(f"ModelConfig: selection_distill must be a finite number >= 0, got "
+                             f"{self.selection_distill!r}")
         if self.n_q_heads % self.n_kv_heads:
             raise ValueError(f"ModelConfig: n_q_heads ({self.n_q_heads}) must be a multiple of n_kv_heads "
                              f"({self.n_kv_heads})")

@@ -10,7 +10,7 @@ Data flow of one forward, with H = Hkv, padded shapes [B, T, ...] (packed: [tota
       q_proj  -> q [B, T, Hq, Dk]                                   -> RoPE
       kv_proj -> per branch b in (cmp, slc[, win]): k_b [B, T, H, Dk] -> RoPE,  v_b [B, T, H, Dv]
       phi     -> k_cmp, v_cmp [B, Tc, H, D] from the blocks [i*d, i*d+l) of k_cmp-raw, v_cmp-raw
-      gate    -> sigmoid(gate_proj(x)) [B, T, Hq, 3]  (cmp, slc, win)
+      gate    -> sigmoid(gate_proj(x)) [B, T, Hq, 3]  (cmp, slc, win), raised to gate_floor
       nsa_attention(q, k_slc, v_slc, k_cmp, v_cmp, gates, k_win, v_win) -> [B, T, Hq, Dv]
       o_proj  -> [B, T, dim]
 
@@ -142,15 +142,17 @@ def selection_distill_loss(q: torch.Tensor, k_slc: torch.Tensor, k_cmp: torch.Te
         queries and keys, dense), summed over the G heads: where that branch would look if it could
         see everything (as DeepSeek-V3.2 trains its indexer toward the main attention);
     both over the blocks the ranking decides (eligible, not forced initial or local, overlapped by a
-    visible compressed token), normalized.
-    Only k_cmp carries the gradient (the compressed keys and phi): q and the target are detached,
-    so the loss cannot move the branches' own attention toward the ranking.
+    visible compressed token), normalized; zero where it decides none (n = n_init + n_local).
+    Only k_cmp carries the gradient: q and the target are detached (NSAAttention passes compressed
+    keys made from its detached input, so that only the compressed keys' projection and phi learn
+    from it). Computed in float32 whatever the inputs' dtype.
     """
     l, d, ls = config["cmp_block"], config["cmp_stride"], config["sel_block"]
     B, T, num_q_heads, head_dim = q.shape
     num_kv_heads, num_cmp = k_slc.shape[-2], k_cmp.shape[-3]
     first = max(config["num_selected"] * ls, l - 1)  # (and some compressed token visible)
-    if T <= first or num_cmp == 0 or num_positions <= 0:
+    free = config["num_selected"] > config["num_init"] + config["num_local"]  # slots the ranking fills
+    if T <= first or num_cmp == 0 or num_positions <= 0 or not free:
         return k_cmp.sum() * 0  # (a zero that keeps k_cmp in the graph)
     dev = q.device
     # fp32 throughout, also under autocast (whose matmuls would round the scores to bf16).
@@ -172,7 +174,7 @@ def selection_distill_loss(q: torch.Tensor, k_slc: torch.Tensor, k_cmp: torch.Te
         scores = scores.masked_fill(~visible[None, :, None, None], float("-inf"))
         block_start = torch.arange(num_blocks, device=dev) * ls
         overlap = (torch.minimum(cmp_start[:, None] + l, block_start[None] + ls)
-                   - torch.maximum(cmp_start[:, None], block_start[None])).clamp(min=0) / d  # Eq. 9 [Tc, blocks]
+                   - torch.maximum(cmp_start[:, None], block_start[None])).clamp(min=0).float() / d  # Eq. 9
         ranking = scores.softmax(-1).sum(dim=3) @ overlap  # [B, S, Hkv, blocks]
         current = (t // ls)[:, None]  # [S, 1]
         j = torch.arange(num_blocks, device=dev)
@@ -415,7 +417,8 @@ class NSAAttention(nn.Module):
             if cu_seqlens is not None:
                 raise ValueError("NSAAttention: selection_distill supports padded batches [B, T, dim] only, "
                                  "not packed sequences")
-            self.aux_loss = selection_distill_loss(q, keys[1], k_cmp, self.op_config, self.selection_distill)
+            self.aux_loss = selection_distill_loss(q, keys[1], self._ranking_keys(x, positions, blocks_of),
+                                                   self.op_config, self.selection_distill)
         k_win, v_win = (None, None) if self.share_window_kv else (keys[2], values[2])
         gates = self._gates(gate_logits)
 
@@ -471,6 +474,17 @@ class NSAAttention(nn.Module):
         if self.collect_stats:
             self._record_stats(gate_logits, indices, positions)
         return self.o_proj(out.flatten(-2))
+
+    def _ranking_keys(self, x: torch.Tensor, positions: torch.Tensor, blocks_of) -> torch.Tensor:
+        """The compressed keys [..., Tc, Hkv, Dk] again, from x detached (the cmp branch's keys are
+        kv_proj's first Hkv * Dk rows: _keys_values): the selection distillation's gradient reaches
+        their projection and phi, not the layer's input or anything before it."""
+        rows = slice(0, self.num_kv_heads * self.head_dim_qk)
+        bias = None if self.kv_proj.bias is None else self.kv_proj.bias[rows]
+        raw = nn.functional.linear(x.detach(), self.kv_proj.weight[rows], bias)
+        cos, sin = rope_cos_sin(positions, self.head_dim_qk, self.rope_theta, x.dtype)
+        raw = apply_rope(raw.unflatten(-1, (self.num_kv_heads, self.head_dim_qk)), cos, sin)
+        return self.compress_k(blocks_of(raw))
 
     def _gates(self, gate_logits: torch.Tensor) -> torch.Tensor:
         """The branch gates [..., Hq, 3] from their logits: sigmoid, raised to gate_floor."""

@@ -599,6 +599,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
         step_s = time.perf_counter() - step_start
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"nsa.train: loss is {loss_value} at step {step}")
+        if not math.isfinite(distill_value):
+            raise FloatingPointError(f"nsa.train: the selection distillation loss is {distill_value} at step {step}")
         result.losses.append((step, loss_value))
         result.steps, result.tokens = step, step * tokens_per_step
         result.train_s += step_s

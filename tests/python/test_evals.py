@@ -95,8 +95,8 @@ def test_settings_give_the_model_built_with_them():
 
 
 def test_settings_are_checked():
-    assert evals.parse_settings(["window=128", "num_selected=8"]) == {"window": 128, "num_selected": 8}
-    for bad in ("window", "window=x", "window=-3", "sel_block=64"):
+    assert evals.parse_settings(["window=128", " num_selected = 8"]) == {"window": 128, "num_selected": 8}
+    for bad in ("window", "window=x", "window=-3", "sel_block=64", "window=²"):
         with pytest.raises(ValueError, match="--set takes KEY=N"):
             evals.parse_settings([bad])
     nsa_model = LanguageModel(TINY)

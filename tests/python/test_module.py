@@ -385,23 +385,34 @@ def test_selection_distill_loss_matches_its_definition_and_trains_only_the_compr
     loss.backward()
     assert q.grad is None and k_slc.grad is None  # detached: only the ranking's keys learn
     assert k_cmp.grad.abs().max().item() > 0
-    # No position past n l', or no positions asked for: zero, with k_cmp still in the graph.
-    for short, positions in ((24, 5), (T, 0)):
-        zero = selection_distill_loss(q[:, :short], k_slc[:, :short], k_cmp, cfg, num_positions=positions)
+    # No position past n l', no positions asked for, or no slot the ranking fills (n = n_init + n_local):
+    # zero, with k_cmp still in the graph.
+    for short, positions, n in ((24, 5, 3), (T, 0, 3), (T, 5, 1 + num_local)):
+        zero = selection_distill_loss(q[:, :short], k_slc[:, :short], k_cmp, dict(cfg, num_selected=n),
+                                      num_positions=positions)
         assert zero.item() == 0 and zero.requires_grad
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # (the Eq. 9 weights once took it and met float32 scores)
+    try:
+        assert selection_distill_loss(q, k_slc, k_cmp, cfg, num_positions=5).item() == pytest.approx(loss.item())
+    finally:
+        torch.set_default_dtype(default)
 
 
 def test_module_selection_distill_runs_in_training_forwards_only():
-    module = make_module(selection_distill=4, num_selected=3)
-    x = torch.randn(2, 40, DIM, dtype=torch.float64)
+    module = make_module(selection_distill=4, num_selected=3, phi="linear")
+    x = torch.randn(2, 40, DIM, dtype=torch.float64, requires_grad=True)
     module.train()
     module(x)
     aux = module.aux_loss
     assert aux is not None and aux.item() > 0
     aux.backward()
-    assert module.compress_k.net is None or module.compress_k.net.weight.grad is not None
-    assert module.kv_proj.weight.grad.abs().max().item() > 0  # the compressed branch's key rows
-    assert module.q_proj.weight.grad is None
+    # Only the compressed keys' projection rows (kv_proj's first Hkv * Dk) and phi learn from it.
+    assert module.compress_k.net.weight.grad.abs().max().item() > 0
+    key_rows = HKV * DK
+    assert module.kv_proj.weight.grad[:key_rows].abs().max().item() > 0
+    assert module.kv_proj.weight.grad[key_rows:].abs().max().item() == 0
+    assert x.grad is None and module.q_proj.weight.grad is None and module.compress_v.net.weight.grad is None
     with torch.no_grad():
         module(x)
     assert module.aux_loss is None

@@ -534,5 +534,26 @@ def test_selection_distill_trains_logs_and_compiles(small_cfg, tmp_path):
                          log=_quiet)
         for (_, a), (_, b) in zip(compiled.losses, result.losses):
             assert a == pytest.approx(b, rel=1e-5, abs=0)
-    with pytest.raises(ValueError, match="selection_distill must be >= 0"):
-        replace(SMALL, selection_distill=-1.0)
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="selection_distill must be a finite number >= 0"):
+            replace(SMALL, selection_distill=bad)
+    with pytest.raises(ValueError, match=r"gate_floor must be in \[0, 1\)"):
+        replace(SMALL, gate_floor=1.0)
+
+
+def test_selection_distill_reaches_only_the_ranking_keys_of_the_model():
+    """In the whole model (embedding, norms, earlier blocks) the distillation loss alone has a
+    gradient only on the compressed keys' rows of each kv_proj and on phi's keys."""
+    torch.manual_seed(0)
+    model = LanguageModel(replace(SMALL, selection_distill=1.0)).train()
+    model(torch.randint(256, (2, SMALL.seq_len)))
+    model.selection_distill_loss().backward()
+    key_rows = SMALL.n_kv_heads * SMALL.head_dim
+    for name, p in model.named_parameters():
+        grad = torch.zeros_like(p) if p.grad is None else p.grad
+        if name.endswith("attn.kv_proj.weight"):
+            assert grad[:key_rows].abs().max().item() > 0 and grad[key_rows:].abs().max().item() == 0, name
+        elif ".attn.compress_k." in name:
+            continue  # phi: its weight learns; its bias and position embedding have exactly zero gradient
+        else:
+            assert grad.abs().max().item() == 0, name
