@@ -13,8 +13,8 @@
 #   TRAIN_ARGS  more nsa.train flags, e.g. "--gate-floor 0.1" []
 #   LENGTHS     passkey prompt lengths [512,1024,2048]; TRIALS per cell [8]
 #   SETS        semicolon-separated inference settings, each comma-separated KEY=N for `nsa.evals
-#               --set`, an empty one meaning as trained: ";window=2048;num_selected=32" evaluates
-#               three times ["": once, as trained]
+#               --set` or off=BRANCH for `--branch-off`, an empty one meaning as trained:
+#               ";window=2048;off=win" evaluates three times ["": once, as trained]
 #   BUDGET      seconds for the whole script (the device's calls end at 600 s): the training gets what
 #               the build leaves, less 45 s per evaluation [570]
 #   OUT         logs, metrics.csv, loss_curve.png, passkey_*.json [./passkey_check_out]
@@ -91,7 +91,13 @@ for setting in "${settings[@]}"; do
   index=$((index + 1))
   flags=()
   IFS=',' read -r -a pairs <<< "$setting"
-  for pair in "${pairs[@]}"; do [ -n "$pair" ] && flags+=(--set "$pair"); done
+  for pair in "${pairs[@]}"; do
+    case "$pair" in
+      "") ;;
+      off=*) flags+=(--branch-off "${pair#off=}") ;;
+      *) flags+=(--set "$pair") ;;
+    esac
+  done
   timeout $((BUDGET + 25 - (SECONDS - start))) python3 -m nsa.evals passkey --checkpoint "$run" --lengths "$LENGTHS" --trials "$TRIALS" "${flags[@]}" \
     --out-json "$OUT/passkey_${ATTN}_$index.json" > "$OUT/passkey_$index.log" 2>&1 ||
     { tail -5 "$OUT/passkey_$index.log"; echo "passkey_check: the evaluation '${setting}' failed"; }
@@ -101,7 +107,7 @@ done
 cp "$run/metrics.csv" "$run/loss_curve.png" "$OUT/" 2> /dev/null
 rm -rf "$run"  # the checkpoint (about 1 GB for m7c-125m) and the rest; metrics and curve are kept above
 
-echo "== summary ($ATTN, $PRESET, $STEPS steps, --passkey-fraction $PK ${TRAIN_ARGS}; $((SECONDS - start)) s)"
+echo "== summary ($ATTN, $PRESET, $STEPS steps, --passkey-fraction $PK ${TRAIN_ARGS:-}; $((SECONDS - start)) s)"
 grep -E "tokens/s after|val loss" "$OUT/train.log" | tail -2
 [ -n "$gates" ] && echo "$gates"
 printf '%s' "$tables"

@@ -14,7 +14,8 @@ sees the whole prompt and its answer so far: ``generate(..., max_context=L + dig
 ``--set window=N`` / ``--set num_selected=N`` evaluate an NSA model with another window or block
 count than it was trained with (``apply_settings``): a diagnostic of which branch holds what the
 model retrieves. With the window as long as the prompt the window branch is full causal attention,
-and so is the selected branch with ``num_selected`` >= length / l'.
+and so is the selected branch with ``num_selected`` >= length / l'. ``--branch-off NAME`` (cmp, slc
+or win; repeatable) holds that branch's gate at 0: which branch carries the retrieval.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 from .data import inputs_and_targets
 from .model import LanguageModel, generate
-from .module import NSAAttention
+from .module import BRANCHES, NSAAttention
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 QUESTION = " What is the pass key? The pass key is "
@@ -143,13 +144,17 @@ def parse_settings(items: Sequence[str]) -> Dict[str, int]:
     return settings
 
 
-def apply_settings(model: LanguageModel, settings: Dict[str, int]) -> None:
+def apply_settings(model: LanguageModel, settings: Dict[str, int], branches_off: Sequence[str] = ()) -> None:
     """Sets ``settings`` (keys of INFERENCE_SETTINGS) in every NSAAttention layer of ``model`` and in
-    its config, as if it had been built with them; the weights are unchanged."""
+    its config, as if it had been built with them, and holds the gates of ``branches_off`` at 0
+    (NSAAttention.set_branches_off); the weights are unchanged."""
     layers = [m for m in model.modules() if isinstance(m, NSAAttention)]
-    if settings and not layers:
-        raise ValueError(f"apply_settings: {', '.join(settings)} apply to NSA models; this one has "
-                         f"{model.config.attn} attention")
+    if (settings or branches_off) and not layers:
+        raise ValueError(f"apply_settings: {', '.join(list(settings) + list(branches_off))} apply to NSA models; "
+                         f"this one has {model.config.attn} attention")
+    unknown = [b for b in branches_off if b not in BRANCHES]
+    if unknown:
+        raise ValueError(f"apply_settings: branches_off must be names in {BRANCHES}, got {list(branches_off)!r}")
     for key, value in settings.items():
         if key not in INFERENCE_SETTINGS:
             raise ValueError(f"apply_settings: {key!r} is not one of {', '.join(INFERENCE_SETTINGS)}")
@@ -162,6 +167,7 @@ def apply_settings(model: LanguageModel, settings: Dict[str, int]) -> None:
             raise ValueError(f"apply_settings: num_selected ({selected}) must be >= num_init + num_local "
                              f"({config['num_init']} + {config['num_local']})")
         config.update(settings)
+        layer.set_branches_off(branches_off)
     model.config = replace(model.config, **settings)
 
 
@@ -187,6 +193,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=N",
                    help="evaluate with another window or num_selected than trained with (NSA; repeatable)")
+    p.add_argument("--branch-off", action="append", default=[], choices=BRANCHES,
+                   help="hold this branch's gate at 0 (NSA; repeatable): which branch retrieves")
     p.add_argument("--out-json", help="write {'rows': [{length, depth, accuracy, trials}], ...} here")
     args = parser.parse_args(argv)
     try:
@@ -206,10 +214,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = load_model(args.checkpoint, device)
     try:
-        apply_settings(model, settings)
+        apply_settings(model, settings, args.branch_off)
     except ValueError as e:
         parser.error(str(e))
     changed = "".join(f", {key}={value}" for key, value in settings.items())
+    changed += "".join(f", {branch} off" for branch in args.branch_off)
     print(f"passkey: {args.checkpoint} ({model.config.attn} attention, trained at T={model.config.seq_len}{changed}) "
           f"on {device}, {args.trials} trials per cell", flush=True)
     accuracy = evaluate_passkey(model, lengths, depths, args.trials, args.seed)
@@ -219,6 +228,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for (length, depth), acc in sorted(accuracy.items())]
         Path(args.out_json).write_text(json.dumps({"rows": rows, "checkpoint": args.checkpoint,
                                                    "attn": model.config.attn, "settings": settings,
+                                                   "branches_off": args.branch_off,
                                                    "train_seq_len": model.config.seq_len}, indent=1) + "\n")
         print(f"wrote {args.out_json}")
     return 0

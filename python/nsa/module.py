@@ -35,6 +35,8 @@ from .cache import KVCache
 from .ops import NSAConfig, cmp_seqlens, nsa_attention, nsa_attention_kvcache, num_cmp_tokens
 
 PHI_KINDS = ("avg", "linear", "mlp")
+# The branches in the order of the gates' last dimension.
+BRANCHES = ("cmp", "slc", "win")
 STAT_NAMES = ("gate_mean_cmp", "gate_mean_slc", "gate_mean_win", "gate_entropy", "forced_fraction",
               "scored_fraction")
 
@@ -302,6 +304,8 @@ class NSAAttention(nn.Module):
         self.selection_distill = selection_distill
         # The last training forward's selection_distill_loss (None: off, or not a training forward).
         self.aux_loss: Optional[torch.Tensor] = None
+        # Branches whose gate is held at 0 (set_branches_off: a diagnostic, e.g. nsa.evals --branch-off).
+        self.branches_off: Tuple[str, ...] = ()
         self.collect_stats = bool(collect_stats)
         self.kv_branches = ("cmp", "slc") if self.share_window_kv else ("cmp", "slc", "win")
 
@@ -486,10 +490,23 @@ class NSAAttention(nn.Module):
         raw = apply_rope(raw.unflatten(-1, (self.num_kv_heads, self.head_dim_qk)), cos, sin)
         return self.compress_k(blocks_of(raw))
 
+    def set_branches_off(self, branches: Sequence[str]) -> None:
+        """Holds the gates of ``branches`` (names in BRANCHES) at 0 from the next forward on, so that
+        the output is the other branches' alone: which branch carries what the layer does (e.g.
+        nsa.evals --branch-off). An empty sequence restores the learned gates."""
+        unknown = [b for b in branches if b not in BRANCHES]
+        _require(not unknown, "branches", f"must be names in {BRANCHES}, got {list(branches)!r}")
+        self.branches_off = tuple(b for b in BRANCHES if b in branches)
+
     def _gates(self, gate_logits: torch.Tensor) -> torch.Tensor:
-        """The branch gates [..., Hq, 3] from their logits: sigmoid, raised to gate_floor."""
+        """The branch gates [..., Hq, 3] from their logits: sigmoid, raised to gate_floor; 0 for the
+        branches_off."""
         gates = torch.sigmoid(gate_logits)
-        return gates if self.gate_floor == 0 else self.gate_floor + (1 - self.gate_floor) * gates
+        gates = gates if self.gate_floor == 0 else self.gate_floor + (1 - self.gate_floor) * gates
+        if self.branches_off:
+            gates = gates * torch.tensor([b not in self.branches_off for b in BRANCHES], dtype=gates.dtype,
+                                         device=gates.device)
+        return gates
 
     # ---- statistics --------------------------------------------------------------------------
 

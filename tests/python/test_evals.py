@@ -67,12 +67,13 @@ def test_cli_on_a_saved_run(tmp_path, capsys):
     train(TINY, cfg, tmp_path / "run", log=lambda _m: None)
     out = tmp_path / "passkey.json"
     assert evals.main(["passkey", "--checkpoint", str(tmp_path / "run"), "--lengths", "128,160", "--depths", "0,1",
-                       "--trials", "1", "--device", "cpu", "--out-json", str(out), "--set", "window=160"]) == 0
+                       "--trials", "1", "--device", "cpu", "--out-json", str(out), "--set", "window=160",
+                       "--branch-off", "win"]) == 0
     result = json.loads(out.read_text())
     assert [(r["length"], r["depth"]) for r in result["rows"]] == [(128, 0.0), (128, 1.0), (160, 0.0), (160, 1.0)]
-    assert result["settings"] == {"window": 160}
+    assert result["settings"] == {"window": 160} and result["branches_off"] == ["win"]
     printed = capsys.readouterr().out
-    assert "| length | depth 0.00 | depth 1.00 |" in printed and "window=160" in printed
+    assert "| length | depth 0.00 | depth 1.00 |" in printed and "window=160, win off" in printed
     with pytest.raises(SystemExit):
         evals.main(["passkey", "--checkpoint", str(tmp_path / "run"), "--set", "num_selected=1", "--device", "cpu"])
 
@@ -107,3 +108,9 @@ def test_settings_are_checked():
     assert nsa_model.config == TINY  # nothing changed by the rejected calls
     with pytest.raises(ValueError, match="apply to NSA models; this one has dense attention"):
         evals.apply_settings(LanguageModel(replace(TINY, attn="dense")), {"window": 32})
+    with pytest.raises(ValueError, match="apply to NSA models; this one has dense attention"):
+        evals.apply_settings(LanguageModel(replace(TINY, attn="dense")), {}, ["slc"])
+    with pytest.raises(ValueError, match="branches_off must be names in"):
+        evals.apply_settings(nsa_model, {}, ["window"])
+    evals.apply_settings(nsa_model, {}, ["slc"])
+    assert all(block.attn.branches_off == ("slc",) for block in nsa_model.blocks)

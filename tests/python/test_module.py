@@ -338,6 +338,23 @@ def test_gate_floor_raises_every_gate(monkeypatch, floor):
         with pytest.raises(ValueError, match="gate_floor"):
             make_module(gate_floor=bad)
 
+    # Branches held off: their gates are 0 in both paths and in the statistics; [] restores them.
+    seen.clear()
+    module.set_branches_off(["win", "cmp"])
+    assert module.branches_off == ("cmp", "win")
+    module(x)
+    module(x, cache=module.new_cache(1, 20))
+    for gates in seen:
+        only_slc = expected * torch.tensor([0.0, 1.0, 0.0], dtype=gates.dtype)
+        torch.testing.assert_close(gates, only_slc, rtol=0, atol=1e-15)
+    assert module.last_stats["gate_mean_cmp"] == 0 and module.last_stats["gate_mean_win"] == 0
+    module.set_branches_off([])
+    seen.clear()
+    module(x)
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="branches"):
+        module.set_branches_off(["window"])
+
 
 def naive_selection_distill(q, k_slc, k_cmp, cfg, positions):
     """selection_distill_loss position by position and head by head, from the definitions."""
