@@ -160,13 +160,8 @@ def apply_settings(model: LanguageModel, settings: Dict[str, int], branches_off:
             raise ValueError(f"apply_settings: {key!r} is not one of {', '.join(INFERENCE_SETTINGS)}")
         if value < 1:
             raise ValueError(f"apply_settings: {key} must be >= 1, got {value}")
-    for layer in layers:
-        config = layer.op_config
-        selected = settings.get("num_selected", config["num_selected"])
-        if selected < config["num_init"] + config["num_local"]:
-            raise ValueError(f"apply_settings: num_selected ({selected}) must be >= num_init + num_local "
-                             f"({config['num_init']} + {config['num_local']})")
-        config.update(settings)
+    for layer in layers:  # (every layer has the model's config: the first refuses what all would)
+        layer.update_op_config(**settings)
         layer.set_branches_off(branches_off)
     model.config = replace(model.config, **settings)
 

@@ -180,7 +180,7 @@ def selection_distill_loss(q: torch.Tensor, k_slc: torch.Tensor, k_cmp: torch.Te
         ranking = scores.softmax(-1).sum(dim=3) @ overlap  # [B, S, Hkv, blocks]
         current = (t // ls)[:, None]  # [S, 1]
         j = torch.arange(num_blocks, device=dev)
-        decided = (j >= config["num_init"]) & (j <= current - config["num_local"])  # [S, blocks]
+        decided = (j <= current) & ~forced_blocks(j, current, config)  # [S, blocks]
         decided = (decided & ((visible.float() @ (overlap > 0).float()) > 0))[None, :, None]
         target = torch.where(decided, target, 0)
         target = target / target.sum(-1, keepdim=True).clamp(min=1e-30)
@@ -220,6 +220,24 @@ def _require(condition: bool, name: str, message: str) -> None:
 def _require_int(name: str, value, minimum: int) -> None:
     _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, name,
              f"must be an int >= {minimum}, got {value!r}")
+
+
+def _check_op_config(config: Dict[str, int]) -> None:
+    """The op's config (l, d, l', n, n_init, n_local, w) as NSAAttention takes it: raises ValueError."""
+    for name, minimum in (("cmp_block", 1), ("cmp_stride", 1), ("sel_block", 1), ("num_selected", 1),
+                          ("num_init", 0), ("num_local", 0), ("window", 1)):
+        _require_int(name, config[name], minimum)
+    l, d, ls = config["cmp_block"], config["cmp_stride"], config["sel_block"]
+    _require(l % d == 0, "cmp_stride", f"({d}) must divide cmp_block ({l})")
+    _require(ls % d == 0, "cmp_stride", f"({d}) must divide sel_block ({ls})")
+    n, n_init, n_local = config["num_selected"], config["num_init"], config["num_local"]
+    _require(n >= n_init + n_local, "num_selected", f"({n}) must be >= num_init + num_local ({n_init} + {n_local})")
+
+
+def forced_blocks(blocks: torch.Tensor, current: torch.Tensor, config: Dict[str, int]) -> torch.Tensor:
+    """Whether block ``blocks`` is forced for a query in block ``current`` (broadcast): one of the
+    num_init initial blocks or the num_local blocks ending at the query's own."""
+    return (blocks < config["num_init"]) | (blocks > current - config["num_local"])
 
 
 class NSAAttention(nn.Module):
@@ -267,12 +285,11 @@ class NSAAttention(nn.Module):
                  share_window_kv: bool = False, rope_theta: float = 10000.0, bias: bool = False,
                  gate_floor: float = 0.0, selection_distill: int = 0, collect_stats: bool = False):
         super().__init__()
-        for name, value, minimum in (("dim", dim, 1), ("num_q_heads", num_q_heads, 1),
-                                     ("num_kv_heads", num_kv_heads, 1), ("cmp_block", cmp_block, 1),
-                                     ("cmp_stride", cmp_stride, 1), ("sel_block", sel_block, 1),
-                                     ("num_selected", num_selected, 1), ("num_init", num_init, 0),
-                                     ("num_local", num_local, 0), ("window", window, 1)):
-            _require_int(name, value, minimum)
+        for name, value in (("dim", dim), ("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads)):
+            _require_int(name, value, 1)
+        op_config = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block, num_selected=num_selected,
+                         num_init=num_init, num_local=num_local, window=window)
+        _check_op_config(op_config)
         _require(num_q_heads % num_kv_heads == 0, "num_q_heads",
                  f"({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         head_dim_qk = dim // num_q_heads if head_dim_qk is None else head_dim_qk
@@ -280,10 +297,6 @@ class NSAAttention(nn.Module):
         _require_int("head_dim_qk", head_dim_qk, 1)
         _require(head_dim_qk % 2 == 0, "head_dim_qk", f"must be even for RoPE, got {head_dim_qk}")
         _require_int("head_dim_v", head_dim_v, 1)
-        _require(cmp_block % cmp_stride == 0, "cmp_stride", f"({cmp_stride}) must divide cmp_block ({cmp_block})")
-        _require(sel_block % cmp_stride == 0, "cmp_stride", f"({cmp_stride}) must divide sel_block ({sel_block})")
-        _require(num_selected >= num_init + num_local, "num_selected",
-                 f"({num_selected}) must be >= num_init + num_local ({num_init} + {num_local})")
         _require(phi in PHI_KINDS, "phi", f"must be one of {PHI_KINDS}, got {phi!r}")
         if phi_hidden is not None:
             _require_int("phi_hidden", phi_hidden, 1)
@@ -295,8 +308,7 @@ class NSAAttention(nn.Module):
 
         self.dim, self.num_q_heads, self.num_kv_heads = dim, num_q_heads, num_kv_heads
         self.head_dim_qk, self.head_dim_v = head_dim_qk, head_dim_v
-        self.op_config = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
-                              num_selected=num_selected, num_init=num_init, num_local=num_local, window=window)
+        self.op_config = op_config
         self.phi = phi
         self.share_window_kv = bool(share_window_kv)
         self.rope_theta = float(rope_theta)
@@ -365,18 +377,22 @@ class NSAAttention(nn.Module):
         nb, h = len(self.kv_branches), self.num_kv_heads
         kv = self.kv_proj(x)
         keys, values = kv.split((nb * h * self.head_dim_qk, nb * h * self.head_dim_v), dim=-1)
-        keys = apply_rope(keys.unflatten(-1, (nb * h, self.head_dim_qk)), cos, sin)  # all branches at once
+        keys = self._rope_keys(keys, cos, sin)  # all branches at once
         values = values.unflatten(-1, (nb * h, self.head_dim_v))
         return list(keys.split(h, dim=-2)), list(values.split(h, dim=-2))
 
+    def _rope_keys(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Flat keys [..., heads * Dk] -> RoPE'd [..., heads, Dk]."""
+        return apply_rope(keys.unflatten(-1, (-1, self.head_dim_qk)), cos, sin)
+
     def _project(self, x: torch.Tensor, positions: torch.Tensor):
         """At integer ``positions`` (x's leading dims): RoPE'd q [..., Hq, Dk], the per-branch keys and
-        values of ``_keys_values`` and the gate logits [..., Hq, 3]."""
+        values of ``_keys_values``, the gate logits [..., Hq, 3] and the RoPE tables (cos, sin) used."""
         cos, sin = rope_cos_sin(positions, self.head_dim_qk, self.rope_theta, x.dtype)
         q = apply_rope(self.q_proj(x).unflatten(-1, (self.num_q_heads, self.head_dim_qk)), cos, sin)
         keys, values = self._keys_values(x, cos, sin)
         gate_logits = self.gate_proj(x).unflatten(-1, (self.num_q_heads, 3))
-        return q, keys, values, gate_logits
+        return q, keys, values, gate_logits, (cos, sin)
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                 max_seqlen: Optional[int] = None, *, cache: Optional[KVCache] = None,
@@ -414,14 +430,14 @@ class NSAAttention(nn.Module):
             blocks_of = functools.partial(gather_blocks, index=gather_index)
             varlen = dict(cu_seqlens=cu_seqlens, cu_seqlens_cmp=cu_seqlens_cmp, max_seqlen=max_seqlen)
 
-        q, keys, values, gate_logits = self._project(x, positions)
+        q, keys, values, gate_logits, rope = self._project(x, positions)
         k_cmp = self.compress_k(blocks_of(keys[0]))
         v_cmp = self.compress_v(blocks_of(values[0]))
         if self.selection_distill > 0 and self.training and torch.is_grad_enabled():
             if cu_seqlens is not None:
                 raise ValueError("NSAAttention: selection_distill supports padded batches [B, T, dim] only, "
                                  "not packed sequences")
-            self.aux_loss = selection_distill_loss(q, keys[1], self._ranking_keys(x, positions, blocks_of),
+            self.aux_loss = selection_distill_loss(q, keys[1], self._ranking_keys(x, rope, blocks_of),
                                                    self.op_config, self.selection_distill)
         k_win, v_win = (None, None) if self.share_window_kv else (keys[2], values[2])
         gates = self._gates(gate_logits)
@@ -467,7 +483,7 @@ class NSAAttention(nn.Module):
             raise ValueError(f"NSAAttention: the cache was made for another layer configuration ({cache}); "
                              f"make it with new_cache")
         slots, start, positions = cached_positions(cache, x, slots, "NSAAttention")
-        q, keys, values, gate_logits = self._project(x, positions)
+        q, keys, values, gate_logits, _ = self._project(x, positions)
         k_win, v_win = (None, None) if self.share_window_kv else (keys[2], values[2])
         due = cache.append(slots, keys[1], values[1], k_win, v_win, k_cmp_raw=keys[0], v_cmp_raw=values[0])
         if due.num_due:
@@ -479,16 +495,23 @@ class NSAAttention(nn.Module):
             self._record_stats(gate_logits, indices, positions)
         return self.o_proj(out.flatten(-2))
 
-    def _ranking_keys(self, x: torch.Tensor, positions: torch.Tensor, blocks_of) -> torch.Tensor:
+    def _ranking_keys(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], blocks_of) -> torch.Tensor:
         """The compressed keys [..., Tc, Hkv, Dk] again, from x detached (the cmp branch's keys are
         kv_proj's first Hkv * Dk rows: _keys_values): the selection distillation's gradient reaches
         their projection and phi, not the layer's input or anything before it."""
         rows = slice(0, self.num_kv_heads * self.head_dim_qk)
         bias = None if self.kv_proj.bias is None else self.kv_proj.bias[rows]
         raw = nn.functional.linear(x.detach(), self.kv_proj.weight[rows], bias)
-        cos, sin = rope_cos_sin(positions, self.head_dim_qk, self.rope_theta, x.dtype)
-        raw = apply_rope(raw.unflatten(-1, (self.num_kv_heads, self.head_dim_qk)), cos, sin)
-        return self.compress_k(blocks_of(raw))
+        return self.compress_k(blocks_of(self._rope_keys(raw, *rope)))
+
+    def update_op_config(self, **changes: int) -> None:
+        """Changes the op's config (keys of ``op_config``) from the next forward on, checked as the
+        constructor checks it; nothing changes if the result is refused."""
+        unknown = sorted(set(changes) - set(self.op_config))
+        _require(not unknown, "op_config", f"has no {unknown}; its keys are {sorted(self.op_config)}")
+        config = dict(self.op_config, **changes)
+        _check_op_config(config)
+        self.op_config = config
 
     def set_branches_off(self, branches: Sequence[str]) -> None:
         """Holds the gates of ``branches`` (names in BRANCHES) at 0 from the next forward on, so that
@@ -504,8 +527,8 @@ class NSAAttention(nn.Module):
         gates = torch.sigmoid(gate_logits)
         gates = gates if self.gate_floor == 0 else self.gate_floor + (1 - self.gate_floor) * gates
         if self.branches_off:
-            gates = gates * torch.tensor([b not in self.branches_off for b in BRANCHES], dtype=gates.dtype,
-                                         device=gates.device)
+            gates = torch.stack([torch.zeros_like(g) if b in self.branches_off else g
+                                 for b, g in zip(BRANCHES, gates.unbind(-1))], dim=-1)
         return gates
 
     # ---- statistics --------------------------------------------------------------------------
@@ -524,7 +547,7 @@ class NSAAttention(nn.Module):
         gate_means = self._gates(z).flatten(0, -2).mean(dim=0)  # (cmp, slc, win)
 
         current = (positions // self.op_config["sel_block"])[..., None, None]  # block of t, [..., T, 1, 1]
-        forced = (indices < self.op_config["num_init"]) | (indices > current - self.op_config["num_local"])
+        forced = forced_blocks(indices, current, self.op_config)
         valid = indices >= 0
         num_valid = valid.sum().clamp(min=1).double()
         forced_fraction = (forced & valid).sum().double() / num_valid

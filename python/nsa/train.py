@@ -590,16 +590,16 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
         lr = scheduler.get_last_lr()[0]  # the lr this step uses
         optimizer.step()
         scheduler.step()
-        reported = torch.stack((loss.detach().double(), grad_norm.detach().double(),
-                                (distill if distill is not None else loss.new_zeros(())).detach().double()))
+        reported = torch.stack([t.detach().double() for t in (loss, grad_norm, distill) if t is not None])
         if dst.enabled:
             dist.all_reduce(reported)
             reported /= dst.world_size
-        loss_value, grad_norm_value, distill_value = reported.tolist()  # host sync: ends the step's timing
+        loss_value, grad_norm_value, *distill_value = reported.tolist()  # host sync: ends the step's timing
+        distill_value = distill_value[0] if distill_value else None
         step_s = time.perf_counter() - step_start
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"nsa.train: loss is {loss_value} at step {step}")
-        if not math.isfinite(distill_value):
+        if distill_value is not None and not math.isfinite(distill_value):
             raise FloatingPointError(f"nsa.train: the selection distillation loss is {distill_value} at step {step}")
         result.losses.append((step, loss_value))
         result.steps, result.tokens = step, step * tokens_per_step
@@ -613,7 +613,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, out_dir: Optional[Path] =
             result.val_losses.append((step, val_loss))
         row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
                "tokens_per_s": tokens_per_step / step_s, "elapsed_s": time.perf_counter() - wall_start,
-               "val_loss": val_loss, "distill_loss": distill_value if distill is not None else None}
+               "val_loss": val_loss, "distill_loss": distill_value}
         row.update(model.attention_stats() or {})
         if metrics is not None:
             metrics.write(row)
