@@ -6,7 +6,9 @@ attention forward and backward (cuDNN and flash backends, same heads; the backwa
 its forward outside the events) in one process on one GPU: CUDA events after warm-up,
 median of ``--iters`` runs, rotating among input sets larger than the L2 cache. Measures the
 bf16 matmul and copy ceilings first. Optionally runs the C++ ``nsa_bench_forward`` binary for the
-same shape to get per-stage medians. Writes JSON ({"rows", "ceilings", "meta"}) and a PNG.
+same shape to get per-stage medians, and prints each stage's time over its floor (``stage_floors``:
+its FLOPs at the matmul ceiling or its DRAM bytes at the copy ceiling, whichever is larger). Writes
+JSON ({"rows", "ceilings", "meta"}) and a PNG.
 ``--plot-only JSON`` makes the PNG from an existing JSON and needs no GPU (``python -m nsa.bench``
 imports the package, so the ops library of any build must load: ``NSA_OPS_LIBRARY``).
 
@@ -80,6 +82,46 @@ def nsa_flops(B: int, T: int, Hq: int, Dk: int, Dv: int, cmp_block: int = 32, cm
     f["bwd"] = bwd(f["cmp"] + f["slc"] + f["win"])
     f["dense_causal_bwd"] = bwd(f["dense_causal"])
     return f
+
+
+def prefill_bytes(B: int, T: int, Hq: int, Hkv: int, Dk: int, Dv: int, elt: int = 2, cmp_block: int = 32,
+                  cmp_stride: int = 16, num_selected: int = 16, **_unused) -> dict:
+    """Bytes each forward stage must move through DRAM at least, as this library splits the forward
+    (one kernel per stage, each reading its inputs once and writing its outputs once; lse fp32,
+    block indices int32), and dense causal attention's (Q, K, V read, O and lse written).
+
+    cmp: Q, the compressed K and V in; o_cmp and its lse out. select: Q, the compressed keys and
+    the cmp lse in; the block indices out. slc: Q, K, V and the indices in; o_slc and its lse out.
+    win: Q, K, V, the gates, o_cmp and o_slc in (the gated combine); out, o_win and its lse out.
+    What the cache between kernels keeps, or the gathers' reuse through L2, is not counted.
+    """
+    rows = B * T * Hq
+    q, o, lse = rows * Dk * elt, rows * Dv * elt, rows * 4
+    kv = B * T * Hkv * (Dk + Dv) * elt
+    kv_cmp = B * num_cmp_tokens(T, cmp_block, cmp_stride) * Hkv * (Dk + Dv) * elt
+    k_cmp = B * num_cmp_tokens(T, cmp_block, cmp_stride) * Hkv * Dk * elt
+    indices = B * T * Hkv * num_selected * 4
+    gates = rows * 3 * elt
+    b = {"cmp": q + kv_cmp + o + lse, "select": q + k_cmp + lse + indices, "slc": q + kv + indices + o + lse,
+         "win": (q + kv + gates + 2 * o) + (2 * o + lse)}
+    b["all"] = b["cmp"] + b["select"] + b["slc"] + b["win"]
+    b["dense_causal"] = q + kv + o + lse
+    return b
+
+
+def stage_floors(flops: dict, nbytes: dict, ceilings: dict) -> dict:
+    """{stage: (floor_ms, "compute" | "memory")}: the larger of a stage's nominal FLOPs at the measured
+    bf16 matmul ceiling and its DRAM bytes at the measured copy ceiling (bytes read + written per
+    second); "all" is the sum of the stages' floors (they run one after the other)."""
+    tflops, gbps = ceilings.get("matmul_bf16_tflops"), ceilings.get("copy_gbps")
+    if not tflops or not gbps:
+        return {}
+    floors = {}
+    for stage in ("cmp", "select", "slc", "win"):
+        compute, memory = flops[stage] / (tflops * 1e9), nbytes[stage] / (gbps * 1e6)
+        floors[stage] = (max(compute, memory), "compute" if compute >= memory else "memory")
+    floors["all"] = (sum(v[0] for v in floors.values()), "sum")
+    return floors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -633,6 +675,7 @@ def print_table(result) -> None:
                          _f(r.get("cudnn_ms"), ".3f"), _f(r.get("flash_ms"), ".3f"),
                          _f(r.get("fwd_ratio_vs_cudnn")), _f(r.get("fwd_ratio_vs_flash")),
                          _f(r.get("nsa_tflops"), ".0f"), "-" if frac is None else f"{100 * frac:.0f}"))
+    print_floors(result)
     if not any(r.get("nsa_bwd_ms") for r in result["rows"]):
         return
     print(f"\nprefill backward (same run; stages from the C++ stage bench, default mode)")
@@ -646,6 +689,33 @@ def print_table(result) -> None:
                          *(_f(st.get(s), ".3f") for s in BWD_STAGES), _f(r.get("cudnn_bwd_ms"), ".3f"),
                          _f(r.get("flash_bwd_ms"), ".3f"), _f(r.get("bwd_ratio_vs_cudnn")),
                          _f(r.get("bwd_ratio_vs_flash")), _f(r.get("nsa_bwd_tflops"), ".0f")))
+
+
+def print_floors(result) -> None:
+    """Each forward stage's time over its floor (stage_floors: which bound sets it, c compute or m
+    memory), from the rows' stage times and the run's ceilings; dense causal attention's floor beside
+    cuDNN's time. Rows without stage times are left out."""
+    rows = [r for r in result["rows"] if r.get("stages_ms") and r.get("nominal_gflop")]
+    if not rows or not stage_floors({s: 1.0 for s in STAGES}, {s: 1.0 for s in STAGES}, result["ceilings"]):
+        return
+    print("\nforward floors (ms): the larger of the nominal FLOPs at the matmul ceiling (c) and the DRAM bytes of "
+          "prefill_bytes at the copy ceiling (m); measured / floor")
+    hdr = ("config", "T") + tuple(s for s in ("cmp", "select", "slc", "win", "all")) + ("dense", "cudnn")
+    fmt = "{:<10} {:>7}" + " {:>20}" * 5 + " {:>10} {:>9}"
+    print(fmt.format(*hdr))
+    for r in rows:
+        flops = {k: v * 1e9 for k, v in r["nominal_gflop"].items()}
+        nbytes = prefill_bytes(r["B"], r["T"], r["Hq"], r["Hkv"], r["Dk"], r["Dv"], **NSA)
+        floors = stage_floors(flops, nbytes, result["ceilings"])
+        dense = max(flops["dense_causal"] / (result["ceilings"]["matmul_bf16_tflops"] * 1e9),
+                    nbytes["dense_causal"] / (result["ceilings"]["copy_gbps"] * 1e6))
+        cells = []
+        for stage in ("cmp", "select", "slc", "win", "all"):
+            floor, bound = floors[stage]
+            ms = r["stages_ms"].get(stage)
+            tag = "" if bound == "sum" else f" {bound[0]}"
+            cells.append(f"{_f(ms, '.3f')} / {floor:.3f}{tag}")
+        print(fmt.format(r["config"], r["T"], *cells, f"{dense:.3f}", _f(r.get("cudnn_ms"), ".3f")))
 
 
 def _pyplot():
