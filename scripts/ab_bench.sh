@@ -61,8 +61,13 @@ build_variant() {
     else
       tar -cf - --exclude=./build --exclude=./.ab --exclude=./ab_out .
     fi | tar -xf - -C "$dir" || return 1
-    (cd "$dir" && { git apply "$patch_file" 2> /dev/null || patch -p1 --forward < "$patch_file"; }) ||
-      { echo "patch ${source#@} does not apply"; return 1; }
+    # patch, not git apply: the copy lies inside this repository, where git apply skips, without a
+    # word and with status 0, every path outside the current directory (all of them).
+    local patched
+    patched=$(cd "$dir" && patch -p1 --forward --batch < "$patch_file") ||
+      { echo "patch ${source#@} does not apply: $patched"; return 1; }
+    grep -q '^patching file' <<< "$patched" || { echo "patch ${source#@} changes no file"; return 1; }
+    echo "$name: $(grep -c '^patching file' <<< "$patched") files patched" >&2
     build=$dir/build
   else
     dir=$source
@@ -84,7 +89,7 @@ for name in "${names[@]}"; do
   build=$(tail -n 1 "$OUT/build_$name.log")
   if [ -x "$build/nsa_bench_forward" ] && [ -x "$build/nsa_tests" ]; then
     BIN[$name]=$build
-    echo "build $name: ok"
+    echo "build $name: ok $(grep -m 1 'files patched' "$OUT/build_$name.log")"
   else
     echo "build $name: FAILED (build_$name.log)"
     tail -n 15 "$OUT/build_$name.log"
