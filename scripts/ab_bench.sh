@@ -5,7 +5,7 @@
 # AB_RUNS rounds, and prints a summary last: one line per (shape, variant, round) with the medians
 # of the chosen stages.
 #
-#   AB_VARIANTS="main=. tma=@docs/experiments/0013-cmp-win-tma.patch" bash scripts/ab_bench.sh
+#   AB_VARIANTS="main=. x=@docs/experiments/NAME.patch" bash scripts/ab_bench.sh   (git diff or diff -ruN, -p1)
 #   AB_VARIANTS="main=. f4=.:-DCMAKE_CUDA_FLAGS=-DSOME_SWITCH=1" bash scripts/ab_bench.sh
 #
 # Environment (defaults in brackets):

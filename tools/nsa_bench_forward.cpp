@@ -210,18 +210,22 @@ int main(int argc, char** argv) {
     const double scale = static_cast<double>(B * Hq);
     const double dense = scale * 2.0 * static_cast<double>(Dk + Dv) * static_cast<double>(T) *
                          static_cast<double>(T + 1) / 2.0;
+    namespace cd = nsa::cuda_detail;
     struct Stage {
       const char* name;
       unsigned mask;
       double flops;
-    } stages[] = {{"all", nsa::cuda_detail::kStageAll, scale * (f_cmp + f_sel + f_slc + f_win)},
-                  {"cmp", nsa::cuda_detail::kStageCmp, scale * f_cmp},
-                  {"select", nsa::cuda_detail::kStageSelect, scale * f_sel},
-                  {"slc", nsa::cuda_detail::kStageSlc, scale * f_slc},
-                  // The cp.async (or, at Dk = 64, wgmma) slc kernel, where the TMA ring runs the row above
-                  // (sm_90a: slc_gather_applies).
-                  {"slc.cp", nsa::cuda_detail::kStageSlc | nsa::cuda_detail::kStageSlcCpAsync, scale * f_slc},
-                  {"win", nsa::cuda_detail::kStageWin, scale * f_win}};
+    } stages[] = {{"all", cd::kStageAll, scale * (f_cmp + f_sel + f_slc + f_win)},
+                  {"cmp", cd::kStageCmp, scale * f_cmp},
+                  {"select", cd::kStageSelect, scale * f_sel},
+                  {"slc", cd::kStageSlc, scale * f_slc},
+                  {"win", cd::kStageWin, scale * f_win},
+                  // ".cp": the cp.async kernels (at Dk = 64 the slc one on wgmma) where TMA rings run
+                  // the rows above (sm_90a: slc_gather_applies, sweep_ring_applies).
+                  {"all.cp", cd::kStageAll | cd::kStageCpAsyncSweeps, scale * (f_cmp + f_sel + f_slc + f_win)},
+                  {"cmp.cp", cd::kStageCmp | cd::kStageCpAsyncSweeps, scale * f_cmp},
+                  {"slc.cp", cd::kStageSlc | cd::kStageCpAsyncSweeps, scale * f_slc},
+                  {"win.cp", cd::kStageWin | cd::kStageCpAsyncSweeps, scale * f_win}};
     auto time_runs = [&](const char* name, double flops, auto&& run) {
       std::vector<float> times;
       for (int it = 0; it < o.warmup + o.iters; ++it) {
@@ -275,7 +279,6 @@ int main(int argc, char** argv) {
       const double dk = static_cast<double>(Dk), dv = static_cast<double>(Dv);
       const double keys_cmp = scale * f_cmp / (2 * (dk + dv)), keys_slc = scale * f_slc / (2 * (dk + dv)),
                    keys_win = scale * f_win / (2 * (dk + dv)), keys = keys_cmp + keys_slc + keys_win;
-      namespace cd = nsa::cuda_detail;
       const bool key_major_dq = cd::backward_key_major_dq(bp);
       const double keys_dq = key_major_dq ? keys_cmp + keys_win : keys;
       const double slc_dq = key_major_dq ? dk : 0.0;

@@ -110,11 +110,13 @@ void fill_common_args(ForwardArgs& a, const P& p) {
   a.cache_seqlens = nullptr;
   a.cache_max_held = 0;
   a.key_extent = s.seqlen;
+  a.cmp_key_rows = p.varlen.cu_seqlens != nullptr ? p.varlen.total_cmp_tokens : a.cmp_per_seq;
   a.tokens_read = nullptr;
   if constexpr (std::is_same_v<P, ForwardParams>) {
     if (p.cache.seqlens != nullptr) {
       a.cache_seqlens = p.cache.seqlens;
       a.key_extent = p.cache.capacity;
+      a.cmp_key_rows = p.cache.cmp_capacity;
       // num_cmp_tokens(held) <= cmp_capacity  <=>  held <= cmp_capacity * d + l - 1
       a.cache_max_held = std::min(p.cache.capacity, p.cache.cmp_capacity * c.cmp_stride + c.cmp_block - 1);
     }

@@ -51,8 +51,16 @@ struct TileInfo {
   uint64_t rows;  // slc: positions (bits tl) that selected the tile's block
 };
 
+// key_end (each tile set): the sequence's keys end there (exclusive; for cmp its compressed keys).
+// A TMA ring copies a tile whole when its 64 rows lie before it (whole()): rows past the CTA's last
+// key are then later keys of the same call, finite, and the mask gives them P = 0, where past the
+// sequence's end lie a cache's unwritten rows (NaN in the chunked-prefill tests) or a padded batch's
+// padding, which P V must not meet. Not a test of `ti.count == 64`: ptxas (nvcc 13.0, sm_90a) fused
+// that test of a clamped min into the predicate of VIMNMX.RELU, true wherever the clamp did not bite
+// (docs/decisions/0001, 0010).
 struct CmpTiles {
   int num_keys;  // N(t_hi)
+  int key_end;   // N(the sequence's last position)
   __device__ int num_tiles() const { return (num_keys + 63) / 64; }
   __device__ TileInfo info(int k) const {
     TileInfo ti;
@@ -65,12 +73,14 @@ struct CmpTiles {
     return r.t >= 0 && ti.key0 + key < r.nvis;
   }
   __device__ bool warp_skips(const TileInfo&, uint64_t) const { return false; }
+  __device__ bool whole(const TileInfo& ti) const { return ti.key0 + 64 <= key_end; }
 };
 
 struct WinTiles {
   int lo;  // max(0, t_lo - w + 1)
   int t_hi;
   int window;  // clamped to the key extent on the host
+  int key_end;
   __device__ int num_tiles() const { return (t_hi + 1 - lo + 63) / 64; }
   __device__ TileInfo info(int k) const {
     TileInfo ti;
@@ -84,6 +94,7 @@ struct WinTiles {
     return r.t >= 0 && s <= r.t && s > r.t - window;
   }
   __device__ bool warp_skips(const TileInfo&, uint64_t) const { return false; }
+  __device__ bool whole(const TileInfo& ti) const { return ti.key0 + 64 <= key_end; }
 };
 
 struct SlcTiles {
@@ -93,6 +104,7 @@ struct SlcTiles {
   int chunks_per_block;    // ceil(l' / 64)
   int sel_block;           // l'
   int t_hi;
+  int key_end;
   __device__ int num_tiles() const { return num_blocks * chunks_per_block; }
   __device__ TileInfo info(int k) const {
     const int u = k / chunks_per_block, c = k % chunks_per_block;
@@ -111,6 +123,8 @@ struct SlcTiles {
   __device__ bool warp_skips(const TileInfo& ti, uint64_t warp_positions) const {
     return (ti.rows & warp_positions) == 0;
   }
+  // (The TMA ring takes l' a multiple of 64: slc_gather_applies.)
+  __device__ bool whole(const TileInfo& ti) const { return ti.key0 + 64 <= key_end; }
 };
 
 // The key tiles begin .. begin+count-1 of a branch's tile set: one split of the decode path.
@@ -572,27 +586,32 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-// The slc sweep on sm_90 (slc_gather_kernel): the four warps wait for the tiles to land, not for
-// each other. Stage st of the Stages-deep ring holds tiles st, st + Stages, ...; full[st] completes
-// a phase when its tile has landed: a whole tile as one TMA box per 64 columns of K and of V, issued
-// by one thread; a tile with fewer keys (the block holding t_hi, or a sequence's end) as cp.async
-// by a warp, which zero-fills the rows past them (P V must not meet what lies there) and arrives
-// on the barrier once they have landed. Every warp waits for every tile (a warp that skipped a
-// wait could take a later phase of that stage for an earlier one), computes those its positions
-// selected, and counts itself out in released[st]; the last of the four to leave a tile refills
-// its stage with tile k + Stages. So a warp runs up to Stages - 1 tiles ahead of the slowest, where sweep_key_tiles'
-// CTA barriers hold every warp on every tile until the one that computes it is done
-// (docs/decisions/0003: the barriers were the slc kernel's largest stall). The barriers and counts
-// are initialized by the caller before a CTA barrier. keys: (row0, batch) of the sequence in the
-// maps' [B][rows] (varlen: (seq.row0, 0); padded: (0, b)); kbase / vbase as in sweep_key_tiles.
-template <class T, int Dk, int Dv, int Stages, class Body>
-__device__ __forceinline__ void sweep_slc_tma(const SlcTiles& tiles, const KvTensorMaps& maps, int kv_head,
-                                              int map_row0, int map_batch, const T* kbase, int64_t kstride,
-                                              const T* vbase, int64_t vstride, T* sK, T* sV, uint64_t* full,
-                                              uint32_t* released, uint64_t warp_positions, Body&& body) {
+// A branch's sweep on sm_90 (tma_ring_kernel): the warps wait for the tiles to land, not for each
+// other. Stage st of the Stages-deep ring holds tiles st, st + Stages, ...; full[st] completes a
+// phase when its tile has landed: a whole tile (Tiles::whole) as one TMA box per 64 columns of K and
+// of V, issued by one thread; a tile that reaches past the sequence's keys (its end) as cp.async by
+// a warp, which zero-fills the rows past the tile's keys (P V must not meet what lies there) and
+// arrives on the barrier once they have landed (after a proxy fence where wgmma reads them:
+// kAsyncReads). Every warp waits for every tile (a warp that skipped a wait could take a later phase
+// of that stage for an earlier one), computes those it does not skip (Tiles::warp_skips: the slc
+// blocks its positions did not select), and counts itself out in released[st]; the last of the
+// kThreads / 32 to leave a tile refills its stage with tile k + Stages. So a warp runs up to
+// Stages - 1 tiles ahead of the slowest, where sweep_key_tiles' CTA barriers hold every warp on
+// every tile until the one that computes it is done (docs/decisions/0003: the barriers were the slc
+// kernel's largest stall; 0013: 18-19% of the cmp and win kernels' warp cycles). thread 0
+// initializes the barriers and counts before the call; kWaitCopies: the callers' cp.async copies
+// (a Q tile in shared memory) are waited for, and the barriers published, by a CTA barrier after the
+// first refills, else the caller publishes them. map_row0, map_batch: the sequence's (row0, batch) in
+// the maps' [B][rows] (varlen: (first row, 0); padded: (0, b)); kbase / vbase as in sweep_key_tiles.
+template <class T, int Dk, int Dv, int Stages, int kThreads, bool kAsyncReads, bool kWaitCopies, class Tiles,
+          class Body>
+__device__ __forceinline__ void sweep_tma_ring(const Tiles& tiles, const KvTensorMaps& maps, int kv_head,
+                                               int map_row0, int map_batch, const T* kbase, int64_t kstride,
+                                               const T* vbase, int64_t vstride, T* sK, T* sV, uint64_t* full,
+                                               uint32_t* released, uint64_t warp_positions, Body&& body) {
   constexpr int64_t kKElems = AttentionSmem::k_elems(Dk), kVElems = AttentionSmem::v_elems(Dv);
   constexpr uint32_t kTileBytes = 64 * (Dk + Dv) * sizeof(T);
-  constexpr int kWarps = kAttnThreads / 32;
+  constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int num_tiles = tiles.num_tiles();
   // Tile k into its stage; every lane of the calling warp calls it.
@@ -602,12 +621,7 @@ __device__ __forceinline__ void sweep_slc_tma(const SlcTiles& tiles, const KvTen
     uint64_t* bar = &full[k % Stages];
     T* k_dst = sK + (k % Stages) * kKElems;
     T* v_dst = sV + (k % Stages) * kVElems;
-    // Whole: its 64 keys end at or before t_hi (l' is a multiple of 64: slc_gather_applies). Not
-    // `ti.count == 64`: ptxas (nvcc 13.0, sm_90a) fuses that test of a clamped min into the
-    // predicate of VIMNMX.RELU, which is true wherever the clamp did not bite (0..64), not only at
-    // 64 (docs/decisions/0001, 0010): partial tiles came whole by TMA, and rows past a cache's
-    // length (NaN in the chunked-prefill tests) met P V.
-    if (ti.key0 + 63 <= tiles.t_hi) {
+    if (tiles.whole(ti)) {
       if (lane == 0) {
         fence_proxy_async_smem();  // the stage's earlier generic-proxy reads and cp.async writes
         mbarrier_arrive_expect_tx(bar, kTileBytes);
@@ -619,13 +633,13 @@ __device__ __forceinline__ void sweep_slc_tma(const SlcTiles& tiles, const KvTen
           tma_load_4d(v_dst + c * 64 * 64, &maps.v, bar, c * 64, kv_head, map_row0 + ti.key0, map_batch);
       }
     } else {
-      // Rolled loops: with l' a multiple of 64 (slc_gather_applies) such a tile is the block
-      // holding t_hi or a sequence's end, once or twice per CTA.
+      // Rolled loops: such a tile holds the sequence's end (Tiles::whole), in its last CTAs only.
       load_rows_async<T, Dk, 64, 32, false, true, false>(k_dst, kbase, kstride, ti.key0, ti.count, lane);
       load_rows_async<T, Dv, 64, 32, false, true, false>(v_dst, vbase, vstride, ti.key0, ti.count, lane);
       // The warp waits for its copies, then announces the tile.
       cp_async_commit();
       cp_async_wait<0>();
+      if constexpr (kAsyncReads) fence_proxy_async_smem();  // wgmma reads them through the async proxy
       __syncwarp();
       if (lane == 0) mbarrier_arrive(bar);
     }
@@ -633,6 +647,11 @@ __device__ __forceinline__ void sweep_slc_tma(const SlcTiles& tiles, const KvTen
   if (warp == 0)
 #pragma unroll
     for (int k = 0; k < Stages; ++k) refill(k);
+  if constexpr (kWaitCopies) {
+    cp_async_wait<0>();
+    fence_proxy_async_smem();
+    __syncthreads();
+  }
   for (int k = 0; k < num_tiles; ++k) {
     const int st = k % Stages;
     mbarrier_wait(&full[st], static_cast<uint32_t>((k / Stages) & 1));
@@ -800,21 +819,49 @@ __device__ __forceinline__ SlcTiles slc_tiles(const ForwardArgs& a, const SeqInf
   uint64_t* union_masks = nullptr;
   int* union_blocks = nullptr;
   build_block_union(a, seq, kv_head, rt.t_lo, rt.t_hi, union_smem, &union_size, &union_masks, &union_blocks);
-  return SlcTiles{union_blocks, union_masks, union_size, (a.sel_block + 63) / 64, a.sel_block, rt.t_hi};
+  return SlcTiles{union_blocks, union_masks, union_size, (a.sel_block + 63) / 64, a.sel_block, rt.t_hi,
+                  static_cast<int>(seq.pos0 + seq.len)};
 }
 
-// The key-tile loop of branch kBranch for the rows of `rt` (sequence b, kv head kv_head): builds
-// the branch's tile set (for slc from the selected-block union in `union_smem`, which every
-// thread must reach) and runs sweep_key_tiles with its keys and values. keys_read: as there.
-// kSplit: only the tiles of split `split` of the branch's a.branch_splits (the decode path), in
-// decode_stages(Dk, Dv) stages and bypassing L1 (the prefill sweeps double-buffer through L1:
-// docs/decisions/0003). Mma: the body's product policy (sweep_key_tiles). kThreads: the CTA's.
+// Calls f(tiles, kbase, kstride, vbase, vstride, key_row0) with branch kBranch's tile set for the
+// rows of `rt` (sequence b, kv head kv_head; for slc built from the selected-block union in
+// `union_smem`, which every thread must reach) and its keys and values: kbase / vbase at the
+// sequence's first key row (key_row0 in the branch's packed rows; 0 in the padded layout).
+template <class T, int kBranch, class F>
+__device__ __forceinline__ void with_branch_tiles(const ForwardArgs& a, int b, const SeqInfo& seq, int kv_head,
+                                                  const RowTile& rt, unsigned char* union_smem, F&& f) {
+  const bool varlen = a.cu_seqlens != nullptr;
+  if constexpr (kBranch == kBranchCmp) {
+    f(CmpTiles{num_visible_cmp(rt.t_hi, a.cmp_block, a.cmp_stride),
+               num_visible_cmp(static_cast<int>(seq.pos0 + seq.len - 1), a.cmp_block, a.cmp_stride)},
+      seq_head_ptr<T>(a.k_cmp, a, b, seq.cmp_row0, kv_head), a.k_cmp.seq_stride,
+      seq_head_ptr<T>(a.v_cmp, a, b, seq.cmp_row0, kv_head), a.v_cmp.seq_stride,
+      varlen ? static_cast<int>(seq.cmp_row0) : 0);
+  } else if constexpr (kBranch == kBranchSlc) {
+    f(slc_tiles(a, seq, kv_head, rt, union_smem), seq_head_ptr<T>(a.k, a, b, seq.row0, kv_head), a.k.seq_stride,
+      seq_head_ptr<T>(a.v, a, b, seq.row0, kv_head), a.v.seq_stride, varlen ? static_cast<int>(seq.row0) : 0);
+  } else {
+    f(WinTiles{max(0, rt.t_lo - static_cast<int>(a.window) + 1), rt.t_hi, static_cast<int>(a.window),
+               static_cast<int>(seq.pos0 + seq.len)},
+      seq_head_ptr<T>(a.k_win, a, b, seq.row0, kv_head), a.k_win.seq_stride,
+      seq_head_ptr<T>(a.v_win, a, b, seq.row0, kv_head), a.v_win.seq_stride, varlen ? static_cast<int>(seq.row0) : 0);
+  }
+}
+
+// The key-tile loop of branch kBranch for the rows of `rt` (with_branch_tiles) through
+// sweep_key_tiles. keys_read: as there. kSplit: only the tiles of split `split` of the branch's
+// a.branch_splits (the decode path), in decode_stages(Dk, Dv) stages and bypassing L1 (the prefill
+// sweeps double-buffer through L1: docs/decisions/0003). Mma: the body's product policy
+// (sweep_key_tiles). kThreads: the CTA's.
 template <class T, int Dk, int Dv, int kBranch, bool kSplit = false, class Mma = MmaSyncTiles,
           int kThreads = kAttnThreads, class Body>
 __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const SeqInfo& seq, int kv_head,
                                              const RowTile& rt, unsigned char* union_smem, T* sK, T* sV,
                                              int64_t* keys_read, Body&& body, int split = 0) {
-  auto sweep = [&](const auto& tiles, const T* kbase, int64_t kstride, const T* vbase, int64_t vstride) {
+  static_assert(kBranch != kBranchSlc || kThreads == kAttnThreads, "the block union is built by one warpgroup");
+  with_branch_tiles<T, kBranch>(a, b, seq, kv_head, rt, union_smem, [&](const auto& tiles, const T* kbase,
+                                                                         int64_t kstride, const T* vbase,
+                                                                         int64_t vstride, int) {
     if constexpr (kSplit) {
       static_assert(!Mma::kSwizzled, "the decode path keeps mma.sync on padded tiles");
       sweep_key_tiles<T, Dk, Dv, sweep_stages(true, Dk, Dv), true, Mma, kThreads>(
@@ -824,20 +871,7 @@ __device__ __forceinline__ void sweep_branch(const ForwardArgs& a, int b, const 
       sweep_key_tiles<T, Dk, Dv, sweep_stages(false, Dk, Dv), false, Mma, kThreads>(
           tiles, kbase, kstride, vbase, vstride, sK, sV, rt.warp_positions, keys_read, body);
     }
-  };
-  if constexpr (kBranch == kBranchCmp) {
-    const CmpTiles tiles{num_visible_cmp(rt.t_hi, a.cmp_block, a.cmp_stride)};
-    sweep(tiles, seq_head_ptr<T>(a.k_cmp, a, b, seq.cmp_row0, kv_head), a.k_cmp.seq_stride,
-          seq_head_ptr<T>(a.v_cmp, a, b, seq.cmp_row0, kv_head), a.v_cmp.seq_stride);
-  } else if constexpr (kBranch == kBranchSlc) {
-    static_assert(kThreads == kAttnThreads, "the block union is built by one warpgroup");
-    sweep(slc_tiles(a, seq, kv_head, rt, union_smem), seq_head_ptr<T>(a.k, a, b, seq.row0, kv_head), a.k.seq_stride,
-          seq_head_ptr<T>(a.v, a, b, seq.row0, kv_head), a.v.seq_stride);
-  } else {
-    const WinTiles tiles{max(0, rt.t_lo - static_cast<int>(a.window) + 1), rt.t_hi, static_cast<int>(a.window)};
-    sweep(tiles, seq_head_ptr<T>(a.k_win, a, b, seq.row0, kv_head), a.k_win.seq_stride,
-          seq_head_ptr<T>(a.v_win, a, b, seq.row0, kv_head), a.v_win.seq_stride);
-  }
+  });
 }
 
 // CTAs of one warpgroup per SM the register allocation must allow (the decode path, slc, and
@@ -913,9 +947,9 @@ __device__ __forceinline__ void fold_warps(unsigned char* smem, float (&acc)[Dv 
 // its scaled scores to cmp_scores.
 // The CTA (tile_x: its row tile, or with kSplit its split; kv head kv_head of sequence b) of
 // attention_kernel (grid: tile_x, kv head, sequence), also run by the decode path's cmp + win
-// kernel (decode.cuh). kTmaGather (slc_gather_kernel: the prefill slc sweep on sm_90 at Dk >= 128,
-// mma.sync): the K / V tiles come through a TMA ring described by `maps` (sweep_slc_tma).
-template <class T, int Dk, int Dv, int kBranch, bool kSplit, bool kWarpSplit, bool kTmaGather = false>
+// kernel (decode.cuh). kTmaRing (tma_ring_kernel, sm_90): the K / V tiles come through a TMA ring
+// described by `maps` (sweep_tma_ring).
+template <class T, int Dk, int Dv, int kBranch, bool kSplit, bool kWarpSplit, bool kTmaRing = false>
 __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, int kv_head, int b,
                                               unsigned char* smem, const KvTensorMaps* maps = nullptr) {
   static_assert(Dk % 16 == 0 && Dv % 16 == 0, "head dims");
@@ -924,25 +958,28 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   using Tr = TypeTraits<T>;
   // With wgmma (kAttnWgmma) every warp takes every tile; with mma.sync a warp skips the slc blocks
   // its positions did not select.
-  // The TMA ring multiplies with mma.sync at every Dk (at Dk = 64 it replaces the wgmma sweep on long
-  // sequences: slc_gather_applies).
-  constexpr bool kWgmma = !kTmaGather && kAttnWgmma<Dk, kBranch, kSplit>;
-  static_assert(!kTmaGather || (kBranch == kBranchSlc && !kSplit), "the TMA ring: prefill slc");
-  using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTilesT<kTmaGather>>;
+  // The slc ring multiplies with mma.sync at every Dk (at Dk = 64 it replaces the wgmma sweep on long
+  // sequences: slc_gather_applies); the cmp and win rings with wgmma (tma_ring_wgmma).
+  constexpr bool kWgmma = kAttnWgmma<Dk, kBranch, kSplit> && (!kTmaRing || tma_ring_wgmma(kBranch));
+  static_assert(!kTmaRing || !kSplit, "the TMA rings: prefill");
+  using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTilesT<kTmaRing>>;
   // Warpgroups, each on its 64 rows of the Q tile (the Q tile stays in shared memory only with wgmma).
   constexpr int kWarpgroups = kAttnWarpgroups<Dk, kBranch, kSplit>;
   static_assert(kWarpgroups == 1 || kWgmma, "several warpgroups keep the Q tile in shared memory (wgmma)");
   constexpr int kThreads = kAttnThreads * kWarpgroups, kRows = 64 * kWarpgroups;
   check_block_threads<kThreads>();
-  constexpr int kStages = kTmaGather ? slc_gather_stages(Dk, Dv) : sweep_stages(kSplit, Dk, Dv);
-  constexpr int64_t kSweepBytes = kTmaGather ? slc_gather_sweep_bytes(Dk, Dv)
-                                             : AttentionSmem::sweep_bytes(Dk, Dv, kStages, kWgmma, kWarpgroups);
+  constexpr int kStages = kTmaRing ? tma_ring_stages(kBranch, Dk, Dv) : sweep_stages(kSplit, Dk, Dv);
+  constexpr int64_t kSweepBytes = kTmaRing ? tma_ring_sweep_bytes(kBranch, Dk, Dv)
+                                           : AttentionSmem::sweep_bytes(Dk, Dv, kStages, kWgmma, kWarpgroups);
+  static_assert(!kTmaRing || kSweepBytes == AttentionSmem::sweep_bytes(Dk, Dv, kStages, kWgmma, kWarpgroups) +
+                                                AttentionSmem::kRingSyncBytes,
+                "the ring's layout as the host sizes it");
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kStages * AttentionSmem::k_elems(Dk);
   // The Q tile: in the first K buffer until its fragments are in registers, or (wgmma) after the
   // K / V buffers for the whole sweep (AttentionSmem::sweep_bytes, as the launch code sizes it).
   T* sQ = kWgmma ? reinterpret_cast<T*>(smem + AttentionSmem::tiles_bytes(Dk, Dv, kStages)) : sK;
-  if constexpr (kWgmma || kTmaGather) wgmma_check_smem(smem, static_cast<uint32_t>(kSweepBytes));
+  if constexpr (kWgmma || kTmaRing) wgmma_check_smem(smem, static_cast<uint32_t>(kSweepBytes));
 
   const SeqInfo seq = seq_info(a, b);
   // 32-bit row arithmetic (the host checks seqlen * G < 2^31 - 256): no 64-bit divisions.
@@ -962,7 +999,8 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   if constexpr (kSplit) wait_for_previous_kernel();
 
   // With wgmma the Q tile stays in its own buffer and the sweep's first wait for a K / V tile
-  // covers its (earlier) copy group too, so its loads overlap those of the first tiles.
+  // (sweep_key_tiles; a ring's kWaitCopies) covers its (earlier) copy group too, so its loads
+  // overlap those of the first tiles.
   if constexpr (!kWgmma) {
     cp_async_wait<0>();
     sync_copied_tiles<false>();
@@ -1004,10 +1042,12 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
     else
       softmax_tile<T, Dk, Dv, 8, Mma>(tiles, ti, tk, tv, qf, a.scale_log2, rows, acc, m, l, to_scores);
   };
-  if constexpr (kTmaGather) {
+  if constexpr (kTmaRing) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // The ring's barriers and counts (after the tiles), published by slc_tiles' CTA barriers.
-    uint64_t* full = reinterpret_cast<uint64_t*>(smem + AttentionSmem::tiles_bytes(Dk, Dv, kStages));
+    // The ring's barriers and counts (after the tiles and the Q tile). The slc ring's are published
+    // by slc_tiles' CTA barriers (its Q tile is in registers by then); the cmp and win rings wait for
+    // their Q tile's copies and publish both after the first refills (kWaitCopies).
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem + kSweepBytes - AttentionSmem::kRingSyncBytes);
     uint32_t* released = reinterpret_cast<uint32_t*>(full + kStages);
     if (threadIdx.x == 0) {
       for (int st = 0; st < kStages; ++st) {
@@ -1016,13 +1056,16 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
       }
       mbarrier_init_fence();
     }
-    const SlcTiles tiles = slc_tiles(a, seq, kv_head, rt, smem + kSweepBytes);
-    count_keys_read(tiles, keys_read);
-    const bool varlen = a.cu_seqlens != nullptr;
-    sweep_slc_tma<T, Dk, Dv, kStages>(tiles, *maps, kv_head, varlen ? static_cast<int>(seq.row0) : 0, varlen ? 0 : b,
-                                      seq_head_ptr<T>(a.k, a, b, seq.row0, kv_head), a.k.seq_stride,
-                                      seq_head_ptr<T>(a.v, a, b, seq.row0, kv_head), a.v.seq_stride, sK, sV, full,
-                                      released, rt.warp_positions, tile_body);
+    if constexpr (kWgmma) __syncthreads();  // the barriers, before any thread waits on them
+    with_branch_tiles<T, kBranch>(a, b, seq, kv_head, rt, smem + kSweepBytes, [&](const auto& tiles, const T* kbase,
+                                                                                  int64_t kstride, const T* vbase,
+                                                                                  int64_t vstride, int key_row0) {
+      const int map_batch = a.cu_seqlens != nullptr ? 0 : b;
+      count_keys_read(tiles, keys_read);
+      sweep_tma_ring<T, Dk, Dv, kStages, kThreads, kWgmma, kWgmma>(tiles, *maps, kv_head, key_row0, map_batch, kbase,
+                                                                 kstride, vbase, vstride, sK, sV, full, released,
+                                                                 rt.warp_positions, tile_body);
+    });
 #endif
   } else {
     sweep_branch<T, Dk, Dv, kBranch, kSplit, Mma, kThreads>(a, b, seq, kv_head, rt, smem + kSweepBytes, sK, sV,
@@ -1118,17 +1161,18 @@ __global__ void __launch_bounds__(kAttnThreads * kAttnWarpgroups<Dk, kBranch, kS
                                                         static_cast<int>(blockIdx.z), smem);
 }
 
-// The prefill slc kernel on sm_90 where its warps multiply on their own (mma.sync, Dk >= 128): the
-// K / V tiles come through a TMA ring (sweep_slc_tma), grid and threads as attention_kernel's.
-// Launched only on a 9.0 device with sm_90a code (launch_forward); other passes trap.
-template <class T, int Dk, int Dv>
-__global__ void __launch_bounds__(kAttnThreads, (kAttnMinBlocks<Dk, kBranchSlc>))
-    slc_gather_kernel(const ForwardArgs a, const __grid_constant__ KvTensorMaps maps) {
+// A prefill sweep on sm_90 with its K / V tiles through a TMA ring (sweep_tma_ring): the slc
+// kernel where slc_gather_applies, the cmp and win kernels where sweep_ring_applies; grid, threads
+// and warpgroups as attention_kernel's. Launched only on a 9.0 device with sm_90a code
+// (launch_forward); other passes trap.
+template <class T, int Dk, int Dv, int kBranch>
+__global__ void __launch_bounds__(kAttnThreads * kAttnWarpgroups<Dk, kBranch, false>,
+                                  (kAttnCtaMinBlocks<Dk, kBranch, false>))
+    tma_ring_kernel(const ForwardArgs a, const __grid_constant__ KvTensorMaps maps) {
   extern __shared__ __align__(16) unsigned char smem[];  // the 128-byte swizzle's 1024-byte alignment
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  attention_cta<T, Dk, Dv, kBranchSlc, false, false, true>(a, static_cast<int>(blockIdx.x),
-                                                           static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.z),
-                                                           smem, &maps);
+  attention_cta<T, Dk, Dv, kBranch, false, false, true>(a, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
+                                                        static_cast<int>(blockIdx.z), smem, &maps);
 #else
   __trap();
 #endif

@@ -33,6 +33,7 @@ struct ForwardArgs {
   int64_t cache_max_held;           // the most keys the cache's raw and compressed capacities allow
   int64_t key_extent;               // bound on key positions + 1: seqlen, or the cache capacity
   int64_t key_rows;                 // rows of k / v along their token axis: key_extent, or total_tokens (varlen)
+  int64_t cmp_key_rows;             // rows of k_cmp / v_cmp: Tc, the cache's cmp_capacity, or total_cmp_tokens (varlen)
   int64_t* tokens_read;             // [B, 3] optional: key rows gathered per branch (atomics)
 
   // Config (validated and range-checked on the host).
@@ -116,7 +117,7 @@ struct AttentionSmem {
   NSA_HOST_DEVICE static constexpr int64_t sweep_bytes(int dk, int dv, int stages, bool wgmma, int warpgroups = 1) {
     return tiles_bytes(dk, dv, stages) + (wgmma ? int64_t{kRows} * warpgroups * dk * 2 : 0);
   }
-  // The slc kernel's TMA ring (slc_gather_kernel): a full barrier (uint64) and a count of the warps
+  // A TMA ring (tma_ring_kernel): a full barrier (uint64) and a count of the warps
   // done with its tile (uint32) per stage, between the tiles and the union.
   static constexpr int64_t kRingSyncBytes = 64;
   NSA_HOST_DEVICE static constexpr int64_t union_bytes(int words, int capacity) {
@@ -141,12 +142,6 @@ NSA_HOST_DEVICE constexpr int decode_stages(int dk, int dv) {
 // The stages of an attention sweep: the decode path's (kSplit) or the prefill's two.
 NSA_HOST_DEVICE constexpr int sweep_stages(bool decode, int dk, int dv) { return decode ? decode_stages(dk, dv) : 2; }
 
-// Stages of the slc kernel's TMA ring (slc_gather_kernel, sm_90): three while two CTAs of them
-// still fit an SM (Dk <= 128: 102 KB of tiles at D = 128), else two.
-NSA_HOST_DEVICE constexpr int slc_gather_stages(int dk, int dv) {
-  return 3 * AttentionSmem::stage_bytes(dk, dv) <= 110 * 1024 ? 3 : 2;
-}
-
 // Whether the prefill attention kernel of `branch` runs wgmma where the library and the device
 // allow it (sm_90a): cmp and win always, slc at Dk <= 64. The slc kernel's four warps then take
 // every tile of the CTA's block union, where with mma.sync a warp skips the blocks none of its
@@ -155,22 +150,46 @@ NSA_HOST_DEVICE constexpr int slc_gather_stages(int dk, int dv) {
 // at 64k): docs/decisions/0007.
 NSA_HOST_DEVICE constexpr bool prefill_sweep_wgmma(int branch, int dk) { return branch != kBranchSlc || dk <= 64; }
 
-// Dynamic shared memory of the slc kernel with the TMA ring: its stages, their barriers and
-// counts (slc_gather_sweep_bytes, where the union starts), the block union.
-NSA_HOST_DEVICE constexpr int64_t slc_gather_sweep_bytes(int dk, int dv) {
-  return AttentionSmem::tiles_bytes(dk, dv, slc_gather_stages(dk, dv)) + AttentionSmem::kRingSyncBytes;
-}
-NSA_HOST_DEVICE constexpr int64_t slc_gather_smem(int dk, int dv, int union_words, int union_capacity) {
-  return slc_gather_sweep_bytes(dk, dv) + AttentionSmem::union_bytes(union_words, union_capacity);
-}
-
 // Keys from which the ring replaces the wgmma slc sweep (Dk = 64): a long sequence's CTAs have long
 // unions, which pay for the ring's per-warp products. On an H100 (Hq 12, Hkv 2, B * T = 32k) the ring
 // against wgmma took 0.766 / 0.633 ms at T = 2048, 1.203 / 1.176 at 4096, 1.693 / 1.911 at 8192 and
 // 2.519 / 3.400 at 32k (decision 0010, section 3c).
 inline constexpr int64_t kSlcRingMinKeysWgmma = 8192;
 
-// Whether the prefill slc sweep takes the TMA ring (slc_gather_kernel) on a device that runs the
+// Warpgroups of a prefill attention CTA, each on its own 64 rows of the Q tile, all sharing every K / V
+// tile: three for the cmp and win sweeps on wgmma at Dk >= 128, which cuts their K / V bytes per row
+// to a third at the same 12 warps per SM (paper config at 64k: cmp 17.1 -> 12.8 ms, win 7.0 -> 6.0;
+// two warpgroups, 8 warps per SM, gained less: docs/decisions/0009), else one. The decode sweeps keep
+// one.
+NSA_HOST_DEVICE constexpr int prefill_warpgroups(int branch, int dk, bool wgmma) {
+  return wgmma && branch != kBranchSlc && dk >= 128 ? 3 : 1;
+}
+
+// A TMA ring (tma_ring_kernel, sm_90): the prefill sweep of one branch with its K / V tiles loaded
+// by the copy engine, whole 64-key tiles as one box per 64 columns, into a ring of stages that the
+// warps leave one by one (attention.cuh, sweep_tma_ring). The slc ring's warps multiply on their
+// own (mma.sync), each taking only the blocks its positions selected; the cmp and win rings
+// multiply with wgmma, in the warpgroups of prefill_warpgroups.
+NSA_HOST_DEVICE constexpr bool tma_ring_wgmma(int branch) { return branch != kBranchSlc; }
+// Stages: the slc ring's three while two CTAs of it still fit an SM (Dk <= 128: 102 KB of tiles at
+// D = 128), else two; the cmp and win rings' three.
+NSA_HOST_DEVICE constexpr int tma_ring_stages(int branch, int dk, int dv) {
+  if (branch != kBranchSlc) return 3;
+  return 3 * AttentionSmem::stage_bytes(dk, dv) <= 110 * 1024 ? 3 : 2;
+}
+// Dynamic shared memory of a ring kernel: the stages, the Q tile (wgmma), the stages' barriers and
+// counts (tma_ring_sweep_bytes: where the slc union starts), the slc block union.
+NSA_HOST_DEVICE constexpr int64_t tma_ring_sweep_bytes(int branch, int dk, int dv) {
+  return AttentionSmem::sweep_bytes(dk, dv, tma_ring_stages(branch, dk, dv), tma_ring_wgmma(branch),
+                                    prefill_warpgroups(branch, dk, tma_ring_wgmma(branch))) +
+         AttentionSmem::kRingSyncBytes;
+}
+NSA_HOST_DEVICE constexpr int64_t tma_ring_smem(int branch, int dk, int dv, int union_words, int union_capacity) {
+  return tma_ring_sweep_bytes(branch, dk, dv) +
+         (branch == kBranchSlc ? AttentionSmem::union_bytes(union_words, union_capacity) : 0);
+}
+
+// Whether the prefill slc sweep takes the TMA ring (tma_ring_kernel) on a device that runs the
 // sm_90a code (wgmma_sweeps), before its tensor maps are encoded: where the sweep multiplies with
 // mma.sync (Dk >= 128, prefill_sweep_wgmma), or with wgmma from kSlcRingMinKeysWgmma keys
 // (key_extent) on; where the blocks are whole 64-key tiles (other l' would send most tiles through
@@ -180,16 +199,24 @@ inline constexpr int64_t kSlcRingMinKeysWgmma = 8192;
 NSA_HOST_DEVICE constexpr bool slc_gather_applies(int dk, int dv, int sel_block, int union_words, int union_capacity,
                                                   bool wgmma_sweeps, int64_t key_extent) {
   return wgmma_sweeps && (!prefill_sweep_wgmma(kBranchSlc, dk) || key_extent >= kSlcRingMinKeysWgmma) &&
-         sel_block % 64 == 0 && ctas_fit(2, slc_gather_smem(dk, dv, union_words, union_capacity));
+         sel_block % 64 == 0 && ctas_fit(2, tma_ring_smem(kBranchSlc, dk, dv, union_words, union_capacity));
 }
 
-// Warpgroups of a prefill attention CTA, each on its own 64 rows of the Q tile, all sharing every K / V
-// tile: three for the cmp and win sweeps on wgmma at Dk >= 128, which cuts their K / V bytes per row
-// to a third at the same 12 warps per SM (paper config at 64k: cmp 17.1 -> 12.8 ms, win 7.0 -> 6.0;
-// two warpgroups, 8 warps per SM, gained less: docs/decisions/0009), else one. The decode sweeps keep
-// one.
-NSA_HOST_DEVICE constexpr int prefill_warpgroups(int branch, int dk, bool wgmma) {
-  return wgmma && branch != kBranchSlc && dk >= 128 ? 3 : 1;
+// Whether a ring kernel of `branch` is compiled at head dim dk (and may run): slc's at every Dk
+// (slc_gather_applies decides), cmp's and win's where their CTAs have several warpgroups.
+NSA_HOST_DEVICE constexpr bool tma_ring_compiled(int branch, int dk) {
+  return branch == kBranchSlc || prefill_warpgroups(branch, dk, true) > 1;
+}
+
+// Whether the prefill cmp or win sweep takes its TMA ring on a device that runs the sm_90a code,
+// before its tensor maps are encoded: where its CTA has three warpgroups (Dk >= 128), which the ring
+// lets run apart instead of meeting at a CTA barrier per tile, and the ring's CTA fits an SM. On an
+// H100 (decision 0016) the paper config's forward took 2.55 ms against 2.71 at 8k (cmp 0.296 / 0.317,
+// win 0.582 / 0.637) and 37.9 against 40.2 at 64k (cmp 9.4 / 11.0, win 5.3 / 4.9); at Dk = 64, three
+// CTAs of one warpgroup per SM, the ring lost (m7c-125m cmp 0.094 / 0.075, win 0.255 / 0.231).
+NSA_HOST_DEVICE constexpr bool sweep_ring_applies(int branch, int dk, int dv, bool wgmma_sweeps) {
+  return wgmma_sweeps && branch != kBranchSlc && tma_ring_compiled(branch, dk) && dk % 64 == 0 && dv % 64 == 0 &&
+         ctas_fit(1, tma_ring_smem(branch, dk, dv, 0, 0));
 }
 
 // Buffers of staged scores in a decode scoring CTA (decode_scoring.cuh): three chunks in flight

@@ -3,8 +3,10 @@
 //   1. attention_kernel<cmp>:  compressed attention       grid (ceil(T*G/(64*W)), Hkv, B), 128*W threads
 //   2. select_kernel:          scores + top-n             grid (ceil(T/P), Hkv, B), P <= max(1, 16*warps/R)
 //   3. attention_kernel<slc>:  selected attention         grid (ceil(T*G/64), Hkv, B), 128 threads
-//      (slc_gather_kernel, the same with a TMA ring, on sm_90a at Dk >= 128 where the K / V tensor maps encode)
 //   4. attention_kernel<win>:  window attention + gated combine, grid as 1.
+// On sm_90a each of 1, 3 and 4 runs as tma_ring_kernel<branch> instead (its K / V tiles through a
+// TMA ring) where its ring applies (slc_gather_applies, sweep_ring_applies) and the driver encodes
+// the branch's tensor maps.
 // W: the CTA's warpgroups (prefill_warpgroups: three for cmp and win on wgmma at Dk >= 128).
 // The decode path (ForwardArgs::num_splits > 0) launches the kernels of src/cuda/decode.cuh instead.
 // Included only by the generated instantiation files.
@@ -77,17 +79,25 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   const auto sweep_smem = [&](int branch) {
     return AttentionSmem::sweep_bytes(Dk, Dv, sweep_stages(false, Dk, Dv), wgmma(branch), warpgroups(branch));
   };
-  const int64_t cmp_smem = sweep_smem(kBranchCmp), win_smem = sweep_smem(kBranchWin);
   const int64_t union_bytes = AttentionSmem::union_bytes(a.union_words, a.union_capacity);
-  const int64_t slc_smem = sweep_smem(kBranchSlc) + union_bytes;
-  // The slc kernel with a TMA ring where slc_gather_applies, if the driver encodes tensor maps of
-  // this K / V layout.
-  KvTensorMaps maps{};
-  const bool slc_gather = (stages & kStageSlc) && !(stages & kStageSlcCpAsync) &&
-                          slc_gather_applies(Dk, Dv, a.sel_block, a.union_words, a.union_capacity,
-                                             device.wgmma_sweeps, a.key_extent) &&
-                          encode_kv_tensor_maps(a, Dk, Dv, &maps);
-  const int64_t gather_smem = slc_gather_smem(Dk, Dv, a.union_words, a.union_capacity);
+  // Per attention branch: the ring kernel where it applies and its maps encode (not with
+  // kStageCpAsyncSweeps), else attention_kernel; its shared memory; its maps.
+  struct BranchKernel {
+    bool ring = false;
+    int64_t smem = 0;
+    KvTensorMaps maps{};
+  };
+  BranchKernel kernels[kNumBranches];
+  for (int branch = 0; branch < kNumBranches; ++branch) {
+    BranchKernel& k = kernels[branch];
+    const bool applies = branch == kBranchSlc ? slc_gather_applies(Dk, Dv, a.sel_block, a.union_words,
+                                                                   a.union_capacity, device.wgmma_sweeps, a.key_extent)
+                                              : sweep_ring_applies(branch, Dk, Dv, device.wgmma_sweeps);
+    k.ring = (stages & kStageBits[branch]) && !(stages & kStageCpAsyncSweeps) && applies &&
+             encode_kv_tensor_maps(a, branch, Dk, Dv, &k.maps);
+    k.smem = k.ring ? tma_ring_smem(branch, Dk, Dv, a.union_words, a.union_capacity)
+                    : sweep_smem(branch) + (branch == kBranchSlc ? union_bytes : 0);
+  }
   // Selection: P positions per CTA keep [P][ceil(T / l')] block scores in shared memory
   // (select_tiling). 3 <= G <= 16 take the shuffle path (whole positions per warp).
   const SelectTiling select = select_tiling(a.group, Dk, device.wgmma_sweeps, a.select_blocks, max_smem);
@@ -96,20 +106,37 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   sa.select_chunks = select.chunks;
   const int padded_group = select_padded_group(a.group);
   const int64_t select_smem = select.smem_bytes;
-  const auto cmp_kernel = attention_kernel<T, Dk, Dv, kBranchCmp>;
-  const auto slc_kernel = attention_kernel<T, Dk, Dv, kBranchSlc>;
-  const auto win_kernel = attention_kernel<T, Dk, Dv, kBranchWin>;
   const auto sel_kernel = padded_group == 16  ? select_kernel<T, Dk, 16>
                           : padded_group == 8 ? select_kernel<T, Dk, 8>
                           : padded_group == 4 ? select_kernel<T, Dk, 4>
                                               : select_kernel<T, Dk, 0>;
   const bool run_select = (stages & kStageSelect) && !a.indices_given;
-  st = prepare_kernel(kForwardApi, cmp_kernel, cmp_smem, max_smem, "the cmp attention kernel");
-  if (st.ok() && !slc_gather) st = prepare_kernel(kForwardApi, slc_kernel, slc_smem, max_smem, "the slc attention kernel");
-  if (st.ok() && slc_gather)
-    st = prepare_kernel(kForwardApi, slc_gather_kernel<T, Dk, Dv>, gather_smem, max_smem,
-                        "the slc attention kernel (TMA)");
-  if (st.ok()) st = prepare_kernel(kForwardApi, win_kernel, win_smem, max_smem, "the win attention kernel");
+  // The attention kernel of `branch`, as a function of its branch number at compile time.
+  const auto for_branch = [&](int branch, const auto& f) {
+    if (branch == kBranchCmp) return f(std::integral_constant<int, kBranchCmp>{});
+    if (branch == kBranchSlc) return f(std::integral_constant<int, kBranchSlc>{});
+    return f(std::integral_constant<int, kBranchWin>{});
+  };
+  // [branch][ring]: the kernel's name for prepare_kernel, the launch's for launch_status.
+  static constexpr const char* kKernelNames[kNumBranches][2] = {
+      {"the cmp attention kernel", "the cmp attention kernel (TMA ring)"},
+      {"the slc attention kernel", "the slc attention kernel (TMA ring)"},
+      {"the win attention kernel", "the win attention kernel (TMA ring)"}};
+  static constexpr const char* kLaunchNames[kNumBranches][2] = {
+      {"launching the cmp attention kernel", "launching the cmp attention kernel (TMA ring)"},
+      {"launching the slc attention kernel", "launching the slc attention kernel (TMA ring)"},
+      {"launching the win attention kernel", "launching the win attention kernel (TMA ring)"}};
+  for (int branch = 0; branch < kNumBranches && st.ok(); ++branch) {
+    if (!(stages & kStageBits[branch])) continue;
+    const BranchKernel& k = kernels[branch];
+    st = for_branch(branch, [&](auto kb) {
+      constexpr int kB = decltype(kb)::value;
+      if constexpr (tma_ring_compiled(kB, Dk))
+        if (k.ring)
+          return prepare_kernel(kForwardApi, tma_ring_kernel<T, Dk, Dv, kB>, k.smem, max_smem, kKernelNames[kB][1]);
+      return prepare_kernel(kForwardApi, attention_kernel<T, Dk, Dv, kB>, k.smem, max_smem, kKernelNames[kB][0]);
+    });
+  }
   if (st.ok() && run_select) st = prepare_kernel(kForwardApi, sel_kernel, select_smem, max_smem, "the selection kernel");
   if (!st.ok()) return st;
 
@@ -121,25 +148,27 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
   const auto attn_threads = [&](int branch) { return kAttnThreads * warpgroups(branch); };
   const dim3 select_grid(static_cast<unsigned>((a.seqlen + sa.select_t_per_cta - 1) / sa.select_t_per_cta),
                          static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(a.batch));
-  if (stages & kStageCmp) {
-    cmp_kernel<<<attn_grid(kBranchCmp), attn_threads(kBranchCmp), cmp_smem, stream>>>(a);
-    if (!(st = launch_status(kForwardApi, "launching the cmp attention kernel")).ok()) return st;
-  }
+  // Launches `branch`'s attention kernel (each reads what the earlier stages wrote).
+  const auto launch_branch = [&](int branch) {
+    const BranchKernel& k = kernels[branch];
+    return for_branch(branch, [&](auto kb) {
+      constexpr int kB = decltype(kb)::value;
+      bool ring = false;
+      if constexpr (tma_ring_compiled(kB, Dk)) {
+        ring = k.ring;
+        if (ring) tma_ring_kernel<T, Dk, Dv, kB><<<attn_grid(kB), attn_threads(kB), k.smem, stream>>>(a, k.maps);
+      }
+      if (!ring) attention_kernel<T, Dk, Dv, kB><<<attn_grid(kB), attn_threads(kB), k.smem, stream>>>(a);
+      return launch_status(kForwardApi, kLaunchNames[kB][ring ? 1 : 0]);
+    });
+  };
+  if ((stages & kStageCmp) && !(st = launch_branch(kBranchCmp)).ok()) return st;
   if (run_select) {
     sel_kernel<<<select_grid, select.threads, select_smem, stream>>>(sa);
     if (!(st = launch_status(kForwardApi, "launching the selection kernel")).ok()) return st;
   }
-  if (stages & kStageSlc) {
-    if (slc_gather)
-      slc_gather_kernel<T, Dk, Dv><<<attn_grid(kBranchSlc), kAttnThreads, gather_smem, stream>>>(a, maps);
-    else
-      slc_kernel<<<attn_grid(kBranchSlc), attn_threads(kBranchSlc), slc_smem, stream>>>(a);
-    if (!(st = launch_status(kForwardApi, "launching the slc attention kernel")).ok()) return st;
-  }
-  if (stages & kStageWin) {
-    win_kernel<<<attn_grid(kBranchWin), attn_threads(kBranchWin), win_smem, stream>>>(a);
-    if (!(st = launch_status(kForwardApi, "launching the win attention kernel")).ok()) return st;
-  }
+  if ((stages & kStageSlc) && !(st = launch_branch(kBranchSlc)).ok()) return st;
+  if ((stages & kStageWin) && !(st = launch_branch(kBranchWin)).ok()) return st;
   return Status::Ok();
 }
 

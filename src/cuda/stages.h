@@ -15,10 +15,12 @@ enum Stage : unsigned {
   kStageSlc = 4u,     // selected attention: o_slc, lse[1]
   kStageWin = 8u,     // window attention and the gated combine: out, o_win, lse[2]
   kStageAll = 15u,
-  // With kStageSlc: the slc sweep's cp.async kernel even where the TMA ring would run
-  // (slc_gather_applies), so that tests compare the two and the bench times both.
-  kStageSlcCpAsync = 16u,
+  // With kStageCmp, kStageSlc, kStageWin: their cp.async kernels even where a TMA ring would run
+  // (slc_gather_applies, sweep_ring_applies), so that tests compare the two and the bench times both.
+  kStageCpAsyncSweeps = 16u,
 };
+// The stage of each attention branch (nsa/params.h: kBranchCmp, kBranchSlc, kBranchWin).
+inline constexpr unsigned kStageBits[3] = {kStageCmp, kStageSlc, kStageWin};
 
 enum BackwardStage : unsigned {
   kBwdStagePrep = 1u,     // zero the accumulators, dgates and delta, the block -> query index

@@ -341,10 +341,12 @@ Problem prefix_of(const Problem& problem, int64_t len) {
 // same order whatever the positions per CTA). G = 1 (the shared-memory head sum, halved from
 // T of about 35k at Dk = 128) and G = 4 (the shuffle path, on sm_90a two warpgroups with the
 // second left without rows, from about 72k).
-// On sm_90a at Dk >= 128 the slc kernel takes its K / V tiles through the TMA ring (decision 0010)
-// and each warp its own pace; the arithmetic is the cp.async kernel's, tile for tile, so the
-// outputs are bitwise the same. (Elsewhere both runs take the cp.async kernel.)
-TEST(CudaForwardProperties, SlcRingMatchesCpAsyncKernel) {
+// On sm_90a at Dk >= 128 the cmp, slc and win kernels take their K / V tiles through TMA rings
+// (decisions 0010, 0016) and each warp (slc) or warpgroup (cmp, win) its own pace, whole tiles up to
+// the sequence's end; the arithmetic is the cp.async kernels', tile for tile (the rows past a CTA's
+// keys meet P = 0), so the outputs are bitwise the same. (Elsewhere both runs take the cp.async
+// kernels.)
+TEST(CudaForwardProperties, RingsMatchCpAsyncKernels) {
   NSA_SKIP_WITHOUT_DEVICE();
   std::vector<GpuCase> cases;
   cases.push_back(make_gpu_case("paper_G16", padded_spec(1, 3000, 16, 1, 128, 128), nsa::Config{},
@@ -360,7 +362,7 @@ TEST(CudaForwardProperties, SlcRingMatchesCpAsyncKernel) {
     nsa::Status st_ring, st_cp;
     const Outputs ring = run_cuda_forward_stages(ring_buffers, nsa::cuda_detail::kStageAll, &st_ring);
     const Outputs cp = run_cuda_forward_stages(
-        cp_buffers, nsa::cuda_detail::kStageAll | nsa::cuda_detail::kStageSlcCpAsync, &st_cp);
+        cp_buffers, nsa::cuda_detail::kStageAll | nsa::cuda_detail::kStageCpAsyncSweeps, &st_cp);
     if (not_compiled(st_ring) && not_compiled(st_cp)) continue;  // a build of fewer instances (NSA_CUDA_INSTANCES)
     ASSERT_TRUE(st_ring.ok()) << st_ring.message;
     ASSERT_TRUE(st_cp.ok()) << st_cp.message;

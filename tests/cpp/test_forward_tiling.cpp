@@ -25,8 +25,9 @@ using nsa::cuda_detail::ForwardArgs;
 using nsa::cuda_detail::KvTensorMaps;
 using nsa::cuda_detail::kSlcRingMinKeysWgmma;
 using nsa::cuda_detail::slc_gather_applies;
-using nsa::cuda_detail::slc_gather_smem;
-using nsa::cuda_detail::slc_gather_stages;
+using nsa::cuda_detail::sweep_ring_applies;
+using nsa::cuda_detail::tma_ring_smem;
+using nsa::cuda_detail::tma_ring_stages;
 using nsa::cuda_detail::prefill_sweep_wgmma;
 using nsa::cuda_detail::prefill_warpgroups;
 using nsa::cuda_detail::select_padded_group;
@@ -122,19 +123,32 @@ TEST(ForwardTiling, OneWarpgroupCmpAndWinCtasFitThreeToAnH100Sm) {
   }
 }
 
-TEST(ForwardTiling, SlcGatherRingKeepsTheSwizzleAlignmentAndTwoCtasPerSm) {
+TEST(ForwardTiling, TmaRingsKeepTheSwizzleAlignmentAndTheirCtasPerSm) {
   for (const auto& dims : kHeadDims) {
-    if (prefill_sweep_wgmma(nsa::kBranchSlc, dims[0])) continue;  // slc on wgmma: no TMA ring
     SCOPED_TRACE("Dk " + std::to_string(dims[0]));
-    const int stages = slc_gather_stages(dims[0], dims[1]);
-    EXPECT_EQ(stages, dims[0] <= 128 ? 3 : 2);
     // Every stage's K and V tile starts on a 1024-byte boundary (the TMA boxes' 128-byte swizzle).
     EXPECT_EQ(AttentionSmem::k_elems(dims[0]) * 2 % 1024, 0);
     EXPECT_EQ(AttentionSmem::v_elems(dims[1]) * 2 % 1024, 0);
-    EXPECT_GE(AttentionSmem::kRingSyncBytes, stages * (8 + 4));
-    // The paper config's union at 128k (4 positions of 16 blocks among 2048) leaves two CTAs per SM.
-    EXPECT_TRUE(ctas_fit(2, slc_gather_smem(dims[0], dims[1], 2048 / 32, 64)));
+    for (int branch : {nsa::kBranchCmp, nsa::kBranchSlc, nsa::kBranchWin}) {
+      const int stages = tma_ring_stages(branch, dims[0], dims[1]);
+      EXPECT_GE(AttentionSmem::kRingSyncBytes, stages * (8 + 4));
+      // The Q tile of a wgmma ring after the stages starts on a 1024-byte boundary too.
+      EXPECT_EQ(AttentionSmem::tiles_bytes(dims[0], dims[1], stages) % 1024, 0);
+    }
+    if (!prefill_sweep_wgmma(nsa::kBranchSlc, dims[0])) {  // the slc ring where it replaces mma.sync
+      EXPECT_EQ(tma_ring_stages(nsa::kBranchSlc, dims[0], dims[1]), dims[0] <= 128 ? 3 : 2);
+      // The paper config's union at 128k (4 positions of 16 blocks among 2048) leaves two CTAs per SM.
+      EXPECT_TRUE(ctas_fit(2, tma_ring_smem(nsa::kBranchSlc, dims[0], dims[1], 2048 / 32, 64)));
+    }
+    // The cmp and win rings replace the CTAs of three warpgroups (Dk >= 128), one per SM as before;
+    // at Dk = 64 (three CTAs of one warpgroup) the cp.async kernels stay (decision 0016).
+    for (int branch : {nsa::kBranchCmp, nsa::kBranchWin}) {
+      EXPECT_EQ(sweep_ring_applies(branch, dims[0], dims[1], true), dims[0] >= 128);
+      EXPECT_FALSE(sweep_ring_applies(branch, dims[0], dims[1], false)) << "no sm_90a code on the device";
+      if (dims[0] >= 128) EXPECT_TRUE(ctas_fit(1, tma_ring_smem(branch, dims[0], dims[1], 0, 0)));
+    }
   }
+  EXPECT_FALSE(sweep_ring_applies(nsa::kBranchSlc, 64, 64, true)) << "slc: slc_gather_applies";
 }
 
 TEST(ForwardTiling, SlcGatherAppliesWhereItKeepsTheCpAsyncKernelsOccupancy) {
@@ -148,7 +162,7 @@ TEST(ForwardTiling, SlcGatherAppliesWhereItKeepsTheCpAsyncKernelsOccupancy) {
   EXPECT_TRUE(slc_gather_applies(64, 64, 64, 1024 / 32, 64, true, 65536)) << "Dk = 64 at 64k: the ring";
   EXPECT_FALSE(slc_gather_applies(128, 128, 32, 2048 / 32, 128, true, 65536)) << "l' = 32: every tile partial";
   // G = 1 at 64k: 64 positions of 16 blocks; the union would leave one CTA per SM.
-  EXPECT_FALSE(ctas_fit(2, slc_gather_smem(128, 128, 1024 / 32, 1024)));
+  EXPECT_FALSE(ctas_fit(2, tma_ring_smem(nsa::kBranchSlc, 128, 128, 1024 / 32, 1024)));
   EXPECT_FALSE(slc_gather_applies(128, 128, 64, 1024 / 32, 1024, true, 65536));
 }
 
@@ -160,29 +174,41 @@ TEST(ForwardTiling, KvTensorMapsEncodeTheLayoutsTheApiTakes) {
   a.batch = 3;
   a.num_kv_heads = 4;
   a.key_rows = 1000;
+  a.cmp_key_rows = 61;
   KvTensorMaps maps;
   for (const auto& dims : kHeadDims) {
     SCOPED_TRACE("Dk " + std::to_string(dims[0]));
     a.k = {storage, 1000 * 4 * dims[0], 4 * dims[0], dims[0]};  // [B, T, Hkv, Dk] contiguous
     a.v = {storage, 1000 * 4 * dims[1], 4 * dims[1], dims[1]};
+    a.k_win = a.k;
+    a.v_win = a.v;
+    a.k_cmp = {storage, 61 * 4 * dims[0], 4 * dims[0], dims[0]};  // [B, Tc, Hkv, Dk]
+    a.v_cmp = {storage, 61 * 4 * dims[1], 4 * dims[1], dims[1]};
     a.cu_seqlens = nullptr;
-    EXPECT_TRUE(encode_kv_tensor_maps(a, dims[0], dims[1], &maps));
+    for (int branch : {nsa::kBranchCmp, nsa::kBranchSlc, nsa::kBranchWin})
+      EXPECT_TRUE(encode_kv_tensor_maps(a, branch, dims[0], dims[1], &maps)) << "branch " << branch;
     // Heads interleaved with other tensors (strides past the row), heads outer ([B, Hkv, T, D]:
     // the head stride above the row's), and the packed varlen layout.
     a.k.seq_stride = 3 * 4 * dims[0];
     a.k.batch_stride = 1000 * a.k.seq_stride;
-    EXPECT_TRUE(encode_kv_tensor_maps(a, dims[0], dims[1], &maps));
+    EXPECT_TRUE(encode_kv_tensor_maps(a, nsa::kBranchSlc, dims[0], dims[1], &maps));
     a.v = {storage, 4 * 1003 * dims[1], dims[1], 1003 * dims[1]};
-    EXPECT_TRUE(encode_kv_tensor_maps(a, dims[0], dims[1], &maps)) << "heads outer";
+    EXPECT_TRUE(encode_kv_tensor_maps(a, nsa::kBranchSlc, dims[0], dims[1], &maps)) << "heads outer";
     static const int32_t cu_seqlens[2] = {0, 1000};
     a.cu_seqlens = cu_seqlens;
-    EXPECT_TRUE(encode_kv_tensor_maps(a, dims[0], dims[1], &maps));
+    EXPECT_TRUE(encode_kv_tensor_maps(a, nsa::kBranchSlc, dims[0], dims[1], &maps));
+    EXPECT_TRUE(encode_kv_tensor_maps(a, nsa::kBranchCmp, dims[0], dims[1], &maps));
     // Beyond the copies' 32-bit coordinates: the caller falls back to the cp.async kernel.
     a.key_rows = int64_t{1} << 31;
-    EXPECT_FALSE(encode_kv_tensor_maps(a, dims[0], dims[1], &maps));
+    EXPECT_FALSE(encode_kv_tensor_maps(a, nsa::kBranchSlc, dims[0], dims[1], &maps));
+    EXPECT_FALSE(encode_kv_tensor_maps(a, nsa::kBranchWin, dims[0], dims[1], &maps));
+    EXPECT_TRUE(encode_kv_tensor_maps(a, nsa::kBranchCmp, dims[0], dims[1], &maps)) << "cmp: its own rows";
     a.key_rows = 1000;
+    a.cmp_key_rows = int64_t{1} << 31;
+    EXPECT_FALSE(encode_kv_tensor_maps(a, nsa::kBranchCmp, dims[0], dims[1], &maps));
+    a.cmp_key_rows = 61;
   }
-  EXPECT_FALSE(encode_kv_tensor_maps(a, 96, 96, &maps)) << "boxes of 64 columns";
+  EXPECT_FALSE(encode_kv_tensor_maps(a, nsa::kBranchSlc, 96, 96, &maps)) << "boxes of 64 columns";
 }
 
 }  // namespace

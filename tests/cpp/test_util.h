@@ -311,7 +311,7 @@ bool not_compiled(const nsa::Status& st);
 // the synchronization after it included).
 Outputs run_cuda_forward(Buffers& buffers, nsa::Status* status);
 // The same through nsa::cuda_detail::forward_stages with `stages` (src/cuda/stages.h): every stage,
-// with kStageSlcCpAsync among them to run the cp.async slc kernel where the TMA ring would.
+// with kStageCpAsyncSweeps among them to run the cp.async kernels where the TMA rings would.
 Outputs run_cuda_forward_stages(Buffers& buffers, unsigned stages, nsa::Status* status);
 // Runs nsa::cuda::backward (with `deterministic` and `selected_dq`) on device copies of `buffers`:
 // inputs, grad_out, and block_indices / out_branch / lse as they are in `buffers` (run_cuda_forward
