@@ -145,7 +145,9 @@ TEST(ForwardTiling, TmaRingsKeepTheSwizzleAlignmentAndTheirCtasPerSm) {
     for (int branch : {nsa::kBranchCmp, nsa::kBranchWin}) {
       EXPECT_EQ(sweep_ring_applies(branch, dims[0], dims[1], true), dims[0] >= 128);
       EXPECT_FALSE(sweep_ring_applies(branch, dims[0], dims[1], false)) << "no sm_90a code on the device";
-      if (dims[0] >= 128) EXPECT_TRUE(ctas_fit(1, tma_ring_smem(branch, dims[0], dims[1], 0, 0)));
+      if (dims[0] >= 128) {
+        EXPECT_TRUE(ctas_fit(1, tma_ring_smem(branch, dims[0], dims[1], 0, 0)));
+      }
     }
   }
   EXPECT_FALSE(sweep_ring_applies(nsa::kBranchSlc, 64, 64, true)) << "slc: slc_gather_applies";
