@@ -109,17 +109,22 @@ def prefill_bytes(B: int, T: int, Hq: int, Hkv: int, Dk: int, Dv: int, elt: int 
     return b
 
 
-def stage_floors(flops: dict, nbytes: dict, ceilings: dict) -> dict:
-    """{stage: (floor_ms, "compute" | "memory")}: the larger of a stage's nominal FLOPs at the measured
-    bf16 matmul ceiling and its DRAM bytes at the measured copy ceiling (bytes read + written per
-    second); "all" is the sum of the stages' floors (they run one after the other)."""
+def floor_ms(flops: float, nbytes: float, ceilings: dict):
+    """(ms, "compute" | "memory"): the larger of `flops` at the measured bf16 matmul ceiling and
+    `nbytes` at the measured copy ceiling (bytes read + written per second); None without both."""
     tflops, gbps = ceilings.get("matmul_bf16_tflops"), ceilings.get("copy_gbps")
     if not tflops or not gbps:
+        return None
+    compute, memory = flops / (tflops * 1e9), nbytes / (gbps * 1e6)
+    return (compute, "compute") if compute >= memory else (memory, "memory")
+
+
+def stage_floors(flops: dict, nbytes: dict, ceilings: dict) -> dict:
+    """{stage: floor_ms of the stage}, and "all": (the sum, "sum") (the stages run one after the
+    other); {} without both ceilings."""
+    floors = {stage: floor_ms(flops[stage], nbytes[stage], ceilings) for stage in ("cmp", "select", "slc", "win")}
+    if None in floors.values():
         return {}
-    floors = {}
-    for stage in ("cmp", "select", "slc", "win"):
-        compute, memory = flops[stage] / (tflops * 1e9), nbytes[stage] / (gbps * 1e6)
-        floors[stage] = (max(compute, memory), "compute" if compute >= memory else "memory")
     floors["all"] = (sum(v[0] for v in floors.values()), "sum")
     return floors
 
@@ -696,7 +701,7 @@ def print_floors(result) -> None:
     memory), from the rows' stage times and the run's ceilings; dense causal attention's floor beside
     cuDNN's time. Rows without stage times are left out."""
     rows = [r for r in result["rows"] if r.get("stages_ms") and r.get("nominal_gflop")]
-    if not rows or not stage_floors({s: 1.0 for s in STAGES}, {s: 1.0 for s in STAGES}, result["ceilings"]):
+    if not rows or floor_ms(1.0, 1.0, result["ceilings"]) is None:
         return
     print("\nforward floors (ms): the larger of the nominal FLOPs at the matmul ceiling (c) and the DRAM bytes of "
           "prefill_bytes at the copy ceiling (m); measured / floor")
@@ -707,8 +712,7 @@ def print_floors(result) -> None:
         flops = {k: v * 1e9 for k, v in r["nominal_gflop"].items()}
         nbytes = prefill_bytes(r["B"], r["T"], r["Hq"], r["Hkv"], r["Dk"], r["Dv"], **NSA)
         floors = stage_floors(flops, nbytes, result["ceilings"])
-        dense = max(flops["dense_causal"] / (result["ceilings"]["matmul_bf16_tflops"] * 1e9),
-                    nbytes["dense_causal"] / (result["ceilings"]["copy_gbps"] * 1e6))
+        dense = floor_ms(flops["dense_causal"], nbytes["dense_causal"], result["ceilings"])[0]
         cells = []
         for stage in ("cmp", "select", "slc", "win", "all"):
             floor, bound = floors[stage]

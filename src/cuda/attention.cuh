@@ -52,12 +52,7 @@ struct TileInfo {
 };
 
 // key_end (each tile set): the sequence's keys end there (exclusive; for cmp its compressed keys).
-// A TMA ring copies a tile whole when its 64 rows lie before it (whole()): rows past the CTA's last
-// key are then later keys of the same call, finite, and the mask gives them P = 0, where past the
-// sequence's end lie a cache's unwritten rows (NaN in the chunked-prefill tests) or a padded batch's
-// padding, which P V must not meet. Not a test of `ti.count == 64`: ptxas (nvcc 13.0, sm_90a) fused
-// that test of a clamped min into the predicate of VIMNMX.RELU, true wherever the clamp did not bite
-// (docs/decisions/0001, 0010).
+// A TMA ring copies the tiles that lie before it whole (sweep_tma_ring).
 struct CmpTiles {
   int num_keys;  // N(t_hi)
   int key_end;   // N(the sequence's last position)
@@ -73,7 +68,6 @@ struct CmpTiles {
     return r.t >= 0 && ti.key0 + key < r.nvis;
   }
   __device__ bool warp_skips(const TileInfo&, uint64_t) const { return false; }
-  __device__ bool whole(const TileInfo& ti) const { return ti.key0 + 64 <= key_end; }
 };
 
 struct WinTiles {
@@ -94,7 +88,6 @@ struct WinTiles {
     return r.t >= 0 && s <= r.t && s > r.t - window;
   }
   __device__ bool warp_skips(const TileInfo&, uint64_t) const { return false; }
-  __device__ bool whole(const TileInfo& ti) const { return ti.key0 + 64 <= key_end; }
 };
 
 struct SlcTiles {
@@ -123,8 +116,6 @@ struct SlcTiles {
   __device__ bool warp_skips(const TileInfo& ti, uint64_t warp_positions) const {
     return (ti.rows & warp_positions) == 0;
   }
-  // (The TMA ring takes l' a multiple of 64: slc_gather_applies.)
-  __device__ bool whole(const TileInfo& ti) const { return ti.key0 + 64 <= key_end; }
 };
 
 // The key tiles begin .. begin+count-1 of a branch's tile set: one split of the decode path.
@@ -588,7 +579,7 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 // A branch's sweep on sm_90 (tma_ring_kernel): the warps wait for the tiles to land, not for each
 // other. Stage st of the Stages-deep ring holds tiles st, st + Stages, ...; full[st] completes a
-// phase when its tile has landed: a whole tile (Tiles::whole) as one TMA box per 64 columns of K and
+// phase when its tile has landed: a whole tile as one TMA box per 64 columns of K and
 // of V, issued by one thread; a tile that reaches past the sequence's keys (its end) as cp.async by
 // a warp, which zero-fills the rows past the tile's keys (P V must not meet what lies there) and
 // arrives on the barrier once they have landed (after a proxy fence where wgmma reads them:
@@ -621,7 +612,13 @@ __device__ __forceinline__ void sweep_tma_ring(const Tiles& tiles, const KvTenso
     uint64_t* bar = &full[k % Stages];
     T* k_dst = sK + (k % Stages) * kKElems;
     T* v_dst = sV + (k % Stages) * kVElems;
-    if (tiles.whole(ti)) {
+    // Whole where its 64 rows are keys of the sequence (the slc ring takes l' a multiple of 64:
+    // slc_gather_applies): rows past the CTA's last key are then later keys of the same call, finite,
+    // and the mask gives them P = 0, where past the sequence's end lie a cache's unwritten rows (NaN
+    // in the chunked-prefill tests) or a padded batch's padding, which P V must not meet. Not a test
+    // of `ti.count == 64`: ptxas (nvcc 13.0, sm_90a) fused that test of a clamped min into the
+    // predicate of VIMNMX.RELU, true wherever the clamp did not bite (docs/decisions/0001, 0010).
+    if (ti.key0 + 64 <= tiles.key_end) {
       if (lane == 0) {
         fence_proxy_async_smem();  // the stage's earlier generic-proxy reads and cp.async writes
         mbarrier_arrive_expect_tx(bar, kTileBytes);
@@ -633,7 +630,7 @@ __device__ __forceinline__ void sweep_tma_ring(const Tiles& tiles, const KvTenso
           tma_load_4d(v_dst + c * 64 * 64, &maps.v, bar, c * 64, kv_head, map_row0 + ti.key0, map_batch);
       }
     } else {
-      // Rolled loops: such a tile holds the sequence's end (Tiles::whole), in its last CTAs only.
+      // Rolled loops: such a tile holds the sequence's end, in its last CTAs only.
       load_rows_async<T, Dk, 64, 32, false, true, false>(k_dst, kbase, kstride, ti.key0, ti.count, lane);
       load_rows_async<T, Dv, 64, 32, false, true, false>(v_dst, vbase, vstride, ti.key0, ti.count, lane);
       // The warp waits for its copies, then announces the tile.
@@ -812,15 +809,15 @@ __device__ __forceinline__ void build_block_union(const ForwardArgs& a, const Se
 }
 
 // The slc tile set of the rows of `rt`: the union of their selected blocks, built in union_smem
-// (every thread calls it; it synchronizes).
+// (every thread calls it; it synchronizes); key_end as in SlcTiles.
 __device__ __forceinline__ SlcTiles slc_tiles(const ForwardArgs& a, const SeqInfo& seq, int kv_head, const RowTile& rt,
-                                              unsigned char* union_smem) {
+                                              unsigned char* union_smem, int key_end) {
   int union_size = 0;
   uint64_t* union_masks = nullptr;
   int* union_blocks = nullptr;
   build_block_union(a, seq, kv_head, rt.t_lo, rt.t_hi, union_smem, &union_size, &union_masks, &union_blocks);
   return SlcTiles{union_blocks, union_masks, union_size, (a.sel_block + 63) / 64, a.sel_block, rt.t_hi,
-                  static_cast<int>(seq.pos0 + seq.len)};
+                  key_end};
 }
 
 // Calls f(tiles, kbase, kstride, vbase, vstride, key_row0) with branch kBranch's tile set for the
@@ -831,18 +828,18 @@ template <class T, int kBranch, class F>
 __device__ __forceinline__ void with_branch_tiles(const ForwardArgs& a, int b, const SeqInfo& seq, int kv_head,
                                                   const RowTile& rt, unsigned char* union_smem, F&& f) {
   const bool varlen = a.cu_seqlens != nullptr;
+  const int key_end = static_cast<int>(seq.pos0 + seq.len);  // past the sequence's last position
   if constexpr (kBranch == kBranchCmp) {
     f(CmpTiles{num_visible_cmp(rt.t_hi, a.cmp_block, a.cmp_stride),
-               num_visible_cmp(static_cast<int>(seq.pos0 + seq.len - 1), a.cmp_block, a.cmp_stride)},
+               num_visible_cmp(key_end - 1, a.cmp_block, a.cmp_stride)},
       seq_head_ptr<T>(a.k_cmp, a, b, seq.cmp_row0, kv_head), a.k_cmp.seq_stride,
       seq_head_ptr<T>(a.v_cmp, a, b, seq.cmp_row0, kv_head), a.v_cmp.seq_stride,
       varlen ? static_cast<int>(seq.cmp_row0) : 0);
   } else if constexpr (kBranch == kBranchSlc) {
-    f(slc_tiles(a, seq, kv_head, rt, union_smem), seq_head_ptr<T>(a.k, a, b, seq.row0, kv_head), a.k.seq_stride,
+    f(slc_tiles(a, seq, kv_head, rt, union_smem, key_end), seq_head_ptr<T>(a.k, a, b, seq.row0, kv_head), a.k.seq_stride,
       seq_head_ptr<T>(a.v, a, b, seq.row0, kv_head), a.v.seq_stride, varlen ? static_cast<int>(seq.row0) : 0);
   } else {
-    f(WinTiles{max(0, rt.t_lo - static_cast<int>(a.window) + 1), rt.t_hi, static_cast<int>(a.window),
-               static_cast<int>(seq.pos0 + seq.len)},
+    f(WinTiles{max(0, rt.t_lo - static_cast<int>(a.window) + 1), rt.t_hi, static_cast<int>(a.window), key_end},
       seq_head_ptr<T>(a.k_win, a, b, seq.row0, kv_head), a.k_win.seq_stride,
       seq_head_ptr<T>(a.v_win, a, b, seq.row0, kv_head), a.v_win.seq_stride, varlen ? static_cast<int>(seq.row0) : 0);
   }

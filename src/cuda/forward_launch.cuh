@@ -117,15 +117,11 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
     if (branch == kBranchSlc) return f(std::integral_constant<int, kBranchSlc>{});
     return f(std::integral_constant<int, kBranchWin>{});
   };
-  // [branch][ring]: the kernel's name for prepare_kernel, the launch's for launch_status.
+  // [branch][ring]: the kernel's name, for prepare_kernel and kernel_launch_status.
   static constexpr const char* kKernelNames[kNumBranches][2] = {
       {"the cmp attention kernel", "the cmp attention kernel (TMA ring)"},
       {"the slc attention kernel", "the slc attention kernel (TMA ring)"},
       {"the win attention kernel", "the win attention kernel (TMA ring)"}};
-  static constexpr const char* kLaunchNames[kNumBranches][2] = {
-      {"launching the cmp attention kernel", "launching the cmp attention kernel (TMA ring)"},
-      {"launching the slc attention kernel", "launching the slc attention kernel (TMA ring)"},
-      {"launching the win attention kernel", "launching the win attention kernel (TMA ring)"}};
   for (int branch = 0; branch < kNumBranches && st.ok(); ++branch) {
     if (!(stages & kStageBits[branch])) continue;
     const BranchKernel& k = kernels[branch];
@@ -159,7 +155,7 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
         if (ring) tma_ring_kernel<T, Dk, Dv, kB><<<attn_grid(kB), attn_threads(kB), k.smem, stream>>>(a, k.maps);
       }
       if (!ring) attention_kernel<T, Dk, Dv, kB><<<attn_grid(kB), attn_threads(kB), k.smem, stream>>>(a);
-      return launch_status(kForwardApi, kLaunchNames[kB][ring ? 1 : 0]);
+      return kernel_launch_status(kForwardApi, kKernelNames[kB][ring ? 1 : 0], cudaGetLastError());
     });
   };
   if ((stages & kStageCmp) && !(st = launch_branch(kBranchCmp)).ok()) return st;

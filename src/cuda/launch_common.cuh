@@ -29,6 +29,12 @@ inline Status launch_status(const char* api, const char* what) {
   return err == cudaSuccess ? Status::Ok() : backend_error(api, what, err);
 }
 
+// The status of a launch of `kernel` (its name as prepare_kernel takes it) that returned err:
+// "launching <kernel>" on failure, the message built only then (no allocation per launch).
+inline Status kernel_launch_status(const char* api, const char* kernel, cudaError_t err) {
+  return err == cudaSuccess ? Status::Ok() : backend_error(api, (std::string("launching ") + kernel).c_str(), err);
+}
+
 // What the launchers remember per (device, kernel), so that a decode step does not pay driver
 // calls per kernel: the dynamic shared-memory limit set (only ever raised; the carveout is set
 // with the first raise, so a kernel must always be prepared with the same carveout) and the
@@ -128,11 +134,10 @@ Status launch_chained(const char* api, const char* what, void (*kernel)(Params..
   config.attrs = chain ? &attribute : nullptr;
   config.numAttrs = chain ? 1 : 0;
   cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-  // As launch_status, the message built only on failure (no allocation per decode step); a
-  // launch error is cleared so that it is not reported again by a later check.
+  // A launch error is cleared so that it is not reported again by a later check.
   const cudaError_t last = cudaGetLastError();
   if (err == cudaSuccess) err = last;
-  return err == cudaSuccess ? Status::Ok() : backend_error(api, (std::string("launching ") + what).c_str(), err);
+  return kernel_launch_status(api, what, err);
 }
 
 // What the launchers size kernels by on the current device, queried once per device:
