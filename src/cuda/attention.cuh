@@ -258,6 +258,12 @@ struct MmaSyncTilesT {
                                                     int key0) {
     accumulate_ptile<T, Dv, NB, kSwizzled>(acc, p, kSwizzled ? tv : tv + key0 * (Dv + 8));
   }
+  // The pipelined form of scores (WgmmaTiles'): mma.sync has finished when it returns.
+  template <class T, int Dk, class QSource>
+  static __device__ __forceinline__ void scores_async(const QSource& qf, const T* tk, float (&s)[8][4]) {
+    scores<T, Dk, 8>(qf, tk, 0, s);
+  }
+  static __device__ __forceinline__ void wait_scores(float (&)[8][4]) {}
 };
 using MmaSyncTiles = MmaSyncTilesT<false>;
 
@@ -273,6 +279,19 @@ struct WgmmaTiles {
   static __device__ __forceinline__ void scores(const QInSharedMemory<T>& qs, const T* tk, int, float (&s)[NB][4]) {
     static_assert(NB == 8, "whole 64-key tiles");
     one_group([&] { issue_scores<T, Dk>(qs, tk, s); }, s);
+  }
+  // S = Q K^T as one group, issued without waiting: s is written by the tensor cores until
+  // wait_scores(s), and nothing that reads or writes it may run before.
+  template <class T, int Dk>
+  static __device__ __forceinline__ void scores_async(const QInSharedMemory<T>& qs, const T* tk, float (&s)[8][4]) {
+    wgmma_pin(s);
+    wgmma_fence();
+    issue_scores<T, Dk>(qs, tk, s);
+    wgmma_commit();
+  }
+  static __device__ __forceinline__ void wait_scores(float (&s)[8][4]) {
+    wgmma_wait<0>();
+    wgmma_pin(s);
   }
   // O += P V, P from registers (issue_accumulate).
   template <class T, int Dv, int NB>

@@ -143,6 +143,7 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
     constexpr int kValues = kPaddedGroup == 16 ? 16 : 32;  // per lane before the head sum
     cp_async_wait<0>();  // Q (and tile 0, issued after it)
     sync_copied_tiles<kWgmma>();
+    if (num_tiles > 1) issue(1);
     const int tl_first = warp * kPosPerWarp;
     const bool active = tl_first < nt;
     const int tl_last = min(tl_first + kPosPerWarp, nt) - 1;
@@ -151,74 +152,89 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
     const int tl_lo = row_lo / kPaddedGroup, tl_hi = (row_lo + 8) / kPaddedGroup;
     const int nv_lo = tl_lo < nt ? num_visible_cmp(t0 + tl_lo, lc, dc) : 0;
     const int nv_hi = kPaddedGroup == 16 ? nv_lo : tl_hi < nt ? num_visible_cmp(t0 + tl_hi, lc, dc) : 0;
-    QSource qf;
-    // wgmma: a warpgroup's four warps issue the product together, on its chunk. With two warpgroups
-    // and the positions halved to fit, the second has no chunk: it computes nothing and reads no lse.
+    // wgmma: a warpgroup's four warps issue the product together, on its chunk, every tile: a product
+    // issued under a condition while another is in flight makes ptxas serialize the kernel's wgmma
+    // (C7514). With two warpgroups and the positions halved to fit, the second has no chunk of its own:
+    // it multiplies the first's, and its warps, which have no positions, read no lse and use nothing.
     const bool has_chunk = kSelectThreads == 128 || (warp >> 2) < chunks;  // the warp's rows lie in a chunk
-    if (kWgmma ? has_chunk : active) qf.load(kWgmma && kSelectThreads > 128 ? q_chunk(warp >> 2) : sQ, warp * 16);
+    QSource qf;
+    if (kWgmma || active) qf.load(kWgmma && kSelectThreads > 128 ? q_chunk(min(warp >> 2, chunks - 1)) : sQ, warp * 16);
     const float lse_lo = has_chunk ? sLse2[row_lo] : pos_inf();  // +inf on padding rows: p = 0
     const float lse_hi = has_chunk ? sLse2[row_lo + 8] : pos_inf();
     const float scale_log2 = a.scale_log2;
-    for (int k = 0; k < num_tiles; ++k) {
-      if (k > 0) {
-        if (k + 1 < num_tiles) issue(k + 1);
-        cp_async_wait_older(k + 1 < num_tiles);
-        sync_copied_tiles<kWgmma>();  // tile k visible to all
-      } else if (num_tiles > 1) {
-        issue(1);
-      }
+    // The block scores of tile k's keys from its S.
+    const auto add_tile = [&](int k, const float (&s)[8][4]) {
       const int i0 = k * 64, i1 = min(i0 + 64, nk);
-      const bool computes = active && i0 < nv_warp;
-      float s[8][4];
-      if (kWgmma ? has_chunk : computes) Mma::template scores<T, Dk, 8>(qf, sK + (k & 1) * 64 * (Dk + 8), 0, s);
-      if (computes) {
-        // p of key nb*8 + 2*tig + c in h[nb*4 + half*2 + c] (row group + 8*half), the halves summed
-        // into h[nb*2 + c] for 16 heads. nb is the top index bit: each reduce-scatter step below
-        // trades one nb bit for one head bit of group, so that a lane ends with the head sums of its
-        // key pairs nb*8 + 2*tig + {0, 1}, nb's top kSteps bits being group's head bits.
-        float h[kValues];
-        const int kv_lo = nv_lo - i0, kv_hi = nv_hi - i0;  // keys < kv are visible
-        // (Masks after the exps: masking them instead predicates each exp, with a reload of the scale.)
+      if (!active || i0 >= nv_warp) return;
+      // p of key nb*8 + 2*tig + c in h[nb*4 + half*2 + c] (row group + 8*half), the halves summed
+      // into h[nb*2 + c] for 16 heads. nb is the top index bit: each reduce-scatter step below
+      // trades one nb bit for one head bit of group, so that a lane ends with the head sums of its
+      // key pairs nb*8 + 2*tig + {0, 1}, nb's top kSteps bits being group's head bits.
+      float h[kValues];
+      const int kv_lo = nv_lo - i0, kv_hi = nv_hi - i0;  // keys < kv are visible
+      // (Masks after the exps: masking them instead predicates each exp, with a reload of the scale.)
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int key = nb * 8 + tig * 2 + c;
+          const float p_lo = fast_exp2(s[nb][c] * scale_log2 - lse_lo);
+          const float p_hi = fast_exp2(s[nb][c + 2] * scale_log2 - lse_hi);
+          if constexpr (kPaddedGroup == 16) {  // both rows of a lane are one position
+            h[nb * 2 + c] = key < kv_lo ? p_lo + p_hi : 0.f;
+          } else {
+            h[nb * 4 + c] = key < kv_lo ? p_lo : 0.f;
+            h[nb * 4 + 2 + c] = key < kv_hi ? p_hi : 0.f;
+          }
+        }
+      head_reduce_scatter<kValues, kSteps>(h, lane);
+      // Left: h[2*pair + c], pair = nb_low * 2 + half for 4 heads, half for 8, 0 for 16.
+      const int head_bits = group & ((1 << kSteps) - 1);
+#pragma unroll
+      for (int pair = 0; pair < (kValues >> kSteps) / 2; ++pair) {
+        const int half = kPaddedGroup == 16 ? 0 : pair & 1, nb_low = kPaddedGroup == 16 ? 0 : pair >> 1;
+        const int tl = (row_lo + 8 * half) / kPaddedGroup;
+        const int key = ((head_bits << (3 - kSteps)) | nb_low) * 8 + tig * 2;
+        if (kPaddedGroup == 16 || tl < nt)
+          *reinterpret_cast<float2*>(sPg + tl * 64 + key) = make_float2(h[2 * pair], h[2 * pair + 1]);
+      }
+      __syncwarp();
+      // Eq. 9: blocks overlapped by this tile's tokens (tokens a position does not see have p = 0).
+      const int j_lo = i0 * dc / ls, j_tile_hi = ((i1 - 1) * dc + lc - 1) / ls;
+#pragma unroll
+      for (int i = 0; i < kPosPerWarp; ++i) {
+        const int tl = tl_first + i;
+        if (tl > tl_last) break;
+        const int j_hi = min(j_tile_hi, (t0 + tl) / ls);
+        for (int j = j_lo + lane; j <= j_hi; j += 32)
+          sBS[tl * NBs + j] += block_tile_sum(sPg + tl * 64, j, i0, i1, bm, bq);
+      }
+      __syncwarp();
+    };
+    // Software pipeline: tile k + 1's S runs on the tensor cores while tile k's exponentials and sums
+    // run (the tensor cores and the MUFU unit are each about half of a tile's time).
+    float s[8][4];
+    if (num_tiles > 0 && (kWgmma || nv_warp > 0)) {
+      Mma::template scores_async<T, Dk>(qf, sK, s);
+      Mma::wait_scores(s);
+    }
+    for (int k = 0; k + 1 < num_tiles; ++k) {
+      cp_async_wait<0>();
+      sync_copied_tiles<kWgmma>();  // tile k + 1 visible to all, and every warp is done with tile k's buffer
+      if (k + 2 < num_tiles) issue(k + 2);
+      float s_next[8][4];
+      const bool next_computes = active && (k + 1) * 64 < nv_warp;
+      if (kWgmma || next_computes) Mma::template scores_async<T, Dk>(qf, sK + ((k + 1) & 1) * 64 * (Dk + 8), s_next);
+      add_tile(k, s);
+      Mma::wait_scores(s_next);
+      if (kWgmma || next_computes) {
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int key = nb * 8 + tig * 2 + c;
-            const float p_lo = fast_exp2(s[nb][c] * scale_log2 - lse_lo);
-            const float p_hi = fast_exp2(s[nb][c + 2] * scale_log2 - lse_hi);
-            if constexpr (kPaddedGroup == 16) {  // both rows of a lane are one position
-              h[nb * 2 + c] = key < kv_lo ? p_lo + p_hi : 0.f;
-            } else {
-              h[nb * 4 + c] = key < kv_lo ? p_lo : 0.f;
-              h[nb * 4 + 2 + c] = key < kv_hi ? p_hi : 0.f;
-            }
-          }
-        head_reduce_scatter<kValues, kSteps>(h, lane);
-        // Left: h[2*pair + c], pair = nb_low * 2 + half for 4 heads, half for 8, 0 for 16.
-        const int head_bits = group & ((1 << kSteps) - 1);
-#pragma unroll
-        for (int pair = 0; pair < (kValues >> kSteps) / 2; ++pair) {
-          const int half = kPaddedGroup == 16 ? 0 : pair & 1, nb_low = kPaddedGroup == 16 ? 0 : pair >> 1;
-          const int tl = (row_lo + 8 * half) / kPaddedGroup;
-          const int key = ((head_bits << (3 - kSteps)) | nb_low) * 8 + tig * 2;
-          if (kPaddedGroup == 16 || tl < nt)
-            *reinterpret_cast<float2*>(sPg + tl * 64 + key) = make_float2(h[2 * pair], h[2 * pair + 1]);
-        }
-        __syncwarp();
-        // Eq. 9: blocks overlapped by this tile's tokens (tokens a position does not see have p = 0).
-        const int j_lo = i0 * dc / ls, j_tile_hi = ((i1 - 1) * dc + lc - 1) / ls;
-#pragma unroll
-        for (int i = 0; i < kPosPerWarp; ++i) {
-          const int tl = tl_first + i;
-          if (tl > tl_last) break;
-          const int j_hi = min(j_tile_hi, (t0 + tl) / ls);
-          for (int j = j_lo + lane; j <= j_hi; j += 32)
-            sBS[tl * NBs + j] += block_tile_sum(sPg + tl * 64, j, i0, i1, bm, bq);
-        }
-        __syncwarp();
+          for (int e = 0; e < 4; ++e) s[nb][e] = s_next[nb][e];
       }
-      __syncthreads();  // buffer k & 1 free for tile k + 2
     }
+    if (num_tiles > 0) add_tile(num_tiles - 1, s);
   } else {
     cp_async_wait<0>();
     sync_copied_tiles<kWgmma>();
