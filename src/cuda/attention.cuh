@@ -334,15 +334,16 @@ struct WgmmaTiles {
   template <class T, int D>
   static __device__ __forceinline__ void product_of_transposed(float (&acc)[D / 8][4], const T* a_t, const T* b) {
     static_assert(D == 64 || D == 128, "one or two 64-column parts");
+    const uint64_t a_desc = wgmma_desc(a_t, kPartBytes, kAtomBytes), b_desc = wgmma_desc(b, kPartBytes, kAtomBytes);
     const auto issue = [&] {
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-        const uint64_t a_desc = wgmma_desc(a_t + kk * 16 * 64, kPartBytes, kAtomBytes);
-        const T* rows = b + kk * 16 * 64;
-        wgmma_m64n64k16_ss<T, true, true, 0>(acc, a_desc, wgmma_desc(rows, kPartBytes, kAtomBytes), kk > 0);
+        constexpr uint32_t kStepBytes = 16 * 64 * sizeof(T);  // 16 k rows of 64 elements
+        const uint64_t a_step = wgmma_desc_advance(a_desc, kk * kStepBytes);
+        const uint64_t b_step = wgmma_desc_advance(b_desc, kk * kStepBytes);
+        wgmma_m64n64k16_ss<T, true, true, 0>(acc, a_step, b_step, kk > 0);
         if constexpr (D == 128)
-          wgmma_m64n64k16_ss<T, true, true, 8>(acc, a_desc, wgmma_desc(rows + 64 * 64, kPartBytes, kAtomBytes),
-                                               kk > 0);
+          wgmma_m64n64k16_ss<T, true, true, 8>(acc, a_step, wgmma_desc_advance(b_step, kPartBytes), kk > 0);
       }
     };
     one_group(issue, acc);
@@ -365,10 +366,11 @@ struct WgmmaTiles {
   // and K tiles, 32 bytes into the swizzle atoms of their part ks / 4. Issues only.
   template <class T, int Dk>
   static __device__ __forceinline__ void issue_scores(const QInSharedMemory<T>& qs, const T* tk, float (&s)[8][4]) {
+    const uint64_t q_desc = wgmma_desc(qs.tile, 0, kAtomBytes), k_desc = wgmma_desc(tk, 0, kAtomBytes);
 #pragma unroll
     for (int ks = 0; ks < Dk / 16; ++ks) {
-      const int offset = (ks / 4) * 64 * 64 + (ks % 4) * 16;
-      wgmma_m64n64k16_ss<T>(s, wgmma_desc(qs.tile + offset, 0, kAtomBytes), wgmma_desc(tk + offset, 0, kAtomBytes),
+      const uint32_t offset_bytes = ((ks / 4) * 64 * 64 + (ks % 4) * 16) * sizeof(T);
+      wgmma_m64n64k16_ss<T>(s, wgmma_desc_advance(q_desc, offset_bytes), wgmma_desc_advance(k_desc, offset_bytes),
                             ks > 0);
     }
   }
@@ -391,12 +393,12 @@ struct WgmmaTiles {
   static __device__ __forceinline__ void issue_accumulate(float (&acc)[Dv / 8][4], const uint32_t (&a)[4][4],
                                                           const T* tv) {
     static_assert(Dv == 64 || Dv == 128, "one or two 64-column parts");
+    const uint64_t v_desc = wgmma_desc(tv, kPartBytes, kAtomBytes);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const T* rows = tv + kk * 16 * 64;
-      wgmma_m64n64k16<T, true, 0>(acc, a[kk], wgmma_desc(rows, kPartBytes, kAtomBytes), true);
-      if constexpr (Dv == 128)
-        wgmma_m64n64k16<T, true, 8>(acc, a[kk], wgmma_desc(rows + 64 * 64, kPartBytes, kAtomBytes), true);
+      const uint64_t rows = wgmma_desc_advance(v_desc, kk * 16 * 64 * sizeof(T));  // keys 16 kk ..
+      wgmma_m64n64k16<T, true, 0>(acc, a[kk], rows, true);
+      if constexpr (Dv == 128) wgmma_m64n64k16<T, true, 8>(acc, a[kk], wgmma_desc_advance(rows, kPartBytes), true);
     }
   }
 };

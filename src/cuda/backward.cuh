@@ -318,15 +318,19 @@ struct KeyTile {
 // cp.async of row tile i of a key-major CTA (rows (p, g), p-major; R rows per tile) of a
 // per-query-head tensor (Q or dO, `base` at query head kv_head * G) into a tile of R rows at dst
 // (layout: tile_chunk_offset). tile_t [R] (shared memory): each row's position t, -1 past the
-// CTA's rows, which are zeros. Not committed.
+// CTA's rows, which are zeros. row: GroupedRowCursor(G, TileChunks<D, R, kAttnThreads>::kRowStep) at
+// row i R + tid / (D / 8), the thread's first where TileChunks gives it a fixed column (the caller
+// steps it from tile to tile, so that no load divides by G); otherwise each chunk's row is sought.
+// Not committed.
 template <class T, int D, int R, bool kSwizzled>
 __device__ __forceinline__ void load_list_rows_async(T* dst, const T* base, const TensorRef& ref, const int* tile_t,
-                                                     int i, int G) {
-  // Row i R + r is query head (i R + r) % G of the group (GroupedRowCursor; its position is tile_t's).
+                                                     int i, GroupedRowCursor row) {
   using Chunks = TileChunks<D, R, kAttnThreads>;
-  GroupedRowCursor row(G, Chunks::kRowStep);
   Chunks::visit(
-      static_cast<int>(threadIdx.x), [&](int r, int) { row.seek(i * R + r); },
+      static_cast<int>(threadIdx.x),
+      [&](int r, int) {
+        if constexpr (!Chunks::kFixedColumn) row.seek(i * R + r);
+      },
       [&](int r, int c) {
         const int t = tile_t[r];
         const bool valid = t >= 0;
@@ -493,12 +497,21 @@ __global__ void __launch_bounds__(kAttnThreads, (kBackwardMinBlocks<Dk>))
       s_gate[n] = Tr::to_float(terms.gate);
     }
   };
-  // Row tile i's Q and dO rows into buffer i & 1 by cp.async (its terms are in shared memory).
+  // Row tile i's Q and dO rows into buffer i & 1 by cp.async (its terms are in shared memory), for
+  // i = 0, 1, 2, ... in turn: q_rows and do_rows are the loaders' cursors at the thread's first row
+  // of the next tile (load_list_rows_async).
+  GroupedRowCursor q_rows(G, TileChunks<Dk, R, kAttnThreads>::kRowStep);
+  GroupedRowCursor do_rows(G, TileChunks<Dv, R, kAttnThreads>::kRowStep);
+  const GroupedRowCursor row_tile_step(G, R);
+  q_rows.seek(tid / (Dk / 8));
+  do_rows.seek(tid / (Dv / 8));
   auto issue = [&](int i) {
     const int buf = i & 1;
     const int* tile_t = s_t + (i % kTB) * R;
-    load_list_rows_async<T, Dk, R, kWgmma>(sQ + buf * R * (Dk + 8), qbase, a.q, tile_t, i, G);
-    load_list_rows_async<T, Dv, R, kWgmma>(sDo + buf * R * (Dv + 8), dobase, a.grad_out, tile_t, i, G);
+    load_list_rows_async<T, Dk, R, kWgmma>(sQ + buf * R * (Dk + 8), qbase, a.q, tile_t, i, q_rows);
+    load_list_rows_async<T, Dv, R, kWgmma>(sDo + buf * R * (Dv + 8), dobase, a.grad_out, tile_t, i, do_rows);
+    q_rows.advance_by(row_tile_step);
+    do_rows.advance_by(row_tile_step);
     cp_async_commit();
   };
 

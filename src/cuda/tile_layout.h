@@ -92,9 +92,11 @@ struct GroupedRowCursor {
     t = row / group;
     g = row % group;
   }
-  NSA_HOST_DEVICE void advance() {
-    t += t_step;
-    g += g_step;
+  NSA_HOST_DEVICE void advance() { advance_by(*this); }
+  // Moves on by another cursor's step (the same group).
+  NSA_HOST_DEVICE void advance_by(const GroupedRowCursor& step) {
+    t += step.t_step;
+    g += step.g_step;
     if (g >= group) {
       g -= group;
       ++t;
@@ -111,6 +113,14 @@ NSA_HOST_DEVICE constexpr uint64_t wgmma_desc_bits(uint32_t smem_address, uint32
   constexpr uint64_t kSwizzle128 = 1ull << 62;
   return uint64_t{(smem_address & 0x3FFFFu) >> 4} | (uint64_t{(leading_bytes >> 4) & 0x3FFFu} << 16) |
          (uint64_t{(stride_bytes >> 4) & 0x3FFFu} << 32) | kSwizzle128;
+}
+
+// The descriptor of the matrix byte_offset bytes (a multiple of 16) past the one desc describes, in
+// the same layout: one add to the start address field, which does not carry out of it (shared memory
+// addresses stay below 256 KB). The products' k-steps take their operands this way from one
+// descriptor per tile, instead of building each from its address.
+NSA_HOST_DEVICE constexpr uint64_t wgmma_desc_advance(uint64_t desc, uint32_t byte_offset) {
+  return desc + (byte_offset >> 4);
 }
 
 }  // namespace nsa::cuda_detail

@@ -19,6 +19,7 @@ namespace {
 using nsa::cuda_detail::GroupedRowCursor;
 using nsa::cuda_detail::tile_chunk_offset;
 using nsa::cuda_detail::TileChunks;
+using nsa::cuda_detail::wgmma_desc_advance;
 using nsa::cuda_detail::wgmma_desc_bits;
 
 // Byte offset of element (row, col) in the unswizzled [D / 64][Rows][64] layout, then the 128-byte
@@ -75,6 +76,18 @@ TEST(TileLayout, WgmmaDescriptorFields) {
   EXPECT_EQ(wgmma_desc_bits(0x5400u + 32u, 0u, 1024u) - wgmma_desc_bits(0x5400u, 0u, 1024u), 2u);
 }
 
+// Advancing a descriptor gives the descriptor of the advanced address, for every 16-byte step of the
+// k-steps and 64-row parts the products take, from tiles anywhere in a 227 KB shared memory window.
+TEST(TileLayout, WgmmaDescriptorAdvanceIsTheDescriptorOfTheAdvancedAddress) {
+  constexpr uint32_t kSmemBytes = 227 * 1024;
+  for (uint32_t base = 0; base < kSmemBytes; base += 1024)
+    for (const uint32_t leading : {0u, 8192u})
+      for (uint32_t offset = 0; offset < 32768 && base + offset < kSmemBytes; offset += 16)
+        ASSERT_EQ(wgmma_desc_advance(wgmma_desc_bits(base, leading, 1024u), offset),
+                  wgmma_desc_bits(base + offset, leading, 1024u))
+            << "base " << base << ", offset " << offset;
+}
+
 // Every chunk (r, c) of a Rows x D tile goes to exactly one of the Threads threads, and a thread's
 // GroupedRowCursor, sought at its first row and advanced by each step as the loaders do
 // (load_head_rows_async, load_list_rows_async), holds ((m0 + r) / G, (m0 + r) % G) at every chunk
@@ -120,6 +133,32 @@ TEST(TileLayout, TileChunksCopyEveryChunkOnceAndStepRowsAsTheyDivide) {
   check_tile_chunks<128, 32, 128>();   // half row tiles
   check_tile_chunks<192, 64, 128>();   // no common column: one division a chunk
   check_tile_chunks<192, 64, 384>();
+}
+
+// The key-major backward's loads (load_list_rows_async): a thread's cursor at its first row of row
+// tile 0, advanced by R rows per tile with advance_by, and copied into each tile's walk, holds
+// (i R + r) / G and (i R + r) % G at every chunk of every tile.
+TEST(TileLayout, GroupedRowCursorStepsFromRowTileToRowTile) {
+  constexpr int kR = 64, kThreads = 128;
+  using Chunks = TileChunks<128, kR, kThreads>;
+  static_assert(Chunks::kFixedColumn, "the dkv kernel's Dk = 128 loads");
+  for (const int group : {1, 2, 3, 5, 6, 7, 16, 24, 72})
+    for (int tid = 0; tid < kThreads; ++tid) {
+      GroupedRowCursor first(group, Chunks::kRowStep);
+      const GroupedRowCursor tile_step(group, kR);
+      first.seek(tid / (128 / 8));
+      for (int i = 0; i < 40; ++i) {
+        GroupedRowCursor row = first;
+        Chunks::visit(
+            tid, [](int, int) {},
+            [&](int r, int) {
+              ASSERT_EQ(row.t, (i * kR + r) / group) << "tile " << i << ", row " << r << ", G " << group;
+              ASSERT_EQ(row.g, (i * kR + r) % group) << "tile " << i << ", row " << r << ", G " << group;
+            },
+            [&] { row.advance(); });
+        first.advance_by(tile_step);
+      }
+    }
 }
 
 }  // namespace
