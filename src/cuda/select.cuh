@@ -17,7 +17,9 @@
 //      Shuffle path (3 <= G <= 16, kPaddedGroup = 4, 8 or 16): a warp's 16 rows are 16 / kPaddedGroup
 //      whole positions, so the head sum is a shuffle reduce-scatter over the mma accumulators
 //      (padding rows add 0) and the warp owns its positions' block scores: nothing but the K double
-//      buffer is shared between warps (two barriers per tile).
+//      buffer is shared between warps (one barrier per tile). Its loop is a software pipeline: tile
+//      k + 1's S runs on the tensor cores while tile k's steps 1 (exponentials) and 2 run
+//      (docs/decisions/0017).
 //      Otherwise (G <= 2 or G > 16) p goes through shared memory (chunks of 64 rows for G > 64).
 // At the end one warp per position picks the top-n (top_n.cuh): the forced blocks (initial,
 // local), then the best of the remaining eligible blocks by a radix select, ties to the lower block
