@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
       __syncwarp();
     };
     // Software pipeline: tile k + 1's S runs on the tensor cores while tile k's exponentials and sums
-    // run (the tensor cores and the MUFU unit are each about half of a tile's time).
+    // run (where the kernel's time goes at 64k: docs/decisions/0017).
     float s[8][4];
     if (num_tiles > 0 && (kWgmma || nv_warp > 0)) {
       Mma::template scores_async<T, Dk>(qf, sK, s);
