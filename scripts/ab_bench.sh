@@ -6,11 +6,13 @@
 # of the chosen stages.
 #
 #   AB_VARIANTS="main=. x=@docs/experiments/NAME.patch" bash scripts/ab_bench.sh   (git diff or diff -ruN, -p1)
+#   AB_VARIANTS="main=. xy=@docs/experiments/X.patch+docs/experiments/Y.patch" bash scripts/ab_bench.sh   (both)
 #   AB_VARIANTS="main=. f4=.:-DCMAKE_CUDA_FLAGS=-DSOME_SWITCH=1" bash scripts/ab_bench.sh
 #
 # Environment (defaults in brackets):
-#   AB_VARIANTS  space-separated NAME=SOURCE[:CMAKE_ARGS]: SOURCE a directory, or @PATCH for a copy of this
-#                tree (git's tracked files) with PATCH applied (git apply); CMAKE_ARGS comma-separated [main=.]
+#   AB_VARIANTS  space-separated NAME=SOURCE[:CMAKE_ARGS]: SOURCE a directory, or @PATCH[+PATCH...] for a copy
+#                of this tree (git's tracked files) with the patches applied in turn (patch -p1);
+#                CMAKE_ARGS comma-separated [main=.]
 #   AB_FILTER    gtest filter run in each variant, empty to skip (the parameterized cases are named
 #                Cases/CudaForward.MatchesReference/...: *CudaForward* matches them) [*CudaBackward*]
 #   AB_SHAPES    semicolon-separated NAME:nsa_bench_forward args [m7c-125m 2k, paper 8k, long 32k, paper 64k]
@@ -52,7 +54,8 @@ build_variant() {
   local source=${spec%%:*} extra=() dir build
   [[ $spec == *:* ]] && IFS=, read -r -a extra <<< "${spec#*:}"
   if [[ $source == @* ]]; then
-    local patch_file=$PWD/${source#@}
+    local patch_files
+    IFS=+ read -r -a patch_files <<< "${source#@}"
     dir=build/ab-src-$name
     rm -rf "$dir" && mkdir -p "$dir"
     # The tracked files (or, in a copy without git's index, everything but build outputs).
@@ -63,11 +66,15 @@ build_variant() {
     fi | tar -xf - -C "$dir" || return 1
     # patch, not git apply: the copy lies inside this repository, where git apply skips, without a
     # word and with status 0, every path outside the current directory (all of them).
-    local patched
-    patched=$(cd "$dir" && patch -p1 --forward --batch < "$patch_file") ||
-      { echo "patch ${source#@} does not apply: $patched"; return 1; }
-    grep -q '^patching file' <<< "$patched" || { echo "patch ${source#@} changes no file"; return 1; }
-    echo "$name: $(grep -c '^patching file' <<< "$patched") files patched" >&2
+    local patch_file patch_path patched count=0
+    for patch_file in "${patch_files[@]}"; do
+      patch_path=$PWD/$patch_file  # (before the cd below)
+      patched=$(cd "$dir" && patch -p1 --forward --batch < "$patch_path") ||
+        { echo "patch $patch_file does not apply: $patched"; return 1; }
+      grep -q '^patching file' <<< "$patched" || { echo "patch $patch_file changes no file"; return 1; }
+      count=$((count + $(grep -c '^patching file' <<< "$patched")))
+    done
+    echo "$name: $count files patched by ${#patch_files[@]} patch(es)" >&2
     build=$dir/build
   else
     dir=$source
