@@ -606,19 +606,19 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
 // of V, issued by one thread; a tile that reaches past the sequence's keys (its end) as cp.async by
 // a warp, which zero-fills the rows past the tile's keys (P V must not meet what lies there) and
 // arrives on the barrier once they have landed (after a proxy fence where wgmma reads them:
-// kAsyncReads). Every warp waits for every tile (a warp that skipped a wait could take a later phase
+// kWgmma). Every warp waits for every tile (a warp that skipped a wait could take a later phase
 // of that stage for an earlier one), computes those it does not skip (Tiles::warp_skips: the slc
 // blocks its positions did not select), and counts itself out in released[st]; the last of the
 // kThreads / 32 to leave a tile refills its stage with tile k + Stages. So a warp runs up to
 // Stages - 1 tiles ahead of the slowest, where sweep_key_tiles' CTA barriers hold every warp on
 // every tile until the one that computes it is done (docs/decisions/0003: the barriers were the slc
 // kernel's largest stall; 0013: 18-19% of the cmp and win kernels' warp cycles). thread 0
-// initializes the barriers and counts before the call; kWaitCopies: the callers' cp.async copies
-// (a Q tile in shared memory) are waited for, and the barriers published, by a CTA barrier after the
-// first refills, else the caller publishes them. map_row0, map_batch: the sequence's (row0, batch) in
+// initializes the barriers and counts before the call. kWgmma (the cmp and win rings): the readers
+// are wgmma, and the caller's cp.async copies of their Q tile in shared memory are waited for, and
+// the barriers published, by a CTA barrier after the first refills; else (the slc ring, mma.sync
+// with Q in registers) the caller publishes them. map_row0, map_batch: the sequence's (row0, batch) in
 // the maps' [B][rows] (varlen: (first row, 0); padded: (0, b)); kbase / vbase as in sweep_key_tiles.
-template <class T, int Dk, int Dv, int Stages, int kThreads, bool kAsyncReads, bool kWaitCopies, class Tiles,
-          class Body>
+template <class T, int Dk, int Dv, int Stages, int kThreads, bool kWgmma, class Tiles, class Body>
 __device__ __forceinline__ void sweep_tma_ring(const Tiles& tiles, const KvTensorMaps& maps, int kv_head,
                                                int map_row0, int map_batch, const T* kbase, int64_t kstride,
                                                const T* vbase, int64_t vstride, T* sK, T* sV, uint64_t* full,
@@ -659,7 +659,7 @@ __device__ __forceinline__ void sweep_tma_ring(const Tiles& tiles, const KvTenso
       // The warp waits for its copies, then announces the tile.
       cp_async_commit();
       cp_async_wait<0>();
-      if constexpr (kAsyncReads) fence_proxy_async_smem();  // wgmma reads them through the async proxy
+      if constexpr (kWgmma) fence_proxy_async_smem();  // wgmma reads them through the async proxy
       __syncwarp();
       if (lane == 0) mbarrier_arrive(bar);
     }
@@ -667,7 +667,7 @@ __device__ __forceinline__ void sweep_tma_ring(const Tiles& tiles, const KvTenso
   if (warp == 0)
 #pragma unroll
     for (int k = 0; k < Stages; ++k) refill(k);
-  if constexpr (kWaitCopies) {
+  if constexpr (kWgmma) {  // the Q tile's copies
     cp_async_wait<0>();
     fence_proxy_async_smem();
     __syncthreads();
@@ -1034,7 +1034,7 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   if constexpr (kSplit) wait_for_previous_kernel();
 
   // With wgmma the Q tile stays in its own buffer and the sweep's first wait for a K / V tile
-  // (sweep_key_tiles; a ring's kWaitCopies) covers its (earlier) copy group too, so its loads
+  // (sweep_key_tiles; a wgmma ring's, sweep_tma_ring) covers its (earlier) copy group too, so its loads
   // overlap those of the first tiles.
   if constexpr (!kWgmma) {
     cp_async_wait<0>();
@@ -1081,7 +1081,7 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // The ring's barriers and counts (after the tiles and the Q tile). The slc ring's are published
     // by slc_tiles' CTA barriers (its Q tile is in registers by then); the cmp and win rings wait for
-    // their Q tile's copies and publish both after the first refills (kWaitCopies).
+    // their Q tile's copies and publish both after the first refills (sweep_tma_ring).
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + kSweepBytes - AttentionSmem::kRingSyncBytes);
     uint32_t* released = reinterpret_cast<uint32_t*>(full + kStages);
     if (threadIdx.x == 0) {
@@ -1097,9 +1097,9 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
                                                                                   int64_t vstride, int key_row0) {
       const int map_batch = a.cu_seqlens != nullptr ? 0 : b;
       count_keys_read(tiles, keys_read);
-      sweep_tma_ring<T, Dk, Dv, kStages, kThreads, kWgmma, kWgmma>(tiles, *maps, kv_head, key_row0, map_batch, kbase,
-                                                                 kstride, vbase, vstride, sK, sV, full, released,
-                                                                 rt.warp_positions, tile_body);
+      sweep_tma_ring<T, Dk, Dv, kStages, kThreads, kWgmma>(tiles, *maps, kv_head, key_row0, map_batch, kbase, kstride,
+                                                         vbase, vstride, sK, sV, full, released, rt.warp_positions,
+                                                         tile_body);
     });
 #endif
   } else {
