@@ -98,8 +98,8 @@ def prefill_bytes(B: int, T: int, Hq: int, Hkv: int, Dk: int, Dv: int, elt: int 
     rows = B * T * Hq
     q, o, lse = rows * Dk * elt, rows * Dv * elt, rows * 4
     kv = B * T * Hkv * (Dk + Dv) * elt
-    kv_cmp = B * num_cmp_tokens(T, cmp_block, cmp_stride) * Hkv * (Dk + Dv) * elt
-    k_cmp = B * num_cmp_tokens(T, cmp_block, cmp_stride) * Hkv * Dk * elt
+    cmp_rows = B * num_cmp_tokens(T, cmp_block, cmp_stride) * Hkv
+    kv_cmp, k_cmp = cmp_rows * (Dk + Dv) * elt, cmp_rows * Dk * elt
     indices = B * T * Hkv * num_selected * 4
     gates = rows * 3 * elt
     b = {"cmp": q + kv_cmp + o + lse, "select": q + k_cmp + lse + indices, "slc": q + kv + indices + o + lse,
@@ -122,7 +122,7 @@ def floor_ms(flops: float, nbytes: float, ceilings: dict):
 def stage_floors(flops: dict, nbytes: dict, ceilings: dict) -> dict:
     """{stage: floor_ms of the stage}, and "all": (the sum, "sum") (the stages run one after the
     other); {} without both ceilings."""
-    floors = {stage: floor_ms(flops[stage], nbytes[stage], ceilings) for stage in ("cmp", "select", "slc", "win")}
+    floors = {stage: floor_ms(flops[stage], nbytes[stage], ceilings) for stage in STAGES[1:]}
     if None in floors.values():
         return {}
     floors["all"] = (sum(v[0] for v in floors.values()), "sum")
@@ -705,7 +705,8 @@ def print_floors(result) -> None:
         return
     print("\nforward floors (ms): the larger of the nominal FLOPs at the matmul ceiling (c) and the DRAM bytes of "
           "prefill_bytes at the copy ceiling (m); measured / floor")
-    hdr = ("config", "T") + tuple(s for s in ("cmp", "select", "slc", "win", "all")) + ("dense", "cudnn")
+    columns = STAGES[1:] + STAGES[:1]  # the four stages, then "all"
+    hdr = ("config", "T") + columns + ("dense", "cudnn")
     fmt = "{:<10} {:>7}" + " {:>20}" * 5 + " {:>10} {:>9}"
     print(fmt.format(*hdr))
     for r in rows:
@@ -714,7 +715,7 @@ def print_floors(result) -> None:
         floors = stage_floors(flops, nbytes, result["ceilings"])
         dense = floor_ms(flops["dense_causal"], nbytes["dense_causal"], result["ceilings"])[0]
         cells = []
-        for stage in ("cmp", "select", "slc", "win", "all"):
+        for stage in columns:
             floor, bound = floors[stage]
             ms = r["stages_ms"].get(stage)
             tag = "" if bound == "sum" else f" {bound[0]}"
