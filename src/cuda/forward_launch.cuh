@@ -111,26 +111,29 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
                           : padded_group == 4 ? select_kernel<T, Dk, 4>
                                               : select_kernel<T, Dk, 0>;
   const bool run_select = (stages & kStageSelect) && !a.indices_given;
-  // The attention kernel of `branch`, as a function of its branch number at compile time.
-  const auto for_branch = [&](int branch, const auto& f) {
-    if (branch == kBranchCmp) return f(std::integral_constant<int, kBranchCmp>{});
-    if (branch == kBranchSlc) return f(std::integral_constant<int, kBranchSlc>{});
-    return f(std::integral_constant<int, kBranchWin>{});
+  // Calls f(kernel, name, args...) with `branch`'s attention kernel (its ring kernel where
+  // kernels[branch].ring), the kernel's name (for prepare_kernel and kernel_launch_status) and its
+  // launch arguments.
+  const auto with_branch_kernel = [&](int branch, const auto& f) {
+    const BranchKernel& k = kernels[branch];
+    const auto of_branch = [&](auto kb) {
+      constexpr int kB = decltype(kb)::value;
+      static constexpr const char* kNames[kNumBranches][2] = {
+          {"the cmp attention kernel", "the cmp attention kernel (TMA ring)"},
+          {"the slc attention kernel", "the slc attention kernel (TMA ring)"},
+          {"the win attention kernel", "the win attention kernel (TMA ring)"}};
+      if constexpr (tma_ring_compiled(kB, Dk))
+        if (k.ring) return f(tma_ring_kernel<T, Dk, Dv, kB>, kNames[kB][1], a, k.maps);
+      return f(attention_kernel<T, Dk, Dv, kB>, kNames[kB][0], a);
+    };
+    if (branch == kBranchCmp) return of_branch(std::integral_constant<int, kBranchCmp>{});
+    if (branch == kBranchSlc) return of_branch(std::integral_constant<int, kBranchSlc>{});
+    return of_branch(std::integral_constant<int, kBranchWin>{});
   };
-  // [branch][ring]: the kernel's name, for prepare_kernel and kernel_launch_status.
-  static constexpr const char* kKernelNames[kNumBranches][2] = {
-      {"the cmp attention kernel", "the cmp attention kernel (TMA ring)"},
-      {"the slc attention kernel", "the slc attention kernel (TMA ring)"},
-      {"the win attention kernel", "the win attention kernel (TMA ring)"}};
   for (int branch = 0; branch < kNumBranches && st.ok(); ++branch) {
     if (!(stages & kStageBits[branch])) continue;
-    const BranchKernel& k = kernels[branch];
-    st = for_branch(branch, [&](auto kb) {
-      constexpr int kB = decltype(kb)::value;
-      if constexpr (tma_ring_compiled(kB, Dk))
-        if (k.ring)
-          return prepare_kernel(kForwardApi, tma_ring_kernel<T, Dk, Dv, kB>, k.smem, max_smem, kKernelNames[kB][1]);
-      return prepare_kernel(kForwardApi, attention_kernel<T, Dk, Dv, kB>, k.smem, max_smem, kKernelNames[kB][0]);
+    st = with_branch_kernel(branch, [&](auto kernel, const char* name, const auto&...) {
+      return prepare_kernel(kForwardApi, kernel, kernels[branch].smem, max_smem, name);
     });
   }
   if (st.ok() && run_select) st = prepare_kernel(kForwardApi, sel_kernel, select_smem, max_smem, "the selection kernel");
@@ -146,16 +149,9 @@ Status launch_forward(const ForwardArgs& a, cudaStream_t stream, unsigned stages
                          static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(a.batch));
   // Launches `branch`'s attention kernel (each reads what the earlier stages wrote).
   const auto launch_branch = [&](int branch) {
-    const BranchKernel& k = kernels[branch];
-    return for_branch(branch, [&](auto kb) {
-      constexpr int kB = decltype(kb)::value;
-      bool ring = false;
-      if constexpr (tma_ring_compiled(kB, Dk)) {
-        ring = k.ring;
-        if (ring) tma_ring_kernel<T, Dk, Dv, kB><<<attn_grid(kB), attn_threads(kB), k.smem, stream>>>(a, k.maps);
-      }
-      if (!ring) attention_kernel<T, Dk, Dv, kB><<<attn_grid(kB), attn_threads(kB), k.smem, stream>>>(a);
-      return kernel_launch_status(kForwardApi, kKernelNames[kB][ring ? 1 : 0], cudaGetLastError());
+    return with_branch_kernel(branch, [&](auto kernel, const char* name, const auto&... args) {
+      kernel<<<attn_grid(branch), attn_threads(branch), kernels[branch].smem, stream>>>(args...);
+      return kernel_launch_status(kForwardApi, name, cudaGetLastError());
     });
   };
   if ((stages & kStageCmp) && !(st = launch_branch(kBranchCmp)).ok()) return st;
