@@ -913,7 +913,9 @@ inline constexpr bool kAttnWgmma = kHaveWgmma && !kSplit && prefill_sweep_wgmma(
 template <int Dk, int kBranch, bool kSplit>
 inline constexpr int kAttnWarpgroups = prefill_warpgroups(kBranch, Dk, kAttnWgmma<Dk, kBranch, kSplit>);
 template <int Dk, int kBranch, bool kSplit>
-inline constexpr int kAttnCtaMinBlocks = kAttnWarpgroups<Dk, kBranch, kSplit> == 1 ? kAttnMinBlocks<Dk, kBranch> : 1;
+inline constexpr int kAttnCtaMinBlocks = kAttnWarpgroups<Dk, kBranch, kSplit> == 1   ? kAttnMinBlocks<Dk, kBranch>
+                                         : kAttnWarpgroups<Dk, kBranch, kSplit> == 2 ? 2
+                                                                                     : 1;
 
 
 // With kWarpSplit (m * G <= 16, so the first warp's 16 rows hold every query) the four warps
@@ -958,6 +960,91 @@ __device__ __forceinline__ void fold_warps(unsigned char* smem, float (&acc)[Dv 
     }
   }
   __syncthreads();  // the states are read before the buffers are reused
+}
+
+// 16 bytes of a row: one vector access where the buffers allow it (ForwardArgs::chunk_stores).
+template <class T>
+__device__ __forceinline__ uint4 load_chunk(const T* src, bool whole) {
+  if (whole) return *reinterpret_cast<const uint4*>(src);
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(src);
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+template <class T>
+__device__ __forceinline__ void store_chunk(T* dst, const uint4& v, bool whole) {
+  if (whole) {
+    *reinterpret_cast<uint4*>(dst) = v;
+    return;
+  }
+  uint32_t* w = reinterpret_cast<uint32_t*>(dst);
+  w[0] = v.x;
+  w[1] = v.y;
+  w[2] = v.z;
+  w[3] = v.w;
+}
+
+// The prefill epilogue's stores: a warp's 16 rows (row0 .. row0 + 15 as in RowTile) of the branch
+// output, normalized and rounded to T, staged in shared memory [16][stride]. Each lane takes 16-byte
+// chunks, so that a store covers whole rows (2 or 4 per instruction) instead of 16 bytes of each of 8
+// rows as the accumulator layout would. The win kernel also combines (Eq. 5) its rows with o_cmp and
+// o_slc read back from their buffers, each batch's loads before its stores (a store may alias them).
+template <class T, int Dv, int kBranch>
+__device__ __forceinline__ void store_staged_rows(const ForwardArgs& a, int b, const SeqInfo& seq, int kv_head,
+                                                  int row0, const T* stage, int stage_stride) {
+  using Tr = TypeTraits<T>;
+  constexpr int kChunks = Dv / 8, kRowsPerPass = 32 / kChunks, kPasses = 16 / kRowsPerPass;
+  constexpr int kBatch = kPasses < 4 ? kPasses : 4;
+  static_assert(32 % kChunks == 0 && kPasses % kBatch == 0, "a row's chunks within one warp");
+  const int lane = threadIdx.x & 31, col = (lane % kChunks) * 8, len = static_cast<int>(seq.len);
+  const bool whole = a.chunk_stores;
+  const int64_t out_base = a.cu_seqlens != nullptr ? seq.row0 * a.out_seq_stride : int64_t{b} * a.out_batch_stride;
+  GroupedRowCursor row(a.group, kRowsPerPass);
+  row.seek(row0 + lane / kChunks);
+#pragma unroll
+  for (int p0 = 0; p0 < kPasses; p0 += kBatch) {
+    int t[kBatch], head[kBatch];
+    uint4 own[kBatch], cmp[kBatch], slc[kBatch];
+    float gate[kBatch][3];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      t[k] = row.t < len ? row.t : -1;  // the query row within the sequence
+      head[k] = kv_head * a.group + row.g;
+      own[k] = *reinterpret_cast<const uint4*>(stage + ((p0 + k) * kRowsPerPass + lane / kChunks) * stage_stride + col);
+      if constexpr (kBranch == kBranchWin) {
+        if (t[k] >= 0) {
+          const int64_t grow = seq.row0 + t[k];
+          cmp[k] = load_chunk(branch_row<T>(a.cmp_out, a, grow, head[k]) + col, whole);
+          slc[k] = load_chunk(branch_row<T>(a.slc_out, a, grow, head[k]) + col, whole);
+          const T* g = seq_head_ptr<T>(a.gates, a, b, seq.row0, head[k]) + int64_t{t[k]} * a.gates.seq_stride;
+#pragma unroll
+          for (int br = 0; br < 3; ++br) gate[k][br] = Tr::to_float(g[br]);
+        }
+      }
+      row.advance();
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      if (t[k] < 0) continue;
+      const int64_t grow = seq.row0 + t[k];
+      if constexpr (kBranch != kBranchWin) {
+        store_chunk(branch_row<T>(kBranch == kBranchCmp ? a.cmp_out : a.slc_out, a, grow, head[k]) + col, own[k], whole);
+      } else {
+        const uint32_t ow[4] = {own[k].x, own[k].y, own[k].z, own[k].w};
+        const uint32_t oc[4] = {cmp[k].x, cmp[k].y, cmp[k].z, cmp[k].w};
+        const uint32_t os[4] = {slc[k].x, slc[k].y, slc[k].z, slc[k].w};
+        uint32_t o[4];
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          const float2 fw = Tr::unpack(ow[w]), fc = Tr::unpack(oc[w]), fs = Tr::unpack(os[w]);
+          o[w] = Tr::pack(gate[k][0] * fc.x + gate[k][1] * fs.x + gate[k][2] * fw.x,
+                          gate[k][0] * fc.y + gate[k][1] * fs.y + gate[k][2] * fw.y);
+        }
+        T* out = static_cast<T*>(a.out) + out_base + int64_t{t[k]} * a.out_seq_stride +
+                 int64_t{head[k]} * a.out_head_stride + col;
+        store_chunk(out, make_uint4(o[0], o[1], o[2], o[3]), whole);
+        if (a.win_out != nullptr) store_chunk(branch_row<T>(a.win_out, a, grow, head[k]) + col, own[k], whole);
+      }
+    }
+  }
 }
 
 // kSplit (the decode path, src/cuda/decode.cuh; one row tile per (sequence, kv head)): the CTA
@@ -1140,51 +1227,26 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
         *reinterpret_cast<float2*>(dst + nb * 8 + tig * 2) = make_float2(acc[nb][2 * r], acc[nb][2 * r + 1]);
     }
   } else {
-    // Epilogue: the branch output rounded to T, its lse; the win kernel also combines (Eq. 5) the
-    // T-rounded branch outputs, reading o_cmp and o_slc back from their buffers.
+    // Epilogue: the lse, and the branch output rounded to T staged in shared memory for
+    // store_staged_rows (the K / V tiles are free once every warp is done with them).
+    __syncthreads();
+    constexpr int kStageStride = Dv + 8;  // conflict-free 4-byte writes by the quads' rows
+    static_assert(int64_t{kRows} * kStageStride * 2 <= AttentionSmem::tiles_bytes(Dk, Dv, kStages), "staging fits");
+    T* stage = reinterpret_cast<T*>(smem) + warp * 16 * kStageStride;
+    const int quad = (threadIdx.x & 31) >> 2;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float inv, lse;
       finish_row(m[r], l[r], &inv, &lse);
-      if (out_rows[r].t < 0) continue;
-      const int t = out_rows[r].t - static_cast<int>(seq.pos0), head = out_rows[r].head;  // the query row
-      const int64_t grow = seq.row0 + t;
-      if (tig == 0) a.lse[(grow * H + head) * 3 + kBranch] = lse;
-      if constexpr (kBranch != kBranchWin) {
-        T* dst = branch_row<T>(kBranch == kBranchCmp ? a.cmp_out : a.slc_out, a, grow, head);
+      if (out_rows[r].t >= 0 && tig == 0)
+        a.lse[((seq.row0 + out_rows[r].t - seq.pos0) * H + out_rows[r].head) * 3 + kBranch] = lse;
 #pragma unroll
-        for (int nb = 0; nb < Dv / 8; ++nb)
-          *reinterpret_cast<uint32_t*>(dst + nb * 8 + tig * 2) = Tr::pack(acc[nb][2 * r] * inv, acc[nb][2 * r + 1] * inv);
-      } else {
-        // Every load of the row before its first store: the compiler may not move a load of
-        // o_cmp / o_slc past a store to out (they might alias), so loads between the stores would
-        // wait for memory one after the other.
-        const T* gate = seq_head_ptr<T>(a.gates, a, b, seq.row0, head) + int64_t{t} * a.gates.seq_stride;
-        const T* o_cmp = branch_row<T>(a.cmp_out, a, grow, head);
-        const T* o_slc = branch_row<T>(a.slc_out, a, grow, head);
-        uint32_t cmp_words[Dv / 8], slc_words[Dv / 8];
-#pragma unroll
-        for (int nb = 0; nb < Dv / 8; ++nb) {
-          cmp_words[nb] = *reinterpret_cast<const uint32_t*>(o_cmp + nb * 8 + tig * 2);
-          slc_words[nb] = *reinterpret_cast<const uint32_t*>(o_slc + nb * 8 + tig * 2);
-        }
-        const float g_cmp = Tr::to_float(gate[0]), g_slc = Tr::to_float(gate[1]), g_win = Tr::to_float(gate[2]);
-        T* o_win = a.win_out != nullptr ? branch_row<T>(a.win_out, a, grow, head) : nullptr;
-        const int64_t out_base = a.cu_seqlens != nullptr ? seq.row0 * a.out_seq_stride : int64_t{b} * a.out_batch_stride;
-        T* out = static_cast<T*>(a.out) + out_base + int64_t{t} * a.out_seq_stride + int64_t{head} * a.out_head_stride;
-#pragma unroll
-        for (int nb = 0; nb < Dv / 8; ++nb) {
-          const int col = nb * 8 + tig * 2;
-          const uint32_t win_packed = Tr::pack(acc[nb][2 * r] * inv, acc[nb][2 * r + 1] * inv);
-          const float2 ow = Tr::unpack(win_packed);
-          const float2 os = Tr::unpack(slc_words[nb]);
-          const float2 oc = Tr::unpack(cmp_words[nb]);
-          *reinterpret_cast<uint32_t*>(out + col) = Tr::pack(g_cmp * oc.x + g_slc * os.x + g_win * ow.x,
-                                                             g_cmp * oc.y + g_slc * os.y + g_win * ow.y);
-          if (o_win) *reinterpret_cast<uint32_t*>(o_win + col) = win_packed;
-        }
-      }
+      for (int nb = 0; nb < Dv / 8; ++nb)
+        *reinterpret_cast<uint32_t*>(stage + (quad + 8 * r) * kStageStride + nb * 8 + tig * 2) =
+            Tr::pack(acc[nb][2 * r] * inv, acc[nb][2 * r + 1] * inv);
     }
+    __syncwarp();
+    store_staged_rows<T, Dv, kBranch>(a, b, seq, kv_head, m0 + warp * 16, stage, kStageStride);
   }
 }
 

@@ -4,6 +4,7 @@
 // launch_forward (src/cuda/forward_launch.cuh). Never synchronizes, never allocates.
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "cuda/api_common.h"
@@ -151,6 +152,15 @@ ForwardArgs make_args(const ForwardParams& p, void* workspace) {
     a.branch_row_stride = s.num_q_heads * s.head_dim_v;
     a.branch_head_stride = s.head_dim_v;
   }
+  const auto whole_chunks = [](const void* ptr, std::initializer_list<int64_t> strides) {
+    bool ok = aligned(ptr, 16);
+    for (int64_t stride : strides) ok = ok && stride % 8 == 0;
+    return ok;
+  };
+  const int64_t out_batch_stride = p.varlen.cu_seqlens != nullptr ? 0 : p.out.batch_stride;
+  a.chunk_stores = whole_chunks(a.out, {out_batch_stride, a.out_seq_stride, a.out_head_stride}) &&
+                   whole_chunks(a.cmp_out, {a.branch_row_stride, a.branch_head_stride}) &&
+                   whole_chunks(a.slc_out, {}) && (a.win_out == nullptr || whole_chunks(a.win_out, {}));
   a.lse = static_cast<float*>(p.lse);
   const DecodePlan plan = decode_plan(p);
   a.num_splits = plan.num_splits;

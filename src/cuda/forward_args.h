@@ -56,6 +56,7 @@ struct ForwardArgs {
   void* slc_out;
   void* win_out;
   int64_t branch_row_stride, branch_head_stride;
+  bool chunk_stores;  // out and the branch outputs are 16-byte aligned with strides of 8 elements
   float* lse;  // [rows, Hq, 3] contiguous
 
   // Decode path (src/cuda/decode.cuh): a KV cache with m * G <= 64, so one 64-row tile per
@@ -162,7 +163,7 @@ inline constexpr int64_t kSlcRingMinKeysWgmma = 8192;
 // two warpgroups, 8 warps per SM, gained less: docs/decisions/0009), else one. The decode sweeps keep
 // one.
 NSA_HOST_DEVICE constexpr int prefill_warpgroups(int branch, int dk, bool wgmma) {
-  return wgmma && branch != kBranchSlc && dk >= 128 ? 3 : 1;
+  return wgmma && branch != kBranchSlc && dk >= 128 ? (branch == kBranchWin ? 2 : 3) : 1;
 }
 
 // A TMA ring (tma_ring_kernel, sm_90): the prefill sweep of one branch with its K / V tiles loaded
@@ -174,6 +175,7 @@ NSA_HOST_DEVICE constexpr bool tma_ring_wgmma(int branch) { return branch != kBr
 // Stages: the slc ring's three while two CTAs of it still fit an SM (Dk <= 128: 102 KB of tiles at
 // D = 128), else two; the cmp and win rings' three.
 NSA_HOST_DEVICE constexpr int tma_ring_stages(int branch, int dk, int dv) {
+  if (branch == kBranchWin) return 2;
   if (branch != kBranchSlc) return 3;
   return 3 * AttentionSmem::stage_bytes(dk, dv) <= 110 * 1024 ? 3 : 2;
 }

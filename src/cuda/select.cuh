@@ -28,8 +28,11 @@
 // rounding (DESIGN.md section 2).
 #pragma once
 
+#include <type_traits>
+
 #include "cuda/attention.cuh"
 #include "cuda/common.cuh"
+#include "cuda/fast_divider.h"
 #include "cuda/top_n.cuh"
 
 namespace nsa::cuda_detail {
@@ -37,15 +40,25 @@ namespace nsa::cuda_detail {
 // Eq. 9 for one (position, block j) and the tokens of the tile [i0, i1): sum of weight * pg[i - i0].
 // With d | l and d | l' (validated), token i = j*m + u (m = l'/d, q = l/d) overlaps block j for
 // -q < u < m, with weight |[u, u+q) ∩ [0, m)| = min(u + q, m) - max(u, 0) (overlap_weight, no division).
+// The weights are small integers, so the float arithmetic gives them exactly (and the sum is the one
+// integer weights would give, in the same order).
 __device__ __forceinline__ float block_tile_sum(const float* pg, int j, int i0, int i1, int m, int q) {
   const int base = j * m;
   const int ia = max(max(base - q + 1, 0), i0), ib = min(base + m - 1, i1 - 1);
-  float sum = 0.f;
-  for (int i = ia; i <= ib; ++i) {
-    const int u = i - base;
-    sum += static_cast<float>(min(u + q, m) - max(u, 0)) * pg[i - i0];
-  }
+  const float mf = static_cast<float>(m), qf = static_cast<float>(q);
+  float sum = 0.f, u = static_cast<float>(ia - base);
+  for (int i = ia; i <= ib; ++i, u += 1.f) sum += (fminf(u + qf, mf) - fmaxf(u, 0.f)) * pg[i - i0];
   return sum;
+}
+
+// The blocks a tile of compressed tokens [i0, i1) overlaps (Eq. 9): i0 * d / l' to ((i1 - 1) * d + l - 1) / l',
+// which with m = l' / d and q = l / d are i0 / m and (i1 + q - 2) / m (with X = i1 - 1 + q,
+// floor((d X - 1) / (d m)) = floor((X - 1) / m)).
+struct TileBlocks {
+  int lo, hi;
+};
+__device__ __forceinline__ TileBlocks tile_blocks(const FastDivider& div_m, int i0, int i1, int q) {
+  return TileBlocks{div_m(i0), div_m(i1 + q - 2)};
 }
 
 // Reduce-scatter of h[0 .. N) over lane bits 4 << (kSteps - 1) down to 4 (the mma row group's low
@@ -164,6 +177,13 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
     const float lse_lo = has_chunk ? sLse2[row_lo] : pos_inf();  // +inf on padding rows: p = 0
     const float lse_hi = has_chunk ? sLse2[row_lo + 8] : pos_inf();
     const float scale_log2 = a.scale_log2;
+    const FastDivider div_bm(bm);
+    // The last block each of the warp's positions may select (t / l'), and the first position's
+    // visible compressed tokens (the fewest of the warp's rows: a tile below them needs no mask).
+    int pos_block_hi[kPosPerWarp];
+#pragma unroll
+    for (int i = 0; i < kPosPerWarp; ++i) pos_block_hi[i] = (t0 + tl_first + i) / ls;
+    const int nv_first = active ? num_visible_cmp(t0 + tl_first, lc, dc) : 0;
     // The block scores of tile k's keys from its S.
     const auto add_tile = [&](int k, const float (&s)[8][4]) {
       const int i0 = k * 64, i1 = min(i0 + 64, nk);
@@ -175,20 +195,29 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
       float h[kValues];
       const int kv_lo = nv_lo - i0, kv_hi = nv_hi - i0;  // keys < kv are visible
       // (Masks after the exps: masking them instead predicates each exp, with a reload of the scale.)
+      const auto probabilities = [&](auto masked) {
 #pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
+        for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int key = nb * 8 + tig * 2 + c;
-          const float p_lo = fast_exp2(s[nb][c] * scale_log2 - lse_lo);
-          const float p_hi = fast_exp2(s[nb][c + 2] * scale_log2 - lse_hi);
-          if constexpr (kPaddedGroup == 16) {  // both rows of a lane are one position
-            h[nb * 2 + c] = key < kv_lo ? p_lo + p_hi : 0.f;
-          } else {
-            h[nb * 4 + c] = key < kv_lo ? p_lo : 0.f;
-            h[nb * 4 + 2 + c] = key < kv_hi ? p_hi : 0.f;
+          for (int c = 0; c < 2; ++c) {
+            const int key = nb * 8 + tig * 2 + c;
+            const float p_lo = fast_exp2(s[nb][c] * scale_log2 - lse_lo);
+            const float p_hi = fast_exp2(s[nb][c + 2] * scale_log2 - lse_hi);
+            constexpr bool kMasked = decltype(masked)::value;
+            const bool see_lo = !kMasked || key < kv_lo;
+            if constexpr (kPaddedGroup == 16) {  // both rows of a lane are one position
+              h[nb * 2 + c] = see_lo ? p_lo + p_hi : 0.f;
+            } else {
+              h[nb * 4 + c] = see_lo ? p_lo : 0.f;
+              h[nb * 4 + 2 + c] = !kMasked || key < kv_hi ? p_hi : 0.f;
+            }
           }
-        }
+      };
+      // Every row of the warp sees the whole tile (nk >= nv_first, so it holds 64 keys): no masks.
+      if (i0 + 64 <= nv_first)
+        probabilities(std::false_type{});
+      else
+        probabilities(std::true_type{});
       head_reduce_scatter<kValues, kSteps>(h, lane);
       // Left: h[2*pair + c], pair = nb_low * 2 + half for 4 heads, half for 8, 0 for 16.
       const int head_bits = group & ((1 << kSteps) - 1);
@@ -202,13 +231,13 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
       }
       __syncwarp();
       // Eq. 9: blocks overlapped by this tile's tokens (tokens a position does not see have p = 0).
-      const int j_lo = i0 * dc / ls, j_tile_hi = ((i1 - 1) * dc + lc - 1) / ls;
+      const TileBlocks blocks = tile_blocks(div_bm, i0, i1, bq);
 #pragma unroll
       for (int i = 0; i < kPosPerWarp; ++i) {
         const int tl = tl_first + i;
         if (tl > tl_last) break;
-        const int j_hi = min(j_tile_hi, (t0 + tl) / ls);
-        for (int j = j_lo + lane; j <= j_hi; j += 32)
+        const int j_hi = min(blocks.hi, pos_block_hi[i]);
+        for (int j = blocks.lo + lane; j <= j_hi; j += 32)
           sBS[tl * NBs + j] += block_tile_sum(sPg + tl * 64, j, i0, i1, bm, bq);
       }
       __syncwarp();
@@ -287,11 +316,11 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
         __syncthreads();
       }
       // 2b. Eq. 9: blocks overlapped by tokens i0 .. i1-1.
-      const int j_lo = i0 * dc / ls;
-      const int j_hi = min(((i1 - 1) * dc + lc - 1) / ls, t_hi / ls);
-      const int nj = j_hi - j_lo + 1;
+      const TileBlocks blocks = tile_blocks(FastDivider(bm), i0, i1, bq);
+      const int j_hi = min(blocks.hi, t_hi / ls);
+      const int nj = j_hi - blocks.lo + 1;
       for (int e = tid; e < nt * nj; e += kSelectThreads) {
-        const int tl = e / nj, j = j_lo + e % nj;
+        const int tl = e / nj, j = blocks.lo + e % nj;
         sBS[tl * NBs + j] += block_tile_sum(sPg + tl * 64, j, i0, i1, bm, bq);
       }
       __syncthreads();

@@ -271,6 +271,19 @@ std::vector<GpuCase> gpu_cases() {
     v.output_layout = heads_outer;
     cases.push_back(v);
   }
+  // Outputs with even strides that are not multiples of 8 elements: 4-byte stores, not 16-byte chunks.
+  {
+    Layout odd_rows;
+    odd_rows.dim_pad = 2;
+    GpuCase c = make_gpu_case("out_even_strides", padded_spec(2, 257, 8, 2, 64, 64), small_n_config(),
+                              DType::kBFloat16, ++seed);
+    c.output_layout = odd_rows;
+    cases.push_back(c);
+    GpuCase v = make_gpu_case("out_even_strides_varlen_D128", varlen_spec({100, 257, 3}, 32, 2, 128, 128),
+                              small_n_config(), DType::kFloat16, ++seed);
+    v.output_layout = odd_rows;
+    cases.push_back(v);
+  }
   // Other block geometries: l' < 64 (partial key tiles), l' = 128 (two tiles per block), l > l',
   // no forced blocks, window 1, explicit scale.
   cases.push_back(make_gpu_case("l16d8s32_n5_init0_local3", padded_spec(1, 400, 6, 2, 64, 64),
