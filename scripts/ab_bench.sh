@@ -58,9 +58,11 @@ build_variant() {
     IFS=+ read -r -a patch_files <<< "${source#@}"
     dir=build/ab-src-$name
     rm -rf "$dir" && mkdir -p "$dir"
-    # The tracked files (or, in a copy without git's index, everything but build outputs).
+    # The tracked files and the untracked ones git does not ignore, as the device's copy of a checkout
+    # holds them (its index may predate files added since), or, in a copy without git's index,
+    # everything but build outputs.
     if git ls-files --error-unmatch CMakeLists.txt > /dev/null 2>&1; then
-      git ls-files -z | xargs -0 tar --ignore-failed-read -cf -
+      git ls-files -z --cached --others --exclude-standard | xargs -0 tar --ignore-failed-read -cf -
     else
       tar -cf - --exclude=./build --exclude=./.ab --exclude=./ab_out .
     fi | tar -xf - -C "$dir" || return 1

@@ -623,6 +623,13 @@ void run_T(const Options& o, int64_t T, const cudaDeviceProp& prop) {
       return;
     }
     auto kernel = union_mode ? gather_tma<D, S, true> : gather_tma<D, S, false>;
+    cudaFuncAttributes attributes{};
+    check(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes");
+    if (attributes.binaryVersion < 90) {  // a build without sm_90 code (e.g. sm_80 only): the kernel traps
+      std::printf("  tma %d stages: this build's code is sm_%d, TMA needs sm_90, skipped\n", S,
+                  attributes.binaryVersion);
+      return;
+    }
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "cudaFuncSetAttribute");
     int occ = 0;
     check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, smem), "occupancy");

@@ -908,8 +908,9 @@ inline constexpr int kAttnMinBlocks = (Dk > 128 || kBranch == kBranchSlc) ? 2 : 
 template <int Dk, int kBranch, bool kSplit>
 inline constexpr bool kAttnWgmma = kHaveWgmma && !kSplit && prefill_sweep_wgmma(kBranch, Dk);
 // Warpgroups of an attention CTA in this device pass (prefill_warpgroups; one without wgmma, so
-// on the decode path). Several warpgroups ask for one CTA per SM (three: 384 threads of up to 168
-// registers, 12 warps, as three CTAs of one warpgroup).
+// on the decode path). Three warpgroups ask for one CTA per SM (384 threads of up to 168 registers,
+// 12 warps, as three CTAs of one warpgroup), two (the win sweep at Dk = 128) for two (up to 128
+// registers: the sweep fits, a few of the epilogue's spill).
 template <int Dk, int kBranch, bool kSplit>
 inline constexpr int kAttnWarpgroups = prefill_warpgroups(kBranch, Dk, kAttnWgmma<Dk, kBranch, kSplit>);
 template <int Dk, int kBranch, bool kSplit>

@@ -158,12 +158,16 @@ NSA_HOST_DEVICE constexpr bool prefill_sweep_wgmma(int branch, int dk) { return 
 inline constexpr int64_t kSlcRingMinKeysWgmma = 8192;
 
 // Warpgroups of a prefill attention CTA, each on its own 64 rows of the Q tile, all sharing every K / V
-// tile: three for the cmp and win sweeps on wgmma at Dk >= 128, which cuts their K / V bytes per row
-// to a third at the same 12 warps per SM (paper config at 64k: cmp 17.1 -> 12.8 ms, win 7.0 -> 6.0;
-// two warpgroups, 8 warps per SM, gained less: docs/decisions/0009), else one. The decode sweeps keep
-// one.
+// tile: three for the cmp sweep on wgmma at Dk >= 128, which cuts its K / V bytes per row to a third
+// at the same 12 warps per SM (paper config at 64k: cmp 17.1 -> 12.8 ms, win 7.0 -> 6.0; two
+// warpgroups at one CTA per SM gained less: docs/decisions/0009). The win sweep at Dk = 128 takes two,
+// at two CTAs per SM (tma_ring_stages, kAttnCtaMinBlocks), so that one CTA's prologue and combine
+// epilogue overlap the other's sweep (H100, paper config: win 0.575 -> 0.541 ms at 8k, 4.94 -> 4.45
+// at 64k: docs/decisions/0018); at Dk = 192 two such CTAs do not fit, and it keeps three. Else one.
+// The decode sweeps keep one.
 NSA_HOST_DEVICE constexpr int prefill_warpgroups(int branch, int dk, bool wgmma) {
-  return wgmma && branch != kBranchSlc && dk >= 128 ? (branch == kBranchWin ? 2 : 3) : 1;
+  if (!wgmma || branch == kBranchSlc || dk < 128) return 1;
+  return branch == kBranchWin && dk <= 128 ? 2 : 3;
 }
 
 // A TMA ring (tma_ring_kernel, sm_90): the prefill sweep of one branch with its K / V tiles loaded
@@ -173,9 +177,10 @@ NSA_HOST_DEVICE constexpr int prefill_warpgroups(int branch, int dk, bool wgmma)
 // multiply with wgmma, in the warpgroups of prefill_warpgroups.
 NSA_HOST_DEVICE constexpr bool tma_ring_wgmma(int branch) { return branch != kBranchSlc; }
 // Stages: the slc ring's three while two CTAs of it still fit an SM (Dk <= 128: 102 KB of tiles at
-// D = 128), else two; the cmp and win rings' three.
+// D = 128), else two; the cmp ring's three; the win ring's two where its CTA has two warpgroups (two
+// CTAs per SM: 96 KB each at D = 128), else three.
 NSA_HOST_DEVICE constexpr int tma_ring_stages(int branch, int dk, int dv) {
-  if (branch == kBranchWin) return 2;
+  if (branch == kBranchWin) return prefill_warpgroups(branch, dk, true) == 2 ? 2 : 3;
   if (branch != kBranchSlc) return 3;
   return 3 * AttentionSmem::stage_bytes(dk, dv) <= 110 * 1024 ? 3 : 2;
 }

@@ -408,6 +408,7 @@ TEST(CudaForwardProperties, HalvedSelectionMatchesShortRun) {
     nsa::Status st_long, st_short;
     const Outputs long_run = run_cuda_forward(long_buffers, &st_long);
     const Outputs short_run = run_cuda_forward(short_buffers, &st_short);
+    if (not_compiled(st_long)) GTEST_SKIP() << st_long.message;
     ASSERT_TRUE(st_long.ok()) << st_long.message;
     ASSERT_TRUE(st_short.ok()) << st_short.message;
     ASSERT_FALSE(short_run.indices.empty());

@@ -94,7 +94,8 @@ TEST(ForwardTiling, AttentionWarpgroupsAndSharedMemory) {
                      std::to_string(device_wgmma));
         const bool wgmma = device_wgmma && prefill_sweep_wgmma(branch, dims[0]);
         const int warpgroups = prefill_warpgroups(branch, dims[0], wgmma);
-        EXPECT_EQ(warpgroups, wgmma && branch != nsa::kBranchSlc && dims[0] >= 128 ? (branch == nsa::kBranchWin ? 2 : 3) : 1);
+        const int many = branch == nsa::kBranchWin && dims[0] == 128 ? 2 : 3;  // win at Dk 128: two CTAs per SM
+        EXPECT_EQ(warpgroups, wgmma && branch != nsa::kBranchSlc && dims[0] >= 128 ? many : 1);
         const int64_t tiles = AttentionSmem::tiles_bytes(dims[0], dims[1], sweep_stages(false, dims[0], dims[1]));
         const int64_t sweep =
             AttentionSmem::sweep_bytes(dims[0], dims[1], sweep_stages(false, dims[0], dims[1]), wgmma, warpgroups);
@@ -140,7 +141,7 @@ TEST(ForwardTiling, TmaRingsKeepTheSwizzleAlignmentAndTheirCtasPerSm) {
       // The paper config's union at 128k (4 positions of 16 blocks among 2048) leaves two CTAs per SM.
       EXPECT_TRUE(ctas_fit(2, tma_ring_smem(nsa::kBranchSlc, dims[0], dims[1], 2048 / 32, 64)));
     }
-    // The cmp and win rings replace the CTAs of three warpgroups (Dk >= 128), one per SM as before;
+    // The cmp and win rings replace the CTAs of several warpgroups (Dk >= 128);
     // at Dk = 64 (three CTAs of one warpgroup) the cp.async kernels stay (decision 0016).
     for (int branch : {nsa::kBranchCmp, nsa::kBranchWin}) {
       EXPECT_EQ(sweep_ring_applies(branch, dims[0], dims[1], true), dims[0] >= 128);
@@ -148,6 +149,11 @@ TEST(ForwardTiling, TmaRingsKeepTheSwizzleAlignmentAndTheirCtasPerSm) {
       if (dims[0] >= 128) {
         EXPECT_TRUE(ctas_fit(1, tma_ring_smem(branch, dims[0], dims[1], 0, 0)));
       }
+    }
+    // The win ring of two warpgroups (Dk = 128) runs two CTAs per SM; three warpgroups, one.
+    if (prefill_warpgroups(nsa::kBranchWin, dims[0], true) == 2) {
+      EXPECT_EQ(tma_ring_stages(nsa::kBranchWin, dims[0], dims[1]), 2);
+      EXPECT_TRUE(ctas_fit(2, tma_ring_smem(nsa::kBranchWin, dims[0], dims[1], 0, 0)));
     }
   }
   EXPECT_FALSE(sweep_ring_applies(nsa::kBranchSlc, 64, 64, true)) << "slc: slc_gather_applies";
