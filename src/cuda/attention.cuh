@@ -616,13 +616,18 @@ __device__ __forceinline__ void sweep_key_tiles(const Tiles& tiles, const T* kba
 // initializes the barriers and counts before the call. kWgmma (the cmp and win rings): the readers
 // are wgmma, and the caller's cp.async copies of their Q tile in shared memory are waited for, and
 // the barriers published, by a CTA barrier after the first refills; else (the slc ring, mma.sync
-// with Q in registers) the caller publishes them. map_row0, map_batch: the sequence's (row0, batch) in
-// the maps' [B][rows] (varlen: (first row, 0); padded: (0, b)); kbase / vbase as in sweep_key_tiles.
-template <class T, int Dk, int Dv, int Stages, int kThreads, bool kWgmma, class Tiles, class Body>
+// with Q in registers) the caller publishes them. q_ready, which every thread calls after the first
+// refills, takes the caller's Q tile: with kQInLastStage (the slc ring) that tile lies in the last
+// stage's K buffer, which is refilled only after q_ready, so that the first Stages - 1 tiles load
+// while the Q tile does. map_row0, map_batch: the sequence's (row0, batch) in the maps' [B][rows]
+// (varlen: (first row, 0); padded: (0, b)); kbase / vbase as in sweep_key_tiles.
+template <class T, int Dk, int Dv, int Stages, int kThreads, bool kWgmma, bool kQInLastStage, class Tiles, class Body,
+          class QReady>
 __device__ __forceinline__ void sweep_tma_ring(const Tiles& tiles, const KvTensorMaps& maps, int kv_head,
                                                int map_row0, int map_batch, const T* kbase, int64_t kstride,
                                                const T* vbase, int64_t vstride, T* sK, T* sV, uint64_t* full,
-                                               uint32_t* released, uint64_t warp_positions, Body&& body) {
+                                               uint32_t* released, uint64_t warp_positions, Body&& body,
+                                               QReady&& q_ready) {
   constexpr int64_t kKElems = AttentionSmem::k_elems(Dk), kVElems = AttentionSmem::v_elems(Dv);
   constexpr uint32_t kTileBytes = 64 * (Dk + Dv) * sizeof(T);
   constexpr int kWarps = kThreads / 32;
@@ -664,14 +669,12 @@ __device__ __forceinline__ void sweep_tma_ring(const Tiles& tiles, const KvTenso
       if (lane == 0) mbarrier_arrive(bar);
     }
   };
+  constexpr int kFirstRefills = kQInLastStage ? Stages - 1 : Stages;
   if (warp == 0)
 #pragma unroll
-    for (int k = 0; k < Stages; ++k) refill(k);
-  if constexpr (kWgmma) {  // the Q tile's copies
-    cp_async_wait<0>();
-    fence_proxy_async_smem();
-    __syncthreads();
-  }
+    for (int k = 0; k < kFirstRefills; ++k) refill(k);
+  q_ready();
+  if (kQInLastStage && warp == 0) refill(Stages - 1);
   for (int k = 0; k < num_tiles; ++k) {
     const int st = k % Stages;
     mbarrier_wait(&full[st], static_cast<uint32_t>((k / Stages) & 1));
@@ -1084,9 +1087,13 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
                 "the ring's layout as the host sizes it");
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kStages * AttentionSmem::k_elems(Dk);
-  // The Q tile: in the first K buffer until its fragments are in registers, or (wgmma) after the
-  // K / V buffers for the whole sweep (AttentionSmem::sweep_bytes, as the launch code sizes it).
-  T* sQ = kWgmma ? reinterpret_cast<T*>(smem + AttentionSmem::tiles_bytes(Dk, Dv, kStages)) : sK;
+  // The Q tile: in the first K buffer until its fragments are in registers (the slc ring: the last,
+  // which the ring fills last: sweep_tma_ring), or (wgmma) after the K / V buffers for the whole sweep
+  // (AttentionSmem::sweep_bytes, as the launch code sizes it).
+  constexpr bool kQInLastStage = kTmaRing && !kWgmma;
+  T* sQ = kWgmma          ? reinterpret_cast<T*>(smem + AttentionSmem::tiles_bytes(Dk, Dv, kStages))
+          : kQInLastStage ? sK + (kStages - 1) * AttentionSmem::k_elems(Dk)
+                          : sK;
   if constexpr (kWgmma || kTmaRing) wgmma_check_smem(smem, static_cast<uint32_t>(kSweepBytes));
 
   const SeqInfo seq = seq_info(a, b);
@@ -1124,13 +1131,17 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   // With wgmma the Q tile stays in its own buffer and the sweep's first wait for a K / V tile
   // (sweep_key_tiles; a wgmma ring's, sweep_tma_ring) covers its (earlier) copy group too, so its loads
   // overlap those of the first tiles.
-  if constexpr (!kWgmma) {
-    cp_async_wait<0>();
-    sync_copied_tiles<false>();
-  }
+  // The slc ring takes its Q tile once its first tiles are on their way (q_ready below).
   std::conditional_t<kWgmma, QInSharedMemory<T>, QInRegisters<T, Dk>> qf;
-  qf.load(kWarpgroups > 1 ? sQ + (warp / 4) * 64 * Dk : sQ, row_warp * 16);  // the warpgroup's 64 rows
-  if constexpr (!kWgmma) __syncthreads();  // the first K tile overwrites the Q tile
+  const auto load_q = [&] {
+    if constexpr (!kWgmma) {
+      cp_async_wait<0>();
+      sync_copied_tiles<false>();
+    }
+    qf.load(kWarpgroups > 1 ? sQ + (warp / 4) * 64 * Dk : sQ, row_warp * 16);  // the warpgroup's 64 rows
+    if constexpr (!kWgmma) __syncthreads();  // a K tile overwrites the Q tile
+  };
+  if constexpr (!kQInLastStage) load_q();
 
   float acc[Dv / 8][4], m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
 #pragma unroll
@@ -1168,8 +1179,8 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   if constexpr (kTmaRing) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // The ring's barriers and counts (after the tiles and the Q tile). The slc ring's are published
-    // by slc_tiles' CTA barriers (its Q tile is in registers by then); the cmp and win rings wait for
-    // their Q tile's copies and publish both after the first refills (sweep_tma_ring).
+    // by slc_tiles' CTA barriers; the cmp and win rings wait for their Q tile's copies and publish
+    // both after the first refills (sweep_tma_ring).
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + kSweepBytes - AttentionSmem::kRingSyncBytes);
     uint32_t* released = reinterpret_cast<uint32_t*>(full + kStages);
     if (threadIdx.x == 0) {
@@ -1185,9 +1196,20 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
                                                                                   int64_t vstride, int key_row0) {
       const int map_batch = a.cu_seqlens != nullptr ? 0 : b;
       count_keys_read(tiles, keys_read);
-      sweep_tma_ring<T, Dk, Dv, kStages, kThreads, kWgmma>(tiles, *maps, kv_head, key_row0, map_batch, kbase, kstride,
-                                                         vbase, vstride, sK, sV, full, released, rt.warp_positions,
-                                                         tile_body);
+      // After the first refills: the slc ring's Q tile into registers; a wgmma ring's Q tile copies
+      // waited for and, with the ring's barriers, published.
+      const auto q_ready = [&] {
+        if constexpr (kQInLastStage) {
+          load_q();
+        } else {
+          cp_async_wait<0>();
+          fence_proxy_async_smem();
+          __syncthreads();
+        }
+      };
+      sweep_tma_ring<T, Dk, Dv, kStages, kThreads, kWgmma, kQInLastStage>(
+          tiles, *maps, kv_head, key_row0, map_batch, kbase, kstride, vbase, vstride, sK, sV, full, released,
+          rt.warp_positions, tile_body, q_ready);
     });
 #endif
   } else {
@@ -1251,11 +1273,21 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   }
 }
 
+// The tile_x of an attention CTA: with kSplit (the decode path) its split; the slc kernel's row tiles
+// heaviest first (heaviest_first_tile: an H100 A/B, paper config at 8k, slc 1.396 -> 1.378 ms); the
+// cmp and win kernels' in launch order (cmp 0.282 -> 0.289 ms there with the order reversed, win
+// unchanged: docs/decisions/0018).
+template <int kBranch, bool kSplit>
+__device__ __forceinline__ int prefill_tile() {
+  return !kSplit && kBranch == kBranchSlc ? heaviest_first_tile() : static_cast<int>(blockIdx.x);
+}
+
 template <class T, int Dk, int Dv, int kBranch, bool kSplit = false, bool kWarpSplit = false>
 __global__ void __launch_bounds__(kAttnThreads * kAttnWarpgroups<Dk, kBranch, kSplit>,
                                   (kAttnCtaMinBlocks<Dk, kBranch, kSplit>)) attention_kernel(const ForwardArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];  // wgmma's 1024-byte alignment: wgmma_check_smem
-  attention_cta<T, Dk, Dv, kBranch, kSplit, kWarpSplit>(a, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
+  const int tile_x = prefill_tile<kBranch, kSplit>();
+  attention_cta<T, Dk, Dv, kBranch, kSplit, kWarpSplit>(a, tile_x, static_cast<int>(blockIdx.y),
                                                         static_cast<int>(blockIdx.z), smem);
 }
 
@@ -1269,7 +1301,7 @@ __global__ void __launch_bounds__(kAttnThreads * kAttnWarpgroups<Dk, kBranch, fa
     tma_ring_kernel(const ForwardArgs a, const __grid_constant__ KvTensorMaps maps) {
   extern __shared__ __align__(16) unsigned char smem[];  // the 128-byte swizzle's 1024-byte alignment
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  attention_cta<T, Dk, Dv, kBranch, false, false, true>(a, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
+  attention_cta<T, Dk, Dv, kBranch, false, false, true>(a, prefill_tile<kBranch, false>(), static_cast<int>(blockIdx.y),
                                                         static_cast<int>(blockIdx.z), smem, &maps);
 #else
   __trap();

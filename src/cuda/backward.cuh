@@ -10,7 +10,8 @@
 //      dq for the selection branch (SelectedDq, dq_slc_acc) the slc dK / dV kernel of step 4 runs
 //      first and also adds its dS K to an fp32 accumulator, and this kernel sweeps cmp and win only
 //      and adds that accumulator to its own sums;
-//   4. dkv_kernel<branch>: key-major, a CTA owns 64 keys of one kv head and sweeps the rows
+//   4. dkv_kernel<branch>: key-major, a CTA owns 64 keys of one kv head (128 in two warpgroups for
+//      cmp and win on wgmma at Dk = 128: dkv_key_groups) and sweeps the rows
 //      (t, g) that attend to them: the positions t >= i*d + l - 1 (cmp), t in [s, s + w) (win),
 //      the query list of the block from step 2 (slc); dK += scale * dS^T Q, dV += P^T (g dO) in
 //      registers, then added to fp32 accumulators. Lists longer than split_positions[branch] are split
@@ -170,7 +171,8 @@ __global__ void __launch_bounds__(kAttnThreads, kBackwardMinBlocks<Dk>) dq_kerne
 
   const int b = blockIdx.z, kv_head = blockIdx.y;
   const SeqInfo seq = seq_info(a, b);
-  const int m0 = static_cast<int>(blockIdx.x) * 64;
+  // The heaviest row tiles first (H100, paper config: 2.615 -> 2.550 ms at 8k, 40.71 -> 39.71 at 64k).
+  const int m0 = heaviest_first_tile() * 64;
   if (int64_t{m0} >= seq.len * a.group) return;  // uniform over the CTA
   const int warp = threadIdx.x >> 5, tig = threadIdx.x & 3;
   const int H = a.num_q_heads;
@@ -289,14 +291,28 @@ inline constexpr bool kBackwardPairedProducts = Dk > 64;
 template <int Dk>
 inline constexpr bool kDkvUnmaskedTiles = Dk <= 64;
 
+// Warpgroups of a key-major dK / dV CTA, each on its own 64 keys, all sharing every Q / dO row tile:
+// two for the cmp and win kernels on wgmma at Dk = 128, which halves their Q / dO bytes per key (the
+// forward's cmp and win sweeps share their K / V tiles so: prefill_warpgroups), else one. On an H100
+// (paper config, docs/decisions/0018) cmp dK / dV went from 34.3 to 26.6 ms at 64k and from 0.600 to
+// 0.580 at 8k, win from 9.06 to 8.87 and from 1.227 to 1.143. The slc kernel keeps one: the
+// positions that selected two blocks differ. `wgmma`: the sm_90a code's
+// (kHaveWgmma on the device, the device's wgmma_sweeps on the host), with 64-row tiles.
+NSA_HOST_DEVICE constexpr int dkv_key_groups(int branch, int dk, bool wgmma) {
+  return wgmma && dk == 128 && branch != kBranchSlc ? 2 : 1;
+}
+template <int Dk, int kBranch>
+inline constexpr int kDkvKeyGroups = dkv_key_groups(kBranch, Dk, kHaveWgmma && kDkvRows<Dk> == 64);
+
 struct DkvSmem {
-  // K [64][Dk+8], V [64][Dv+8], Q double buffer [2][R][Dk+8], dO double buffer [2][R][Dv+8]
-  // (2-byte elements), then the row terms of three row tiles [3][R]: t (int), lse2, delta, gate
-  // (float); three, since a tile's terms are stored while the tile before it is being computed.
+  // K [W][64][Dk+8], V [W][64][Dv+8] (W = dkv_key_groups), Q double buffer [2][R][Dk+8], dO double
+  // buffer [2][R][Dv+8] (2-byte elements), then the row terms of three row tiles [3][R]: t (int),
+  // lse2, delta, gate (float); three, since a tile's terms are stored while the tile before it is
+  // being computed.
   static constexpr int kTermBuffers = 3;
-  NSA_HOST_DEVICE static constexpr int64_t bytes(int dk, int dv, int rows) {
-    return 2 * (int64_t{64} * (dk + 8) + int64_t{64} * (dv + 8) + 2 * int64_t{rows} * (dk + 8) +
-                2 * int64_t{rows} * (dv + 8)) +
+  NSA_HOST_DEVICE static constexpr int64_t bytes(int dk, int dv, int rows, int key_groups = 1) {
+    return 2 * (int64_t{64} * key_groups * (dk + 8) + int64_t{64} * key_groups * (dv + 8) +
+                2 * int64_t{rows} * (dk + 8) + 2 * int64_t{rows} * (dv + 8)) +
            4 * 4 * kTermBuffers * int64_t{rows};
   }
 };
@@ -318,14 +334,14 @@ struct KeyTile {
 // cp.async of row tile i of a key-major CTA (rows (p, g), p-major; R rows per tile) of a
 // per-query-head tensor (Q or dO, `base` at query head kv_head * G) into a tile of R rows at dst
 // (layout: tile_chunk_offset). tile_t [R] (shared memory): each row's position t, -1 past the
-// CTA's rows, which are zeros. row: GroupedRowCursor(G, TileChunks<D, R, kAttnThreads>::kRowStep) at
+// CTA's rows, which are zeros. row: GroupedRowCursor(G, TileChunks<D, R, kThreads>::kRowStep) at
 // row i R + tid / (D / 8), the thread's first where TileChunks gives it a fixed column (the caller
 // steps it from tile to tile, so that no load divides by G); otherwise each chunk's row is sought.
-// Not committed.
-template <class T, int D, int R, bool kSwizzled>
+// Not committed. kThreads: the CTA's.
+template <class T, int D, int R, bool kSwizzled, int kThreads = kAttnThreads>
 __device__ __forceinline__ void load_list_rows_async(T* dst, const T* base, const TensorRef& ref, const int* tile_t,
                                                      int i, GroupedRowCursor row) {
-  using Chunks = TileChunks<D, R, kAttnThreads>;
+  using Chunks = TileChunks<D, R, kThreads>;
   Chunks::visit(
       static_cast<int>(threadIdx.x),
       [&](int r, int) {
@@ -340,20 +356,21 @@ __device__ __forceinline__ void load_list_rows_async(T* dst, const T* base, cons
       [&] { row.advance(); });
 }
 
+// Key tile `tile` of `keys` keys (64 per warpgroup; the slc kernel's: 64).
 template <int kBranch>
 __device__ __forceinline__ KeyTile make_key_tile(const BackwardArgs& a, int b, const SeqInfo& seq, int kv_head,
-                                                 int tile) {
+                                                 int tile, int keys) {
   const int len = static_cast<int>(seq.len);
   KeyTile kt{};
   kt.list = nullptr;
   if constexpr (kBranch == kBranchCmp) {
-    kt.key0 = tile * 64;
-    kt.count = min(64, static_cast<int>(seq.num_cmp) - kt.key0);
+    kt.key0 = tile * keys;
+    kt.count = min(keys, static_cast<int>(seq.num_cmp) - kt.key0);
     kt.first_position = kt.key0 * a.cmp_stride + a.cmp_block - 1;  // the first t that sees key0
     kt.num_positions = len - kt.first_position;
   } else if constexpr (kBranch == kBranchWin) {
-    kt.key0 = tile * 64;
-    kt.count = min(64, len - kt.key0);
+    kt.key0 = tile * keys;
+    kt.count = min(keys, len - kt.key0);
     kt.first_position = kt.key0;
     const int64_t last = min64(int64_t{len} - 1, int64_t{kt.key0} + kt.count - 1 + a.window - 1);
     kt.num_positions = static_cast<int>(last - kt.key0 + 1);
@@ -410,12 +427,16 @@ __device__ __forceinline__ void add_to_accumulator(float* acc, int64_t key_row0,
 // has read it) and adds it to dq_slc_acc. A separate instance, so that the query-major kernel keeps
 // its registers; the host launches it only with the sm_90a code.
 template <class T, int Dk, int Dv, int kBranch, bool kKeyMajorDq = false>
-__global__ void __launch_bounds__(kAttnThreads, (kBackwardMinBlocks<Dk>))
+__global__ void __launch_bounds__(kAttnThreads * kDkvKeyGroups<Dk, kBranch>, (kBackwardMinBlocks<Dk>))
     dkv_kernel(const BackwardArgs a, int tiles_per_seq) {
   constexpr int R = kDkvRows<Dk>, NB = R / 8;
-  static_assert(kBackwardMinBlocks<Dk> < 3 || ctas_fit(3, DkvSmem::bytes(Dk, Dv, R)));
+  // W warpgroups (kDkvKeyGroups), warpgroup w on keys 64 w .. 64 w + 63 of the CTA's.
+  constexpr int W = kDkvKeyGroups<Dk, kBranch>, kThreads = kAttnThreads * W;
+  static_assert(kBackwardMinBlocks<Dk> < 3 || ctas_fit(3, DkvSmem::bytes(Dk, Dv, R, W)));
+  static_assert(ctas_fit(1, DkvSmem::bytes(Dk, Dv, R, W)), "the warpgroups' K / V tiles and the row tiles fit an SM");
   static_assert(!kKeyMajorDq || kBranch == kBranchSlc, "key-major dq is the selection branch's");
   static_assert(!kKeyMajorDq || (R == 64 && Dv + 8 >= 64), "dS^T: a 64 x 64 tile in a row tile's dO buffer");
+  static_assert(!kKeyMajorDq || W == 1, "key-major dq: one warpgroup's dS^T");
   using Tr = TypeTraits<T>;
   // wgmma on sm_90a (64-row tiles, Dk <= 128): the four warps take every row tile (they split the
   // keys), so the CTA issues its products together; K and V are the A operands from shared memory
@@ -423,13 +444,15 @@ __global__ void __launch_bounds__(kAttnThreads, (kBackwardMinBlocks<Dk>))
   constexpr bool kWgmma = kHaveWgmma && R == 64;
   using Mma = std::conditional_t<kWgmma, WgmmaTiles, MmaSyncTiles>;
   if constexpr (kKeyMajorDq && !kWgmma) __trap();  // (passes without wgmma: never launched there)
+  static_assert(W == 1 || kWgmma, "several warpgroups: wgmma");
+  check_block_threads<kThreads>();
   extern __shared__ __align__(16) unsigned char smem[];
   // wgmma's swizzle atoms need 1024-byte aligned tiles: every tile of DkvSmem is a multiple of 1024
   // bytes, and the base is checked.
-  if constexpr (kWgmma) wgmma_check_smem(smem, static_cast<uint32_t>(DkvSmem::bytes(Dk, Dv, R)));
+  if constexpr (kWgmma) wgmma_check_smem(smem, static_cast<uint32_t>(DkvSmem::bytes(Dk, Dv, R, W)));
   T* sK = reinterpret_cast<T*>(smem);
-  T* sV = sK + 64 * (Dk + 8);
-  T* sQ = sV + 64 * (Dv + 8);
+  T* sV = sK + W * 64 * (Dk + 8);
+  T* sQ = sV + W * 64 * (Dv + 8);
   T* sDo = sQ + 2 * R * (Dk + 8);
   constexpr int kTB = DkvSmem::kTermBuffers;
   int* s_t = reinterpret_cast<int*>(sDo + 2 * R * (Dv + 8));  // [kTB][R]
@@ -440,7 +463,7 @@ __global__ void __launch_bounds__(kAttnThreads, (kBackwardMinBlocks<Dk>))
   const int b = static_cast<int>(blockIdx.x) / tiles_per_seq, tile = static_cast<int>(blockIdx.x) % tiles_per_seq;
   const int kv_head = blockIdx.y;
   const SeqInfo seq = seq_info(a, b);
-  const KeyTile kt = make_key_tile<kBranch>(a, b, seq, kv_head, tile);
+  const KeyTile kt = make_key_tile<kBranch>(a, b, seq, kv_head, tile, 64 * W);
   if (kt.count <= 0) return;  // uniform over the CTA
   const int split = a.split_positions[kBranch];
   const int p0 = static_cast<int>(blockIdx.z) * split;
@@ -450,14 +473,21 @@ __global__ void __launch_bounds__(kAttnThreads, (kBackwardMinBlocks<Dk>))
   const int num_rows = (p1 - p0) * G;  // rows (p, g) of this CTA, p-major
   const int num_row_tiles = (num_rows + R - 1) / R;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, group = lane >> 2, tig = lane & 3;
+  const int key_group = W > 1 ? warp >> 2 : 0;  // the warpgroup's 64 keys
+  const int warp_key0 = warp * 16;               // the warp's first key of the CTA's (warpgroup * 64 + ...)
 
   const TensorRef& kref = kBranch == kBranchCmp ? a.k_cmp : (kBranch == kBranchSlc ? a.k : a.k_win);
   const TensorRef& vref = kBranch == kBranchCmp ? a.v_cmp : (kBranch == kBranchSlc ? a.v : a.v_win);
   const int64_t key_row0 = kBranch == kBranchCmp ? seq.cmp_row0 : seq.row0;
-  load_rows_async<T, Dk, 64, kAttnThreads, false, kWgmma>(sK, seq_head_ptr<T>(kref, a, b, key_row0, kv_head),
-                                                          kref.seq_stride, kt.key0, kt.count, tid);
-  load_rows_async<T, Dv, 64, kAttnThreads, false, kWgmma>(sV, seq_head_ptr<T>(vref, a, b, key_row0, kv_head),
-                                                          vref.seq_stride, kt.key0, kt.count, tid);
+#pragma unroll
+  for (int w = 0; w < W; ++w) {  // rows past the CTA's keys are zeros
+    load_rows_async<T, Dk, 64, kThreads, false, kWgmma>(sK + w * 64 * (Dk + 8),
+                                                        seq_head_ptr<T>(kref, a, b, key_row0, kv_head),
+                                                        kref.seq_stride, kt.key0 + 64 * w, kt.count - 64 * w, tid);
+    load_rows_async<T, Dv, 64, kThreads, false, kWgmma>(sV + w * 64 * (Dv + 8),
+                                                        seq_head_ptr<T>(vref, a, b, key_row0, kv_head),
+                                                        vref.seq_stride, kt.key0 + 64 * w, kt.count - 64 * w, tid);
+  }
   cp_async_commit();
 
   const T* qbase = seq_head_ptr<T>(a.q, a, b, seq.row0, kv_head * G);
@@ -500,16 +530,16 @@ __global__ void __launch_bounds__(kAttnThreads, (kBackwardMinBlocks<Dk>))
   // Row tile i's Q and dO rows into buffer i & 1 by cp.async (its terms are in shared memory), for
   // i = 0, 1, 2, ... in turn: q_rows and do_rows are the loaders' cursors at the thread's first row
   // of the next tile (load_list_rows_async).
-  GroupedRowCursor q_rows(G, TileChunks<Dk, R, kAttnThreads>::kRowStep);
-  GroupedRowCursor do_rows(G, TileChunks<Dv, R, kAttnThreads>::kRowStep);
+  GroupedRowCursor q_rows(G, TileChunks<Dk, R, kThreads>::kRowStep);
+  GroupedRowCursor do_rows(G, TileChunks<Dv, R, kThreads>::kRowStep);
   const GroupedRowCursor row_tile_step(G, R);
   q_rows.seek(tid / (Dk / 8));
   do_rows.seek(tid / (Dv / 8));
   auto issue = [&](int i) {
     const int buf = i & 1;
     const int* tile_t = s_t + (i % kTB) * R;
-    load_list_rows_async<T, Dk, R, kWgmma>(sQ + buf * R * (Dk + 8), qbase, a.q, tile_t, i, q_rows);
-    load_list_rows_async<T, Dv, R, kWgmma>(sDo + buf * R * (Dv + 8), dobase, a.grad_out, tile_t, i, do_rows);
+    load_list_rows_async<T, Dk, R, kWgmma, kThreads>(sQ + buf * R * (Dk + 8), qbase, a.q, tile_t, i, q_rows);
+    load_list_rows_async<T, Dv, R, kWgmma, kThreads>(sDo + buf * R * (Dv + 8), dobase, a.grad_out, tile_t, i, do_rows);
     q_rows.advance_by(row_tile_step);
     do_rows.advance_by(row_tile_step);
     cp_async_commit();
@@ -525,16 +555,16 @@ __global__ void __launch_bounds__(kAttnThreads, (kBackwardMinBlocks<Dk>))
 #pragma unroll
     for (int e = 0; e < 4; ++e) dv[nb][e] = 0.f;
   std::conditional_t<kWgmma, QInSharedMemory<T>, RowsInSmem<T, Dk>> kf;
-  kf.load(sK, warp * 16);
+  kf.load(sK + key_group * 64 * (Dk + 8), (warp & 3) * 16);
   std::conditional_t<kWgmma, QInSharedMemory<T>, RowsInSmem<T, Dv>> vf;
-  vf.load(sV, warp * 16);
+  vf.load(sV + key_group * 64 * (Dv + 8), (warp & 3) * 16);
 
   // Whether every row of tile i sees every key of the warp (kDkvUnmaskedTiles): the tile's first and
   // last rows (t ascending; -1 past the CTA's rows) against the warp's first and last keys.
   const auto tile_sees_all_keys = [&](int i) {
     const int t_first = s_t[(i % kTB) * R], t_last = s_t[(i % kTB) * R + R - 1];
-    const int k0 = kt.key0 + warp * 16, k1 = k0 + 15;
-    return warp * 16 + 15 < kt.count && t_first >= 0 && t_last >= 0 && key_visible<kBranch>(a, k0, t_first) &&
+    const int k0 = kt.key0 + warp_key0, k1 = k0 + 15;
+    return warp_key0 + 15 < kt.count && t_first >= 0 && t_last >= 0 && key_visible<kBranch>(a, k0, t_first) &&
            key_visible<kBranch>(a, k1, t_first) && key_visible<kBranch>(a, k0, t_last) &&
            key_visible<kBranch>(a, k1, t_last);
   };
@@ -560,7 +590,7 @@ __global__ void __launch_bounds__(kAttnThreads, (kBackwardMinBlocks<Dk>))
       for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int key_local = warp * 16 + group + 8 * (e >> 1);
+          const int key_local = warp_key0 + group + 8 * (e >> 1);
           const int n = (i % kTB) * R + nb * 8 + tig * 2 + (e & 1);
           const int t = s_t[n];
           const bool valid = !decltype(masked)::value ||
@@ -622,8 +652,8 @@ __global__ void __launch_bounds__(kAttnThreads, (kBackwardMinBlocks<Dk>))
   float* dk_acc = kBranch == kBranchCmp ? a.dkc_acc : (kBranch == kBranchSlc ? a.dk_acc : a.dkw_acc);
   float* dv_acc = kBranch == kBranchCmp ? a.dvc_acc : (kBranch == kBranchSlc ? a.dv_acc : a.dvw_acc);
   const int64_t acc_row0 = key_row0 + kt.key0;
-  add_to_accumulator<Dk>(dk_acc, acc_row0, a.num_kv_heads, kv_head, warp * 16, kt.count, dk, a.scale);
-  add_to_accumulator<Dv>(dv_acc, acc_row0, a.num_kv_heads, kv_head, warp * 16, kt.count, dv, 1.f);
+  add_to_accumulator<Dk>(dk_acc, acc_row0, a.num_kv_heads, kv_head, warp_key0, kt.count, dk, a.scale);
+  add_to_accumulator<Dv>(dv_acc, acc_row0, a.num_kv_heads, kv_head, warp_key0, kt.count, dv, 1.f);
 }
 
 // ------------------------------------------------------------------------------------------------

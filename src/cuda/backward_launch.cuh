@@ -3,9 +3,10 @@
 //   preprocess_kernel     grid rows, a warp per (row, query head)
 //   (key-major dq: dkv_kernel<slc, kKeyMajorDq> here, as below, so that dq can add its sums)
 //   dq_kernel             grid (ceil(T*G/64), Hkv, B), as the forward's attention kernels
-//   dkv_kernel<cmp>       grid (B * ceil(Tc/64), Hkv, splits)  splits = ceil(T / split_positions[branch])
+//   dkv_kernel<cmp>       grid (B * ceil(Tc/64W), Hkv, splits)  splits = ceil(T / split_positions[branch])
 //   dkv_kernel<slc>       grid (B * ceil(T/l') * ceil(l'/64), Hkv, splits)
-//   dkv_kernel<win>       grid (B * ceil(T/64), Hkv, splits)
+//   dkv_kernel<win>       grid (B * ceil(T/64W), Hkv, splits)
+//   (W: dkv_key_groups, the CTA's warpgroups of 64 keys each)
 //   convert_kernel        per gradient of k / v / k_win / v_win / k_cmp / v_cmp
 // Included only by the generated instantiation files.
 #pragma once
@@ -45,7 +46,12 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
   const bool key_major_dq = a.dq_slc_acc != nullptr;
   const int64_t dq_smem =
       DqSmem::tiles_bytes(Dk, Dv) + (key_major_dq ? 0 : AttentionSmem::union_bytes(a.union_words, a.union_capacity));
-  const int64_t dkv_smem = DkvSmem::bytes(Dk, Dv, kDkvRows<Dk>);
+  // Per branch: the dK / dV CTA's warpgroups of 64 keys (as the kernel's kDkvKeyGroups) and its
+  // shared memory.
+  const auto key_groups = [&](int branch) {
+    return dkv_key_groups(branch, Dk, device.wgmma_sweeps && kDkvRows<Dk> == 64);
+  };
+  const auto dkv_smem = [&](int branch) { return DkvSmem::bytes(Dk, Dv, kDkvRows<Dk>, key_groups(branch)); };
   const auto dq = dq_kernel<T, Dk, Dv>;
   const auto dkv_cmp = dkv_kernel<T, Dk, Dv, kBranchCmp>;
   auto dkv_slc = dkv_kernel<T, Dk, Dv, kBranchSlc>;
@@ -59,9 +65,11 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
   const Carveout carveout =
       backward_three_ctas(Dk, device.wgmma_sweeps) ? Carveout::kMaxShared : Carveout::kDefault;
   st = prepare_kernel(kBackwardApi, dq, dq_smem, max_smem, "the dq kernel", carveout);
-  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_cmp, dkv_smem, max_smem, "the dk/dv kernel", carveout);
-  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_slc, dkv_smem, max_smem, "the dk/dv kernel", carveout);
-  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_win, dkv_smem, max_smem, "the dk/dv kernel");
+  if (st.ok())
+    st = prepare_kernel(kBackwardApi, dkv_cmp, dkv_smem(kBranchCmp), max_smem, "the dk/dv kernel", carveout);
+  if (st.ok())
+    st = prepare_kernel(kBackwardApi, dkv_slc, dkv_smem(kBranchSlc), max_smem, "the dk/dv kernel", carveout);
+  if (st.ok()) st = prepare_kernel(kBackwardApi, dkv_win, dkv_smem(kBranchWin), max_smem, "the dk/dv kernel");
   if (!st.ok()) return st;
 
   if (stages & kBwdStagePrep) {
@@ -72,13 +80,16 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
   const auto splits = [&](int branch) {
     return static_cast<unsigned>((a.seqlen + a.split_positions[branch] - 1) / a.split_positions[branch]);
   };
-  const int cmp_tiles = static_cast<int>(key_major_tiles(a, kBranchCmp));
-  const int slc_tiles = static_cast<int>(key_major_tiles(a, kBranchSlc));
-  const int win_tiles = static_cast<int>(key_major_tiles(a, kBranchWin));
+  // Key tiles per sequence of each branch's CTAs (64 keys per warpgroup).
+  const auto tiles = [&](int branch) {
+    return static_cast<int>((key_major_tiles(a, branch) + key_groups(branch) - 1) / key_groups(branch));
+  };
+  const int cmp_tiles = tiles(kBranchCmp), slc_tiles = tiles(kBranchSlc), win_tiles = tiles(kBranchWin);
+  const auto threads = [&](int branch) { return static_cast<unsigned>(kAttnThreads * key_groups(branch)); };
   const unsigned kv_heads = static_cast<unsigned>(a.num_kv_heads);
   const auto launch_slc = [&] {
-    dkv_slc<<<dim3(static_cast<unsigned>(a.batch * slc_tiles), kv_heads, splits(kBranchSlc)), kAttnThreads, dkv_smem,
-              stream>>>(a, slc_tiles);
+    dkv_slc<<<dim3(static_cast<unsigned>(a.batch * slc_tiles), kv_heads, splits(kBranchSlc)), threads(kBranchSlc),
+              dkv_smem(kBranchSlc), stream>>>(a, slc_tiles);
     return launch_status(kBackwardApi, "launching the slc dk/dv kernel");
   };
   if (key_major_dq && (stages & kBwdStageSlc) && !(st = launch_slc()).ok()) return st;
@@ -91,14 +102,14 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
   }
 
   if ((stages & kBwdStageCmp) && cmp_tiles > 0) {
-    dkv_cmp<<<dim3(static_cast<unsigned>(a.batch * cmp_tiles), kv_heads, splits(kBranchCmp)), kAttnThreads, dkv_smem,
-              stream>>>(a, cmp_tiles);
+    dkv_cmp<<<dim3(static_cast<unsigned>(a.batch * cmp_tiles), kv_heads, splits(kBranchCmp)), threads(kBranchCmp),
+              dkv_smem(kBranchCmp), stream>>>(a, cmp_tiles);
     if (!(st = launch_status(kBackwardApi, "launching the cmp dk/dv kernel")).ok()) return st;
   }
   if (!key_major_dq && (stages & kBwdStageSlc) && !(st = launch_slc()).ok()) return st;
   if (stages & kBwdStageWin) {
-    dkv_win<<<dim3(static_cast<unsigned>(a.batch * win_tiles), kv_heads, splits(kBranchWin)), kAttnThreads, dkv_smem,
-              stream>>>(a, win_tiles);
+    dkv_win<<<dim3(static_cast<unsigned>(a.batch * win_tiles), kv_heads, splits(kBranchWin)), threads(kBranchWin),
+              dkv_smem(kBranchWin), stream>>>(a, win_tiles);
     if (!(st = launch_status(kBackwardApi, "launching the win dk/dv kernel")).ok()) return st;
   }
   if (!(stages & kBwdStageConvert)) return st;

@@ -185,6 +185,12 @@ __device__ __forceinline__ void check_block_threads() {
   if (blockDim.x != kThreads) __trap();
 }
 
+// The tile of a query-major prefill grid (x: tiles of positions) that this CTA takes: the last
+// first. The CTAs start in blockIdx order and a causal tile's work grows with its positions, so the
+// heaviest start first and the last wave holds the lightest, instead of the heaviest running on
+// while the other SMs idle (FlashAttention-2 orders its causal grids so too).
+__device__ __forceinline__ int heaviest_first_tile() { return static_cast<int>(gridDim.x - 1 - blockIdx.x); }
+
 // Programmatic dependent launch (sm_90+; nothing on older targets, where launch_chained does not
 // ask for it). A kernel launched with launch_chained may start while the kernel before it in the
 // stream still runs: it must call wait_for_previous_kernel() before it reads anything that kernel

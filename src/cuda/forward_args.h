@@ -99,7 +99,7 @@ struct TopNScratch {
 struct AttentionSmem {
   // K ring buffer [stages][64][Dk+8] and V ring buffer [stages][64][Dv+8] (elements of 2 bytes;
   // two stages in prefill, decode_stages() in decode); without wgmma the Q tile [64][Dk+8] lives
-  // in the first K buffer until its fragments are in registers (it fits: q_elems == k_elems),
+  // in a K buffer until its fragments are in registers (it fits: q_elems == k_elems),
   // which keeps a prefill CTA at 70 KB for D = 128 so that three fit on an SM (sweep_bytes: with
   // wgmma the Q tile follows the buffers).
   // Then, for the slc kernel, the selected-block union: row masks [union_capacity] uint64, bitmap
