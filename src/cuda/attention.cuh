@@ -1109,8 +1109,9 @@ __device__ __forceinline__ void attention_cta(const ForwardArgs& a, int tile_x, 
   const RowTile rt = make_row_tile(a, kv_head, m0, seq, row_warp, kRows);
   const RowState(&rows)[2] = rt.rows;
   if constexpr (kBranch == kBranchWin && !kSplit) {
-    // The combine's inputs (o_cmp, o_slc: each row's Dv elements, read by its quad) into L2 while the
-    // sweep runs: with one CTA per SM nothing else hides the epilogue's trips to DRAM.
+    // The combine's inputs (o_cmp, o_slc: each row's Dv elements) into L2 while the sweep runs, so
+    // that the epilogue's loads do not wait for DRAM (measured when the win kernel ran one CTA per SM,
+    // whose epilogue nothing else hid: docs/decisions/0017).
     constexpr int kRowBytes = Dv * static_cast<int>(sizeof(T));
 #pragma unroll
     for (int r = 0; r < 2; ++r) {

@@ -84,14 +84,16 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
   const auto tiles = [&](int branch) {
     return static_cast<int>((key_major_tiles(a, branch) + key_groups(branch) - 1) / key_groups(branch));
   };
-  const int cmp_tiles = tiles(kBranchCmp), slc_tiles = tiles(kBranchSlc), win_tiles = tiles(kBranchWin);
-  const auto threads = [&](int branch) { return static_cast<unsigned>(kAttnThreads * key_groups(branch)); };
-  const unsigned kv_heads = static_cast<unsigned>(a.num_kv_heads);
-  const auto launch_slc = [&] {
-    dkv_slc<<<dim3(static_cast<unsigned>(a.batch * slc_tiles), kv_heads, splits(kBranchSlc)), threads(kBranchSlc),
-              dkv_smem(kBranchSlc), stream>>>(a, slc_tiles);
-    return launch_status(kBackwardApi, "launching the slc dk/dv kernel");
+  // Launches `branch`'s dK / dV kernel: grid (B * tiles, Hkv, splits), a warpgroup per 64 keys.
+  const auto launch_dkv = [&](auto kernel, int branch, const char* what) {
+    const int tiles_per_seq = tiles(branch);
+    const dim3 grid(static_cast<unsigned>(a.batch * tiles_per_seq), static_cast<unsigned>(a.num_kv_heads),
+                    splits(branch));
+    kernel<<<grid, static_cast<unsigned>(kAttnThreads * key_groups(branch)), dkv_smem(branch), stream>>>(
+        a, tiles_per_seq);
+    return launch_status(kBackwardApi, what);
   };
+  const auto launch_slc = [&] { return launch_dkv(dkv_slc, kBranchSlc, "launching the slc dk/dv kernel"); };
   if (key_major_dq && (stages & kBwdStageSlc) && !(st = launch_slc()).ok()) return st;
 
   const dim3 dq_grid(static_cast<unsigned>((a.seqlen * a.group + 63) / 64), static_cast<unsigned>(a.num_kv_heads),
@@ -101,17 +103,12 @@ Status launch_backward(const BackwardArgs& a, cudaStream_t stream, unsigned stag
     if (!(st = launch_status(kBackwardApi, "launching the dq kernel")).ok()) return st;
   }
 
-  if ((stages & kBwdStageCmp) && cmp_tiles > 0) {
-    dkv_cmp<<<dim3(static_cast<unsigned>(a.batch * cmp_tiles), kv_heads, splits(kBranchCmp)), threads(kBranchCmp),
-              dkv_smem(kBranchCmp), stream>>>(a, cmp_tiles);
-    if (!(st = launch_status(kBackwardApi, "launching the cmp dk/dv kernel")).ok()) return st;
-  }
+  if ((stages & kBwdStageCmp) && tiles(kBranchCmp) > 0 &&
+      !(st = launch_dkv(dkv_cmp, kBranchCmp, "launching the cmp dk/dv kernel")).ok())
+    return st;
   if (!key_major_dq && (stages & kBwdStageSlc) && !(st = launch_slc()).ok()) return st;
-  if (stages & kBwdStageWin) {
-    dkv_win<<<dim3(static_cast<unsigned>(a.batch * win_tiles), kv_heads, splits(kBranchWin)), threads(kBranchWin),
-              dkv_smem(kBranchWin), stream>>>(a, win_tiles);
-    if (!(st = launch_status(kBackwardApi, "launching the win dk/dv kernel")).ok()) return st;
-  }
+  if ((stages & kBwdStageWin) && !(st = launch_dkv(dkv_win, kBranchWin, "launching the win dk/dv kernel")).ok())
+    return st;
   if (!(stages & kBwdStageConvert)) return st;
 
   const int64_t per_seq = varlen ? 0 : a.seqlen, cmp_per_seq = varlen ? 0 : a.cmp_per_seq;

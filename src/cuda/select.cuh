@@ -269,6 +269,7 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
     }
     if (num_tiles > 0) add_tile(num_tiles - 1, s);
   } else {
+    const FastDivider div_bm(bm);
     cp_async_wait<0>();
     sync_copied_tiles<kWgmma>();
     for (int k = 0; k < num_tiles; ++k) {
@@ -318,7 +319,7 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
         __syncthreads();
       }
       // 2b. Eq. 9: blocks overlapped by tokens i0 .. i1-1.
-      const TileBlocks blocks = tile_blocks(FastDivider(bm), i0, i1, bq);
+      const TileBlocks blocks = tile_blocks(div_bm, i0, i1, bq);
       const int j_hi = min(blocks.hi, t_hi / ls);
       const int nj = j_hi - blocks.lo + 1;
       for (int e = tid; e < nt * nj; e += kSelectThreads) {
