@@ -11,7 +11,7 @@
 #
 # Environment (defaults in brackets):
 #   AB_VARIANTS  space-separated NAME=SOURCE[:CMAKE_ARGS]: SOURCE a directory, or @PATCH[+PATCH...] for a copy
-#                of this tree (git's tracked files) with the patches applied in turn (patch -p1);
+#                of this tree (its files that git does not ignore) with the patches applied in turn (patch -p1);
 #                CMAKE_ARGS comma-separated [main=.]
 #   AB_FILTER    gtest filter run in each variant, empty to skip (the parameterized cases are named
 #                Cases/CudaForward.MatchesReference/...: *CudaForward* matches them) [*CudaBackward*]
