@@ -15,7 +15,7 @@ imports the package, so the ops library of any build must load: ``NSA_OPS_LIBRAR
 ``python -m nsa.bench train-step --preset m7c-125m`` times one training step of the showcase
 model (python/nsa/model.py: forward, backward, fused AdamW, bf16 autocast) with NSA and with
 dense attention in steady state (CUDA events after warm-up, median), and with ``--profile`` prints
-the CUDA kernels that take the step's time (torch.profiler).
+the CUDA kernels that take the step's time, and the operators that launched them (torch.profiler).
 
 ``python -m nsa.bench decode`` times one decode step (m = 1 new token per sequence) of
 ``nsa.ops.nsa_attention_kvcache`` against PyTorch SDPA dense attention of the same query over the
@@ -157,8 +157,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--iters", type=int, default=10)
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--compile", action="store_true", help="torch.compile the model (the warm-up steps compile)")
-    t.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 2 profiled steps")
-    t.add_argument("--profile-rows", type=int, default=18, help="kernels --profile prints (default 18)")
+    t.add_argument("--profile", action="store_true", help="print the top CUDA kernels and operators of 2 profiled steps")
+    t.add_argument("--profile-rows", type=int, default=18, help="rows of each --profile table (default 18)")
     d = sub.add_parser("decode", help="decode step (m = 1) against a KV cache: NSA vs SDPA dense on the same cache")
     d.add_argument("--configs", default="paper",
                    help=f"comma-separated, from {', '.join(CONFIGS)} (default paper; their B is not used)")
@@ -829,12 +829,17 @@ def run_train_step(args) -> int:
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            # CPU activity too, so that the second table charges each operator (autograd's backward
+            # nodes included) with the GPU time of the kernels it launched.
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(2):
                     step(None)
                 torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile_rows,
-                                            max_name_column_width=70))
+            events = prof.key_averages()
+            print("  kernels, by their own GPU time (2 steps):")
+            print(events.table(sort_by="self_cuda_time_total", row_limit=args.profile_rows, max_name_column_width=70))
+            print("  operators, by the GPU time of everything they launched (2 steps; nested ranges overlap):")
+            print(events.table(sort_by="cuda_time_total", row_limit=args.profile_rows, max_name_column_width=70))
         del model, forward, opt
         torch.cuda.empty_cache()
     return 0
