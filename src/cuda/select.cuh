@@ -113,6 +113,19 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
   float* const sBS = sLse2 + chunks * 64;                           // [tpc][NBs]
   TopNScratch* const sTopN = reinterpret_cast<TopNScratch*>(sBS + tpc * NBs);  // [warps]
   const int nb_cta = t_hi / ls + 1;                                 // blocks eligible for some position
+  // Top-n, one warp per position.
+  const auto pick_blocks = [&] {
+    for (int tl = warp; tl < nt; tl += kSelectThreads / 32)
+      pick_top_n<1>(a, sBS + tl * NBs, t0 + tl,
+                    a.block_indices + ((seq.row0 + q0 + tl) * a.num_kv_heads + kv_head) * n, sTopN[warp]);
+  };
+  // No position of the CTA has more than n eligible blocks: each selects all of its own whatever
+  // their scores (docs/semantics.md, section 2.5, step 3; pick_top_n then reads no score), so the
+  // CTA scores nothing. Uniform over the CTA.
+  if (nb_cta <= n) {
+    pick_blocks();
+    return;
+  }
   if constexpr (kWgmma) wgmma_check_smem(smem, static_cast<uint32_t>((chunks + 2) * 64 * (Dk + 8) * 2));
   // Chunk c of the Q tile (64 rows; swizzled for wgmma, in its padded slot).
   const auto q_chunk = [&](int c) { return sQ + c * 64 * (Dk + 8); };
@@ -331,11 +344,7 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
   }
   cp_async_wait<0>();
   __syncthreads();
-
-  // Top-n, one warp per position.
-  for (int tl = warp; tl < nt; tl += kSelectThreads / 32)
-    pick_top_n<1>(a, sBS + tl * NBs, t0 + tl, a.block_indices + ((seq.row0 + q0 + tl) * a.num_kv_heads + kv_head) * n,
-                  sTopN[warp]);
+  pick_blocks();
 }
 
 }  // namespace nsa::cuda_detail
