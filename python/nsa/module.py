@@ -122,6 +122,12 @@ class Compressor(nn.Module):
     def forward(self, blocks: torch.Tensor) -> torch.Tensor:
         if self.net is None:
             return blocks.mean(dim=-3)
+        if self.kind == "linear":
+            # Linear(vec(block + pos_emb)) = Linear(vec(block)) + W vec(pos_emb): the embedding's share is
+            # one vector, folded into the bias, rather than an add over every block (in float32 under
+            # autocast, the embedding being float32) and a gradient summed back over all of them.
+            bias = torch.addmv(self.net.bias, self.net.weight, self.pos_emb.flatten())
+            return nn.functional.linear(blocks.movedim(-3, -2).flatten(-2), self.net.weight, bias)
         blocks = blocks + self.pos_emb[:, None, :]  # [l, 1, D]: same embedding for every head
         return self.net(blocks.movedim(-3, -2).flatten(-2))  # [..., Tc, H, l*D] -> [..., Tc, H, D]
 

@@ -189,6 +189,24 @@ def test_linear_phi_starts_as_avg():
     torch.testing.assert_close(linear(blocks), blocks.mean(dim=-3) + 1.0, rtol=1e-6, atol=1e-6)
 
 
+def test_linear_phi_is_the_map_of_the_embedded_block():
+    """The linear phi folds W vec(pos_emb) into its bias: its values and every gradient are those of
+    Linear(vec(block + pos_emb)), with random weights and embedding."""
+    torch.manual_seed(3)
+    phi = Compressor("linear", 8, 6, 1).double()
+    with torch.no_grad():
+        for p in (phi.pos_emb, phi.net.weight, phi.net.bias):
+            p.normal_()
+    blocks = torch.randn(2, 5, 8, 3, 6, dtype=torch.float64, requires_grad=True)  # [B, Tc, l, H, D]
+    explicit = phi.net((blocks + phi.pos_emb[:, None, :]).movedim(-3, -2).flatten(-2))
+    folded = phi(blocks)
+    torch.testing.assert_close(folded, explicit, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(folded)
+    wrt = (blocks, phi.pos_emb, phi.net.weight, phi.net.bias)
+    for got, want in zip(torch.autograd.grad(folded, wrt, upstream), torch.autograd.grad(explicit, wrt, upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_module_feeds_avg_of_rope_keys_to_the_op(layout, monkeypatch):
     """k_cmp / v_cmp given to the op are the hand-computed window means of the cmp branch's
