@@ -14,9 +14,10 @@ namespace nsa::cuda_detail {
 // the sum below 2^32 because n < 2^31.
 class FastDivider {
  public:
-  NSA_HOST_DEVICE explicit FastDivider(int divisor) : divisor_(static_cast<uint32_t>(divisor)) {
-    while ((uint64_t{1} << shift_) < divisor_) ++shift_;
-    magic_ = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift_) - divisor_)) / divisor_ + 1);
+  NSA_HOST_DEVICE explicit FastDivider(int divisor) {
+    const uint64_t d = static_cast<uint32_t>(divisor);
+    while ((uint64_t{1} << shift_) < d) ++shift_;
+    magic_ = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift_) - d)) / d + 1);
   }
   NSA_HOST_DEVICE int operator()(int n) const {
     const uint32_t un = static_cast<uint32_t>(n);
@@ -29,7 +30,6 @@ class FastDivider {
   }
 
  private:
-  uint32_t divisor_;
   uint32_t shift_ = 0;
   uint32_t magic_ = 0;
 };

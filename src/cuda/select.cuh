@@ -163,6 +163,7 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
     cp_async_commit();
   };
   if (num_tiles > 0) issue(0);
+  const FastDivider div_bm(bm);  // Eq. 9's block range of each tile (tile_blocks)
 
   if constexpr (kPaddedGroup > 0) {
     // Warp w: rows 16w .. 16w+15, positions w*kPosPerWarp .. (w+1)*kPosPerWarp - 1 (local), the heads
@@ -192,7 +193,6 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
     const float lse_lo = has_chunk ? sLse2[row_lo] : pos_inf();  // +inf on padding rows: p = 0
     const float lse_hi = has_chunk ? sLse2[row_lo + 8] : pos_inf();
     const float scale_log2 = a.scale_log2;
-    const FastDivider div_bm(bm);
     // The last block each of the warp's positions may select (t / l'), and the first position's
     // visible compressed tokens (the fewest of the warp's rows: a tile below them needs no mask).
     int pos_block_hi[kPosPerWarp];
@@ -282,7 +282,6 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
     }
     if (num_tiles > 0) add_tile(num_tiles - 1, s);
   } else {
-    const FastDivider div_bm(bm);
     cp_async_wait<0>();
     sync_copied_tiles<kWgmma>();
     for (int k = 0; k < num_tiles; ++k) {
