@@ -8,7 +8,9 @@ with "What is the pass key? The pass key is". The model continues it greedily fo
 as the key has; a trial is correct when they are the key. The report is the accuracy per
 (context length, depth): a model that only uses its local window answers at chance (about 0 for
 5-digit keys) once the needle is farther back than its window; NSA's compressed and selected
-branches are what can reach it. Lengths past the training length test extrapolation (the model
+branches are what can reach it. Beside it, the key's negative log-likelihood after the prompt
+(teacher forced, nats per byte): a graded measure that shows partial retrieval (some digits
+copied) where the exact answer scores 0; ln 10 = 2.30 is a uniform guess among the digits. Lengths past the training length test extrapolation (the model
 sees the whole prompt and its answer so far: ``generate(..., max_context=L + digits)``).
 
 ``--set window=N`` / ``--set num_selected=N`` evaluate an NSA model with another window or block
@@ -109,23 +111,37 @@ class PasskeyMixer:
             self.generator.set_state(state["passkey"])
 
 
+def key_nll(model: LanguageModel, prompt: bytes, key: str) -> float:
+    """Mean negative log-likelihood, in nats per byte, of ``key``'s bytes following ``prompt``: one
+    teacher-forced forward over prompt + key (bfloat16 autocast on CUDA, as ``generate``)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor(list(prompt + key.encode()), dtype=torch.long, device=device)[None]
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(ids[:, :-1])[0, -len(key):]  # [len(key), vocab]: the predictions of the key's bytes
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return -logprobs.gather(-1, ids[0, -len(key):, None]).mean().item()
+
+
 def evaluate_passkey(model: LanguageModel, lengths: Sequence[int], depths: Sequence[float], trials: int,
-                     seed: int = 0, digits: int = 5, log=print) -> Dict[Tuple[int, float], float]:
-    """Accuracy per (length, depth) over ``trials`` random keys of ``digits`` digits."""
+                     seed: int = 0, digits: int = 5,
+                     log=print) -> Tuple[Dict[Tuple[int, float], float], Dict[Tuple[int, float], float]]:
+    """Per (length, depth), over ``trials`` random keys of ``digits`` digits: the accuracy of the
+    greedy answer and the mean ``key_nll``."""
     rng = random.Random(seed)
-    accuracy = {}
+    accuracy, nll = {}, {}
     for length in lengths:
         for depth in depths:
-            start, correct = time.perf_counter(), 0
+            start, correct, nll_sum = time.perf_counter(), 0, 0.0
             for _ in range(trials):
                 key = f"{rng.randrange(10 ** digits):0{digits}d}"
-                answer = generate(model, passkey_prompt(length, depth, key), digits, greedy=True,
-                                  max_context=length + digits)
+                prompt = passkey_prompt(length, depth, key)
+                answer = generate(model, prompt, digits, greedy=True, max_context=length + digits)
                 correct += answer == key.encode()
-            accuracy[(length, depth)] = correct / trials
-            log(f"passkey length {length} depth {depth:.2f}: {correct}/{trials} "
-                f"({time.perf_counter() - start:.1f} s)")
-    return accuracy
+                nll_sum += key_nll(model, prompt, key)
+            accuracy[(length, depth)], nll[(length, depth)] = correct / trials, nll_sum / trials
+            log(f"passkey length {length} depth {depth:.2f}: {correct}/{trials}, key NLL "
+                f"{nll[(length, depth)]:.2f} nats/byte ({time.perf_counter() - start:.1f} s)")
+    return accuracy, nll
 
 
 # The NSA settings an evaluation may change (the op's window w and selected-block count n).
@@ -166,13 +182,14 @@ def apply_settings(model: LanguageModel, settings: Dict[str, int], branches_off:
     model.config = replace(model.config, **settings)
 
 
-def format_table(accuracy: Dict[Tuple[int, float], float]) -> str:
-    lengths = sorted({length for length, _ in accuracy})
-    depths = sorted({depth for _, depth in accuracy})
+def format_table(cells: Dict[Tuple[int, float], float]) -> str:
+    """A markdown table of ``cells`` (accuracy or key NLL): a row per length, a column per depth."""
+    lengths = sorted({length for length, _ in cells})
+    depths = sorted({depth for _, depth in cells})
     lines = ["| length | " + " | ".join(f"depth {d:.2f}" for d in depths) + " |",
              "|---|" + "---|" * len(depths)]
     for length in lengths:
-        lines.append(f"| {length} | " + " | ".join(f"{accuracy[(length, d)]:.2f}" for d in depths) + " |")
+        lines.append(f"| {length} | " + " | ".join(f"{cells[(length, d)]:.2f}" for d in depths) + " |")
     return "\n".join(lines)
 
 
@@ -190,7 +207,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="evaluate with another window or num_selected than trained with (NSA; repeatable)")
     p.add_argument("--branch-off", action="append", default=[], choices=BRANCHES,
                    help="hold this branch's gate at 0 (NSA; repeatable): which branch retrieves")
-    p.add_argument("--out-json", help="write {'rows': [{length, depth, accuracy, trials}], ...} here")
+    p.add_argument("--out-json", help="write {'rows': [{length, depth, accuracy, key_nll, trials}], ...} here")
     args = parser.parse_args(argv)
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
@@ -216,10 +233,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     changed += "".join(f", {branch} off" for branch in args.branch_off)
     print(f"passkey: {args.checkpoint} ({model.config.attn} attention, trained at T={model.config.seq_len}{changed}) "
           f"on {device}, {args.trials} trials per cell", flush=True)
-    accuracy = evaluate_passkey(model, lengths, depths, args.trials, args.seed)
-    print(format_table(accuracy))
+    accuracy, nll = evaluate_passkey(model, lengths, depths, args.trials, args.seed)
+    print("accuracy\n" + format_table(accuracy))
+    print("key NLL, nats per byte (ln 10 = 2.30: a uniform guess among the digits)\n" + format_table(nll))
     if args.out_json:
-        rows = [dict(length=length, depth=depth, accuracy=acc, trials=args.trials)
+        rows = [dict(length=length, depth=depth, accuracy=acc, key_nll=nll[(length, depth)], trials=args.trials)
                 for (length, depth), acc in sorted(accuracy.items())]
         Path(args.out_json).write_text(json.dumps({"rows": rows, "checkpoint": args.checkpoint,
                                                    "attn": model.config.attn, "settings": settings,
