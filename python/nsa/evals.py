@@ -1,6 +1,7 @@
-"""Synthetic long-context evaluation of the showcase model: passkey retrieval.
+"""Synthetic evaluations of the showcase model: passkey retrieval, and how fast a model learns to copy.
 
 ``python -m nsa.evals passkey --checkpoint RUN_DIR [--lengths 2048,4096,...] [--depths ...] [--set window=N]``
+``python -m nsa.evals induction [--attn nsa|dense] [--cmp-gate-bias B] [--branch-off NAME] [--steps 600]``
 
 A prompt of exactly L bytes is filler text with one needle, "The pass key is 31415. Remember it.
 31415 is the pass key.", placed so that it starts at fraction ``depth`` of the filler, and ends
@@ -10,14 +11,21 @@ as the key has; a trial is correct when they are the key. The report is the accu
 5-digit keys) once the needle is farther back than its window; NSA's compressed and selected
 branches are what can reach it. Beside it, the key's negative log-likelihood after the prompt
 (teacher forced, nats per byte): a graded measure that shows partial retrieval (some digits
-copied) where the exact answer scores 0; ln 10 = 2.30 is a uniform guess among the digits. Lengths past the training length test extrapolation (the model
-sees the whole prompt and its answer so far: ``generate(..., max_context=L + digits)``).
+copied) where the exact answer scores 0; ln 10 = 2.30 is a uniform guess among the digits.
+Lengths past the training length test extrapolation (the model sees the whole prompt and its
+answer so far: ``generate(..., max_context=L + digits)``).
 
 ``--set window=N`` / ``--set num_selected=N`` evaluate an NSA model with another window or block
 count than it was trained with (``apply_settings``): a diagnostic of which branch holds what the
 model retrieves. With the window as long as the prompt the window branch is full causal attention,
 and so is the selected branch with ``num_selected`` >= length / l'. ``--branch-off NAME`` (cmp, slc
 or win; repeatable) holds that branch's gate at 0: which branch carries the retrieval.
+
+``induction`` trains a fresh model (the ``tiny`` preset's shape by default, on the CPU) on sequences
+of a random span repeated, with the loss on the repeats only: bytes that only copying from one span
+back predicts, the job of induction heads, which the passkey's retrieval needs too. It prints the
+loss every ``--every`` steps and the step from which it stays below 0.1: a quick comparison of how
+soon each attention (or NSA setting) learns to copy (docs/training.md).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .data import inputs_and_targets
-from .model import LanguageModel, generate
+from .model import PRESETS, LanguageModel, ModelConfig, generate
 from .module import BRANCHES, NSAAttention
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
@@ -193,6 +201,60 @@ def format_table(cells: Dict[Tuple[int, float], float]) -> str:
     return "\n".join(lines)
 
 
+def induction_curve(config: ModelConfig, steps: int, batch_size: int = 16, span: int = 24, lr: float = 3e-3,
+                    seed: int = 0, every: int = 100, branches_off: Sequence[str] = (),
+                    log=print) -> List[Tuple[int, float]]:
+    """Trains a fresh ``LanguageModel(config)`` on the CPU (AdamW at ``lr``, no weight decay, float32)
+    for ``steps`` steps of ``batch_size`` sequences of ``config.seq_len`` bytes: ``span`` random bytes
+    repeated, the loss on the bytes that copying from one span back predicts (the repeats but their
+    first). NSA layers hold ``branches_off`` at 0. Returns (step, that step's loss) every ``every``
+    steps and at the last."""
+    if not 0 < span < config.seq_len - 1:
+        raise ValueError(f"induction_curve: span must be in [1, seq_len - 1) = [1, {config.seq_len - 1}), got {span}")
+    torch.manual_seed(seed)
+    model = LanguageModel(config)
+    for layer in model.modules():
+        if isinstance(layer, NSAAttention):
+            layer.set_branches_off(branches_off)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed + 1)
+    repeats = -(-(config.seq_len + 1) // span)
+    curve = []
+    for step in range(1, steps + 1):
+        spans = torch.randint(0, config.vocab_size, (batch_size, span), generator=generator)
+        tokens = spans.repeat(1, repeats)[:, :config.seq_len + 1]
+        logits = model(tokens[:, :-1])
+        # From the second repeat on: the first follows the span's last byte, whose earlier copy is none.
+        loss = torch.nn.functional.cross_entropy(logits[:, span:].flatten(0, 1), tokens[:, span + 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % every == 0 or step == steps:
+            curve.append((step, loss.item()))
+            log(f"induction step {step}: loss {curve[-1][1]:.3f}")
+    return curve
+
+
+def _induction_main(args, parser) -> int:
+    values = dict(PRESETS[args.preset]["model"], attn=args.attn, seq_len=args.seq_len)
+    if args.cmp_gate_bias is not None:
+        values["cmp_gate_bias"] = args.cmp_gate_bias
+    try:
+        config = ModelConfig.from_dict(values)
+        print(f"induction: {args.attn} attention, {args.preset} shape at seq_len {args.seq_len}, span {args.span}, "
+              f"{args.steps} steps of {args.batch_size}, lr {args.lr}"
+              + (f", cmp gate bias {args.cmp_gate_bias}" if args.cmp_gate_bias is not None else "")
+              + "".join(f", {branch} off" for branch in args.branch_off), flush=True)
+        curve = induction_curve(config, args.steps, args.batch_size, args.span, args.lr, args.seed, args.every,
+                                args.branch_off)
+    except ValueError as e:
+        parser.error(str(e))
+    learned = next((step for i, (step, _) in enumerate(curve) if all(loss < 0.1 for _, loss in curve[i:])), None)
+    print(f"copying learned (loss < 0.1 from then on) at step {learned}" if learned is not None
+          else f"copying not learned in {args.steps} steps (final loss {curve[-1][1]:.3f})")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nsa.evals", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,7 +270,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--branch-off", action="append", default=[], choices=BRANCHES,
                    help="hold this branch's gate at 0 (NSA; repeatable): which branch retrieves")
     p.add_argument("--out-json", help="write {'rows': [{length, depth, accuracy, key_nll, trials}], ...} here")
+    q = sub.add_parser("induction", help="how fast a fresh model learns to copy a repeated random span (CPU)")
+    q.add_argument("--attn", default="nsa", choices=("nsa", "dense"))
+    q.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shape (default tiny)")
+    q.add_argument("--seq-len", type=int, default=64)
+    q.add_argument("--span", type=int, default=24, help="random bytes, repeated to fill the sequence")
+    q.add_argument("--steps", type=int, default=600)
+    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--lr", type=float, default=3e-3)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--every", type=int, default=100, help="print the loss every N steps")
+    q.add_argument("--cmp-gate-bias", type=float, help="ModelConfig.cmp_gate_bias (NSA)")
+    q.add_argument("--branch-off", action="append", default=[], choices=BRANCHES,
+                   help="hold this NSA branch's gate at 0 while training (repeatable)")
     args = parser.parse_args(argv)
+    if args.command == "induction":
+        if min(args.steps, args.batch_size, args.every) < 1:
+            parser.error("--steps, --batch-size and --every must be >= 1")
+        return _induction_main(args, parser)
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
         depths = [float(x) for x in args.depths.split(",") if x.strip()]

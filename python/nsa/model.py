@@ -61,6 +61,8 @@ class ModelConfig:
     # mean. The paper's MLP phi would add 2 * (l*D)^2 parameters per layer (8.4M at l=32, D=64).
     phi: str = "linear"
     gate_floor: float = 0.0  # lower bound of the branch gates (NSAAttention; 0: the paper's sigmoid)
+    # Initial bias of the compressed branch's gate logits (NSAAttention.cmp_gate_bias; None: default init).
+    cmp_gate_bias: Optional[float] = None
     # Weight of the selection distillation loss (NSAAttention.selection_distill at
     # SELECTION_DISTILL_POSITIONS positions per sequence, averaged over the layers; 0: off).
     selection_distill: float = 0.0
@@ -72,6 +74,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: attn must be one of {ATTN_KINDS}, got {self.attn!r}")
         if not (isinstance(self.gate_floor, (int, float)) and 0 <= self.gate_floor < 1):
             raise ValueError(f"ModelConfig: gate_floor must be in [0, 1), got {self.gate_floor!r}")
+        if self.cmp_gate_bias is not None and not (isinstance(self.cmp_gate_bias, (int, float))
+                                                   and math.isfinite(self.cmp_gate_bias)):
+            raise ValueError(f"ModelConfig: cmp_gate_bias must be None or a finite number, got {self.cmp_gate_bias!r}")
         if not (isinstance(self.selection_distill, (int, float)) and 0 <= self.selection_distill < math.inf):
             raise ValueError(f"ModelConfig: selection_distill must be a finite number >= 0, got "
                              f"{self.selection_distill!r}")
@@ -203,6 +208,7 @@ class Block(nn.Module):
                                      cmp_stride=c.cmp_stride, sel_block=c.sel_block, num_selected=c.num_selected,
                                      num_init=c.num_init, num_local=c.num_local, window=c.window, phi=c.phi,
                                      rope_theta=c.rope_theta, gate_floor=c.gate_floor,
+                                     cmp_gate_bias=c.cmp_gate_bias,
                                      selection_distill=SELECTION_DISTILL_POSITIONS if c.selection_distill > 0 else 0,
                                      collect_stats=True)
         else:

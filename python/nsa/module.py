@@ -267,6 +267,13 @@ class NSAAttention(nn.Module):
             by the compressed branch's attention, whose keys learn only through that branch's gated
             output: in m7c-125m runs its gate closed to 0.005 within 400 steps (docs/training.md),
             and a floor keeps it in the gradient.
+        cmp_gate_bias: the initial bias of the compressed branch's gate logit in every head (None:
+            nn.Linear's default initialization, as for the other gates). A negative value starts that
+            branch nearly shut (sigmoid(-3) = 0.047): its early output, an average over blurred blocks,
+            slowed the forming of copy (induction) heads about threefold in tiny CPU models
+            (docs/training.md, "The compressed branch at initialization"); the gate opens where the
+            branch helps. Its keys then get little gradient through the output (pair it with
+            selection_distill, which trains the ranking apart from the gate).
         selection_distill: positions per sequence at which a training forward (padded batches,
             grad enabled) computes ``aux_loss``, the ``selection_distill_loss`` of its q, selected
             branch keys and compressed keys (0: none, the paper's training). Add it, weighted, to
@@ -289,7 +296,8 @@ class NSAAttention(nn.Module):
                  sel_block: int = 64, num_selected: int = 16, num_init: int = 1, num_local: int = 2,
                  window: int = 512, phi: str = "avg", phi_hidden: Optional[int] = None,
                  share_window_kv: bool = False, rope_theta: float = 10000.0, bias: bool = False,
-                 gate_floor: float = 0.0, selection_distill: int = 0, collect_stats: bool = False):
+                 gate_floor: float = 0.0, cmp_gate_bias: Optional[float] = None, selection_distill: int = 0,
+                 collect_stats: bool = False):
         super().__init__()
         for name, value in (("dim", dim), ("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads)):
             _require_int(name, value, 1)
@@ -310,6 +318,9 @@ class NSAAttention(nn.Module):
                  "rope_theta", f"must be a finite number > 0, got {rope_theta!r}")
         _require(isinstance(gate_floor, (int, float)) and 0 <= gate_floor < 1, "gate_floor",
                  f"must be a number in [0, 1), got {gate_floor!r}")
+        is_number = isinstance(cmp_gate_bias, (int, float)) and not isinstance(cmp_gate_bias, bool)
+        _require(cmp_gate_bias is None or (is_number and math.isfinite(cmp_gate_bias)), "cmp_gate_bias",
+                 f"must be None or a finite number, got {cmp_gate_bias!r}")
         _require_int("selection_distill", selection_distill, 0)
 
         self.dim, self.num_q_heads, self.num_kv_heads = dim, num_q_heads, num_kv_heads
@@ -333,6 +344,9 @@ class NSAAttention(nn.Module):
         self.compress_k = Compressor(phi, cmp_block, head_dim_qk, phi_hidden or cmp_block * head_dim_qk)
         self.compress_v = Compressor(phi, cmp_block, head_dim_v, phi_hidden or cmp_block * head_dim_v)
         self.gate_proj = nn.Linear(dim, num_q_heads * 3)
+        if cmp_gate_bias is not None:
+            with torch.no_grad():
+                self.gate_proj.bias.view(num_q_heads, 3)[:, BRANCHES.index("cmp")] = float(cmp_gate_bias)
         self.o_proj = nn.Linear(num_q_heads * head_dim_v, dim, bias=bias)
         self._stats: Optional[torch.Tensor] = None
 

@@ -733,6 +733,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "(default 0: off)")
     p.add_argument("--gate-floor", type=float,
                    help="lower bound of NSA's branch gates, in [0, 1) (default 0: the paper's sigmoid gates)")
+    p.add_argument("--cmp-gate-bias", type=float,
+                   help="initial bias of NSA's compressed-branch gate logits (default: nn.Linear's init; "
+                        "e.g. -3 starts that branch nearly shut)")
     p.add_argument("--steps", type=int, help="total optimizer steps of the run")
     p.add_argument("--batch-size", type=int, help="sequences per step, per rank")
     p.add_argument("--lr", type=float, help="peak learning rate")
@@ -777,7 +780,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 # The ModelConfig fields the command line sets (new runs only: a resumed run keeps its model).
-_MODEL_FLAGS = ("attn", "seq_len", "gate_floor", "selection_distill")
+_MODEL_FLAGS = ("attn", "seq_len", "gate_floor", "cmp_gate_bias", "selection_distill")
 
 
 def resolve_configs(args: argparse.Namespace) -> Tuple[ModelConfig, TrainConfig, Optional[Path]]:

@@ -332,6 +332,26 @@ def test_statistics(layout):
     assert 0.0 < stats["scored_fraction"] < 1.0
 
 
+def test_cmp_gate_bias_sets_the_compressed_gates_initial_bias():
+    """cmp_gate_bias b: every head's compressed-branch gate logit starts with bias b (sigmoid(b) for
+    x = 0); the other gates keep nn.Linear's init, as does everything with None. Non-finite or
+    non-numbers are refused."""
+    kwargs = dict(CONFIG, head_dim_qk=DK, head_dim_v=DV)
+    torch.manual_seed(0)
+    default = NSAAttention(DIM, HQ, HKV, **kwargs)
+    torch.manual_seed(0)
+    shut = NSAAttention(DIM, HQ, HKV, cmp_gate_bias=-3.0, **kwargs)
+    bias, default_bias = shut.gate_proj.bias.view(HQ, 3), default.gate_proj.bias.view(HQ, 3)
+    assert torch.all(bias[:, 0] == -3.0)
+    torch.testing.assert_close(bias[:, 1:], default_bias[:, 1:], rtol=0, atol=0)
+    torch.testing.assert_close(shut.gate_proj.weight, default.gate_proj.weight, rtol=0, atol=0)
+    gates = shut._gates(shut.gate_proj(torch.zeros(1, DIM)).unflatten(-1, (HQ, 3)))
+    torch.testing.assert_close(gates[..., 0], torch.full((1, HQ), torch.sigmoid(torch.tensor(-3.0)).item()))
+    for bad in (float("inf"), float("nan"), "-3", True):
+        with pytest.raises(ValueError, match="cmp_gate_bias"):
+            NSAAttention(DIM, HQ, HKV, cmp_gate_bias=bad, **kwargs)
+
+
 @pytest.mark.parametrize("floor", [0.0, 0.3])
 def test_gate_floor_raises_every_gate(monkeypatch, floor):
     """gate_floor f: the op (prefill and cache path) gets the gates f + (1 - f) sigmoid(z), and the

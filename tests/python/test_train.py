@@ -495,17 +495,21 @@ def test_model_flags_set_the_model_and_stay_with_a_resumed_run(cache_dir, tmp_pa
     common = ["--preset", "tiny", "--seq-len", "64", "--batch-size", "2", "--eval-batches", "1", "--sample-tokens",
               "0", "--cache-dir", cache_dir, "--device", "cpu", "--progress-seconds", "1e9"]
     model_config, _, _ = nsa_train.resolve_configs(
-        nsa_train.parse_args(common + ["--gate-floor", "0.1", "--selection-distill", "0.2"]))
-    assert (model_config.gate_floor, model_config.selection_distill) == (0.1, 0.2)
-    assert nsa_train.resolve_configs(nsa_train.parse_args(common))[0].gate_floor == 0.0
-    nsa_train.main(common + ["--steps", "2", "--eval-every", "2", "--gate-floor", "0.1", "--out", str(tmp_path / "a")])
+        nsa_train.parse_args(common + ["--gate-floor", "0.1", "--selection-distill", "0.2", "--cmp-gate-bias", "-3"]))
+    assert (model_config.gate_floor, model_config.selection_distill, model_config.cmp_gate_bias) == (0.1, 0.2, -3.0)
+    default_config = nsa_train.resolve_configs(nsa_train.parse_args(common))[0]
+    assert (default_config.gate_floor, default_config.cmp_gate_bias) == (0.0, None)
+    nsa_train.main(common + ["--steps", "2", "--eval-every", "2", "--gate-floor", "0.1", "--cmp-gate-bias", "-3",
+                             "--out", str(tmp_path / "a")])
     model = nsa_train.load_model(str(tmp_path / "a"))
-    assert model.config.gate_floor == 0.1
+    assert (model.config.gate_floor, model.config.cmp_gate_bias) == (0.1, -3.0)
     assert all(block.attn.gate_floor == 0.1 for block in model.blocks)
     resume = ["--resume", str(tmp_path / "a"), "--steps", "4"]
     assert nsa_train.resolve_configs(nsa_train.parse_args(resume + ["--gate-floor", "0.1"]))[0].gate_floor == 0.1
     with pytest.raises(SystemExit, match="--gate-floor cannot change the model of a resumed run"):
         nsa_train.resolve_configs(nsa_train.parse_args(resume + ["--gate-floor", "0.2"]))
+    with pytest.raises(SystemExit, match="--cmp-gate-bias cannot change the model of a resumed run"):
+        nsa_train.resolve_configs(nsa_train.parse_args(resume + ["--cmp-gate-bias", "-2"]))
 
 
 def test_selection_distill_trains_logs_and_compiles(small_cfg, tmp_path):
@@ -539,6 +543,9 @@ def test_selection_distill_trains_logs_and_compiles(small_cfg, tmp_path):
             replace(SMALL, selection_distill=bad)
     with pytest.raises(ValueError, match=r"gate_floor must be in \[0, 1\)"):
         replace(SMALL, gate_floor=1.0)
+    for bad in (math.inf, math.nan, "-3"):
+        with pytest.raises(ValueError, match="cmp_gate_bias must be None or a finite number"):
+            replace(SMALL, cmp_gate_bias=bad)
 
 
 def test_selection_distill_reaches_only_the_ranking_keys_of_the_model():
