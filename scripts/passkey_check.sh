@@ -102,7 +102,7 @@ for setting in "${settings[@]}"; do
     --out-json "$OUT/passkey_${ATTN}_$index.json" > "$OUT/passkey_$index.log" 2>&1 ||
     { tail -5 "$OUT/passkey_$index.log"; echo "passkey_check: the evaluation '${setting}' failed"; }
   tables+="passkey, ${setting:-as trained} (passkey_${ATTN}_$index.json):"$'\n'
-  tables+="$(grep -E '^(\||accuracy$|key NLL)' "$OUT/passkey_$index.log")"$'\n'
+  tables+="$(grep -E '^(\||accuracy |key NLL)' "$OUT/passkey_$index.log")"$'\n'
 done
 cp "$run/metrics.csv" "$run/loss_curve.png" "$OUT/" 2> /dev/null
 rm -rf "$run"  # the checkpoint (about 1 GB for m7c-125m) and the rest; metrics and curve are kept above

@@ -9,9 +9,10 @@ with "What is the pass key? The pass key is". The model continues it greedily fo
 as the key has; a trial is correct when they are the key. The report is the accuracy per
 (context length, depth): a model that only uses its local window answers at chance (about 0 for
 5-digit keys) once the needle is farther back than its window; NSA's compressed and selected
-branches are what can reach it. Beside it, the key's negative log-likelihood after the prompt
-(teacher forced, nats per byte): a graded measure that shows partial retrieval (some digits
-copied) where the exact answer scores 0; ln 10 = 2.30 is a uniform guess among the digits.
+branches are what can reach it. Beside it, the key's negative log-likelihood (teacher forced,
+nats per byte) as the answer, a graded measure that shows partial retrieval (some digits copied)
+where the exact answer scores 0 (ln 10 = 2.30 is a uniform guess among the digits), and as the
+needle's own second copy of the key, 20 bytes after the first: whether the model copies at all.
 Lengths past the training length test extrapolation (the model sees the whole prompt and its
 answer so far: ``generate(..., max_context=L + digits)``).
 
@@ -119,37 +120,51 @@ class PasskeyMixer:
             self.generator.set_state(state["passkey"])
 
 
-def key_nll(model: LanguageModel, prompt: bytes, key: str) -> float:
-    """Mean negative log-likelihood, in nats per byte, of ``key``'s bytes following ``prompt``: one
-    teacher-forced forward over prompt + key (bfloat16 autocast on CUDA, as ``generate``)."""
+def key_nll(model: LanguageModel, prompt: bytes, key: str) -> Tuple[float, float]:
+    """Mean negative log-likelihoods, in nats per byte, of ``key``'s bytes (answer, copy): as the
+    answer following ``prompt`` and as the needle's second copy in it, which copying from a few
+    bytes back predicts. One teacher-forced forward over prompt + key (bfloat16 autocast on CUDA,
+    as ``generate``)."""
     device = next(model.parameters()).device
     ids = torch.tensor(list(prompt + key.encode()), dtype=torch.long, device=device)[None]
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(ids[:, :-1])[0, -len(key):]  # [len(key), vocab]: the predictions of the key's bytes
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return -logprobs.gather(-1, ids[0, -len(key):, None]).mean().item()
+        logits = model(ids[:, :-1])[0]  # [len - 1, vocab]: row i predicts byte i + 1
+    nll = -torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
+    copy_at = prompt.index(needle(key).encode()) + len(needle(key)) - len(f"{key} is the pass key. ")
+    return nll[-len(key):].mean().item(), nll[copy_at - 1:copy_at - 1 + len(key)].mean().item()
+
+
+# The measures of a passkey evaluation, per (length, depth): name -> what the table's title says.
+PASSKEY_MEASURES = {
+    "accuracy": "accuracy (the greedy answer is the key)",
+    "key_nll": "key NLL as the answer, nats per byte (ln 10 = 2.30: a uniform guess among the digits)",
+    "copy_nll": "key NLL as the needle's second copy, nats per byte (copying from 20 bytes back)",
+}
 
 
 def evaluate_passkey(model: LanguageModel, lengths: Sequence[int], depths: Sequence[float], trials: int,
-                     seed: int = 0, digits: int = 5,
-                     log=print) -> Tuple[Dict[Tuple[int, float], float], Dict[Tuple[int, float], float]]:
-    """Per (length, depth), over ``trials`` random keys of ``digits`` digits: the accuracy of the
-    greedy answer and the mean ``key_nll``."""
+                     seed: int = 0, digits: int = 5, log=print) -> Dict[str, Dict[Tuple[int, float], float]]:
+    """Per measure of PASSKEY_MEASURES, per (length, depth), over ``trials`` random keys of ``digits``
+    digits: the accuracy of the greedy answer and the means of ``key_nll``'s two likelihoods."""
     rng = random.Random(seed)
-    accuracy, nll = {}, {}
+    results = {name: {} for name in PASSKEY_MEASURES}
     for length in lengths:
         for depth in depths:
-            start, correct, nll_sum = time.perf_counter(), 0, 0.0
+            start, sums = time.perf_counter(), dict.fromkeys(PASSKEY_MEASURES, 0.0)
             for _ in range(trials):
                 key = f"{rng.randrange(10 ** digits):0{digits}d}"
                 prompt = passkey_prompt(length, depth, key)
                 answer = generate(model, prompt, digits, greedy=True, max_context=length + digits)
-                correct += answer == key.encode()
-                nll_sum += key_nll(model, prompt, key)
-            accuracy[(length, depth)], nll[(length, depth)] = correct / trials, nll_sum / trials
-            log(f"passkey length {length} depth {depth:.2f}: {correct}/{trials}, key NLL "
-                f"{nll[(length, depth)]:.2f} nats/byte ({time.perf_counter() - start:.1f} s)")
-    return accuracy, nll
+                sums["accuracy"] += answer == key.encode()
+                answer_nll, copy_nll = key_nll(model, prompt, key)
+                sums["key_nll"] += answer_nll
+                sums["copy_nll"] += copy_nll
+            for name, total in sums.items():
+                results[name][(length, depth)] = total / trials
+            log(f"passkey length {length} depth {depth:.2f}: {round(sums['accuracy'])}/{trials}, key NLL "
+                f"{sums['key_nll'] / trials:.2f} as the answer, {sums['copy_nll'] / trials:.2f} as the needle's "
+                f"copy ({time.perf_counter() - start:.1f} s)")
+    return results
 
 
 # The NSA settings an evaluation may change (the op's window w and selected-block count n).
@@ -269,7 +284,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="evaluate with another window or num_selected than trained with (NSA; repeatable)")
     p.add_argument("--branch-off", action="append", default=[], choices=BRANCHES,
                    help="hold this branch's gate at 0 (NSA; repeatable): which branch retrieves")
-    p.add_argument("--out-json", help="write {'rows': [{length, depth, accuracy, key_nll, trials}], ...} here")
+    p.add_argument("--out-json", help="write {'rows': [{length, depth, accuracy, key_nll, copy_nll, trials}], ...} "
+                                      "here")
     q = sub.add_parser("induction", help="how fast a fresh model learns to copy a repeated random span (CPU)")
     q.add_argument("--attn", default="nsa", choices=("nsa", "dense"))
     q.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shape (default tiny)")
@@ -312,12 +328,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     changed += "".join(f", {branch} off" for branch in args.branch_off)
     print(f"passkey: {args.checkpoint} ({model.config.attn} attention, trained at T={model.config.seq_len}{changed}) "
           f"on {device}, {args.trials} trials per cell", flush=True)
-    accuracy, nll = evaluate_passkey(model, lengths, depths, args.trials, args.seed)
-    print("accuracy\n" + format_table(accuracy))
-    print("key NLL, nats per byte (ln 10 = 2.30: a uniform guess among the digits)\n" + format_table(nll))
+    results = evaluate_passkey(model, lengths, depths, args.trials, args.seed)
+    for name, title in PASSKEY_MEASURES.items():
+        print(f"{title}\n{format_table(results[name])}")
     if args.out_json:
-        rows = [dict(length=length, depth=depth, accuracy=acc, key_nll=nll[(length, depth)], trials=args.trials)
-                for (length, depth), acc in sorted(accuracy.items())]
+        rows = [dict(length=length, depth=depth, **{name: results[name][(length, depth)] for name in PASSKEY_MEASURES},
+                     trials=args.trials) for length, depth in sorted(results["accuracy"])]
         Path(args.out_json).write_text(json.dumps({"rows": rows, "checkpoint": args.checkpoint,
                                                    "attn": model.config.attn, "settings": settings,
                                                    "branches_off": args.branch_off,

@@ -39,22 +39,26 @@ def test_prompt_rejects_bad_arguments():
 
 def test_scoring_counts_exact_answers(monkeypatch):
     """A model that reads the key back scores 1, one that answers a wrong key scores 0; each cell's
-    key NLL is the mean of key_nll over its trials."""
+    NLLs are the means of key_nll's two over its trials."""
     def reader(_model, prompt, n, **_kwargs):
         text = prompt.decode()
         start = text.index("The pass key is ") + len("The pass key is ")
         return text[start:start + n].encode()
 
-    nll_calls = []
-    monkeypatch.setattr(evals, "key_nll", lambda _m, prompt, key: nll_calls.append(key) or float(len(nll_calls)))
+    calls = []
+    monkeypatch.setattr(evals, "key_nll", lambda _m, prompt, key: (calls.append(key) or float(len(calls)),
+                                                                    -float(len(calls))))
     monkeypatch.setattr(evals, "generate", reader)
-    perfect, nll = evals.evaluate_passkey(None, [120, 300], [0.0, 0.5, 1.0], trials=3, log=lambda _m: None)
-    assert set(perfect) == set(nll) == {(length, depth) for length in (120, 300) for depth in (0.0, 0.5, 1.0)}
-    assert all(acc == 1.0 for acc in perfect.values())
-    assert nll[(120, 0.0)] == 2.0 and nll[(300, 1.0)] == 17.0  # means of trials 1-3 and 16-18
+    perfect = evals.evaluate_passkey(None, [120, 300], [0.0, 0.5, 1.0], trials=3, log=lambda _m: None)
+    assert set(perfect) == set(evals.PASSKEY_MEASURES)
+    cells = {(length, depth) for length in (120, 300) for depth in (0.0, 0.5, 1.0)}
+    assert all(set(perfect[name]) == cells for name in evals.PASSKEY_MEASURES)
+    assert all(acc == 1.0 for acc in perfect["accuracy"].values())
+    assert perfect["key_nll"][(120, 0.0)] == 2.0 and perfect["key_nll"][(300, 1.0)] == 17.0  # trials 1-3, 16-18
+    assert perfect["copy_nll"][(300, 1.0)] == -17.0
     monkeypatch.setattr(evals, "generate", lambda _m, _p, n, **_k: b"x" * n)
-    wrong, _ = evals.evaluate_passkey(None, [120], [0.5], 2, log=lambda _m: None)
-    assert all(acc == 0.0 for acc in wrong.values())
+    wrong = evals.evaluate_passkey(None, [120], [0.5], 2, log=lambda _m: None)
+    assert all(acc == 0.0 for acc in wrong["accuracy"].values())
 
 
 class _ConstantLogits(torch.nn.Module):
@@ -71,23 +75,27 @@ class _ConstantLogits(torch.nn.Module):
 
 
 def test_key_nll_scores_exactly_the_key_bytes():
-    """Only the key's bytes are scored: a model sure of "7" has an NLL near 0 on the key 77777
-    (the byte before it, a space, would cost 30 nats) and about 30 nats per byte on 12345."""
-    prompt = evals.passkey_prompt(200, 0.5, "77777")
-    assert evals.key_nll(_ConstantLogits(ord("7")), prompt, "77777") < 1e-6
-    assert evals.key_nll(_ConstantLogits(ord("7")), prompt, "12345") == pytest.approx(30.0, abs=1e-4)
+    """Only the key's bytes are scored, as the answer and as the needle's second copy: a model sure
+    of "7" has NLLs near 0 on the key 77777 (a byte next to either copy, never a 7, would cost 30
+    nats) and about 30 nats per byte on 12345."""
+    for key in ("77777", "12345"):
+        prompt = evals.passkey_prompt(200, 0.5, key)
+        answer, copy = evals.key_nll(_ConstantLogits(ord("7")), prompt, key)
+        expected = 0.0 if key == "77777" else 30.0
+        assert answer == pytest.approx(expected, abs=1e-4) and copy == pytest.approx(expected, abs=1e-4)
     uniform = _ConstantLogits(0)
     with torch.no_grad():
         uniform.logits.zero_()
-    assert evals.key_nll(uniform, prompt, "12345") == pytest.approx(math.log(256), abs=1e-5)
+    assert evals.key_nll(uniform, prompt, "12345") == pytest.approx((math.log(256), math.log(256)), abs=1e-5)
 
 
 def test_random_model_answers_five_bytes_beyond_its_training_length():
     torch.manual_seed(0)
     model = LanguageModel(TINY).eval()
-    acc, nll = evals.evaluate_passkey(model, [TINY.seq_len * 2], [0.0, 1.0], trials=1, log=lambda _m: None)
-    assert all(0.0 <= a <= 1.0 for a in acc.values()) and len(acc) == 2
-    assert all(0.0 < value < 20.0 for value in nll.values()) and set(nll) == set(acc)
+    results = evals.evaluate_passkey(model, [TINY.seq_len * 2], [0.0, 1.0], trials=1, log=lambda _m: None)
+    assert all(0.0 <= a <= 1.0 for a in results["accuracy"].values()) and len(results["accuracy"]) == 2
+    for name in ("key_nll", "copy_nll"):
+        assert all(0.0 < value < 20.0 for value in results[name].values())
 
 
 def test_cli_on_a_saved_run(tmp_path, capsys):
@@ -103,11 +111,11 @@ def test_cli_on_a_saved_run(tmp_path, capsys):
                        "--branch-off", "win"]) == 0
     result = json.loads(out.read_text())
     assert [(r["length"], r["depth"]) for r in result["rows"]] == [(128, 0.0), (128, 1.0), (160, 0.0), (160, 1.0)]
-    assert all(r["key_nll"] > 0 for r in result["rows"])
+    assert all(r["key_nll"] > 0 and r["copy_nll"] > 0 for r in result["rows"])
     assert result["settings"] == {"window": 160} and result["branches_off"] == ["win"]
     printed = capsys.readouterr().out
-    assert printed.count("| length | depth 0.00 | depth 1.00 |") == 2 and "window=160, win off" in printed
-    assert "key NLL, nats per byte" in printed
+    assert printed.count("| length | depth 0.00 | depth 1.00 |") == 3 and "window=160, win off" in printed
+    assert all(title in printed for title in evals.PASSKEY_MEASURES.values())
     with pytest.raises(SystemExit):
         evals.main(["passkey", "--checkpoint", str(tmp_path / "run"), "--set", "num_selected=1", "--device", "cpu"])
 
