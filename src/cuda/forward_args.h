@@ -93,6 +93,7 @@ struct TopNScratch {
   uint32_t hist[kBins];
   int warp_counts[2][32];  // per warp: blocks chosen outright, blocks tied at the threshold
   int digit, rank;
+  int whole;  // the digit's bin holds exactly the keys still wanted: the select stops there
 };
 
 // Shared-memory layout sizes, shared by the host (launch) and the kernels.

@@ -235,6 +235,23 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
         probabilities(std::true_type{});
       head_reduce_scatter<kValues, kSteps>(h, lane);
       // Left: h[2*pair + c], pair = nb_low * 2 + half for 4 heads, half for 8, 0 for 16.
+      const TileBlocks blocks = tile_blocks(div_bm, i0, i1, bq);
+      if (kPaddedGroup == 16 && bm == 4 && bq == 2) {
+        // l = 2d, l' = 4d (the paper's 32, 16, 64): lane L holds the tile's tokens 2L and 2L + 1 of the
+        // warp's position, and block blocks.lo + r takes tokens 4r - 1 .. 4r + 3 with weights 1, 2, 2, 2,
+        // 1 (Eq. 9): lanes 2r - 1, 2r and 2r + 1. Even lane 2r adds block r (its token 4r - 1 from lane
+        // 2r - 1, or for r = 0 from the tile before, whose lane 31 added it), lane 31 the first token of
+        // block 16. No shared memory, one writer per (position, block). (kPaddedGroup 8 has the same
+        // form for each of a lane's two positions: docs/experiments/0037, not yet run on a GPU.)
+        const float v0 = h[0], v1 = h[1];
+        const float odd_part = __shfl_down_sync(0xffffffffu, 2.f * v0 + v1, 1);
+        const float before = __shfl_up_sync(0xffffffffu, v1, 1);
+        const int j = blocks.lo + (lane == 31 ? 16 : lane >> 1);
+        if (tl_first <= tl_last && j <= min(blocks.hi, pos_block_hi[0]) && (!(lane & 1) || lane == 31))
+          sBS[tl_first * NBs + j] += lane == 31 ? v1 : 2.f * (v0 + v1) + odd_part + (lane > 0 ? before : 0.f);
+        __syncwarp();
+        return;
+      }
       const int head_bits = group & ((1 << kSteps) - 1);
 #pragma unroll
       for (int pair = 0; pair < (kValues >> kSteps) / 2; ++pair) {
@@ -246,7 +263,6 @@ __global__ void __launch_bounds__(select_threads(kPaddedGroup, Dk, kHaveWgmma), 
       }
       __syncwarp();
       // Eq. 9: blocks overlapped by this tile's tokens (tokens a position does not see have p = 0).
-      const TileBlocks blocks = tile_blocks(div_bm, i0, i1, bq);
 #pragma unroll
       for (int i = 0; i < kPosPerWarp; ++i) {
         const int tl = tl_first + i;

@@ -23,8 +23,10 @@ __device__ __forceinline__ void top_n_sync() {
 // (initial, local), then the best `take` of the remaining eligible ("free") blocks by score
 // bs[j] >= 0, ties to the lower block, all of them when they fit. Writes the n chosen blocks
 // ascending, -1 padded, to out[0 .. n). The take-th largest score is found by a radix select over
-// the scores' bits (four 8-bit digits, a shared histogram per digit): every free block above it is
-// chosen, and of those equal to it the lowest blocks until `take` are. bs is only read.
+// the scores' bits (up to four 8-bit digits, a shared histogram per digit): every free block above it is
+// chosen, and of those equal to it the lowest blocks until `take` are. Once the bin of the take-th key
+// holds exactly the keys still wanted, the select stops: the threshold is that bin's lowest key (the
+// digits below it zero) and every key of the bin is chosen. bs is only read.
 template <int kWarps>
 __device__ __forceinline__ void pick_top_n(const ForwardArgs& a, const float* bs, int t, int32_t* out,
                                            TopNScratch& scratch) {
@@ -74,6 +76,7 @@ __device__ __forceinline__ void pick_top_n(const ForwardArgs& a, const float* bs
             if (seen + counts[c] >= static_cast<uint32_t>(rank)) {
               scratch.digit = lane * 8 + c;
               scratch.rank = rank - static_cast<int>(seen);
+              scratch.whole = seen + counts[c] == static_cast<uint32_t>(rank);
               break;
             }
             seen += counts[c];
@@ -84,7 +87,11 @@ __device__ __forceinline__ void pick_top_n(const ForwardArgs& a, const float* bs
       prefix |= static_cast<uint32_t>(scratch.digit) << shift;
       prefix_mask |= 255u << shift;
       rank = scratch.rank;
-      top_n_sync<kWarps>();  // digit and rank read before the next pass writes them
+      const bool whole = scratch.whole;  // uniform: read from shared memory by every thread
+      top_n_sync<kWarps>();  // digit, rank and whole read before the next pass writes them
+      // Every key of the bin is wanted: those above the threshold (the bin's lowest key) and the
+      // `rank` or fewer equal to it.
+      if (whole) break;
     }
     threshold = prefix;
     need = rank;
