@@ -130,7 +130,7 @@ def key_nll(model: LanguageModel, prompt: bytes, key: str) -> Tuple[float, float
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(ids[:, :-1])[0]  # [len - 1, vocab]: row i predicts byte i + 1
     nll = -torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
-    copy_at = prompt.index(needle(key).encode()) + len(needle(key)) - len(f"{key} is the pass key. ")
+    copy_at = prompt.rindex(key.encode())  # the needle's second copy: the prompt holds the key nowhere else
     return nll[-len(key):].mean().item(), nll[copy_at - 1:copy_at - 1 + len(key)].mean().item()
 
 

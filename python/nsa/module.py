@@ -270,8 +270,8 @@ class NSAAttention(nn.Module):
         cmp_gate_bias: the initial bias of the compressed branch's gate logit in every head (None:
             nn.Linear's default initialization, as for the other gates). A negative value starts that
             branch nearly shut (sigmoid(-3) = 0.047): its early output, an average over blurred blocks,
-            slowed the forming of copy (induction) heads about threefold in tiny CPU models
-            (docs/training.md, "The compressed branch at initialization"); the gate opens where the
+            delayed the forming of copy (induction) heads in tiny CPU models (from step 175 instead of
+            125; docs/training.md, "The compressed branch at initialization"); the gate opens where the
             branch helps. Its keys then get little gradient through the output (pair it with
             selection_distill, which trains the ranking apart from the gate).
         selection_distill: positions per sequence at which a training forward (padded batches,
